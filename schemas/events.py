@@ -1,0 +1,104 @@
+"""Event schemas: the contract between applications, the serving worker, the stream processor and training.
+
+Every event carries `schema_version` so consumers can refuse what they do not understand.
+Unknown fields are rejected (`extra="forbid"`) so a typo in an emitter is an error, not a silent loss.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+MAX_QUERY_CHARS = 2000
+
+def now() -> float:
+    return time.time()
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+class ShownItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    doc_id: str = Field(min_length=1, max_length=200)
+    position: int = Field(ge=1, description="1-based rank the user saw")
+    score: float
+
+class ImpressionEvent(Event):
+    """What the serving worker showed for one request."""
+
+    request_id: str = Field(min_length=1, max_length=200)
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    user: str | None = None
+    session: str | None = None
+    items: list[ShownItem]
+    model_version: str = Field(description='registered model version, or "first-stage"')
+    index_version: str
+    timestamp: float = Field(default_factory=now, description="unix seconds")
+
+class InteractionType(str, Enum):
+    click = "click"
+    skip = "skip"
+    dwell = "dwell"
+    cite = "cite"
+    citation_deleted = "citation_deleted"
+    purchase = "purchase"
+    return_ = "return"
+
+class InteractionEvent(Event):
+    """What a user did with one shown document; `value` is seconds for dwell, amount for purchase."""
+
+    event_id: str = Field(min_length=1, max_length=200)
+    request_id: str = Field(min_length=1, max_length=200)
+    doc_id: str = Field(min_length=1, max_length=200)
+    type: InteractionType
+    value: float | None = None
+    timestamp: float = Field(default_factory=now, description="unix seconds")
+
+class LabelledExample(Event):
+    """One training label for (request, doc). Later revisions of the same `label_id` replace earlier ones."""
+
+    label_id: str
+    revision: int = Field(ge=1)
+    request_id: str
+    query: str
+    doc_id: str
+    position: int = Field(ge=1)
+    grade: int = Field(ge=-2, le=2, description="-2 strong neg, -1 weak neg, 1 pos, 2 strong pos")
+    weight: float = Field(ge=0, description="signal strength")
+    propensity: float = Field(gt=0, le=1, description="examination probability of the position")
+    signals: list[str]
+    event_ids: list[str]
+    model_version: str
+    index_version: str
+    timestamp: float = Field(default_factory=now)
+
+class ModelEvent(Event):
+    """Published when the champion changes, so serving workers swap without polling lag."""
+
+    action: Literal["promoted", "rolled_back"]
+    model_name: str
+    version: str
+    previous_version: str | None = None
+    reason: str = ""
+    timestamp: float = Field(default_factory=now)
+
+class DeadLetter(Event):
+    """An input that could not be used, with why; nothing is dropped silently."""
+
+    source: str = Field(description="topic or endpoint the payload came from")
+    reason: str
+    payload: str = Field(description="the raw payload, as received")
+    timestamp: float = Field(default_factory=now)
+
+ALL_SCHEMAS: dict[str, type[BaseModel]] = {
+    "impression": ImpressionEvent,
+    "interaction": InteractionEvent,
+    "label": LabelledExample,
+    "model_event": ModelEvent,
+    "dead_letter": DeadLetter,
+}
