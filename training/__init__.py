@@ -1,0 +1,1 @@
+"""Models, datasets, metrics and the MLflow registry. May import `schemas`, never `services`."""

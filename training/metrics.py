@@ -1,0 +1,39 @@
+"""IR metrics through ranx (a well-kept, numba-backed implementation), per query and mean."""
+
+from __future__ import annotations
+
+from ranx import Qrels, Run, evaluate
+
+METRICS = ["ndcg@10", "mrr@10", "precision@1", "hit_rate@3", "recall@100"]
+NAMES = {"precision@1": "accuracy@1", "hit_rate@3": "accuracy@3"}  # single-relevant-doc reading
+
+
+def _prepare(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]):
+    qrels = {q: d for q, d in qrels.items() if d}
+    run = {q: (run.get(q) or {"__none__": 0.0}) for q in qrels}
+    return Qrels(qrels), Run(run)
+
+
+def mean_metrics(qrels, run, metrics=METRICS) -> dict[str, float]:
+    """Mean over the queries of `qrels`; a query the run misses scores 0."""
+    if not any(qrels.values()):
+        return {NAMES.get(m, m): 0.0 for m in metrics}
+    q, r = _prepare(qrels, run)
+    res = evaluate(q, r, list(metrics), make_comparable=True)
+    res = res if isinstance(res, dict) else {metrics[0]: res}
+    return {NAMES.get(m, m): round(float(v), 4) for m, v in res.items()}
+
+
+def per_query(qrels, run, metric: str = "ndcg@10") -> dict[str, float]:
+    q, r = _prepare(qrels, run)
+    evaluate(q, r, metric, make_comparable=True)
+    return {qid: float(v) for qid, v in r.scores[metric].items()}
+
+
+def ranking_to_run(rankings: dict[str, list[tuple[str, float]]]) -> dict[str, dict[str, float]]:
+    """Ranked (doc, score) lists to a ranx run; scores made strictly decreasing so ties keep rank order."""
+    run = {}
+    for qid, items in rankings.items():
+        n = len(items)
+        run[qid] = {doc: float(n - i) for i, (doc, _) in enumerate(items)}
+    return run
