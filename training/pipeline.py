@@ -1,0 +1,160 @@
+"""One retraining: labels -> examples -> fine-tune challenger -> gate vs champion -> MLflow -> maybe promote."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from rich.console import Console
+
+from schemas import ModelEvent
+from training import registry
+from training.dataset import aggregate, query_key, read_labels, split_of
+from training.encoder import load_encoder
+from training.gate import GateResult, decide
+from training.labels import LabelRules
+from training.metrics import per_query, ranking_to_run
+from training.reranker import FIRST_STAGE, MemoryEmbeddingCache, Reranker, save_model_folder
+from training.retrieval import FirstStage
+from training.train import TrainConfig, build_examples, candidates_for, fit, rank_queries
+
+console = Console(stderr=True)
+ALPHAS = [0.25, 0.5, 0.75, 1.0]
+
+
+@dataclass
+class TrainOutcome:
+    status: str  # "skipped" | "rejected" | "promoted"
+    message: str
+    run_id: str | None = None
+    version: str | None = None
+    gate: GateResult | None = None
+    event: ModelEvent | None = None
+    labels: int = 0
+
+
+def _feedback_ndcg(feedback, rankings) -> dict[str, float]:
+    qrels = {query_key(fb.query): fb.qrels() for fb in feedback}
+    run = ranking_to_run({query_key(q): r for q, r in rankings.items()})
+    return per_query(qrels, run, "ndcg@10")
+
+
+def train_once(
+    client: MlflowClient,
+    model_name: str,
+    label_dir: Path,
+    first_stage: FirstStage,
+    text,
+    work_dir: Path,
+    cfg: TrainConfig = TrainConfig(),
+    rules: LabelRules = LabelRules(),
+    min_labels: int = 1,
+    auto_promote: bool = True,
+) -> TrainOutcome:
+    df, lineage = read_labels(label_dir)
+    if len(df) < min_labels:
+        return TrainOutcome("skipped", f"{len(df)} labels < {min_labels} needed", labels=len(df))
+    feedback = list(aggregate(df, cfg.debias, cfg.max_ips).values())
+    slices = {"train": [], "tune": [], "gate": []}
+    for fb in feedback:
+        slices[split_of(fb.query, cfg.gate_fraction, cfg.tune_fraction)].append(fb)
+    held = {k: [fb for fb in v if fb.positives()] for k, v in slices.items() if k != "train"}
+    console.print(f"[bold]training[/] on {len(df)} labels: {len(slices['train'])} train / "
+                  f"{len(held['tune'])} tune / {len(held['gate'])} gate queries with positives")
+    candidates = candidates_for(first_stage, [fb.query for fb in feedback])
+
+    current = registry.champion(client, model_name)
+    champion = None
+    if current:
+        folder = registry.download(current.source, work_dir / "versions" / current.version)
+        champion = Reranker(folder, current.version, MemoryEmbeddingCache())
+    examples = build_examples(slices["train"], candidates, cfg)
+    if not examples:
+        return TrainOutcome("skipped", "no training query has a positive label yet", labels=len(df))
+
+    started = time.time()
+    with mlflow.start_run(run_name=f"challenger-{time.strftime('%Y%m%d-%H%M%S')}") as run:
+        mlflow.log_params({**cfg.model_dump(), "warm_start": current.version if current else "all-MiniLM-L6-v2",
+                           "examples": len(examples), "min_labels": min_labels})
+        mlflow.log_dict(lineage, "lineage.json")
+        mlflow.log_dict(rules.model_dump(), "label_rules.json")
+        mlflow.log_metrics({"labels": len(df), "train_examples": len(examples),
+                            **{f"labels_{k}": v for k, v in lineage.get("by_signal", {}).items()}})
+        mlflow.set_tags({"champion_at_start": current.version if current else FIRST_STAGE,
+                         "label_offsets": json.dumps(lineage.get("offsets", {}))})
+
+        model = load_encoder(champion.folder if champion else None, cfg.max_seq_length)
+        stats = fit(model, examples, text, cfg)
+        mlflow.log_metrics({"train_loss_first": stats["loss_first"], "train_loss_last": stats["loss_last"],
+                            "train_seconds": time.time() - started})
+
+        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+            folder = save_model_folder(model, Path(tmp) / "model", alpha=1.0, extra={"trained_on_labels": len(df)})
+            challenger = Reranker(folder, "challenger", MemoryEmbeddingCache())
+            tune_scores = {}
+            for a in ALPHAS:
+                challenger.alpha = a
+                tune_scores[a] = float(np.mean(list(_feedback_ndcg(
+                    held["tune"], rank_queries([f.query for f in held["tune"]], candidates, challenger, text, cfg.rerank_depth)).values()) or [0]))
+            alpha = max(ALPHAS, key=lambda a: tune_scores[a])
+            challenger.alpha = alpha
+            save_model_folder(model, folder, alpha=alpha, extra={"trained_on_labels": len(df), "tune_ndcg@10": tune_scores})
+            mlflow.log_metrics({f"tune_ndcg10_alpha_{a}": s for a, s in tune_scores.items()})
+            mlflow.log_param("alpha", alpha)
+
+            gate_queries = [f.query for f in held["gate"]]
+            base = _feedback_ndcg(held["gate"], rank_queries(gate_queries, candidates, champion, text, cfg.rerank_depth))
+            new = _feedback_ndcg(held["gate"], rank_queries(gate_queries, candidates, challenger, text, cfg.rerank_depth))
+            gate = decide(base, new, cfg.gate_margin, cfg.gate_p_value)
+            mlflow.log_metrics({"gate_champion_ndcg10": gate.champion_mean, "gate_challenger_ndcg10": gate.challenger_mean,
+                                "gate_gain": gate.mean_gain, "gate_p_value": gate.p_value, "gate_queries": gate.queries,
+                                "gate_wins": gate.wins, "gate_losses": gate.losses, "gate_passed": float(gate.passed)})
+            mlflow.set_tag("gate_reason", gate.reason)
+            _log_review(held["gate"], base, new, rules, gate)
+            mlflow.log_artifacts(str(folder), "model")
+        version = registry.register(client, model_name, run.info.run_id)
+        client.set_model_version_tag(model_name, version, "gate", gate.reason)
+
+    outcome = TrainOutcome("rejected", gate.reason, run.info.run_id, version, gate, labels=len(df))
+    if gate.passed and auto_promote:
+        outcome.event = registry.promote(client, model_name, version, gate.reason)
+        outcome.status = "promoted"
+    console.print(f"[bold]{outcome.status}[/] version {version}: {gate.reason}")
+    return outcome
+
+
+def _log_review(feedback, base: dict, new: dict, rules: LabelRules, gate: GateResult) -> None:
+    """Per-query before/after table and plots, so a reviewer can decide from the MLflow UI."""
+    rows = [{"query": fb.query, "champion_ndcg@10": round(base.get(query_key(fb.query), 0.0), 4),
+             "challenger_ndcg@10": round(new.get(query_key(fb.query), 0.0), 4)} for fb in feedback]
+    for r in rows:
+        r["delta"] = round(r["challenger_ndcg@10"] - r["champion_ndcg@10"], 4)
+    mlflow.log_table({k: [r[k] for r in rows] for k in ("query", "champion_ndcg@10", "challenger_ndcg@10", "delta")},
+                     "gate_per_query.json")
+    mlflow.log_dict(asdict(gate), "gate.json")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].bar(["champion", "challenger"], [gate.champion_mean, gate.challenger_mean], color=["#888", "#2a7"])
+    axes[0].set_title(f"held-out feedback NDCG@10 (p={gate.p_value:.3g})")
+    axes[1].hist([r["delta"] for r in rows], bins=21, color="#47a")
+    axes[1].set_title(f"per-query delta: {gate.wins} wins / {gate.losses} losses")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "gate.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(1, len(rules.examination) + 1), rules.examination, marker="o")
+    ax.set_xlabel("position"), ax.set_ylabel("examination probability"), ax.set_title("propensity curve used for weights")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "propensity.png")
+    plt.close(fig)

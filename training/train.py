@@ -1,0 +1,152 @@
+"""Fine-tuning a challenger reranker from labelled feedback.
+
+Pieces, sentence-transformers style: `build_examples` (dataset), `WeightedListwiseLoss` (loss),
+`fit` (trainer), `rank_feedback_queries` (evaluator input). `training.pipeline` wires them to the
+gate and MLflow.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel
+from sentence_transformers import SentenceTransformer
+from torch import nn
+from tqdm import tqdm
+
+from training.dataset import QueryFeedback
+from training.reranker import Reranker, first_stage_order
+from training.retrieval import Candidate, FirstStage
+
+
+class TrainConfig(BaseModel):
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 3e-5
+    hard_negatives: int = 3
+    retriever_negatives_from_top: int = 20
+    debias: str = "naive"  # or "ips"
+    max_ips: float = 5.0
+    max_weight: float = 4.0
+    rerank_depth: int = 50
+    gate_fraction: float = 0.2
+    tune_fraction: float = 0.15
+    gate_margin: float = 0.005
+    gate_p_value: float = 0.05
+    replay_fraction: float = 1.0
+    seed: int = 13
+    max_seq_length: int = 256
+
+
+@dataclass
+class Example:
+    query: str
+    positive: str
+    negatives: list[str]
+    weight: float
+
+
+def build_examples(
+    feedback: list[QueryFeedback], candidates: dict[str, list[Candidate]], cfg: TrainConfig
+) -> list[Example]:
+    """One example per positive doc; hard negatives are the skipped / deleted docs first, then what
+    the first stage ranks high that was never a positive (sampled, so noise is not memorised)."""
+    rng = random.Random(cfg.seed)
+    out = []
+    for fb in feedback:
+        pos = fb.positives()
+        if not pos:
+            continue
+        top = [c.doc_id for c in candidates.get(fb.query, [])[: cfg.retriever_negatives_from_top]]
+        pool = [d for d in top if d not in pos and d not in fb.evidence]
+        for doc, strength in pos.items():
+            negs = fb.negatives()[: cfg.hard_negatives]
+            extra = [d for d in pool if d not in negs]
+            rng.shuffle(extra)
+            negs += extra[: cfg.hard_negatives - len(negs)]
+            out.append(Example(fb.query, doc, negs, min(strength, cfg.max_weight)))
+    return out
+
+
+class WeightedListwiseLoss(nn.Module):
+    """Softmax cross-entropy of the positive against its hard negatives and every other document in
+    the batch (in-batch negatives, as MultipleNegativesRankingLoss), weighted per example."""
+
+    def __init__(self, model: SentenceTransformer, scale: float = 20.0):
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        features = self.model.tokenize(texts)
+        out = self.model(features)["sentence_embedding"]
+        return nn.functional.normalize(out.float(), dim=-1)
+
+    def forward(self, queries: list[str], docs: list[str], weights: torch.Tensor) -> torch.Tensor:
+        q = self.embed(queries)
+        d = self.embed(docs)  # the first len(queries) docs are the positives, in order
+        logits = self.scale * q @ d.T
+        target = torch.arange(len(queries))
+        loss = nn.functional.cross_entropy(logits, target, reduction="none")
+        return (loss * weights).sum() / weights.sum()
+
+
+def fit(model: SentenceTransformer, examples: list[Example], text, cfg: TrainConfig, progress: bool = True) -> dict:
+    """Trains in place: fp32 master weights, bf16 autocast forward, AdamW with linear warm-up."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model.max_seq_length = cfg.max_seq_length
+    model.train()
+    loss_fn = WeightedListwiseLoss(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    steps = max(1, cfg.epochs * ((len(examples) + cfg.batch_size - 1) // cfg.batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
+    losses = []
+    bar = tqdm(total=steps, desc="fine-tuning", disable=not progress)
+    for _ in range(cfg.epochs):
+        order = examples[:]
+        rng.shuffle(order)
+        for start in range(0, len(order), cfg.batch_size):
+            batch = order[start : start + cfg.batch_size]
+            docs = [text(e.positive) for e in batch]
+            docs += [text(n) for e in batch for n in e.negatives]
+            weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn([e.query for e in batch], docs, weights)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    model.eval()
+    return {"steps": len(losses), "loss_first": losses[0] if losses else 0.0, "loss_last": losses[-1] if losses else 0.0}
+
+
+def rank_queries(
+    queries: list[str], candidates: dict[str, list[Candidate]], reranker: Reranker | None, text, depth: int
+) -> dict[str, list[tuple[str, float]]]:
+    """The ranking serving would show for each query (first stage, or reranked top `depth`)."""
+    out = {}
+    for q in queries:
+        cands = candidates[q]
+        if reranker is None:
+            out[q] = first_stage_order(cands)
+        else:
+            head = reranker.rerank(q, cands[:depth], text)
+            out[q] = head + first_stage_order(cands[depth:])
+    return out
+
+
+def candidates_for(first_stage: FirstStage, queries: list[str], k: int = 100, batch: int = 256) -> dict[str, list[Candidate]]:
+    out: dict[str, list[Candidate]] = {}
+    uniq = list(dict.fromkeys(queries))
+    for start in range(0, len(uniq), batch):
+        chunk = uniq[start : start + batch]
+        out.update(zip(chunk, first_stage.search_many(chunk, k)))
+    return out
+
