@@ -70,6 +70,7 @@ def build_index(dataset: Dataset, state_dir: Path, batch_size: int = 32) -> Path
         bm25.save(str(folder / "bm25"))
         (folder / "doc_ids.json").write_text(json.dumps(doc_ids))
         (folder / "titles.json").write_text(json.dumps([dataset.corpus[d].get("title", "") for d in doc_ids]))
+        (folder / "texts.json").write_text(json.dumps(texts))
         (folder / "meta.json").write_text(json.dumps({
             "version": version, "dataset": str(dataset.path), "documents": len(doc_ids),
             "encoder": "all-MiniLM-L6-v2", "bm25_weight": BM25_WEIGHT,
@@ -114,6 +115,7 @@ class FirstStage:
         self.version: str = self.meta["version"]
         self.doc_ids: list[str] = json.loads((folder / "doc_ids.json").read_text())
         self.titles: list[str] = json.loads((folder / "titles.json").read_text())
+        self.texts: list[str] = json.loads((folder / "texts.json").read_text())
         self.row = {d: i for i, d in enumerate(self.doc_ids)}
         self.dense = faiss.read_index(str(folder / "dense.faiss"))
         self.bm25 = bm25s.BM25.load(str(folder / "bm25"))
@@ -130,6 +132,10 @@ class FirstStage:
 
     def title(self, doc_id: str) -> str:
         return self.titles[self.row[doc_id]]
+
+    def text(self, doc_id: str) -> str:
+        """The text the encoders see (title. abstract)."""
+        return self.texts[self.row[doc_id]]
 
     def search(self, query: str, k: int = 100) -> list[Candidate]:
         return self.search_many([query], k)[0]

@@ -119,7 +119,7 @@ def fit(model: SentenceTransformer, examples: list[Example], text, cfg: TrainCon
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()

@@ -1,0 +1,1 @@
+"""The running processes (serve, stream, schedule, simulate, demo) and their I/O."""

@@ -1,0 +1,249 @@
+"""`rankloop`: one console script for every process and chore."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.config import Settings, get_settings
+from services.infra import InfraError
+
+app = typer.Typer(help="rankloop: a feedback-loop ranking platform.", no_args_is_help=True, pretty_exceptions_show_locals=False)
+console = Console()
+os.environ.setdefault("HF_HUB_OFFLINE", "1") if not os.environ.get("RANKLOOP_ONLINE") else None
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _settings() -> Settings:
+    s = get_settings()
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    return s
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error:[/] {e}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def config() -> None:
+    """Print the effective configuration (env vars RANKLOOP_*, MLFLOW_TRACKING_URI, RANKLOOP_CONFIG file)."""
+    s = _settings()
+    data = json.loads(s.model_dump_json())
+    data["effective"] = {"kafka": s.bootstrap, "redis": s.redis, "mlflow": s.tracking_uri}
+    console.print_json(json.dumps(data))
+
+
+@app.command()
+def up() -> None:
+    """Start the local broker (Tansu), Redis and MLflow store on 127.0.0.1 (what is not configured by URL)."""
+    from services import infra
+
+    try:
+        comps = infra.up(_settings())
+    except InfraError as e:
+        _fail(e)
+    _print_status(comps)
+
+
+@app.command()
+def status() -> None:
+    """Check the broker, Redis and MLflow."""
+    from services import infra
+
+    comps = infra.status(_settings())
+    _print_status(comps)
+    if not all(c.up for c in comps):
+        raise typer.Exit(1)
+
+
+def _print_status(comps) -> None:
+    t = Table("component", "address", "state", "managed here")
+    for c in comps:
+        t.add_row(c.name, c.address, "[green]up[/]" if c.up else "[red]down[/]", "yes" if c.managed else "no (configured)")
+    console.print(t)
+
+
+@app.command()
+def down() -> None:
+    """Stop what `rankloop up` (and `rankloop demo`) started."""
+    from services import infra
+
+    stopped = infra.down(_settings())
+    console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@app.command()
+def ui(port: int = 5000) -> None:
+    """Start the MLflow UI on the tracking store."""
+    s = _settings()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", s.tracking_uri, "--host", "127.0.0.1", "--port", str(port)]
+    if s.local_mlflow:
+        cmd += ["--default-artifact-root", s.artifact_dir.resolve().as_uri()]
+    console.print(f"MLflow UI on http://127.0.0.1:{port}")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def index(dataset: str = typer.Option(None, help="BEIR folder (or a BEIR name where a network exists)")) -> None:
+    """Build the BM25 + faiss index of a corpus and make it current."""
+    from training import beir, retrieval
+
+    s = _settings()
+    try:
+        ds = beir.load(dataset or s.dataset, s.state_dir / "datasets")
+    except FileNotFoundError as e:
+        _fail(e)
+    folder = retrieval.build_index(ds, s.state_dir)
+    console.print(f"index [bold]{folder.name}[/] of {len(ds.corpus)} documents at {folder}")
+
+
+@app.command()
+def serve(host: str = None, port: int = None) -> None:
+    """Run the serving worker (FastAPI): /rank, /events, /model, /health, /metrics."""
+    import uvicorn
+
+    from services.serve import Worker, create_app
+
+    s = _settings()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        worker = Worker(s)
+    except (InfraError, FileNotFoundError, ConnectionError) as e:
+        _fail(e)
+    uvicorn.run(create_app(s, worker), host=host or s.host, port=port or s.port, log_level="warning")
+
+
+@app.command()
+def stream() -> None:
+    """Run the stream processor (faust worker): join, label, dead-letter, write the label store."""
+    from services import infra
+    from services.stream import create_app
+
+    s = _settings()
+    try:
+        infra.require(s, "kafka")
+        infra.create_topics(s)
+    except InfraError as e:
+        _fail(e)
+    faust_app = create_app(s)
+    sys.argv = [sys.argv[0], "worker", "-l", "warning"]
+    faust_app.main()
+
+
+@app.command()
+def schedule() -> None:
+    """Retrain continuously: on N new labels or on the interval, one run at a time."""
+    from services.scheduler import Scheduler
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        Scheduler(_settings()).run()
+    except (InfraError, FileNotFoundError, ConnectionError) as e:
+        _fail(e)
+
+
+@app.command()
+def train(once: bool = typer.Option(True, "--once", help="train one challenger now")) -> None:
+    """Train a challenger from the label store now, gate it and promote it if it is better."""
+    from services.scheduler import retrain
+
+    try:
+        outcome = retrain(_settings())
+    except (InfraError, FileNotFoundError, ConnectionError) as e:
+        _fail(e)
+    console.print(f"[bold]{outcome.status}[/]: {outcome.message}" + (f" (version {outcome.version})" if outcome.version else ""))
+
+
+@app.command()
+def promote(version: str, reason: str = "manual promotion") -> None:
+    """Make VERSION the champion (the old one becomes `previous`) and tell the serving workers."""
+    _registry_change(lambda client, s: __import__("training.registry", fromlist=["promote"]).promote(client, s.model_name, version, reason))
+
+
+@app.command()
+def rollback(reason: str = "manual rollback") -> None:
+    """Put the `previous` version back as champion."""
+    _registry_change(lambda client, s: __import__("training.registry", fromlist=["rollback"]).rollback(client, s.model_name, reason))
+
+
+def _registry_change(change) -> None:
+    from services.bus import EventPublisher, make_producer
+    from training import registry
+
+    s = _settings()
+    try:
+        client = registry.connect(s.tracking_uri, s.artifact_dir)
+        event = change(client, s)
+    except (ValueError, ConnectionError) as e:
+        _fail(e)
+    try:
+        pub = EventPublisher(make_producer(s.bootstrap))
+        pub.publish(s.topic_model_events, s.model_name, event)
+        pub.producer.flush(timeout=10)
+    except InfraError as e:
+        console.print(f"[yellow]registry updated, but the model event was not published ({e}); "
+                      "serving workers will still pick it up by polling[/]")
+    console.print(f"{event.action}: version {event.version} (was {event.previous_version})")
+
+
+@app.command()
+def models() -> None:
+    """List registered versions and their aliases."""
+    from training import registry
+
+    s = _settings()
+    client = registry.connect(s.tracking_uri, s.artifact_dir)
+    t = Table("version", "aliases", "run")
+    for v in registry.versions(client, s.model_name):
+        t.add_row(v["version"], ", ".join(v["aliases"]), v["run_id"])
+    console.print(t)
+
+
+@app.command()
+def simulate(
+    dataset: str = typer.Option(None), split: str = "train", sessions: int = 200, seed: int = 0,
+    url: str = typer.Option(None, help="serving worker URL (default from config)"),
+) -> None:
+    """Play simulated users against /rank and emit their interactions through the SDK."""
+    from services.sdk import RankloopClient
+    from services.simulate import simulate as run
+    from training import beir
+
+    s = _settings()
+    ds = beir.load(dataset or s.dataset, s.state_dir / "datasets")
+    client = RankloopClient(url or s.base_url)
+    stats = run(client, ds, split, sessions, seed)
+    console.print(stats)
+
+
+@app.command("export-schemas")
+def export_schemas(out: Path = typer.Option(None)) -> None:
+    """Write the JSON Schema files of every event type."""
+    from schemas import export_json_schemas
+
+    for p in export_json_schemas(out) if out else export_json_schemas():
+        console.print(str(p))
+
+
+@app.command()
+def demo(
+    dataset: str = typer.Option(None, help="BEIR folder; default ../shared/data/scifact"),
+    quick: bool = typer.Option(False, "--quick", help="smaller traffic and training, finishes within 15 minutes"),
+    keep_running: bool = typer.Option(False, help="leave the workers and infrastructure running at the end"),
+) -> None:
+    """The whole loop on local infrastructure, until a trained challenger is promoted and hot-swapped in."""
+    from services.demo import run_demo
+
+    try:
+        run_demo(_settings(), dataset, quick, keep_running)
+    except (InfraError, FileNotFoundError, ConnectionError, TimeoutError) as e:
+        _fail(e)

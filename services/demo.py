@@ -1,0 +1,214 @@
+"""`rankloop demo`: start everything as separate processes, drive traffic until a trained challenger is
+promoted and served, then report. The processes are the ones a deployment runs (serve, stream,
+schedule), started with the same CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from kafka import KafkaConsumer, TopicPartition
+from rich.console import Console
+from rich.table import Table
+
+from services import infra
+from services.config import Settings
+from services.sdk import RankloopClient
+from services.simulate import simulate
+from training import beir, registry
+from training.dataset import read_labels
+from training.metrics import mean_metrics, ranking_to_run
+from training.reranker import Reranker
+from training.retrieval import FirstStage, build_index
+from training.train import candidates_for, rank_queries
+
+console = Console()
+
+
+def _env(s: Settings, quick: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "RANKLOOP_STATE_DIR": str(s.state_dir.resolve()),
+        "RANKLOOP_DATASET": s.dataset,
+        "RANKLOOP_CHAMPION_POLL_S": "5",
+        "RANKLOOP_RETRAIN_CHECK_S": "10",
+        "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+    })
+    if quick:  # smaller training so the whole demo fits in 15 minutes on 2 CPU cores
+        env.setdefault("RANKLOOP_RETRAIN_MIN_NEW_LABELS", "6000")
+        env.setdefault("RANKLOOP_TRAIN__EPOCHS", "1")
+        env.setdefault("RANKLOOP_TRAIN__MAX_SEQ_LENGTH", "128")
+        env.setdefault("RANKLOOP_TRAIN__HARD_NEGATIVES", "2")
+        env.setdefault("RANKLOOP_TRAIN__BATCH_SIZE", "32")
+    # the workers share two cores: one torch thread each keeps them from starving each other
+    env.setdefault("RANKLOOP_TORCH_THREADS", "1")
+    return env
+
+
+def _spawn(s: Settings, name: str, env: dict[str, str]) -> subprocess.Popen:
+    run = s.state_dir / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    log = open(run / f"{name}.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "services", name], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    (run / f"{name}.pid").write_text(str(proc.pid))
+    return proc
+
+
+def _wait_health(url: str, procs: dict[str, subprocess.Popen], s: Settings, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for name, p in procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode}; see {s.state_dir / 'run' / (name + '.log')}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"serving worker not healthy after {timeout:.0f}s; see {s.state_dir / 'run' / 'serve.log'}")
+
+
+def dead_letter_count(s: Settings) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=s.bootstrap, group_id=None)
+    try:
+        parts = [TopicPartition(s.topic_dead_letters, p) for p in consumer.partitions_for_topic(s.topic_dead_letters) or []]
+        return int(sum(consumer.end_offsets(parts).values())) if parts else 0
+    finally:
+        consumer.close()
+
+
+def evaluate_versions(s: Settings, fs: FirstStage, ds: beir.Dataset, split: str = "test") -> list[dict]:
+    """NDCG@10 etc. on the dataset's eval split for the first stage and every registered version."""
+    qrels = ds.qrels(split)
+    queries = [ds.queries[q] for q in qrels]
+    cands = candidates_for(fs, queries)
+    client = registry.connect(s.tracking_uri, s.artifact_dir)
+    rows = [("first-stage", None, [])]
+    for v in registry.versions(client, s.model_name):
+        folder = registry.download(v["source"], s.state_dir / "versions" / v["version"])
+        rows.append((v["version"], Reranker(folder, v["version"]), v["aliases"]))
+    out = []
+    for version, rr, aliases in rows:
+        ranking = rank_queries(queries, cands, rr, fs.text, s.train.rerank_depth)
+        run = ranking_to_run({qid: ranking[ds.queries[qid]] for qid in qrels})
+        out.append({"version": version, "aliases": aliases, **mean_metrics(qrels, run)})
+    return out
+
+
+def _show_rejection(client: RankloopClient, ranked) -> None:
+    """One batch with a good event, a malformed one and an unknown request id, to show intake and DLQ."""
+    answer = client.emit([
+        client.event(ranked.request_id, ranked.items[0].doc_id, "click"),
+        {"event_id": "bad-1", "request_id": ranked.request_id, "doc_id": ranked.items[0].doc_id, "type": "teleport"},
+        client.event("no-such-request-" + uuid.uuid4().hex[:6], "x", "click"),
+    ])
+    console.print(f"mixed batch: accepted {len(answer['accepted'])}, rejected "
+                  + "; ".join(f"#{r['index']}: {r['reason']}" for r in answer["rejected"]))
+
+
+def run_demo(s: Settings, dataset: str | None, quick: bool, keep_running: bool) -> None:
+    started = time.time()
+    s.dataset = dataset or s.dataset
+    console.rule("[bold]rankloop demo")
+    with console.status("starting local infrastructure"):
+        infra.up(s)
+    _print_infra(s)
+    ds = beir.load(s.dataset, s.state_dir / "datasets")
+    console.print(f"dataset [bold]{ds.name}[/]: {len(ds.corpus)} documents, {len(ds.queries)} queries")
+    build_index(ds, s.state_dir)
+    fs = FirstStage.current(s.state_dir)
+
+    env = _env(s, quick)
+    procs = {name: _spawn(s, name, env) for name in ("serve", "stream", "schedule")}
+    try:
+        with console.status("waiting for the serving worker"):
+            _wait_health(s.base_url, procs, s)
+        client = RankloopClient(s.base_url)
+        _show_rejection(client, client.rank(ds.queries[next(iter(ds.qrels("train")))]))
+        start_version = client.rank("warm").model_version
+        console.print(f"serving [bold]{start_version}[/]; simulating users on the train queries until a model is promoted")
+        budget = (13 * 60 if quick else 60 * 60) - (time.time() - started)
+        deadline = time.time() + budget
+        round_, total_events, sessions = 0, 0, 300
+        version = start_version
+        while time.time() < deadline:
+            round_ += 1
+            stats = simulate(client, ds, "train", sessions, seed=round_)
+            total_events += stats.accepted
+            labels = len(read_labels(s.label_dir)[0])
+            version = httpx.get(f"{s.base_url}/model").json()["model_version"]
+            console.print(f"round {round_}: {stats.sessions} sessions, {stats.accepted} events accepted "
+                          f"({total_events} total), {labels} labels in the store, serving {version}")
+            if version != start_version:
+                break
+            if labels >= int(env.get("RANKLOOP_RETRAIN_MIN_NEW_LABELS", s.retrain_min_new_labels)):
+                version = _wait_for_training(s, procs, deadline, start_version)
+                if version != start_version:
+                    break
+        if version == start_version:
+            raise TimeoutError("no challenger was promoted within the time budget; see .rankloop/run/schedule.log")
+        served = client.rank(ds.queries[next(iter(ds.qrels("test")))]).model_version
+        console.print(f"[green]hot-swapped:[/] /rank now answers with model version [bold]{served}[/] (no restart)")
+        _report(s, fs, ds, total_events, started)
+    finally:
+        if not keep_running:
+            for p in procs.values():
+                p.terminate()
+            for p in procs.values():
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            infra.down(s)
+
+
+def _wait_for_training(s: Settings, procs, deadline: float, start_version: str) -> str:
+    """Waits while the scheduler trains (it holds the Redis lock), up to the deadline."""
+    from redis import Redis
+
+    r = Redis.from_url(s.redis)
+    with console.status("the scheduler is training a challenger (see .rankloop/run/schedule.log)"):
+        time.sleep(s.retrain_check_s if s.retrain_check_s < 30 else 15)
+        while time.time() < deadline:
+            if procs["schedule"].poll() is not None:
+                raise RuntimeError("the scheduler exited; see .rankloop/run/schedule.log")
+            version = httpx.get(f"{s.base_url}/model").json()["model_version"]
+            if version != start_version:
+                return version
+            if not r.exists("rankloop:lock:train"):
+                # training finished: promoted versions show up within the serving poll interval
+                time.sleep(8)
+                return httpx.get(f"{s.base_url}/model").json()["model_version"]
+            time.sleep(3)
+    return start_version
+
+
+def _print_infra(s: Settings) -> None:
+    t = Table("component", "address", "state")
+    for c in infra.status(s):
+        t.add_row(c.name, c.address, "[green]up[/]" if c.up else "[red]down[/]")
+    console.print(t)
+
+
+def _report(s: Settings, fs: FirstStage, ds: beir.Dataset, events: int, started: float) -> None:
+    df, lineage = read_labels(s.label_dir)
+    console.rule("[bold]report")
+    console.print(f"interaction events accepted: {events}")
+    console.print(f"labels in the store: {len(df)} (by signal: {lineage.get('by_signal', {})})")
+    console.print(f"dead letters: {dead_letter_count(s)}")
+    with console.status("evaluating every model version on the test queries"):
+        rows = evaluate_versions(s, fs, ds)
+    t = Table("model version", "aliases", "NDCG@10", "MRR@10", "Recall@100", title=f"{ds.name} test queries")
+    for r in rows:
+        t.add_row(r["version"], ", ".join(r["aliases"]), f"{r['ndcg@10']:.4f}", f"{r['mrr@10']:.4f}", f"{r['recall@100']:.4f}")
+    console.print(t)
+    console.print(f"MLflow: {s.tracking_uri} (experiment 'rankloop', model '{s.model_name}'); "
+                  "browse it with `rankloop ui`")
+    console.print(f"done in {time.time() - started:.0f}s")
