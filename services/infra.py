@@ -56,6 +56,10 @@ def _host_port(bootstrap: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def kafka_reachable(bootstrap: str) -> bool:
+    return port_open(*_host_port(bootstrap))
+
+
 @dataclass
 class Component:
     name: str
@@ -128,7 +132,6 @@ def create_topics(s: Settings, retries: int = 20) -> None:
 
 
 def status(s: Settings) -> list[Component]:
-    kh, kp = _host_port(s.bootstrap)
     from redis import Redis
 
     try:
@@ -139,7 +142,7 @@ def status(s: Settings) -> list[Component]:
     if s.local_mlflow:
         mlflow_up = (s.state_dir / "mlflow.db").exists() or s.state_dir.exists()
     return [
-        Component("kafka", s.bootstrap, port_open(kh, kp), s.local_kafka),
+        Component("kafka", s.bootstrap, kafka_reachable(s.bootstrap), s.local_kafka),
         Component("redis", s.redis, redis_up, s.local_redis),
         Component("mlflow", s.tracking_uri, mlflow_up, s.local_mlflow),
     ]

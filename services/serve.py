@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from schemas import MAX_QUERY_CHARS, ImpressionEvent, InteractionEvent, ShownItem
 from services.bus import EventPublisher, RankCache, RedisEmbeddingCache, make_producer
 from services.config import Settings
-from services.infra import require
+from services.infra import kafka_reachable, require
 from training import registry
 from training.reranker import FIRST_STAGE, Reranker, first_stage_order
 from training.retrieval import Candidate, FirstStage
@@ -301,9 +301,9 @@ def create_app(s: Settings, worker: Worker | None = None) -> FastAPI:
             redis_ok = bool(w.redis.ping())
         except RedisError:
             redis_ok = False
-        ok = redis_ok and w.publisher.producer.bootstrap_connected()
-        return JSONResponse({"status": "ok" if ok else "degraded", "redis": redis_ok,
-                             "kafka": w.publisher.producer.bootstrap_connected(),
+        kafka_ok = kafka_reachable(s.bootstrap)
+        ok = redis_ok and kafka_ok
+        return JSONResponse({"status": "ok" if ok else "degraded", "redis": redis_ok, "kafka": kafka_ok,
                              "model_version": w.serving.version}, status_code=200 if ok else 503)
 
     @app.get("/metrics")

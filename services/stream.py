@@ -112,6 +112,7 @@ def create_app(s: Settings) -> faust.App:
         "rankloop-stream",
         broker=f"kafka://{s.bootstrap}",
         store="memory://",
+        datadir=str(s.state_dir / "stream"),
         topic_partitions=s.partitions,
         topic_allow_declare=True,
         broker_session_timeout=6,
@@ -138,7 +139,7 @@ def create_app(s: Settings) -> faust.App:
             msg = event.message
             kind = "impression" if msg.topic == s.topic_impressions else "interaction"
             key = (msg.key or b"").decode(errors="replace")
-            result = step(requests[key] if key else None, msg.topic, kind, msg.value, rules, window, time.time())
+            result = step(requests.get(key) if key else None, msg.topic, kind, msg.value, rules, window, time.time())
             if result.state is not None and key:
                 requests[key] = result.state
             await publish(result.labels, result.dead)
