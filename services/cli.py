@@ -135,7 +135,7 @@ def stream() -> None:
     except InfraError as e:
         _fail(e)
     faust_app = create_app(s)
-    sys.argv = [sys.argv[0], "worker", "-l", "warn"]
+    sys.argv = [sys.argv[0], "worker", "-l", "warn", "--without-web"]
     faust_app.main()
 
 
