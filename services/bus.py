@@ -10,6 +10,7 @@ import threading
 import numpy as np
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
+from kafka.serializer import DefaultSerializer
 from pydantic import BaseModel
 from redis import Redis
 
@@ -22,8 +23,7 @@ def make_producer(bootstrap: str, acks="all", linger_ms: int = 5) -> KafkaProduc
     try:
         return KafkaProducer(
             bootstrap_servers=bootstrap, acks=acks, linger_ms=linger_ms, retries=5,
-            key_serializer=lambda k: k.encode() if isinstance(k, str) else k,
-            value_serializer=lambda v: v if isinstance(v, bytes) else v.encode(),
+            key_serializer=DefaultSerializer(), value_serializer=DefaultSerializer(),  # str or bytes
             request_timeout_ms=10000, max_block_ms=10000,
         )
     except KafkaError as e:

@@ -40,10 +40,9 @@ class RankloopClient:
         self.topic = topic
         self.producer = None
         if kafka:
-            from kafka import KafkaProducer
+            from services.bus import make_producer
 
-            self.producer = KafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=5,
-                                          key_serializer=str.encode, value_serializer=str.encode)
+            self.producer = make_producer(kafka, acks="all")
 
     def rank(self, query: str, k: int = 10, user: str | None = None, session: str | None = None) -> Ranked:
         r = self.http.post("/rank", json={"query": query, "k": k, "user": user, "session": session})
