@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from redis import Redis
 
 from services.infra import InfraError
+from training.dataset import normalise_query
 
 log = logging.getLogger("rankloop.bus")
 
@@ -56,10 +57,6 @@ class EventPublisher:
         log.error("failed to publish to %s: %s", topic, exc)
         if self.on_error:
             self.on_error(topic)
-
-
-def normalise_query(query: str) -> str:
-    return " ".join(query.lower().split())
 
 
 def query_hash(query: str) -> str:

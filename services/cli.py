@@ -212,6 +212,7 @@ def models() -> None:
 def simulate(
     dataset: str = typer.Option(None), split: str = "train", sessions: int = 200, seed: int = 0,
     url: str = typer.Option(None, help="serving worker URL (default from config)"),
+    concurrency: int = typer.Option(4, help="simulated users at a time"),
 ) -> None:
     """Play simulated users against /rank and emit their interactions through the SDK."""
     from services.sdk import RankloopClient
@@ -221,7 +222,7 @@ def simulate(
     s = _settings()
     ds = beir.load(dataset or s.dataset, s.state_dir / "datasets")
     client = RankloopClient(url or s.base_url)
-    stats = run(client, ds, split, sessions, seed)
+    stats = run(client, ds, split, sessions, seed, concurrency=concurrency)
     console.print(stats)
 
 

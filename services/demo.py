@@ -40,11 +40,8 @@ def _env(s: Settings, quick: bool) -> dict[str, str]:
         "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
     })
     if quick:  # smaller training so the whole demo fits in 15 minutes on 2 CPU cores
-        env.setdefault("RANKLOOP_RETRAIN_MIN_NEW_LABELS", "6000")
+        env.setdefault("RANKLOOP_RETRAIN_MIN_NEW_LABELS", "7000")
         env.setdefault("RANKLOOP_TRAIN__EPOCHS", "1")
-        env.setdefault("RANKLOOP_TRAIN__MAX_SEQ_LENGTH", "128")
-        env.setdefault("RANKLOOP_TRAIN__HARD_NEGATIVES", "2")
-        env.setdefault("RANKLOOP_TRAIN__BATCH_SIZE", "32")
     # the workers share two cores: one torch thread each keeps them from starving each other
     env.setdefault("RANKLOOP_TORCH_THREADS", "1")
     return env

@@ -36,7 +36,7 @@ class RankloopClient:
 
     def __init__(self, url: str = "http://127.0.0.1:8000", kafka: str | None = None,
                  topic: str = "rankloop.interactions", timeout: float = 30.0):
-        self.http = httpx.Client(base_url=url, timeout=timeout)
+        self.http = httpx.Client(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=32))
         self.topic = topic
         self.producer = None
         if kafka:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,29 +76,36 @@ def session_events(rng: random.Random, user: UserModel, items, qrels: dict[str, 
 
 
 def simulate(client: RankloopClient, dataset: Dataset, split: str, sessions: int, seed: int = 0,
-             user: UserModel | None = None, k: int = 10, progress: bool = True) -> SimStats:
-    rng = random.Random(seed)
+             user: UserModel | None = None, k: int = 10, progress: bool = True, concurrency: int = 4) -> SimStats:
+    """Plays `sessions` users; each session has its own seeded RNG, so the traffic is the same
+    whatever the concurrency."""
     qrels = dataset.qrels(split)
     qids = sorted(qrels)
     if not qids:
         raise ValueError(f"split {split!r} has no judged queries")
     user = user or UserModel(examination_curve())
     stats = SimStats()
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task(f"simulating {sessions} sessions", total=sessions)
-        for _ in range(sessions):
-            qid = rng.choice(qids)
-            ranked = client.rank(dataset.queries[qid], k=k, user=f"sim-{rng.randrange(10**6)}")
-            reactions = session_events(rng, user, ranked.items, qrels[qid])
-            if reactions:
-                events = [client.event(ranked.request_id, d, t, v) for d, t, v in reactions]
-                answer = client.emit(events)
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        rng = random.Random(seed * 1_000_003 + i)
+        qid = rng.choice(qids)
+        ranked = client.rank(dataset.queries[qid], k=k, user=f"sim-{rng.randrange(10**6)}")
+        reactions = session_events(rng, user, ranked.items, qrels[qid])
+        answer = client.emit([client.event(ranked.request_id, d, t, v) for d, t, v in reactions]) if reactions else None
+        with lock:
+            stats.sessions += 1
+            stats.events += len(reactions)
+            if answer:
                 stats.accepted += len(answer["accepted"])
                 stats.rejected += len(answer["rejected"])
-                stats.events += len(events)
-                for _, t, _ in reactions:
-                    stats.by_type[t] = stats.by_type.get(t, 0) + 1
-                stats.clicks += sum(1 for _, t, _ in reactions if t == "click")
-            stats.sessions += 1
+            for _, t, _ in reactions:
+                stats.by_type[t] = stats.by_type.get(t, 0) + 1
+            stats.clicks += sum(1 for _, t, _ in reactions if t == "click")
+
+    with Progress(disable=not progress) as bar, ThreadPoolExecutor(concurrency) as pool:
+        task = bar.add_task(f"simulating {sessions} sessions", total=sessions)
+        for future in as_completed([pool.submit(one, i) for i in range(sessions)]):
+            future.result()
             bar.advance(task)
     return stats

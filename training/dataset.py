@@ -54,18 +54,25 @@ def read_labels(folder: Path) -> tuple[pd.DataFrame, dict]:
     return df, lineage
 
 
+def normalise_query(query: str) -> str:
+    """The form under which queries are cached and their feedback is remembered."""
+    return " ".join(query.lower().split())
+
+
 def query_key(query: str) -> str:
-    return hashlib.sha1(query.strip().lower().encode()).hexdigest()[:16]
+    return hashlib.sha1(normalise_query(query).encode()).hexdigest()[:16]
 
 
-def split_of(query: str, gate_fraction: float, tune_fraction: float) -> str:
-    """Stable split by query: the gate and tuning slices never feed training."""
-    u = int(query_key(query), 16) / 16**16
-    if u < gate_fraction:
-        return "gate"
-    if u < gate_fraction + tune_fraction:
-        return "tune"
-    return "train"
+def split_by_time(df: pd.DataFrame, tune_fraction: float, gate_fraction: float) -> dict[str, pd.DataFrame]:
+    """Splits labels by request, oldest first: train | tune | gate. The gate slice is the most recent
+    traffic, so the gate asks the production question: would the challenger have served the latest
+    users better than the champion did? No request is in two slices."""
+    first_seen = df.groupby("request_id")["timestamp"].min().sort_values(kind="stable")
+    n = len(first_seen)
+    n_gate, n_tune = int(round(n * gate_fraction)), int(round(n * tune_fraction))
+    order = list(first_seen.index)
+    parts = {"train": order[: n - n_gate - n_tune], "tune": order[n - n_gate - n_tune : n - n_gate], "gate": order[n - n_gate :]}
+    return {k: df[df["request_id"].isin(set(v))] for k, v in parts.items()}
 
 
 @dataclass
@@ -98,6 +105,6 @@ def aggregate(df: pd.DataFrame, debias: str = "naive", max_ips: float = 5.0) -> 
         w = float(row.weight) * (1 if row.grade > 0 else -1)
         if debias == "ips" and row.grade > 0:
             w *= min(1.0 / float(row.propensity), max_ips)
-        fb = out.setdefault(query_key(row.query), QueryFeedback(row.query))
+        fb = out.setdefault(normalise_query(row.query), QueryFeedback(normalise_query(row.query)))
         fb.evidence[row.doc_id] = fb.evidence.get(row.doc_id, 0.0) + w
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
@@ -19,7 +20,7 @@ from rich.console import Console
 
 from schemas import ModelEvent
 from training import registry
-from training.dataset import aggregate, query_key, read_labels, split_of
+from training.dataset import aggregate, query_key, read_labels, split_by_time
 from training.encoder import load_encoder
 from training.gate import GateResult, decide
 from training.labels import LabelRules
@@ -29,7 +30,8 @@ from training.retrieval import FirstStage
 from training.train import TrainConfig, build_examples, candidates_for, fit, rank_queries
 
 console = Console(stderr=True)
-ALPHAS = [0.25, 0.5, 0.75, 1.0]
+ALPHAS = [0.25, 0.5, 0.75, 1.0]  # weight of the model similarity vs the first-stage score
+BETAS = [0.0, 0.25, 0.5, 1.0]  # weight of the per-query feedback prior
 
 
 @dataclass
@@ -64,14 +66,13 @@ def train_once(
     df, lineage = read_labels(label_dir)
     if len(df) < min_labels:
         return TrainOutcome("skipped", f"{len(df)} labels < {min_labels} needed", labels=len(df))
-    feedback = list(aggregate(df, cfg.debias, cfg.max_ips).values())
-    slices = {"train": [], "tune": [], "gate": []}
-    for fb in feedback:
-        slices[split_of(fb.query, cfg.gate_fraction, cfg.tune_fraction)].append(fb)
-    held = {k: [fb for fb in v if fb.positives()] for k, v in slices.items() if k != "train"}
+    slices = {k: list(aggregate(v, cfg.debias, cfg.max_ips).values())
+              for k, v in split_by_time(df, cfg.tune_fraction, cfg.gate_fraction).items()}
+    held = {k: [fb for fb in slices[k] if fb.positives()] for k in ("tune", "gate")}
     console.print(f"[bold]training[/] on {len(df)} labels: {len(slices['train'])} train / "
                   f"{len(held['tune'])} tune / {len(held['gate'])} gate queries with positives")
-    candidates = candidates_for(first_stage, [fb.query for fb in feedback])
+    candidates = candidates_for(first_stage, [fb.query for fbs in slices.values() for fb in fbs])
+    prior = {fb.query: {d: round(v, 4) for d, v in fb.evidence.items()} for fb in slices["train"]}
 
     current = registry.champion(client, model_name)
     champion = None
@@ -99,23 +100,24 @@ def train_once(
                             "train_seconds": time.time() - started})
 
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-            folder = save_model_folder(model, Path(tmp) / "model", alpha=1.0, extra={"trained_on_labels": len(df)})
+            folder = save_model_folder(model, Path(tmp) / "model", alpha=1.0, prior=prior)
             challenger = Reranker(folder, "challenger", MemoryEmbeddingCache())
+            tune_queries = [f.query for f in held["tune"]]
             tune_scores = {}
-            for a in ALPHAS:
-                challenger.alpha = a
-                tune_scores[a] = float(np.mean(list(_feedback_ndcg(
-                    held["tune"], rank_queries([f.query for f in held["tune"]], candidates, challenger, text, cfg.rerank_depth)).values()) or [0]))
-            alpha = max(ALPHAS, key=lambda a: tune_scores[a])
-            challenger.alpha = alpha
-            save_model_folder(model, folder, alpha=alpha, extra={"trained_on_labels": len(df), "tune_ndcg@10": tune_scores})
-            mlflow.log_metrics({f"tune_ndcg10_alpha_{a}": s for a, s in tune_scores.items()})
-            mlflow.log_param("alpha", alpha)
+            for a, b in itertools.product(ALPHAS, BETAS):
+                challenger.alpha, challenger.beta = a, b
+                ranked = rank_queries(tune_queries, candidates, challenger, text, cfg.rerank_depth)
+                tune_scores[(a, b)] = float(np.mean(list(_feedback_ndcg(held["tune"], ranked).values()) or [0.0]))
+            challenger.alpha, challenger.beta = max(tune_scores, key=tune_scores.get)
+            save_model_folder(model, folder, alpha=challenger.alpha, beta=challenger.beta, prior=prior,
+                              extra={"trained_on_labels": len(df), "warm_start": current.version if current else None})
+            mlflow.log_metrics({f"tune_ndcg10_a{a}_b{b}": v for (a, b), v in tune_scores.items()})
+            mlflow.log_params({"alpha": challenger.alpha, "beta": challenger.beta, "prior_queries": len(prior)})
 
             gate_queries = [f.query for f in held["gate"]]
             base = _feedback_ndcg(held["gate"], rank_queries(gate_queries, candidates, champion, text, cfg.rerank_depth))
             new = _feedback_ndcg(held["gate"], rank_queries(gate_queries, candidates, challenger, text, cfg.rerank_depth))
-            gate = decide(base, new, cfg.gate_margin, cfg.gate_p_value)
+            gate = decide(base, new, cfg.gate_margin, cfg.gate_p_value, cfg.gate_min_queries)
             mlflow.log_metrics({"gate_champion_ndcg10": gate.champion_mean, "gate_challenger_ndcg10": gate.challenger_mean,
                                 "gate_gain": gate.mean_gain, "gate_p_value": gate.p_value, "gate_queries": gate.queries,
                                 "gate_wins": gate.wins, "gate_losses": gate.losses, "gate_passed": float(gate.passed)})

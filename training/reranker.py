@@ -18,10 +18,12 @@ from typing import Protocol
 
 import numpy as np
 
+from training.dataset import normalise_query
 from training.encoder import encode, load_encoder
 from training.retrieval import Candidate, minmax
 
 FIRST_STAGE = "first-stage"
+PRIOR_FILE = "feedback_prior.json"
 
 
 class EmbeddingCache(Protocol):
@@ -44,11 +46,22 @@ class MemoryEmbeddingCache:
 
 
 class Reranker:
+    """score = alpha * model similarity + (1 - alpha) * first-stage score + beta * feedback prior.
+
+    The feedback prior is what users already said about this exact (normalised) query:
+    tanh of the summed signed label weights per doc, from the labels the version was trained on.
+    Head queries repeat; learning from their clicks is the first thing a feedback loop should do.
+    The bi-encoder carries what generalises to queries never seen.
+    """
+
     def __init__(self, folder: Path, version: str, cache: EmbeddingCache | None = None):
         self.folder = Path(folder)
         self.version = version
         self.meta = json.loads((self.folder / "rankloop.json").read_text())
         self.alpha = float(self.meta["alpha"])
+        self.beta = float(self.meta.get("beta", 0.0))
+        prior_path = self.folder / PRIOR_FILE
+        self.prior: dict[str, dict[str, float]] = json.loads(prior_path.read_text()) if prior_path.exists() else {}
         self.model = load_encoder(self.folder)
         self.cache = cache or MemoryEmbeddingCache()
 
@@ -70,6 +83,9 @@ class Reranker:
         sims = self.doc_embeddings([c.doc_id for c in candidates], text) @ q
         first = minmax(np.array([c.fused for c in candidates], dtype=np.float32))
         scores = self.alpha * minmax(sims) + (1 - self.alpha) * first
+        known = self.prior.get(normalise_query(query)) if self.beta else None
+        if known:
+            scores = scores + self.beta * np.tanh(np.array([known.get(c.doc_id, 0.0) for c in candidates]))
         order = np.argsort(-scores, kind="stable")
         return [(candidates[i].doc_id, float(scores[i])) for i in order]
 
@@ -78,8 +94,11 @@ def first_stage_order(candidates: list[Candidate]) -> list[tuple[str, float]]:
     return [(c.doc_id, c.fused) for c in candidates]
 
 
-def save_model_folder(model, folder: Path, alpha: float, extra: dict) -> Path:
+def save_model_folder(model, folder: Path, alpha: float, beta: float = 0.0,
+                      prior: dict[str, dict[str, float]] | None = None, extra: dict | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save(str(folder), safe_serialization=True)
-    (folder / "rankloop.json").write_text(json.dumps({"kind": "bi-encoder", "alpha": alpha, **extra}, indent=2))
+    (folder / PRIOR_FILE).write_text(json.dumps(prior or {}))
+    meta = {"kind": "bi-encoder", "alpha": alpha, "beta": beta, **(extra or {})}
+    (folder / "rankloop.json").write_text(json.dumps(meta, indent=2))
     return folder

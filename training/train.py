@@ -24,8 +24,8 @@ from training.retrieval import Candidate, FirstStage
 class TrainConfig(BaseModel):
     epochs: int = 2
     batch_size: int = 16
-    lr: float = 3e-5
-    hard_negatives: int = 3
+    lr: float = 5e-5
+    hard_negatives: int = 2
     retriever_negatives_from_top: int = 20
     debias: str = "naive"  # or "ips"
     max_ips: float = 5.0
@@ -35,9 +35,9 @@ class TrainConfig(BaseModel):
     tune_fraction: float = 0.15
     gate_margin: float = 0.005
     gate_p_value: float = 0.05
-    replay_fraction: float = 1.0
+    gate_min_queries: int = 30
     seed: int = 13
-    max_seq_length: int = 256
+    max_seq_length: int = 128  # training length; 4x faster than 256 on CPU, inference uses 256
 
 
 @dataclass
