@@ -145,6 +145,7 @@ def schedule() -> None:
     from services.scheduler import Scheduler
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: already running" is expected
     try:
         Scheduler(_settings()).run()
     except (InfraError, FileNotFoundError, ConnectionError) as e:

@@ -41,9 +41,6 @@ def _env(s: Settings, quick: bool) -> dict[str, str]:
     })
     if quick:  # smaller training so the whole demo fits in 15 minutes on 2 CPU cores
         env.setdefault("RANKLOOP_RETRAIN_MIN_NEW_LABELS", "7000")
-        env.setdefault("RANKLOOP_TRAIN__EPOCHS", "1")
-    # the workers share two cores: one torch thread each keeps them from starving each other
-    env.setdefault("RANKLOOP_TORCH_THREADS", "1")
     return env
 
 
@@ -81,30 +78,32 @@ def dead_letter_count(s: Settings) -> int:
         consumer.close()
 
 
-def evaluate_versions(s: Settings, fs: FirstStage, ds: beir.Dataset, split: str = "test") -> list[dict]:
-    """NDCG@10 etc. on the dataset's eval split for the first stage and every registered version."""
-    qrels = ds.qrels(split)
-    queries = [ds.queries[q] for q in qrels]
-    cands = candidates_for(fs, queries)
+def evaluate_versions(s: Settings, fs: FirstStage, ds: beir.Dataset, splits=("test", "train")) -> list[dict]:
+    """Metrics per split for the first stage and every registered version. The test queries never
+    fed training or the gate; the train queries are the ones simulated users gave feedback on."""
     client = registry.connect(s.tracking_uri, s.artifact_dir)
     rows = [("first-stage", None, [])]
     for v in registry.versions(client, s.model_name):
         folder = registry.download(v["source"], s.state_dir / "versions" / v["version"])
         rows.append((v["version"], Reranker(folder, v["version"]), v["aliases"]))
-    out = []
-    for version, rr, aliases in rows:
-        ranking = rank_queries(queries, cands, rr, fs.text, s.train.rerank_depth)
-        run = ranking_to_run({qid: ranking[ds.queries[qid]] for qid in qrels})
-        out.append({"version": version, "aliases": aliases, **mean_metrics(qrels, run)})
+    out = [{"version": version, "aliases": aliases} for version, _, _ in rows]
+    for split in splits:
+        qrels = ds.qrels(split)
+        queries = [ds.queries[q] for q in qrels]
+        cands = candidates_for(fs, queries)
+        for row, (_, rr, _) in zip(out, rows):
+            ranking = rank_queries(queries, cands, rr, fs.text, s.train.rerank_depth)
+            row[split] = mean_metrics(qrels, ranking_to_run({qid: ranking[ds.queries[qid]] for qid in qrels}))
     return out
 
 
 def _show_rejection(client: RankloopClient, ranked) -> None:
-    """One batch with a good event, a malformed one and an unknown request id, to show intake and DLQ."""
+    """One batch with a good event, a malformed one (rejected at intake) and a click on a doc that was
+    not shown (accepted at intake, dead-lettered by the stream processor)."""
     answer = client.emit([
         client.event(ranked.request_id, ranked.items[0].doc_id, "click"),
-        {"event_id": "bad-1", "request_id": ranked.request_id, "doc_id": ranked.items[0].doc_id, "type": "teleport"},
-        client.event("no-such-request-" + uuid.uuid4().hex[:6], "x", "click"),
+        {"event_id": "bad-" + uuid.uuid4().hex[:6], "request_id": ranked.request_id, "doc_id": ranked.items[0].doc_id, "type": "teleport"},
+        client.event(ranked.request_id, "never-shown-doc", "click"),
     ])
     console.print(f"mixed batch: accepted {len(answer['accepted'])}, rejected "
                   + "; ".join(f"#{r['index']}: {r['reason']}" for r in answer["rejected"]))
@@ -123,7 +122,9 @@ def run_demo(s: Settings, dataset: str | None, quick: bool, keep_running: bool) 
     fs = FirstStage.current(s.state_dir)
 
     env = _env(s, quick)
-    procs = {name: _spawn(s, name, env) for name in ("serve", "stream", "schedule")}
+    # serving gets one torch thread so a training run on the other core never starves it
+    threads = {"serve": "1", "stream": "1", "schedule": str(os.cpu_count() or 2)}
+    procs = {name: _spawn(s, name, {"RANKLOOP_TORCH_THREADS": threads[name], **env}) for name in threads}
     try:
         with console.status("waiting for the serving worker"):
             _wait_health(s.base_url, procs, s)
@@ -202,9 +203,12 @@ def _report(s: Settings, fs: FirstStage, ds: beir.Dataset, events: int, started:
     console.print(f"dead letters: {dead_letter_count(s)}")
     with console.status("evaluating every model version on the test queries"):
         rows = evaluate_versions(s, fs, ds)
-    t = Table("model version", "aliases", "NDCG@10", "MRR@10", "Recall@100", title=f"{ds.name} test queries")
+    t = Table("model version", "aliases", "test NDCG@10", "test MRR@10", "test Recall@100", "train-query NDCG@10",
+              title=f"{ds.name}: test queries (never seen in training) and train queries (with feedback)")
     for r in rows:
-        t.add_row(r["version"], ", ".join(r["aliases"]), f"{r['ndcg@10']:.4f}", f"{r['mrr@10']:.4f}", f"{r['recall@100']:.4f}")
+        m = r["test"]
+        t.add_row(r["version"], ", ".join(r["aliases"]), f"{m['ndcg@10']:.4f}", f"{m['mrr@10']:.4f}",
+                  f"{m['recall@100']:.4f}", f"{r['train']['ndcg@10']:.4f}")
     console.print(t)
     console.print(f"MLflow: {s.tracking_uri} (experiment 'rankloop', model '{s.model_name}'); "
                   "browse it with `rankloop ui`")
