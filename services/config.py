@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     topic_labels: str = "rankloop.labels"
     topic_dead_letters: str = "rankloop.dead-letters"
     topic_model_events: str = "rankloop.model-events"
+    topic_ticks: str = "rankloop.stream-ticks"
 
     # Serving
     host: str = "127.0.0.1"
@@ -106,7 +107,7 @@ class Settings(BaseSettings):
 
     def topics(self) -> list[str]:
         return [self.topic_impressions, self.topic_interactions, self.topic_labels,
-                self.topic_dead_letters, self.topic_model_events]
+                self.topic_dead_letters, self.topic_model_events, self.topic_ticks]
 
 
 def get_settings() -> Settings:

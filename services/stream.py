@@ -3,7 +3,8 @@
 - `join_label` reads impressions and interactions (both keyed by request_id, co-partitioned) and keeps
   one state per request in a table; `step` is the pure function it applies to each message.
 - `sweep` dead-letters interactions whose impression never arrived within the window, and forgets
-  requests older than the window.
+  requests older than the window. A table may only change inside stream iteration, so a timer sends
+  one tick per partition to a co-partitioned ticks topic and the join agent sweeps when it reads one.
 - `sink_labels` writes the labels topic to Parquet shards; `take_events` acks (so commits offsets)
   only after the shard is on disk.
 Every agent is idempotent: a redelivered message finds its event id in the request state.
@@ -121,7 +122,8 @@ def create_app(s: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
     )
     raw = dict(key_serializer="raw", value_serializer="raw", partitions=s.partitions)
-    both = app.topic(s.topic_impressions, s.topic_interactions, **raw)
+    inputs = app.topic(s.topic_impressions, s.topic_interactions, s.topic_ticks, **raw)
+    ticks = app.topic(s.topic_ticks, **raw)
     labels_topic = app.topic(s.topic_labels, **raw)
     dead_topic = app.topic(s.topic_dead_letters, **raw)
     requests = app.Table("rankloop-requests", default=None, partitions=s.partitions)
@@ -133,27 +135,36 @@ def create_app(s: Settings) -> faust.App:
         for d in dead:
             await dead_topic.send(key=d.source.encode(), value=d.model_dump_json().encode())
 
-    @app.agent(both)
+    @app.agent(inputs)
     async def join_label(stream):
         async for event in stream.events():
             msg = event.message
+            if msg.topic == s.topic_ticks:
+                await expire(msg.partition)
+                continue
             kind = "impression" if msg.topic == s.topic_impressions else "interaction"
             key = (msg.key or b"").decode(errors="replace")
             result = step(requests.get(key) if key else None, msg.topic, kind, msg.value, rules, window, time.time())
             if result.state is not None and key:
-                requests[key] = result.state
+                requests[key] = {**result.state, "partition": msg.partition}
             await publish(result.labels, result.dead)
 
-    @app.timer(interval=max(1.0, min(10.0, window / 10)))
-    async def expire():
+    async def expire(partition: int) -> None:
+        """Runs inside the stream (a table may only change there), for the tick's partition only."""
         now = time.time()
         for key, state in list(requests.items()):
-            if state is None:
+            if state is None or state.get("partition") != partition:
                 continue
             forget, dead = sweep(state, now, window, s.topic_interactions)
             await publish([], dead)
             if forget:
                 del requests[key]
+
+    @app.timer(interval=max(1.0, min(10.0, window / 10)), on_leader=True)
+    async def tick():
+        """A tick per partition: the join agent sweeps expired requests when it reads one."""
+        for partition in range(s.partitions):
+            await ticks.send(value=b"tick", partition=partition)
 
     @app.agent(labels_topic)
     async def sink_labels(stream):

@@ -93,6 +93,10 @@ def test_unknown_request_id_is_dead_lettered_after_the_window(stack, client):
     dead = wait_for(lambda: [d for d in dead_letters(s) if ev.event_id in d["payload"]],
                     timeout=s.join_window_s + 60, what="unknown-request dead letter")
     assert dead[0]["reason"].startswith("unknown request_id")
+    # the sweep that forgot the request must leave the processor running: new events still label
+    ranked = client.rank("exercise and longevity", k=2)
+    client.emit([client.event(ranked.request_id, ranked.items[0].doc_id, "click")])
+    wait_for(lambda: len(labels_for(s, ranked.request_id)) == 1, what="label after a sweep")
 
 
 def test_batch_with_bad_events_lands_the_good_ones(stack, client):
