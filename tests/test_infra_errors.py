@@ -1,0 +1,23 @@
+"""A dependency that is down gives an error naming it and saying how to start it."""
+
+import pytest
+
+from services.config import Settings
+from services.infra import InfraError, require
+from tests.conftest import free_port
+from training import registry
+
+
+def test_unreachable_broker_and_redis_are_named_with_how_to_start_them(tmp_path):
+    s = Settings(state_dir=tmp_path, local_kafka_port=free_port(), local_redis_port=free_port())
+    with pytest.raises(InfraError, match=r"kafka at 127\.0\.0\.1:\d+ is not reachable: start it with `rankloop up`"):
+        require(s, "kafka", "redis")
+    with pytest.raises(InfraError, match=r"redis at redis://127\.0\.0\.1:\d+/0 is not reachable.*RANKLOOP_REDIS_URL"):
+        require(s, "redis")
+
+
+def test_unreachable_mlflow_server_is_named(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(ConnectionError, match=r"MLflow at http://127\.0\.0\.1:\d+ is not usable.*MLFLOW_TRACKING_URI"):
+        registry.connect(f"http://127.0.0.1:{free_port()}")
