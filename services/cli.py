@@ -249,3 +249,34 @@ def demo(
         run_demo(_settings(), dataset, quick, keep_running)
     except (InfraError, FileNotFoundError, ConnectionError, TimeoutError) as e:
         _fail(e)
+
+
+@app.command()
+def propensity(
+    clicklog: Path = typer.Option(None, help="impressions.tsv.gz of a click log; default: the Yandex WSCD 2012 sample"),
+    from_labels: bool = typer.Option(False, "--from-labels", help="estimate from our own label store instead"),
+    out: Path = typer.Option(Path("propensity.png"), help="where to write the plot"),
+) -> None:
+    """Estimate the examination curve (position bias) by EM on logged impressions and clicks."""
+    from services.simulate import CLICKLOG_STATS
+    from training.dataset import read_labels
+    from training.labels import DEFAULT_EXAMINATION
+    from training.propensity import estimate_examination, estimate_from_labels, plot_curves, read_click_log
+
+    s = _settings()
+    if from_labels:
+        est = estimate_from_labels(read_labels(s.label_dir)[0])
+        source = str(s.label_dir)
+    else:
+        path = clicklog or CLICKLOG_STATS.parent / "impressions.tsv.gz"
+        df = read_click_log(path)
+        est = estimate_examination(df.query_id, df.doc_id, df.position, df.clicked)
+        source = str(path)
+    t = Table("position", "estimated examination", "CTR prior (labelling default)")
+    for i, v in enumerate(est.examination):
+        t.add_row(str(i + 1), f"{v:.3f}", f"{DEFAULT_EXAMINATION[i]:.3f}" if i < len(DEFAULT_EXAMINATION) else "")
+    console.print(t)
+    console.print(f"{est.impressions} impressions from {source}, {est.iterations} EM iterations")
+    plot_curves({"EM estimate": est.examination, "CTR by position (normalised)": DEFAULT_EXAMINATION}, out,
+                "examination by position")
+    console.print(f"plot: {out}")
