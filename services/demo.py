@@ -41,6 +41,7 @@ def _env(s: Settings, quick: bool) -> dict[str, str]:
     })
     if quick:  # smaller training so the whole demo fits in 15 minutes on 2 CPU cores
         env.setdefault("RANKLOOP_RETRAIN_MIN_NEW_LABELS", "7000")
+        env.setdefault("RANKLOOP_TRAIN__EPOCHS", "1")
     return env
 
 
@@ -147,7 +148,8 @@ def run_demo(s: Settings, dataset: str | None, quick: bool, keep_running: bool) 
             if version != start_version:
                 break
             if labels >= int(env.get("RANKLOOP_RETRAIN_MIN_NEW_LABELS", s.retrain_min_new_labels)):
-                version = _wait_for_training(s, procs, deadline, start_version)
+                # a run that has started is let finish (a slow, busy machine), up to 10 more minutes
+                version = _wait_for_training(s, procs, max(deadline, time.time() + 600), start_version)
                 if version != start_version:
                     break
         if version == start_version:

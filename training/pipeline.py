@@ -20,7 +20,7 @@ from rich.console import Console
 
 from schemas import ModelEvent
 from training import registry
-from training.dataset import aggregate, query_key, read_labels, split_by_time
+from training.dataset import QueryFeedback, aggregate, query_key, read_labels, split_by_time
 from training.encoder import load_encoder
 from training.gate import GateResult, decide
 from training.labels import LabelRules
@@ -49,6 +49,15 @@ def _feedback_ndcg(feedback, rankings) -> dict[str, float]:
     qrels = {query_key(fb.query): fb.qrels() for fb in feedback}
     run = ranking_to_run({query_key(q): r for q, r in rankings.items()})
     return per_query(qrels, run, "ndcg@10")
+
+
+def compare_on_feedback(champion: Reranker | None, challenger: Reranker, feedback: list[QueryFeedback],
+                        candidates, text, cfg: TrainConfig) -> tuple[dict, dict, GateResult]:
+    """Per-query NDCG@10 of both rankers on held-out feedback, and the gate's decision."""
+    queries = [f.query for f in feedback]
+    base = _feedback_ndcg(feedback, rank_queries(queries, candidates, champion, text, cfg.rerank_depth))
+    new = _feedback_ndcg(feedback, rank_queries(queries, candidates, challenger, text, cfg.rerank_depth))
+    return base, new, decide(base, new, cfg.gate_margin, cfg.gate_p_value, cfg.gate_min_queries)
 
 
 def train_once(
@@ -114,10 +123,7 @@ def train_once(
             mlflow.log_metrics({f"tune_ndcg10_a{a}_b{b}": v for (a, b), v in tune_scores.items()})
             mlflow.log_params({"alpha": challenger.alpha, "beta": challenger.beta, "prior_queries": len(prior)})
 
-            gate_queries = [f.query for f in held["gate"]]
-            base = _feedback_ndcg(held["gate"], rank_queries(gate_queries, candidates, champion, text, cfg.rerank_depth))
-            new = _feedback_ndcg(held["gate"], rank_queries(gate_queries, candidates, challenger, text, cfg.rerank_depth))
-            gate = decide(base, new, cfg.gate_margin, cfg.gate_p_value, cfg.gate_min_queries)
+            base, new, gate = compare_on_feedback(champion, challenger, held["gate"], candidates, text, cfg)
             mlflow.log_metrics({"gate_champion_ndcg10": gate.champion_mean, "gate_challenger_ndcg10": gate.challenger_mean,
                                 "gate_gain": gate.mean_gain, "gate_p_value": gate.p_value, "gate_queries": gate.queries,
                                 "gate_wins": gate.wins, "gate_losses": gate.losses, "gate_passed": float(gate.passed)})

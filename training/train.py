@@ -79,7 +79,7 @@ class WeightedListwiseLoss(nn.Module):
         self.model, self.scale = model, scale
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        features = self.model.tokenize(texts)
+        features = self.model.preprocess(texts)
         out = self.model(features)["sentence_embedding"]
         return nn.functional.normalize(out.float(), dim=-1)
 

@@ -1,0 +1,48 @@
+"""The promotion gate on a real model and real candidates: a challenger built from shuffled labels is
+rejected, the same challenger built from the true labels passes."""
+
+import random
+
+import pytest
+
+from tests.conftest import SCIFACT, make_small_beir
+from training import beir
+from training.dataset import QueryFeedback, normalise_query
+from training.encoder import load_encoder
+from training.pipeline import compare_on_feedback
+from training.reranker import Reranker, save_model_folder
+from training.retrieval import FirstStage, build_index
+from training.train import TrainConfig, candidates_for
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """150 judged queries over 1,500 SciFact documents: hard enough that the first stage leaves room."""
+    if not (SCIFACT / "corpus.jsonl").exists():
+        pytest.skip(f"SciFact not found at {SCIFACT}")
+    state = tmp_path_factory.mktemp("gate")
+    ds = beir.load(make_small_beir(SCIFACT, state / "beir", queries=150, extra_docs=1500))
+    fs = FirstStage(build_index(ds, state))
+    qrels = ds.qrels("train")
+    feedback = [QueryFeedback(normalise_query(ds.queries[q]), {d: 1.0 for d in docs}) for q, docs in qrels.items()]
+    candidates = candidates_for(fs, [f.query for f in feedback])
+    return state, fs, feedback, candidates
+
+
+def challenger(folder, prior):
+    save_model_folder(load_encoder(), folder, alpha=0.5, beta=1.0, prior=prior)
+    return Reranker(folder, "challenger")
+
+
+def test_shuffled_label_challenger_is_rejected_and_true_label_one_passes(setup):
+    state, fs, feedback, candidates = setup
+    cfg = TrainConfig(gate_min_queries=30, rerank_depth=10)
+    true_prior = {f.query: dict(f.evidence) for f in feedback}
+    rng = random.Random(0)
+    all_docs = [d for c in candidates.values() for d in (x.doc_id for x in c[:10])]
+    shuffled_prior = {q: {rng.choice(all_docs): 1.0 for _ in ev} for q, ev in true_prior.items()}
+    # the prior is what earlier users said; the gate compares on later feedback for the same queries
+    bad = compare_on_feedback(None, challenger(state / "bad", shuffled_prior), feedback, candidates, fs.text, cfg)[2]
+    good = compare_on_feedback(None, challenger(state / "good", true_prior), feedback, candidates, fs.text, cfg)[2]
+    assert not bad.passed and bad.mean_gain < 0.005, bad
+    assert good.passed and good.mean_gain > 0.05, good
