@@ -18,7 +18,8 @@ from services.infra import InfraError
 
 app = typer.Typer(help="rankloop: a feedback-loop ranking platform.", no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console()
-os.environ.setdefault("HF_HUB_OFFLINE", "1") if not os.environ.get("RANKLOOP_ONLINE") else None
+if not os.environ.get("RANKLOOP_ONLINE"):  # models load from local folders; never wait on a hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -153,10 +154,12 @@ def schedule() -> None:
 
 
 @app.command()
-def train(once: bool = typer.Option(True, "--once", help="train one challenger now")) -> None:
+def train(once: bool = typer.Option(False, "--once", help="train one challenger now")) -> None:
     """Train a challenger from the label store now, gate it and promote it if it is better."""
     from services.scheduler import retrain
 
+    if not once:
+        _fail(ValueError("`rankloop train --once` trains one challenger; `rankloop schedule` retrains continuously"))
     try:
         outcome = retrain(_settings())
     except (InfraError, FileNotFoundError, ConnectionError) as e:
@@ -167,13 +170,17 @@ def train(once: bool = typer.Option(True, "--once", help="train one challenger n
 @app.command()
 def promote(version: str, reason: str = "manual promotion") -> None:
     """Make VERSION the champion (the old one becomes `previous`) and tell the serving workers."""
-    _registry_change(lambda client, s: __import__("training.registry", fromlist=["promote"]).promote(client, s.model_name, version, reason))
+    from training import registry
+
+    _registry_change(lambda client, s: registry.promote(client, s.model_name, version, reason))
 
 
 @app.command()
 def rollback(reason: str = "manual rollback") -> None:
     """Put the `previous` version back as champion."""
-    _registry_change(lambda client, s: __import__("training.registry", fromlist=["rollback"]).rollback(client, s.model_name, reason))
+    from training import registry
+
+    _registry_change(lambda client, s: registry.rollback(client, s.model_name, reason))
 
 
 def _registry_change(change) -> None:

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -23,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field, ValidationError
 from redis import Redis
 from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
 
 from schemas import MAX_QUERY_CHARS, ImpressionEvent, InteractionEvent, ShownItem
 from services.bus import EventPublisher, RankCache, RedisEmbeddingCache, make_producer
@@ -251,8 +253,6 @@ class Worker:
 def create_app(s: Settings, worker: Worker | None = None) -> FastAPI:
     state: dict[str, Worker] = {}
 
-    from contextlib import asynccontextmanager
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         w = worker or Worker(s)
@@ -279,10 +279,7 @@ def create_app(s: Settings, worker: Worker | None = None) -> FastAPI:
             raise HTTPException(422, 'expected a JSON array of events or {"events": [...]}')
         if len(batch) > s.max_batch:
             raise HTTPException(413, f"batch of {len(batch)} events exceeds the limit of {s.max_batch}")
-        w = state["w"]
-        from starlette.concurrency import run_in_threadpool
-
-        accepted, rejected = await run_in_threadpool(w.ingest, batch)
+        accepted, rejected = await run_in_threadpool(state["w"].ingest, batch)
         status = 200 if accepted or not batch else 422
         return JSONResponse({"accepted": accepted, "rejected": rejected}, status_code=status)
 
