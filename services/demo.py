@@ -87,7 +87,7 @@ def evaluate_versions(s: Settings, fs: FirstStage, ds: beir.Dataset, splits=("te
     for v in registry.versions(client, s.model_name):
         folder = registry.download(v["source"], s.state_dir / "versions" / v["version"])
         rows.append((v["version"], Reranker(folder, v["version"]), v["aliases"]))
-    out = [{"version": version, "aliases": aliases} for version, _, _ in rows]
+    out = [{"version": version, "aliases": aliases} for version, _, aliases in rows]
     for split in splits:
         qrels = ds.qrels(split)
         queries = [ds.queries[q] for q in qrels]
