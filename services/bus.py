@@ -103,3 +103,27 @@ class RedisEmbeddingCache:
         for d, v in vectors.items():
             pipe.set(self._key(version, d), np.asarray(v, dtype=np.float16).tobytes(), ex=self.ttl)
         pipe.execute()
+
+
+def impression_click_log(s) -> "pd.DataFrame":
+    """Every shown (query, doc, position) from the impressions topic, with whether it was clicked
+    (from the interactions topic): the log a click model is estimated on."""
+    import pandas as pd
+    from kafka import KafkaConsumer
+
+    def read(topic: str):
+        consumer = KafkaConsumer(topic, bootstrap_servers=s.bootstrap, group_id=None, auto_offset_reset="earliest",
+                                 consumer_timeout_ms=3000)
+        try:
+            for message in consumer:
+                try:
+                    yield json.loads(message.value)
+                except ValueError:
+                    continue  # malformed payloads are the dead-letter topic's business
+        finally:
+            consumer.close()
+
+    clicked = {(e.get("request_id"), e.get("doc_id")) for e in read(s.topic_interactions) if e.get("type") == "click"}
+    rows = [(imp["query"], it["doc_id"], it["position"], float((imp["request_id"], it["doc_id"]) in clicked))
+            for imp in read(s.topic_impressions) for it in imp.get("items", [])]
+    return pd.DataFrame(rows, columns=["query", "doc_id", "position", "clicked"])

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -261,24 +262,23 @@ def demo(
 @app.command()
 def propensity(
     clicklog: Path = typer.Option(None, help="impressions.tsv.gz of a click log; default: the Yandex WSCD 2012 sample"),
-    from_labels: bool = typer.Option(False, "--from-labels", help="estimate from our own label store instead"),
+    from_kafka: bool = typer.Option(False, "--from-kafka", help="estimate from our own impressions and clicks on Kafka"),
     out: Path = typer.Option(Path("propensity.png"), help="where to write the plot"),
 ) -> None:
     """Estimate the examination curve (position bias) by EM on logged impressions and clicks."""
+    from services.bus import impression_click_log
     from services.simulate import CLICKLOG_STATS
-    from training.dataset import read_labels
     from training.labels import DEFAULT_EXAMINATION
-    from training.propensity import estimate_examination, estimate_from_labels, plot_curves, read_click_log
+    from training.propensity import estimate_examination, plot_curves, read_click_log
 
     s = _settings()
-    if from_labels:
-        est = estimate_from_labels(read_labels(s.label_dir)[0])
-        source = str(s.label_dir)
+    if from_kafka:
+        df, source = impression_click_log(s), f"Kafka at {s.bootstrap}"
+        est = estimate_examination(df["query"], df["doc_id"], df["position"], df["clicked"])
     else:
         path = clicklog or CLICKLOG_STATS.parent / "impressions.tsv.gz"
-        df = read_click_log(path)
+        df, source = read_click_log(path), str(path)
         est = estimate_examination(df.query_id, df.doc_id, df.position, df.clicked)
-        source = str(path)
     t = Table("position", "estimated examination", "CTR prior (labelling default)")
     for i, v in enumerate(est.examination):
         t.add_row(str(i + 1), f"{v:.3f}", f"{DEFAULT_EXAMINATION[i]:.3f}" if i < len(DEFAULT_EXAMINATION) else "")
@@ -287,3 +287,31 @@ def propensity(
     plot_curves({"EM estimate": est.examination, "CTR by position (normalised)": DEFAULT_EXAMINATION}, out,
                 "examination by position")
     console.print(f"plot: {out}")
+
+
+bench_app = typer.Typer(help="Benchmarks that print and save figures.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("loop")
+def bench_loop(
+    dataset: str = typer.Option(None, help="BEIR folder; default ../shared/data/scifact"),
+    train_split: str = "train", eval_split: str = "test", rounds: int = 3, seed: int = 0,
+    sessions: int = typer.Option(1500, help="simulated sessions per round"),
+    out: Path = typer.Option(Path("loop.json"), help="JSON result; a Markdown summary and plots go beside it"),
+) -> None:
+    """Run the real loop with simulated users on the train split; evaluate every champion on the eval split."""
+    from services.bench import run_loop_bench
+
+    base = _settings()
+    # its own state, broker, Redis and port, so it never touches a running local stack
+    s = Settings(state_dir=base.state_dir / f"bench-{int(time.time())}", local_kafka_port=base.local_kafka_port + 100,
+                 local_redis_port=base.local_redis_port + 100, port=base.port + 100,
+                 dataset=dataset or base.dataset, kafka_bootstrap=None, redis_url=None, mlflow_tracking_uri=None)
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run_loop_bench(s, s.dataset, train_split, eval_split, rounds, seed, sessions, out)
+    except (InfraError, FileNotFoundError, ConnectionError, TimeoutError) as e:
+        _fail(e)
+    console.print_json(json.dumps({k: result[k] for k in ("baselines", "skyline", "final", "propensity", "timings")}))
+    console.print(f"written: {out}, {out.with_suffix('.md')}")

@@ -5,13 +5,9 @@ schedule), started with the same CLI."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
-import httpx
 from kafka import KafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.table import Table
@@ -21,53 +17,14 @@ from services.config import Settings
 from services.sdk import RankloopClient
 from services.simulate import simulate
 from training import beir, registry
+from services.workers import served_version, spawn, stop, wait_healthy, worker_env
 from training.dataset import read_labels
-from training.metrics import mean_metrics, ranking_to_run
+from training.evaluate import evaluate_ranker
 from training.reranker import Reranker
 from training.retrieval import FirstStage, build_index
-from training.train import candidates_for, rank_queries
+from training.train import candidates_for
 
 console = Console()
-
-
-def _env(s: Settings, quick: bool) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "RANKLOOP_STATE_DIR": str(s.state_dir.resolve()),
-        "RANKLOOP_DATASET": s.dataset,
-        "RANKLOOP_CHAMPION_POLL_S": "5",
-        "RANKLOOP_RETRAIN_CHECK_S": "10",
-        "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
-    })
-    if quick:  # smaller training so the whole demo fits in 15 minutes on 2 CPU cores
-        env.setdefault("RANKLOOP_RETRAIN_MIN_NEW_LABELS", "7000")
-        env.setdefault("RANKLOOP_TRAIN__EPOCHS", "1")
-    return env
-
-
-def _spawn(s: Settings, name: str, env: dict[str, str]) -> subprocess.Popen:
-    run = s.state_dir / "run"
-    run.mkdir(parents=True, exist_ok=True)
-    log = open(run / f"{name}.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "services", name], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    (run / f"{name}.pid").write_text(str(proc.pid))
-    return proc
-
-
-def _wait_health(url: str, procs: dict[str, subprocess.Popen], s: Settings, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for name, p in procs.items():
-            if p.poll() is not None:
-                raise RuntimeError(f"{name} exited with {p.returncode}; see {s.state_dir / 'run' / (name + '.log')}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"serving worker not healthy after {timeout:.0f}s; see {s.state_dir / 'run' / 'serve.log'}")
 
 
 def dead_letter_count(s: Settings) -> int:
@@ -89,12 +46,9 @@ def evaluate_versions(s: Settings, fs: FirstStage, ds: beir.Dataset, splits=("te
         rows.append((v["version"], Reranker(folder, v["version"]), v["aliases"]))
     out = [{"version": version, "aliases": aliases} for version, _, aliases in rows]
     for split in splits:
-        qrels = ds.qrels(split)
-        queries = [ds.queries[q] for q in qrels]
-        cands = candidates_for(fs, queries)
+        cands = candidates_for(fs, [ds.queries[q] for q in ds.qrels(split)])
         for row, (_, rr, _) in zip(out, rows):
-            ranking = rank_queries(queries, cands, rr, fs.text, s.train.rerank_depth)
-            row[split] = mean_metrics(qrels, ranking_to_run({qid: ranking[ds.queries[qid]] for qid in qrels}))
+            row[split] = evaluate_ranker(ds, split, cands, rr, fs.text, s.train.rerank_depth)
     return out
 
 
@@ -122,13 +76,16 @@ def run_demo(s: Settings, dataset: str | None, quick: bool, keep_running: bool) 
     build_index(ds, s.state_dir)
     fs = FirstStage.current(s.state_dir)
 
-    env = _env(s, quick)
+    env = worker_env(s, RANKLOOP_RETRAIN_CHECK_S="10")
+    if quick:  # smaller training so the whole demo fits in 15 minutes on 2 CPU cores
+        env.setdefault("RANKLOOP_RETRAIN_MIN_NEW_LABELS", "7000")
+        env.setdefault("RANKLOOP_TRAIN__EPOCHS", "1")
     # serving gets one torch thread so a training run on the other core never starves it
     threads = {"serve": "1", "stream": "1", "schedule": str(os.cpu_count() or 2)}
-    procs = {name: _spawn(s, name, {"RANKLOOP_TORCH_THREADS": threads[name], **env}) for name in threads}
+    procs = {name: spawn(s, name, {"RANKLOOP_TORCH_THREADS": threads[name], **env}) for name in threads}
     try:
         with console.status("waiting for the serving worker"):
-            _wait_health(s.base_url, procs, s)
+            wait_healthy(s, procs)
         client = RankloopClient(s.base_url)
         _show_rejection(client, client.rank(ds.queries[next(iter(ds.qrels("train")))]))
         start_version = client.rank("warm").model_version
@@ -142,7 +99,7 @@ def run_demo(s: Settings, dataset: str | None, quick: bool, keep_running: bool) 
             stats = simulate(client, ds, "train", sessions, seed=round_)
             total_events += stats.accepted
             labels = len(read_labels(s.label_dir)[0])
-            version = httpx.get(f"{s.base_url}/model").json()["model_version"]
+            version = served_version(s)
             console.print(f"round {round_}: {stats.sessions} sessions, {stats.accepted} events accepted "
                           f"({total_events} total), {labels} labels in the store, serving {version}")
             if version != start_version:
@@ -159,13 +116,7 @@ def run_demo(s: Settings, dataset: str | None, quick: bool, keep_running: bool) 
         _report(s, fs, ds, total_events, started)
     finally:
         if not keep_running:
-            for p in procs.values():
-                p.terminate()
-            for p in procs.values():
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(procs)
             infra.down(s)
 
 
@@ -179,13 +130,13 @@ def _wait_for_training(s: Settings, procs, deadline: float, start_version: str) 
         while time.time() < deadline:
             if procs["schedule"].poll() is not None:
                 raise RuntimeError("the scheduler exited; see .rankloop/run/schedule.log")
-            version = httpx.get(f"{s.base_url}/model").json()["model_version"]
+            version = served_version(s)
             if version != start_version:
                 return version
             if not r.exists("rankloop:lock:train"):
                 # training finished: promoted versions show up within the serving poll interval
                 time.sleep(8)
-                return httpx.get(f"{s.base_url}/model").json()["model_version"]
+                return served_version(s)
             time.sleep(3)
     return start_version
 

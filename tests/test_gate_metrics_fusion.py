@@ -55,3 +55,16 @@ def test_retrain_trigger_on_labels_or_interval():
     assert not should_train(120, 40, 0, 10, s).due  # 80 new, interval not passed
     assert should_train(41, 40, 0, 61, s).due  # interval passed with a new label
     assert not should_train(40, 40, 0, 1000, s).due  # nothing new: no pointless retraining
+
+
+def test_continual_selection_trains_on_fresh_queries_plus_a_replay_sample():
+    from training.dataset import QueryFeedback
+    from training.train import TrainConfig, select_for_training
+
+    feedback = [QueryFeedback(f"q{i}", {"d": 1.0}) for i in range(20)]
+    chosen, info = select_for_training(feedback, {"q1", "q2", "q3", "q4"}, TrainConfig(replay_fraction=0.5))
+    names = {fb.query for fb in chosen}
+    assert {"q1", "q2", "q3", "q4"} <= names and len(names) == 6
+    assert info == {"fresh_queries": 4, "replay_queries": 2, "older_queries": 16}
+    everything, _ = select_for_training(feedback, {fb.query for fb in feedback}, TrainConfig())
+    assert len(everything) == 20

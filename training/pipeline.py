@@ -20,14 +20,14 @@ from rich.console import Console
 
 from schemas import ModelEvent
 from training import registry
-from training.dataset import QueryFeedback, aggregate, query_key, read_labels, split_by_time
+from training.dataset import QueryFeedback, aggregate, normalise_query, query_key, read_labels, split_by_time
 from training.encoder import load_encoder
 from training.gate import GateResult, decide
 from training.labels import LabelRules
 from training.metrics import per_query, ranking_to_run
 from training.reranker import FIRST_STAGE, MemoryEmbeddingCache, Reranker, save_model_folder
 from training.retrieval import FirstStage
-from training.train import TrainConfig, build_examples, candidates_for, fit, rank_queries
+from training.train import TrainConfig, build_examples, candidates_for, fit, rank_queries, select_for_training
 
 console = Console(stderr=True)
 ALPHAS = [0.25, 0.5, 0.75, 1.0]  # weight of the model similarity vs the first-stage score
@@ -75,8 +75,9 @@ def train_once(
     df, lineage = read_labels(label_dir)
     if len(df) < min_labels:
         return TrainOutcome("skipped", f"{len(df)} labels < {min_labels} needed", labels=len(df))
-    slices = {k: list(aggregate(v, cfg.debias, cfg.max_ips).values())
-              for k, v in split_by_time(df, cfg.tune_fraction, cfg.gate_fraction).items()}
+    frames = split_by_time(df, cfg.tune_fraction, cfg.gate_fraction)
+    slices = {k: list(aggregate(v, cfg.debias, cfg.max_ips).values()) for k, v in frames.items()}
+    trained_until = float(frames["train"]["timestamp"].max()) if len(frames["train"]) else 0.0
     held = {k: [fb for fb in slices[k] if fb.positives()] for k in ("tune", "gate")}
     console.print(f"[bold]training[/] on {len(df)} labels: {len(slices['train'])} train / "
                   f"{len(held['tune'])} tune / {len(held['gate'])} gate queries with positives")
@@ -88,14 +89,18 @@ def train_once(
     if current:
         folder = registry.download(current.source, work_dir / "versions" / current.version)
         champion = Reranker(folder, current.version, MemoryEmbeddingCache())
-    examples = build_examples(slices["train"], candidates, cfg)
+    seen_until = float(champion.meta.get("trained_until", 0.0)) if champion else 0.0
+    train = frames["train"]
+    fresh = {normalise_query(q) for q in train.loc[train["timestamp"] > seen_until, "query"]}
+    chosen, selection = select_for_training(slices["train"], fresh, cfg)
+    examples = build_examples(chosen, candidates, cfg)
     if not examples:
         return TrainOutcome("skipped", "no training query has a positive label yet", labels=len(df))
 
     started = time.time()
     with mlflow.start_run(run_name=f"challenger-{time.strftime('%Y%m%d-%H%M%S')}") as run:
         mlflow.log_params({**cfg.model_dump(), "warm_start": current.version if current else "all-MiniLM-L6-v2",
-                           "examples": len(examples), "min_labels": min_labels})
+                           "examples": len(examples), "min_labels": min_labels, **selection})
         mlflow.log_dict(lineage, "lineage.json")
         mlflow.log_dict(rules.model_dump(), "label_rules.json")
         mlflow.log_metrics({"labels": len(df), "train_examples": len(examples),
@@ -119,7 +124,8 @@ def train_once(
                 tune_scores[(a, b)] = float(np.mean(list(_feedback_ndcg(held["tune"], ranked).values()) or [0.0]))
             challenger.alpha, challenger.beta = max(tune_scores, key=tune_scores.get)
             save_model_folder(model, folder, alpha=challenger.alpha, beta=challenger.beta, prior=prior,
-                              extra={"trained_on_labels": len(df), "warm_start": current.version if current else None})
+                              extra={"trained_on_labels": len(df), "trained_until": trained_until,
+                                     "warm_start": current.version if current else None})
             mlflow.log_metrics({f"tune_ndcg10_a{a}_b{b}": v for (a, b), v in tune_scores.items()})
             mlflow.log_params({"alpha": challenger.alpha, "beta": challenger.beta, "prior_queries": len(prior)})
 

@@ -58,13 +58,6 @@ def estimate_examination(
     return PropensityEstimate([round(float(x), 4) for x in curve], it, int(len(df)))
 
 
-def estimate_from_labels(df: pd.DataFrame, max_position: int = 10) -> PropensityEstimate:
-    """From our own label store: a label with a click-type positive signal is a click at its position,
-    any other label (skips, inferred skips) an examined-or-not non-click."""
-    clicked = df["grade"] > 0
-    return estimate_examination(df["query"], df["doc_id"], df["position"], clicked.astype(float), max_position)
-
-
 def read_click_log(path: Path) -> pd.DataFrame:
     """The Yandex WSCD 2012 sample: one row per (session, position) with a clicked flag."""
     with gzip.open(path, "rt") as f:
