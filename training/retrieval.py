@@ -118,6 +118,9 @@ class FirstStage:
         self.texts: list[str] = json.loads((folder / "texts.json").read_text())
         self.row = {d: i for i, d in enumerate(self.doc_ids)}
         self.dense = faiss.read_index(str(folder / "dense.faiss"))
+        # faiss's OpenMP pool next to torch's in one process is a known source of trouble; an exact
+        # search over this many vectors needs no threads
+        faiss.omp_set_num_threads(1)
         self.bm25 = bm25s.BM25.load(str(folder / "bm25"))
         self.stemmer = _stemmer()
         self.encoder = load_encoder(base_model_path())
