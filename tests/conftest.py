@@ -74,7 +74,10 @@ def stack(tmp_path_factory, small_dataset):
         "RANKLOOP_TORCH_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    saved = {k: os.environ.get(k) for k in env}
+    external = ("MLFLOW_TRACKING_URI", "RANKLOOP_KAFKA_BOOTSTRAP", "RANKLOOP_REDIS_URL")
+    saved = {k: os.environ.get(k) for k in (*env, *external)}
+    for k in external:  # the tests run on their own local infrastructure, whatever the shell says
+        os.environ.pop(k, None)
     os.environ.update(env)
     s = Settings()
     infra.up(s)

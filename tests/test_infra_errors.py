@@ -17,6 +17,8 @@ def test_unreachable_broker_and_redis_are_named_with_how_to_start_them(tmp_path)
 
 
 def test_unreachable_mlflow_server_is_named(monkeypatch):
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: let monkeypatch restore it afterwards
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///unused.db")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with pytest.raises(ConnectionError, match=r"MLflow at http://127\.0\.0\.1:\d+ is not usable.*MLFLOW_TRACKING_URI"):
