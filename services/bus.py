@@ -8,7 +8,8 @@ import logging
 import threading
 
 import numpy as np
-from kafka import KafkaProducer
+import pandas as pd
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.serializer import DefaultSerializer
 from pydantic import BaseModel
@@ -105,11 +106,9 @@ class RedisEmbeddingCache:
         pipe.execute()
 
 
-def impression_click_log(s) -> "pd.DataFrame":
+def impression_click_log(s) -> pd.DataFrame:
     """Every shown (query, doc, position) from the impressions topic, with whether it was clicked
     (from the interactions topic): the log a click model is estimated on."""
-    import pandas as pd
-    from kafka import KafkaConsumer
 
     def read(topic: str):
         consumer = KafkaConsumer(topic, bootstrap_servers=s.bootstrap, group_id=None, auto_offset_reset="earliest",

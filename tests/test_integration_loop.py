@@ -31,7 +31,7 @@ def labels_for(s, request_id):
     return df[df["request_id"] == request_id]
 
 
-def dead_letters(s, consumer_cache={}):
+def dead_letters(s):
     """All dead letters so far (reads the topic from the beginning each call)."""
     consumer = KafkaConsumer(s.topic_dead_letters, bootstrap_servers=s.bootstrap, group_id=None,
                              auto_offset_reset="earliest", consumer_timeout_ms=1500)
