@@ -36,7 +36,7 @@ BETAS = [0.0, 0.25, 0.5, 1.0]  # weight of the per-query feedback prior
 
 @dataclass
 class TrainOutcome:
-    status: str  # "skipped" | "rejected" | "promoted"
+    status: str  # "skipped" | "rejected" | "passed" | "promoted"
     message: str
     run_id: str | None = None
     version: str | None = None
@@ -139,7 +139,8 @@ def train_once(
         version = registry.register(client, model_name, run.info.run_id)
         client.set_model_version_tag(model_name, version, "gate", gate.reason)
 
-    outcome = TrainOutcome("rejected", gate.reason, run.info.run_id, version, gate, labels=len(df))
+    # "passed" = better but left for a human to promote (auto_promote=False)
+    outcome = TrainOutcome("passed" if gate.passed else "rejected", gate.reason, run.info.run_id, version, gate, labels=len(df))
     if gate.passed and auto_promote:
         outcome.event = registry.promote(client, model_name, version, gate.reason)
         outcome.status = "promoted"
