@@ -68,6 +68,15 @@ def _qrels_labels(ds: beir.Dataset, split: str, fs: FirstStage) -> list[Labelled
 
 def run_loop_bench(s: Settings, dataset: str, train_split: str, eval_split: str, rounds: int, seed: int,
                    sessions_per_round: int, out: Path) -> dict:
+    """Runs the benchmark on its own local infrastructure, which is stopped afterwards, failed or not."""
+    try:
+        return _run(s, dataset, train_split, eval_split, rounds, seed, sessions_per_round, out)
+    finally:
+        infra.down(s)
+
+
+def _run(s: Settings, dataset: str, train_split: str, eval_split: str, rounds: int, seed: int,
+         sessions_per_round: int, out: Path) -> dict:
     timings: dict[str, float] = {}
     t_all = time.time()
     infra.up(s)
@@ -158,7 +167,6 @@ def run_loop_bench(s: Settings, dataset: str, train_split: str, eval_split: str,
     timings["total_s"] = time.time() - t_all
     result["timings"] = {k: round(v, 1) for k, v in timings.items()}
     _write(result, out)
-    infra.down(s)
     return result
 
 

@@ -41,7 +41,6 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     candidates_k: int = 100
-    max_k: int = 100
     max_batch: int = 1000
     cache_ttl_s: int = 3600
     champion_poll_s: float = 10.0

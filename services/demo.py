@@ -25,6 +25,7 @@ from training.retrieval import FirstStage, build_index
 from training.train import candidates_for
 
 console = Console()
+SCHEDULER_CHECK_S = 10
 
 
 def dead_letter_count(s: Settings) -> int:
@@ -76,7 +77,7 @@ def run_demo(s: Settings, dataset: str | None, quick: bool, keep_running: bool) 
     build_index(ds, s.state_dir)
     fs = FirstStage.current(s.state_dir)
 
-    env = worker_env(s, RANKLOOP_RETRAIN_CHECK_S="10")
+    env = worker_env(s, RANKLOOP_RETRAIN_CHECK_S=str(SCHEDULER_CHECK_S))
     if quick:  # smaller training so the whole demo fits in 15 minutes on 2 CPU cores
         env.setdefault("RANKLOOP_RETRAIN_MIN_NEW_LABELS", "7000")
         env.setdefault("RANKLOOP_TRAIN__EPOCHS", "1")
@@ -126,7 +127,7 @@ def _wait_for_training(s: Settings, procs, deadline: float, start_version: str) 
 
     r = Redis.from_url(s.redis)
     with console.status("the scheduler is training a challenger (see .rankloop/run/schedule.log)"):
-        time.sleep(s.retrain_check_s if s.retrain_check_s < 30 else 15)
+        time.sleep(SCHEDULER_CHECK_S + 2)  # let the scheduler notice the labels and take the lock
         while time.time() < deadline:
             if procs["schedule"].poll() is not None:
                 raise RuntimeError("the scheduler exited; see .rankloop/run/schedule.log")

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -138,14 +139,23 @@ def status(s: Settings) -> list[Component]:
         redis_up = bool(Redis.from_url(s.redis, socket_connect_timeout=1).ping())
     except Exception:
         redis_up = False
-    mlflow_up = True
-    if s.local_mlflow:
-        mlflow_up = (s.state_dir / "mlflow.db").exists() or s.state_dir.exists()
     return [
         Component("kafka", s.bootstrap, kafka_reachable(s.bootstrap), s.local_kafka),
         Component("redis", s.redis, redis_up, s.local_redis),
-        Component("mlflow", s.tracking_uri, mlflow_up, s.local_mlflow),
+        Component("mlflow", s.tracking_uri, _mlflow_up(s), s.local_mlflow),
     ]
+
+
+def _mlflow_up(s: Settings) -> bool:
+    """Local sqlite: usable when its folder exists (the file is made on first use). A server: /health."""
+    if s.local_mlflow:
+        return s.state_dir.is_dir()
+    if not s.tracking_uri.startswith("http"):
+        return True  # a file or database URI that MLflow opens itself
+    try:
+        return httpx.get(s.tracking_uri.rstrip("/") + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def require(s: Settings, *names: str) -> None:

@@ -23,3 +23,10 @@ def test_unreachable_mlflow_server_is_named(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with pytest.raises(ConnectionError, match=r"MLflow at http://127\.0\.0\.1:\d+ is not usable.*MLFLOW_TRACKING_URI"):
         registry.connect(f"http://127.0.0.1:{free_port()}")
+
+
+def test_unreachable_mlflow_server_fails_the_status_check(tmp_path):
+    s = Settings(state_dir=tmp_path, mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(InfraError, match=r"mlflow at http://127\.0\.0\.1:\d+ is not reachable.*MLFLOW_TRACKING_URI"):
+        require(s, "mlflow")
+    require(Settings(state_dir=tmp_path), "mlflow")  # the local sqlite store is usable once its folder exists

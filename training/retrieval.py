@@ -85,7 +85,7 @@ def _cached_embeddings(texts: list[str], cache_dir: Path, batch_size: int) -> np
     keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
     key_file, vec_file = cache_dir / "keys.json", cache_dir / "vectors.npy"
     known: dict[str, int] = {}
-    vectors = np.zeros((0, 384), dtype=np.float32)
+    vectors = None
     if key_file.exists() and vec_file.exists():
         known = {k: i for i, k in enumerate(json.loads(key_file.read_text()))}
         vectors = np.load(vec_file)
@@ -98,7 +98,7 @@ def _cached_embeddings(texts: list[str], cache_dir: Path, batch_size: int) -> np
             idx = missing[start : start + chunk]
             new.append(encode(model, [texts[i] for i in idx], batch_size))
         new_vecs = np.concatenate(new)
-        vectors = np.concatenate([vectors, new_vecs]) if len(vectors) else new_vecs
+        vectors = new_vecs if vectors is None else np.concatenate([vectors, new_vecs])
         all_keys = list(known) + [keys[i] for i in missing]
         known = {k: i for i, k in enumerate(all_keys)}
         np.save(vec_file, vectors)
