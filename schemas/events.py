@@ -38,6 +38,7 @@ class ImpressionEvent(Event):
     items: list[ShownItem]
     model_version: str = Field(description='registered model version, or "first-stage"')
     index_version: str
+    explored: bool = Field(False, description="the top items were shown in a random order (position-bias exploration)")
     timestamp: float = Field(default_factory=now, description="unix seconds")
 
 class InteractionType(str, Enum):

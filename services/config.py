@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     cache_ttl_s: int = 3600
     champion_poll_s: float = 10.0
     model_name: str = "rankloop-reranker"
+    # Share of requests whose top `explore_depth` are shown shuffled: the randomisation that makes
+    # the examination curve identifiable from our own logs (docs/position-bias.md).
+    explore_rate: float = Field(0.1, ge=0.0, le=1.0)
+    explore_depth: int = 10
 
     # Stream
     join_window_s: float = 1800.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -80,6 +81,7 @@ class Metrics:
         self.swaps = Counter("rankloop_model_swaps", "model hot swaps", registry=r)
         self.swap_failures = Counter("rankloop_model_swap_failures", "model versions that failed to load", registry=r)
         self.cache_errors = Counter("rankloop_cache_errors", "Redis errors (served without cache)", registry=r)
+        self.explored = Counter("rankloop_explored_requests", "requests shown in a randomised order", registry=r)
         self.model_version = Gauge("rankloop_model_version", "served model version (0 = first stage)", registry=r)
 
 
@@ -92,6 +94,7 @@ class Worker:
         self.cache = RankCache(self.redis, s.cache_ttl_s)
         self.embeddings = RedisEmbeddingCache(self.redis)
         self.metrics = Metrics()
+        self.rng = random.Random()
         self.publisher = EventPublisher(make_producer(s.bootstrap, acks="all"),
                                         on_error=lambda t: self.metrics.publish_failures.labels(t).inc())
         self.serving = Serving(FIRST_STAGE, None, time.time())
@@ -127,6 +130,7 @@ class Worker:
                 ranking += first_stage_order(cands[depth:])
             items = [[doc, score] for doc, score in ranking[: req.k]]
             self._cache_set(key, items)
+        items, explored = explore(items, self.rng, self.s.explore_rate, self.s.explore_depth)
         response = RankResponse(
             request_id=uuid.uuid4().hex,
             model_version=serving.version,
@@ -136,11 +140,12 @@ class Worker:
         impression = ImpressionEvent(
             request_id=response.request_id, query=req.query, user=req.user, session=req.session,
             items=[ShownItem(doc_id=it.doc_id, position=it.position, score=it.score) for it in response.items],
-            model_version=serving.version, index_version=self.first_stage.version,
+            model_version=serving.version, index_version=self.first_stage.version, explored=explored,
         )
         if self.publisher.publish(self.s.topic_impressions, response.request_id, impression) is not None:
             self.metrics.impressions.inc()
         label = "hit" if hit else "miss"
+        self.metrics.explored.inc(explored)
         self.metrics.requests.labels(label).inc()
         self.metrics.latency.labels(label).observe(time.perf_counter() - started)
         return response
@@ -248,6 +253,17 @@ class Worker:
         self._stop.set()
         self._wake.set()
         self.publisher.producer.flush(timeout=5)
+
+
+def explore(items: list, rng: random.Random, rate: float, depth: int) -> tuple[list, bool]:
+    """With probability `rate`, the top `depth` items in a uniformly random order (RandTop-n,
+    Joachims et al. 2017): the same documents at many positions is what lets the examination curve be
+    estimated from our own clicks. The rest of the list, and every item's score, is unchanged."""
+    if rate <= 0 or len(items) < 2 or rng.random() >= rate:
+        return items, False
+    head = items[:depth]
+    rng.shuffle(head)
+    return head + items[depth:], True
 
 
 def create_app(s: Settings, worker: Worker | None = None) -> FastAPI:

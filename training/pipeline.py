@@ -25,13 +25,14 @@ from training.encoder import load_encoder
 from training.gate import GateResult, decide
 from training.labels import LabelRules
 from training.metrics import per_query, ranking_to_run
-from training.reranker import FIRST_STAGE, MemoryEmbeddingCache, Reranker, save_model_folder
+from training.reranker import FIRST_STAGE, MemoryEmbeddingCache, Reranker, first_stage_order, ranked, save_model_folder
 from training.retrieval import FirstStage
 from training.train import TrainConfig, build_examples, candidates_for, fit, rank_queries, select_for_training
 
 console = Console(stderr=True)
-ALPHAS = [0.25, 0.5, 0.75, 1.0]  # weight of the model similarity vs the first-stage score
-BETAS = [0.0, 0.25, 0.5, 1.0]  # weight of the per-query feedback prior
+ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]  # weight of the model similarity vs the first-stage score
+BETAS = [0.0, 0.25, 0.5, 1.0, 2.0]  # weight of the feedback memory
+TAUS = [0.3, 0.5, 0.7]  # similarity below which a past query's feedback is not borrowed
 
 
 @dataclass
@@ -58,6 +59,19 @@ def compare_on_feedback(champion: Reranker | None, challenger: Reranker, feedbac
     base = _feedback_ndcg(feedback, rank_queries(queries, candidates, champion, text, cfg.rerank_depth))
     new = _feedback_ndcg(feedback, rank_queries(queries, candidates, challenger, text, cfg.rerank_depth))
     return base, new, decide(base, new, cfg.gate_margin, cfg.gate_p_value, cfg.gate_min_queries)
+
+
+def tune_mix(reranker: Reranker, feedback: list[QueryFeedback], candidates, text, depth: int) -> dict:
+    """Mean NDCG@10 on the tune slice for every (alpha, beta, tau); features are computed once."""
+    feats = [(fb, reranker.features(fb.query, candidates[fb.query][:depth], text)) for fb in feedback]
+    scores = {}
+    for a, b, t in itertools.product(ALPHAS, BETAS, TAUS):
+        if b == 0 and t != TAUS[0]:
+            continue  # tau only matters when the memory is used
+        rankings = {fb.query: ranked(f, reranker.combine(f, a, b, t)) + first_stage_order(candidates[fb.query][depth:])
+                    for fb, f in feats}
+        scores[(a, b, t)] = float(np.mean(list(_feedback_ndcg(feedback, rankings).values()) or [0.0]))
+    return scores
 
 
 def train_once(
@@ -116,18 +130,15 @@ def train_once(
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
             folder = save_model_folder(model, Path(tmp) / "model", alpha=1.0, prior=prior)
             challenger = Reranker(folder, "challenger", MemoryEmbeddingCache())
-            tune_queries = [f.query for f in held["tune"]]
-            tune_scores = {}
-            for a, b in itertools.product(ALPHAS, BETAS):
-                challenger.alpha, challenger.beta = a, b
-                ranked = rank_queries(tune_queries, candidates, challenger, text, cfg.rerank_depth)
-                tune_scores[(a, b)] = float(np.mean(list(_feedback_ndcg(held["tune"], ranked).values()) or [0.0]))
-            challenger.alpha, challenger.beta = max(tune_scores, key=tune_scores.get)
-            save_model_folder(model, folder, alpha=challenger.alpha, beta=challenger.beta, prior=prior,
+            tune_scores = tune_mix(challenger, held["tune"], candidates, text, cfg.rerank_depth)
+            challenger.alpha, challenger.beta, challenger.tau = max(tune_scores, key=tune_scores.get)
+            save_model_folder(model, folder, alpha=challenger.alpha, beta=challenger.beta, tau=challenger.tau, prior=prior,
                               extra={"trained_on_labels": len(df), "trained_until": trained_until,
                                      "warm_start": current.version if current else None})
-            mlflow.log_metrics({f"tune_ndcg10_a{a}_b{b}": v for (a, b), v in tune_scores.items()})
-            mlflow.log_params({"alpha": challenger.alpha, "beta": challenger.beta, "prior_queries": len(prior)})
+            mlflow.log_dict({f"alpha={a} beta={b} tau={t}": v for (a, b, t), v in tune_scores.items()}, "tune_grid.json")
+            mlflow.log_params({"alpha": challenger.alpha, "beta": challenger.beta, "tau": challenger.tau,
+                               "memory_queries": len(prior)})
+            mlflow.log_metric("tune_ndcg10", tune_scores[(challenger.alpha, challenger.beta, challenger.tau)])
 
             base, new, gate = compare_on_feedback(champion, challenger, held["gate"], candidates, text, cfg)
             mlflow.log_metrics({"gate_champion_ndcg10": gate.champion_mean, "gate_challenger_ndcg10": gate.challenger_mean,

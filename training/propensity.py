@@ -3,8 +3,11 @@
 Position-based click model: P(click | q, d, k) = theta_k * gamma_{q,d}. Expectation-maximisation
 over the logs (Chuklin et al., "Click Models for Web Search"; the EM step of Wang et al. 2018's
 regression-EM, with one relevance per (query, doc)) recovers theta up to scale; it is reported
-normalised to 1 at the top position. Identifiable when the same (query, doc) appears at several
-positions, which rankers changing between rounds (and result churn in real logs) provide.
+normalised to 1 at the top position. Only (query, doc) pairs seen at two or more positions carry
+information about theta (intervention harvesting, Agarwal et al. 2019); a pair seen at one position
+only lets its free relevance absorb its clicks and, with few sessions, biases theta upwards at the
+positions where it sits, so those pairs are left out. Serving exploration (shuffled top 10 for a
+share of requests) and rankers changing between rounds provide the multi-position pairs.
 """
 
 from __future__ import annotations
@@ -29,12 +32,18 @@ class PropensityEstimate:
 
 
 def estimate_examination(
-    query_ids, doc_ids, positions, clicks, max_position: int = 10, iterations: int = 200, tol: float = 1e-7
+    query_ids, doc_ids, positions, clicks, max_position: int = 10, iterations: int = 200, tol: float = 1e-7,
+    min_positions: int = 2,
 ) -> PropensityEstimate:
     """EM for the position-based model on (query, doc, 1-based position, clicked) rows."""
     df = pd.DataFrame({"q": query_ids, "d": doc_ids, "k": positions, "c": clicks})
     df = df[(df["k"] >= 1) & (df["k"] <= max_position)]
-    pair = pd.factorize(df["q"].astype(str) + "\x1f" + df["d"].astype(str))[0]
+    df = df.assign(pair=pd.factorize(df["q"].astype(str) + "\x1f" + df["d"].astype(str))[0])
+    df = df[df.groupby("pair")["k"].transform("nunique") >= min_positions]
+    if df.empty or df["k"].nunique() < max_position:
+        raise ValueError(f"too little variation to estimate examination: pairs seen at >= {min_positions} "
+                         f"positions cover {df['k'].nunique()} of {max_position} positions")
+    pair = pd.factorize(df["pair"])[0]
     k = df["k"].to_numpy(dtype=np.int64) - 1
     c = df["c"].to_numpy(dtype=np.float64)
     n_pairs = int(pair.max()) + 1 if len(pair) else 0
