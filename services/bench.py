@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import mlflow
 from rich.console import Console
 
 from schemas import LabelledExample
@@ -147,27 +148,70 @@ def _run(s: Settings, dataset: str, train_split: str, eval_split: str, rounds: i
         stop(procs)
     timings["loop_s"] = sum(sum(r["seconds"].values()) for r in result["rounds"])
 
-    t = time.time()
-    final = {}
-    for mode in ("naive", "ips"):
-        cfg = s.train.model_copy(update={"debias": mode})
-        name = f"rankloop-final-{mode}"
-        o = train_once(client, name, s.label_dir, fs, fs.text, s.state_dir, cfg, s.label_rules, auto_promote=False)
-        final["debiased" if mode == "ips" else "naive"] = evaluate(load(name, o.version))[0]
-    result["final"] = final
-    timings["final_s"] = time.time() - t
-
     truth = UserModel(examination_curve()).examination
     logged = impression_click_log(s)
     est = estimate_examination(logged["query"], logged["doc_id"], logged["position"], logged["clicked"])
     log = read_click_log(CLICKLOG_STATS.parent / "impressions.tsv.gz")
     real = estimate_examination(log.query_id, log.doc_id, log.position, log.clicked)
     result["propensity"] = {"estimated": est.examination, "true": truth, "mae": round(est.mae(truth), 4),
+                            "impressions": est.impressions, "explore_rate": s.explore_rate,
                             "clicklog_estimated": real.examination}
+    console.print(f"propensity from our logs: MAE {est.mae(truth):.4f} vs the simulator's curve")
+
+    # Naive vs debiased on the same final labels; the debiased learner weights by the curve just
+    # estimated from our logs. The default learner is the one that wins on the train split.
+    t = time.time()
+    final, final_train = {}, {}
+    for mode, key in (("naive", "naive"), ("ips", "debiased")):
+        name = f"rankloop-final-{mode}"
+        o = train_once(client, name, s.label_dir, fs, fs.text, s.state_dir, s.train.model_copy(update={"debias": mode}),
+                       s.label_rules, auto_promote=False, examination=est.examination if mode == "ips" else None)
+        final[key], final_train[key] = evaluate(load(name, o.version))
+    result["final"] = final
+    result["final_train"] = final_train
+    result["final_winner_on_train_split"] = max(final_train, key=lambda k: final_train[k]["ndcg@10"])
+    timings["final_s"] = time.time() - t
+    result["checks"] = _checks(result)
     timings["total_s"] = time.time() - t_all
     result["timings"] = {k: round(v, 1) for k, v in timings.items()}
     _write(result, out)
+    _log_to_mlflow(client, result, out, s.artifact_dir / "bench")
     return result
+
+
+def _checks(result: dict) -> dict:
+    """The issue's targets, computed from the run itself."""
+    hybrid = result["baselines"]["hybrid"]["ndcg@10"]
+    champions = [r for r in result["rounds"] if r["model_version"] != "first-stage"]
+    last = champions[-1]["eval"]["ndcg@10"] if champions else hybrid
+    sky_lift = result["skyline"]["ndcg@10"] - hybrid
+    evals = [hybrid] + [r["eval"]["ndcg@10"] for r in champions]
+    trains = [result["baselines_train"]["hybrid"]["ndcg@10"]] + [r["train"]["ndcg@10"] for r in champions]
+    return {
+        "final_champion_ndcg@10": last,
+        "share_of_skyline_lift": round((last - hybrid) / sky_lift, 4) if sky_lift > 0 else None,
+        "eval_never_fell_at_a_promotion": all(b >= a - 1e-9 for a, b in zip(evals, evals[1:])),
+        "train_queries_never_fell": all(b >= a - 1e-9 for a, b in zip(trains, trains[1:])),
+        "propensity_mae": result["propensity"]["mae"],
+    }
+
+
+def _log_to_mlflow(client, result: dict, out: Path, artifact_dir: Path) -> None:
+    """One MLflow run per benchmark: the metric by round as steps, the summary, plots and JSON."""
+    stem = out.with_suffix("")
+    exp = client.get_experiment_by_name("rankloop-bench")
+    exp_id = exp.experiment_id if exp else client.create_experiment("rankloop-bench", artifact_location=artifact_dir.resolve().as_uri())
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"bench-loop-{result['dataset']}"):
+        mlflow.log_params({k: result[k] for k in ("dataset", "eval_split", "train_split", "seed", "sessions_per_round")})
+        def key(name: str) -> str:
+            return name.replace("@", "_at_")  # MLflow metric names allow no "@"
+
+        for r in result["rounds"]:
+            mlflow.log_metrics({key(f"eval_{k}"): v for k, v in r["eval"].items()}
+                               | {key(f"train_{k}"): v for k, v in r["train"].items()}, step=r["round"])
+        mlflow.log_metrics({key(f"check_{k}"): float(v) for k, v in result["checks"].items() if v is not None})
+        for path in (out, Path(f"{stem}.md"), Path(f"{stem}-rounds.png"), Path(f"{stem}-propensity.png")):
+            mlflow.log_artifact(str(path))
 
 
 def _write(result: dict, out: Path) -> None:
@@ -201,6 +245,10 @@ def _write(result: dict, out: Path) -> None:
     lines += [row("skyline (train qrels)", result["skyline"])]
     lines += [row(f"round {r['round']} champion v{r['model_version']}", r["eval"]) for r in rounds]
     lines += [row(f"final, {k} labels", v) for k, v in result["final"].items()]
+    lines += ["", "On the train split (the feedback queries) the final learners score "
+              + ", ".join(f"{k} {v['ndcg@10']:.4f}" for k, v in result["final_train"].items())
+              + f": the default learner is **{result['final_winner_on_train_split']}**.", "",
+              "| check | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in result["checks"].items()]
     lines += ["", f"Propensity MAE vs the simulator's curve: {p['mae']:.4f}", "",
               f"![rounds]({Path(f'{stem}-rounds.png').name}) ![propensity]({Path(f'{stem}-propensity.png').name})", "",
               f"Timings (s): {result['timings']}"]

@@ -297,7 +297,7 @@ app.add_typer(bench_app, name="bench")
 def bench_loop(
     dataset: str = typer.Option(None, help="BEIR folder; default ../shared/data/scifact"),
     train_split: str = "train", eval_split: str = "test", rounds: int = 3, seed: int = 0,
-    sessions: int = typer.Option(1500, help="simulated sessions per round"),
+    sessions: int = typer.Option(3000, help="simulated sessions per round"),
     out: Path = typer.Option(Path("loop.json"), help="JSON result; a Markdown summary and plots go beside it"),
 ) -> None:
     """Run the real loop with simulated users on the train split; evaluate every champion on the eval split."""
@@ -305,13 +305,14 @@ def bench_loop(
 
     base = _settings()
     # its own state, broker, Redis and port, so it never touches a running local stack
-    s = Settings(state_dir=base.state_dir / f"bench-{int(time.time())}", local_kafka_port=base.local_kafka_port + 100,
-                 local_redis_port=base.local_redis_port + 100, port=base.port + 100,
-                 dataset=dataset or base.dataset, kafka_bootstrap=None, redis_url=None, mlflow_tracking_uri=None)
+    s = Settings(**{**base.model_dump(), "state_dir": base.state_dir / f"bench-{int(time.time())}",
+                    "local_kafka_port": base.local_kafka_port + 100, "local_redis_port": base.local_redis_port + 100,
+                    "port": base.port + 100, "dataset": dataset or base.dataset, "kafka_bootstrap": None,
+                    "redis_url": None, "mlflow_tracking_uri": None})
     s.state_dir.mkdir(parents=True, exist_ok=True)
     try:
         result = run_loop_bench(s, s.dataset, train_split, eval_split, rounds, seed, sessions, out)
     except (InfraError, FileNotFoundError, ConnectionError, TimeoutError) as e:
         _fail(e)
-    console.print_json(json.dumps({k: result[k] for k in ("baselines", "skyline", "final", "propensity", "timings")}))
+    console.print_json(json.dumps({k: result[k] for k in ("baselines", "skyline", "final", "checks", "timings")}))
     console.print(f"written: {out}, {out.with_suffix('.md')}")

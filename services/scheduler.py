@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from apscheduler.schedulers.blocking import BlockingScheduler
 from redis import Redis
 
-from services.bus import EventPublisher, make_producer
+from services.bus import EventPublisher, impression_click_log, make_producer
 from services.config import Settings
 from services.infra import require
 from training import registry
 from training.dataset import read_labels
 from training.pipeline import TrainOutcome, train_once
+from training.propensity import estimate_examination
 from training.retrieval import FirstStage
 
 log = logging.getLogger("rankloop.schedule")
@@ -43,12 +44,27 @@ def should_train(labels_now: int, labels_at_last: int, last_time: float, now: fl
     return Decision(False, f"{new} new labels, next check")
 
 
+def estimated_examination(s: Settings) -> list[float] | None:
+    """The examination curve EM recovers from our impression and click logs; None (the configured
+    curve is used) while the logs are too uniform to identify it."""
+    log_ = impression_click_log(s)
+    try:
+        est = estimate_examination(log_["query"], log_["doc_id"], log_["position"], log_["clicked"])
+    except ValueError as e:
+        log.warning("keeping the configured examination curve: %s", e)
+        return None
+    log.warning("examination curve estimated from %d logged impressions: %s", est.impressions, est.examination)
+    return est.examination
+
+
 def retrain(s: Settings, first_stage: FirstStage | None = None, publisher: EventPublisher | None = None) -> TrainOutcome:
     """One training run now (what `rankloop train --once` does); publishes the model event on promotion."""
     require(s, "kafka", "mlflow")
     fs = first_stage or FirstStage.current(s.state_dir)
     client = registry.connect(s.tracking_uri, s.artifact_dir)
-    outcome = train_once(client, s.model_name, s.label_dir, fs, fs.text, s.state_dir, s.train, s.label_rules)
+    curve = estimated_examination(s) if s.train.debias == "ips" else None
+    outcome = train_once(client, s.model_name, s.label_dir, fs, fs.text, s.state_dir, s.train, s.label_rules,
+                         examination=curve)
     if outcome.event is not None:
         pub = publisher or EventPublisher(make_producer(s.bootstrap))
         future = pub.publish(s.topic_model_events, s.model_name, outcome.event)

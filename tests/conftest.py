@@ -42,7 +42,7 @@ def make_small_beir(src: Path, dst: Path, queries: int = 40, extra_docs: int = 3
                 docs.append(line)
     (dst / "corpus.jsonl").write_text("".join(docs))
     with (src / "queries.jsonl").open() as f:
-        (dst / "queries.jsonl").write_text("".join(l for l in f if json.loads(l)["_id"] in qids))
+        (dst / "queries.jsonl").write_text("".join(line for line in f if json.loads(line)["_id"] in qids))
     (dst / "qrels" / "train.tsv").write_text("\n".join([header] + ["\t".join(r) for r in keep_rows]) + "\n")
     return dst
 

@@ -85,10 +85,16 @@ def train_once(
     rules: LabelRules = LabelRules(),
     min_labels: int = 1,
     auto_promote: bool = True,
+    examination: list[float] | None = None,
 ) -> TrainOutcome:
+    """`examination`: a curve estimated from our own logs; the labels' propensities are recomputed
+    from it (their logged ones came from the configured curve)."""
     df, lineage = read_labels(label_dir)
     if len(df) < min_labels:
         return TrainOutcome("skipped", f"{len(df)} labels < {min_labels} needed", labels=len(df))
+    if examination is not None:
+        rules = rules.model_copy(update={"examination": list(examination)})
+        df = df.assign(propensity=[rules.propensity(int(p)) for p in df["position"]])
     frames = split_by_time(df, cfg.tune_fraction, cfg.gate_fraction)
     slices = {k: list(aggregate(v, cfg.debias, cfg.max_ips).values()) for k, v in frames.items()}
     trained_until = float(frames["train"]["timestamp"].max()) if len(frames["train"]) else 0.0
@@ -119,7 +125,8 @@ def train_once(
         mlflow.log_dict(rules.model_dump(), "label_rules.json")
         mlflow.log_metrics({"labels": len(df), "train_examples": len(examples),
                             **{f"labels_{k}": v for k, v in lineage.get("by_signal", {}).items()}})
-        mlflow.set_tags({"champion_at_start": current.version if current else FIRST_STAGE,
+        mlflow.set_tags({"champion_at_start": current.version if current else FIRST_STAGE, "rankloop.model_name": model_name,
+                         "examination": "estimated from our logs" if examination is not None else "configured",
                          "label_offsets": json.dumps(lineage.get("offsets", {}))})
 
         model = load_encoder(champion.folder if champion else None, cfg.max_seq_length)
@@ -146,6 +153,7 @@ def train_once(
                                 "gate_wins": gate.wins, "gate_losses": gate.losses, "gate_passed": float(gate.passed)})
             mlflow.set_tag("gate_reason", gate.reason)
             _log_review(held["gate"], base, new, rules, gate)
+            _log_history(client, model_name, run.info.run_id, gate)
             mlflow.log_artifacts(str(folder), "model")
         version = registry.register(client, model_name, run.info.run_id)
         client.set_model_version_tag(model_name, version, "gate", gate.reason)
@@ -155,6 +163,7 @@ def train_once(
     if gate.passed and auto_promote:
         outcome.event = registry.promote(client, model_name, version, gate.reason)
         outcome.status = "promoted"
+    client.set_tag(run.info.run_id, "outcome", outcome.status)
     console.print(f"[bold]{outcome.status}[/] version {version}: {gate.reason}")
     return outcome
 
@@ -184,3 +193,27 @@ def _log_review(feedback, base: dict, new: dict, rules: LabelRules, gate: GateRe
     fig.tight_layout()
     mlflow.log_figure(fig, "propensity.png")
     plt.close(fig)
+
+
+def _log_history(client: MlflowClient, model_name: str, run_id: str, gate: GateResult) -> None:
+    """The gate metric of every training round of this model so far, this one last, as a plot."""
+    run = client.get_run(run_id)
+    earlier = client.search_runs([run.info.experiment_id], f"tags.`rankloop.model_name` = '{model_name}'",
+                                 order_by=["attributes.start_time ASC"], max_results=1000)
+    rounds = [r for r in earlier if r.info.run_id != run_id and "gate_challenger_ndcg10" in r.data.metrics]
+    champion = [r.data.metrics["gate_champion_ndcg10"] for r in rounds] + [gate.champion_mean]
+    challenger = [r.data.metrics["gate_challenger_ndcg10"] for r in rounds] + [gate.challenger_mean]
+    promoted = [r.data.tags.get("outcome") == "promoted" for r in rounds] + [gate.passed]
+    xs = list(range(1, len(challenger) + 1))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(xs, champion, marker="o", color="#888", label="champion at the time")
+    ax.plot(xs, challenger, marker="s", color="#2a7", label="challenger")
+    ax.scatter([x for x, p in zip(xs, promoted) if p], [c for c, p in zip(challenger, promoted) if p],
+               s=140, facecolors="none", edgecolors="k", label="promoted (or passed)")
+    ax.set_xlabel("training round"), ax.set_ylabel("held-out feedback NDCG@10"), ax.set_title(f"{model_name}: metric by round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    mlflow.log_figure(fig, "metric_by_round.png")
+    plt.close(fig)
+    mlflow.log_dict({"round": xs, "champion_ndcg@10": champion, "challenger_ndcg@10": challenger, "promoted": promoted},
+                    "metric_by_round.json")
