@@ -30,7 +30,7 @@ from services.simulate import CLICKLOG_STATS, UserModel, examination_curve, simu
 from services.workers import served_version, spawn, stop, wait_healthy, worker_env
 from training import beir, registry
 from training.dataset import read_labels, write_shard
-from training.evaluate import evaluate_first_stage_parts, evaluate_ranker
+from training.evaluate import evaluate_designs, evaluate_first_stage_parts, evaluate_ranker
 from training.pipeline import train_once
 from training.propensity import estimate_examination, plot_curves, read_click_log
 from training.reranker import Reranker
@@ -114,7 +114,7 @@ def _run(s: Settings, dataset: str, train_split: str, eval_split: str, rounds: i
 
     env = worker_env(s, RANKLOOP_TORCH_THREADS="1")
     procs = {name: spawn(s, name, env) for name in ("serve", "stream")}
-    result["rounds"] = []
+    result["rounds"], reranker = [], None
     try:
         wait_healthy(s, procs)
         sdk = RankloopClient(s.base_url)
@@ -147,6 +147,8 @@ def _run(s: Settings, dataset: str, train_split: str, eval_split: str, rounds: i
     finally:
         stop(procs)
     timings["loop_s"] = sum(sum(r["seconds"].values()) for r in result["rounds"])
+    if reranker is not None:
+        result["designs"] = evaluate_designs(ds, eval_split, cands[eval_split], reranker, fs.text, depth)
 
     truth = UserModel(examination_curve()).examination
     logged = impression_click_log(s)
@@ -245,6 +247,7 @@ def _write(result: dict, out: Path) -> None:
     lines += [row("skyline (train qrels)", result["skyline"])]
     lines += [row(f"round {r['round']} champion v{r['model_version']}", r["eval"]) for r in rounds]
     lines += [row(f"final, {k} labels", v) for k, v in result["final"].items()]
+    lines += [row(f"final champion as: {k}", v) for k, v in result.get("designs", {}).items()]
     lines += ["", "On the train split (the feedback queries) the final learners score "
               + ", ".join(f"{k} {v['ndcg@10']:.4f}" for k, v in result["final_train"].items())
               + f": the default learner is **{result['final_winner_on_train_split']}**.", "",

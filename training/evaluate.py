@@ -33,3 +33,24 @@ def evaluate_first_stage_parts(ds: Dataset, split: str, candidates: dict[str, li
             run[qid] = [(cands[i].doc_id, float(s[i])) for i in order]
         out[name] = mean_metrics(qrels, ranking_to_run(run))
     return out
+
+
+DESIGNS = {
+    "bi-encoder + first stage (no memory)": lambda r: (r.alpha if r.alpha > 0 else 0.5, 0.0, r.tau),
+    "first stage + feedback memory (no bi-encoder)": lambda r: (0.0, r.beta if r.beta > 0 else 0.5, r.tau),
+    "served: bi-encoder + first stage + feedback memory": lambda r: (r.alpha, r.beta, r.tau),
+}
+
+
+def evaluate_designs(ds: Dataset, split: str, candidates: dict[str, list[Candidate]], reranker: Reranker,
+                     text, depth: int) -> dict[str, dict]:
+    """The served model against its own parts: where does the lift come from?"""
+    served = (reranker.alpha, reranker.beta, reranker.tau)
+    out = {}
+    try:
+        for name, weights in DESIGNS.items():
+            reranker.alpha, reranker.beta, reranker.tau = weights(reranker)
+            out[name] = evaluate_ranker(ds, split, candidates, reranker, text, depth)
+    finally:
+        reranker.alpha, reranker.beta, reranker.tau = served
+    return out
