@@ -24,8 +24,12 @@ def setup(tmp_path_factory):
     ds = beir.load(make_small_beir(SCIFACT, state / "beir", queries=150, extra_docs=1500))
     fs = FirstStage(build_index(ds, state))
     qrels = ds.qrels("train")
-    feedback = [QueryFeedback(normalise_query(ds.queries[q]), {d: 1.0 for d in docs}) for q, docs in qrels.items()]
-    candidates = candidates_for(fs, [f.query for f in feedback])
+    candidates = candidates_for(fs, [normalise_query(ds.queries[q]) for q in qrels])
+    feedback = []
+    for q, docs in qrels.items():  # users clicked the relevant docs and skipped the others they were shown
+        query = normalise_query(ds.queries[q])
+        skipped = {c.doc_id: -0.25 for c in candidates[query][:10] if c.doc_id not in docs}
+        feedback.append(QueryFeedback(query, {**skipped, **{d: 1.0 for d in docs}}))
     return state, fs, feedback, candidates
 
 
