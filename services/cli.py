@@ -303,6 +303,8 @@ def bench_loop(
     """Run the real loop with simulated users on the train split; evaluate every champion on the eval split."""
     from services.bench import run_loop_bench
 
+    if train_split == eval_split:
+        _fail(ValueError(f"--train-split and --eval-split are both {train_split!r}: the eval split must never feed training"))
     base = _settings()
     # its own state, broker, Redis and port, so it never touches a running local stack
     s = Settings(**{**base.model_dump(), "state_dir": base.state_dir / f"bench-{int(time.time())}",

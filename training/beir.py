@@ -35,7 +35,9 @@ class Dataset:
             for row in reader:
                 if len(row) >= 3 and int(float(row[2])) > 0:
                     out.setdefault(row[0], {})[row[1]] = int(float(row[2]))
-        return {q: d for q, d in out.items() if q in self.queries}
+        # judgements of documents outside the corpus (common in subsets) can never be retrieved
+        out = {q: {d: g for d, g in docs.items() if d in self.corpus} for q, docs in out.items() if q in self.queries}
+        return {q: docs for q, docs in out.items() if docs}
 
     def doc_text(self, doc_id: str) -> str:
         return doc_text(self.corpus[doc_id])
