@@ -35,10 +35,10 @@ def evaluate_first_stage_parts(ds: Dataset, split: str, candidates: dict[str, li
     return out
 
 
-DESIGNS = {
-    "bi-encoder + first stage (no memory)": lambda r: (r.alpha if r.alpha > 0 else 0.5, 0.0, r.tau),
-    "first stage + feedback memory (no bi-encoder)": lambda r: (0.0, r.beta if r.beta > 0 else 0.5, r.tau),
-    "served: bi-encoder + first stage + feedback memory": lambda r: (r.alpha, r.beta, r.tau),
+DESIGNS = {  # (alpha, beta, tau) as served -> the weights of each design
+    "bi-encoder + first stage (no memory)": lambda a, b, t: (a if a > 0 else 0.5, 0.0, t),
+    "first stage + feedback memory (no bi-encoder)": lambda a, b, t: (0.0, b if b > 0 else 0.5, t),
+    "served: bi-encoder + first stage + feedback memory": lambda a, b, t: (a, b, t),
 }
 
 
@@ -49,8 +49,9 @@ def evaluate_designs(ds: Dataset, split: str, candidates: dict[str, list[Candida
     out = {}
     try:
         for name, weights in DESIGNS.items():
-            reranker.alpha, reranker.beta, reranker.tau = weights(reranker)
-            out[name] = evaluate_ranker(ds, split, candidates, reranker, text, depth)
+            reranker.alpha, reranker.beta, reranker.tau = weights(*served)
+            out[name] = {"weights": dict(zip(("alpha", "beta", "tau"), weights(*served))),
+                         **evaluate_ranker(ds, split, candidates, reranker, text, depth)}
     finally:
         reranker.alpha, reranker.beta, reranker.tau = served
     return out
