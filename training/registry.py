@@ -7,6 +7,7 @@ The registry is the single source of truth for which model serves; serving worke
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +55,21 @@ def champion(client: MlflowClient, name: str) -> Champion | None:
 
 
 def download(source: str, dst: Path) -> Path:
-    if (dst / "rankloop.json").exists():
-        return dst
+    """The model folder of `source`, as `dst/model`. Downloaded once, into a temporary folder renamed
+    into place: a loaded model memory-maps its safetensors, so a file rewritten under a running
+    process (serving, while a training downloads the same champion) would kill it with SIGBUS."""
+    target = dst / "model"
+    if (target / "rankloop.json").exists():
+        return target
     dst.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst)))
+    with tempfile.TemporaryDirectory(dir=dst) as tmp:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
+        try:
+            folder.rename(target)
+        except OSError:
+            if not (target / "rankloop.json").exists():  # not a concurrent download that won the race
+                raise
+    return target
 
 
 def register(client: MlflowClient, name: str, run_id: str, artifact_path: str = "model") -> str:

@@ -1,0 +1,18 @@
+from training import registry
+
+
+def test_a_downloaded_model_is_never_rewritten_in_place(tmp_path):
+    """Serving memory-maps the weights: a second download (a training fetching the same champion)
+    must reuse the folder, not rewrite the file under the running process."""
+    src = tmp_path / "run" / "model"
+    src.mkdir(parents=True)
+    (src / "rankloop.json").write_text('{"alpha": 0.5}')
+    (src / "model.safetensors").write_bytes(b"weights")
+    first = registry.download(src.as_uri(), tmp_path / "versions" / "1")
+    inode = (first / "model.safetensors").stat().st_ino
+    (src / "model.safetensors").write_bytes(b"other bytes")  # a rewrite would show
+    second = registry.download(src.as_uri(), tmp_path / "versions" / "1")
+    assert first == second == tmp_path / "versions" / "1" / "model"
+    assert (second / "model.safetensors").stat().st_ino == inode
+    assert (second / "model.safetensors").read_bytes() == b"weights"
+    assert [p.name for p in (tmp_path / "versions" / "1").iterdir()] == ["model"]  # no temporary left behind
