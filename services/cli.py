@@ -272,13 +272,16 @@ def propensity(
     from training.propensity import estimate_examination, plot_curves, read_click_log
 
     s = _settings()
-    if from_kafka:
-        df, source = impression_click_log(s), f"Kafka at {s.bootstrap}"
-        est = estimate_examination(df["query"], df["doc_id"], df["position"], df["clicked"])
-    else:
-        path = clicklog or CLICKLOG_STATS.parent / "impressions.tsv.gz"
-        df, source = read_click_log(path), str(path)
-        est = estimate_examination(df.query_id, df.doc_id, df.position, df.clicked)
+    try:
+        if from_kafka:
+            df, source = impression_click_log(s), f"Kafka at {s.bootstrap}"
+            est = estimate_examination(df["query"], df["doc_id"], df["position"], df["clicked"])
+        else:
+            path = clicklog or CLICKLOG_STATS.parent / "impressions.tsv.gz"
+            df, source = read_click_log(path), str(path)
+            est = estimate_examination(df.query_id, df.doc_id, df.position, df.clicked)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
     t = Table("position", "estimated examination", "CTR prior (labelling default)")
     for i, v in enumerate(est.examination):
         t.add_row(str(i + 1), f"{v:.3f}", f"{DEFAULT_EXAMINATION[i]:.3f}" if i < len(DEFAULT_EXAMINATION) else "")

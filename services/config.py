@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     # Share of requests whose top `explore_depth` are shown shuffled: the randomisation that makes
     # the examination curve identifiable from our own logs (docs/position-bias.md).
     explore_rate: float = Field(0.1, ge=0.0, le=1.0)
-    explore_depth: int = 10
+    explore_depth: int = Field(10, ge=2)
 
     # Stream
     join_window_s: float = 1800.0

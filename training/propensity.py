@@ -20,6 +20,9 @@ import numpy as np
 import pandas as pd
 
 
+MIN_POSITIONS = 2  # a (query, doc) pair informs the curve only if seen at this many positions
+
+
 @dataclass
 class PropensityEstimate:
     examination: list[float]  # positions 1..K, normalised to 1 at position 1
@@ -32,16 +35,15 @@ class PropensityEstimate:
 
 
 def estimate_examination(
-    query_ids, doc_ids, positions, clicks, max_position: int = 10, iterations: int = 200, tol: float = 1e-7,
-    min_positions: int = 2,
+    query_ids, doc_ids, positions, clicks, max_position: int = 10, iterations: int = 200, tol: float = 1e-7
 ) -> PropensityEstimate:
     """EM for the position-based model on (query, doc, 1-based position, clicked) rows."""
     df = pd.DataFrame({"q": query_ids, "d": doc_ids, "k": positions, "c": clicks})
     df = df[(df["k"] >= 1) & (df["k"] <= max_position)]
     df = df.assign(pair=pd.factorize(df["q"].astype(str) + "\x1f" + df["d"].astype(str))[0])
-    df = df[df.groupby("pair")["k"].transform("nunique") >= min_positions]
+    df = df[df.groupby("pair")["k"].transform("nunique") >= MIN_POSITIONS]
     if df.empty or df["k"].nunique() < max_position:
-        raise ValueError(f"too little variation to estimate examination: pairs seen at >= {min_positions} "
+        raise ValueError(f"too little variation to estimate examination: pairs seen at >= {MIN_POSITIONS} "
                          f"positions cover {df['k'].nunique()} of {max_position} positions")
     pair = pd.factorize(df["pair"])[0]
     k = df["k"].to_numpy(dtype=np.int64) - 1
