@@ -1,10 +1,10 @@
-# Two set-up commands: `make demo` and `make test`. Both create or reuse .venv.
+# Two set-up commands: `make demo` and `make test`. Both create or reuse .venv; `make lint` checks style and types.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
+
+# ruff (lint + format check) on everything, mypy on schemas/ and training/
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	-$(BIN)/rankloop down

@@ -1,5 +1,10 @@
-"""Event contracts shared by every rankloop process. Imports nothing else of rankloop."""
+"""Contracts shared by every rankloop process and client: events, HTTP bodies, errors.
 
+Imports nothing else of rankloop and nothing heavy (pydantic only), so any emitter can use it.
+"""
+
+from schemas.api import ErrorBody, EventsResponse, Health, ModelInfo, RankedItem, RankRequest, RankResponse, Rejection
+from schemas.errors import DependencyUnavailable, InvalidInput, InvalidState, NotFound, RankloopError, RequestFailed
 from schemas.events import (
     ALL_SCHEMAS,
     MAX_QUERY_CHARS,
@@ -10,12 +15,36 @@ from schemas.events import (
     InteractionType,
     LabelledExample,
     ModelEvent,
+    RejectCode,
     ShownItem,
 )
 from schemas.export import export_json_schemas
 
 __all__ = [
-    "ALL_SCHEMAS", "MAX_QUERY_CHARS", "SCHEMA_VERSION", "DeadLetter", "ImpressionEvent",
-    "InteractionEvent", "InteractionType", "LabelledExample", "ModelEvent", "ShownItem",
+    "ALL_SCHEMAS",
+    "MAX_QUERY_CHARS",
+    "SCHEMA_VERSION",
+    "DeadLetter",
+    "DependencyUnavailable",
+    "ErrorBody",
+    "EventsResponse",
+    "Health",
+    "ImpressionEvent",
+    "InteractionEvent",
+    "InteractionType",
+    "InvalidInput",
+    "InvalidState",
+    "LabelledExample",
+    "ModelEvent",
+    "ModelInfo",
+    "NotFound",
+    "RankRequest",
+    "RankResponse",
+    "RankedItem",
+    "RankloopError",
+    "RejectCode",
+    "Rejection",
+    "RequestFailed",
+    "ShownItem",
     "export_json_schemas",
 ]

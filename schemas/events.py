@@ -12,21 +12,25 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MAX_QUERY_CHARS = 2000
+
 
 def now() -> float:
     return time.time()
 
+
 class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[1] = SCHEMA_VERSION
+
 
 class ShownItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     doc_id: str = Field(min_length=1, max_length=200)
     position: int = Field(ge=1, description="1-based rank the user saw")
     score: float
+
 
 class ImpressionEvent(Event):
     """What the serving worker showed for one request."""
@@ -41,6 +45,7 @@ class ImpressionEvent(Event):
     explored: bool = Field(False, description="the top items were shown in a random order (position-bias exploration)")
     timestamp: float = Field(default_factory=now, description="unix seconds")
 
+
 class InteractionType(str, Enum):
     click = "click"
     skip = "skip"
@@ -49,6 +54,7 @@ class InteractionType(str, Enum):
     citation_deleted = "citation_deleted"
     purchase = "purchase"
     return_ = "return"
+
 
 class InteractionEvent(Event):
     """What a user did with one shown document; `value` is seconds for dwell, amount for purchase."""
@@ -59,6 +65,7 @@ class InteractionEvent(Event):
     type: InteractionType
     value: float | None = None
     timestamp: float = Field(default_factory=now, description="unix seconds")
+
 
 class LabelledExample(Event):
     """One training label for (request, doc). Later revisions of the same `label_id` replace earlier ones."""
@@ -78,6 +85,7 @@ class LabelledExample(Event):
     index_version: str
     timestamp: float = Field(default_factory=now)
 
+
 class ModelEvent(Event):
     """Published when the champion changes, so serving workers swap without polling lag."""
 
@@ -88,13 +96,28 @@ class ModelEvent(Event):
     reason: str = ""
     timestamp: float = Field(default_factory=now)
 
+
+class RejectCode(str, Enum):
+    """Why an event was refused at intake or dead-lettered by the stream: metrics are labelled by it."""
+
+    invalid_event = "invalid_event"
+    duplicate_event = "duplicate_event"
+    duplicate_impression = "duplicate_impression"
+    not_recorded = "not_recorded"
+    late_event = "late_event"
+    doc_not_shown = "doc_not_shown"
+    unknown_request = "unknown_request"
+
+
 class DeadLetter(Event):
     """An input that could not be used, with why; nothing is dropped silently."""
 
     source: str = Field(description="topic or endpoint the payload came from")
-    reason: str
+    code: RejectCode
+    reason: str = Field(description="what was wrong, for a person")
     payload: str = Field(description="the raw payload, as received")
     timestamp: float = Field(default_factory=now)
+
 
 ALL_SCHEMAS: dict[str, type[BaseModel]] = {
     "impression": ImpressionEvent,

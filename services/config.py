@@ -1,117 +1,181 @@
-"""The one configuration object. Env vars `RANKLOOP_*` (plus `MLFLOW_TRACKING_URI`), or a TOML/.env
-file named by `RANKLOOP_CONFIG`; `rankloop config` prints the effective values."""
+"""The one configuration object, in groups. Sources, strongest first: arguments, environment
+(`RANKLOOP_*`, groups nested with `__`, e.g. `RANKLOOP_KAFKA__BOOTSTRAP`), `MLFLOW_TRACKING_URI`, then a
+TOML or JSON file named by `RANKLOOP_CONFIG`. `rankloop config` prints the effective values;
+docs/configuration.md lists every name."""
 
 from __future__ import annotations
 
 import os
-from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
-from training.labels import LabelRules
-from training.train import TrainConfig
+from services.keys import DEPLOYMENT_PATTERN, Keys
+from training.config import GateConfig, TrainConfig
+from training.labels.rules import LabelRules
 
-DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"
+
+class Group(BaseModel):
+    """A settings group: an unknown name (a typo) is an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(Group):
+    bootstrap: str | None = Field(None, description="host:port of a running cluster; unset: the embedded local broker")
+    local_port: int = Field(19092, ge=1, le=65535, description="port of the embedded broker")
+    partitions: int = Field(2, ge=1, description="partitions of every topic (stream workers scale up to it)")
+
+    @property
+    def local(self) -> bool:
+        return not self.bootstrap
+
+    @property
+    def address(self) -> str:
+        return self.bootstrap or f"127.0.0.1:{self.local_port}"
+
+
+class RedisSettings(Group):
+    url: str | None = Field(None, description="redis://host:port/db; unset: the embedded local redis-server")
+    local_port: int = Field(16379, ge=1, le=65535)
+
+    @property
+    def local(self) -> bool:
+        return not self.url
+
+    @property
+    def address(self) -> str:
+        return self.url or f"redis://127.0.0.1:{self.local_port}/0"
+
+
+class MlflowSettings(Group):
+    tracking_uri: str | None = Field(None, description="an MLflow server or database URI; unset: sqlite under the state dir")
+
+    @property
+    def local(self) -> bool:
+        return not self.tracking_uri
+
+
+class ServingSettings(Group):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    candidates_k: int = Field(100, ge=1, description="first-stage candidates per query")
+    rerank_depth: int = Field(50, ge=1, description="candidates the reranker reorders; the rest keep first-stage order")
+    max_batch: int = Field(1000, ge=1, description="events per POST /events")
+    cache_ttl_s: int = Field(3600, ge=1)
+    champion_poll_s: float = Field(10.0, gt=0, description="how often the registry's champion alias is checked")
+    explore_rate: float = Field(
+        0.1, ge=0.0, le=1.0, description="share of requests shown with a shuffled top (docs/position-bias.md)"
+    )
+    explore_depth: int = Field(10, ge=2, description="how many top items an explored request shuffles")
+
+
+class StreamSettings(Group):
+    join_window_s: float = Field(1800.0, gt=0, description="how long an interaction may follow its impression")
+    label_flush_s: float = Field(1.0, gt=0, description="longest wait before labels are written to the store")
+    rules: LabelRules = LabelRules()
+
+
+class RetrainSettings(Group):
+    min_new_labels: int = Field(2000, ge=1, description="retrain once this many new labels arrived ...")
+    interval_s: float = Field(3600.0, gt=0, description="... or this long passed with at least one")
+    check_s: float = Field(15.0, gt=0, description="how often the scheduler checks")
+    backoff_s: float = Field(120.0, ge=0, description="first wait after a failed run (doubles per failure)")
+    auto_promote: bool = Field(True, description="promote a challenger that passes the gate")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RANKLOOP_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RANKLOOP_", env_nested_delimiter="__", extra="forbid", validate_assignment=True)
 
-    state_dir: Path = Path(".rankloop")
-    dataset: str = str(DEFAULT_DATASET)
-
-    # Infrastructure: when set, used as is and nothing local is started for it.
-    kafka_bootstrap: str | None = None
-    redis_url: str | None = None
-    mlflow_tracking_uri: str | None = Field(None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "RANKLOOP_MLFLOW_TRACKING_URI"))
-    local_kafka_port: int = 19092
-    local_redis_port: int = 16379
-    partitions: int = 2
-
-    topic_impressions: str = "rankloop.impressions"
-    topic_interactions: str = "rankloop.interactions"
-    topic_labels: str = "rankloop.labels"
-    topic_dead_letters: str = "rankloop.dead-letters"
-    topic_model_events: str = "rankloop.model-events"
-    topic_ticks: str = "rankloop.stream-ticks"
-
-    # Serving
-    host: str = "127.0.0.1"
-    port: int = 8000
-    candidates_k: int = 100
-    max_batch: int = 1000
-    cache_ttl_s: int = 3600
-    champion_poll_s: float = 10.0
-    model_name: str = "rankloop-reranker"
-    # Share of requests whose top `explore_depth` are shown shuffled: the randomisation that makes
-    # the examination curve identifiable from our own logs (docs/position-bias.md).
-    explore_rate: float = Field(0.1, ge=0.0, le=1.0)
-    explore_depth: int = Field(10, ge=2)
-
-    # Stream
-    join_window_s: float = 1800.0
-    label_flush_s: float = 1.0
-    label_rules: LabelRules = LabelRules()
-
-    # Training and scheduling
+    deployment: str = Field(
+        "rankloop",
+        pattern=DEPLOYMENT_PATTERN,
+        description="prefix of every topic, Redis key and model name: deployments can share infrastructure",
+    )
+    state_dir: Path = Field(Path(".rankloop"), description="index, label store, local infrastructure, downloaded models")
+    dataset: str = Field("../shared/data/scifact", description="BEIR folder indexed and simulated by default")
+    clicklog: Path = Field(
+        Path("../shared/data/clicklogs/yandex-wscd-2012-sample"),
+        description="click-log folder (stats.json, impressions.tsv.gz) for position bias",
+    )
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per process; unset: one per core")
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    serving: ServingSettings = ServingSettings()
+    stream: StreamSettings = StreamSettings()
+    retrain: RetrainSettings = RetrainSettings()
     train: TrainConfig = TrainConfig()
-    retrain_min_new_labels: int = 2000
-    retrain_interval_s: float = 3600.0
-    retrain_check_s: float = 15.0
-    retrain_backoff_s: float = 120.0
+    gate: GateConfig = GateConfig()
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, _MlflowEnvSource(settings_cls)]
         path = os.environ.get("RANKLOOP_CONFIG")
         if path and path.endswith(".toml"):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
-        elif path:
-            sources.append(dotenv_settings.__class__(settings_cls, env_file=path, env_prefix="RANKLOOP_"))
+        elif path and path.endswith(".json"):
+            sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
         return tuple(sources)
 
     @property
-    def local_kafka(self) -> bool:
-        return not self.kafka_bootstrap
+    def keys(self) -> Keys:
+        return Keys(self.deployment)
 
     @property
-    def local_redis(self) -> bool:
-        return not self.redis_url
-
-    @property
-    def local_mlflow(self) -> bool:
-        return not self.mlflow_tracking_uri
-
-    @cached_property
-    def bootstrap(self) -> str:
-        return self.kafka_bootstrap or f"127.0.0.1:{self.local_kafka_port}"
-
-    @cached_property
-    def redis(self) -> str:
-        return self.redis_url or f"redis://127.0.0.1:{self.local_redis_port}/0"
-
-    @cached_property
     def tracking_uri(self) -> str:
-        return self.mlflow_tracking_uri or f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
+        return self.mlflow.tracking_uri or f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
 
     @property
     def label_dir(self) -> Path:
-        return self.state_dir / "labels"
+        return self.state_dir / "labels" / self.deployment
 
     @property
     def artifact_dir(self) -> Path:
         return self.state_dir / "mlartifacts"
 
     @property
+    def versions_dir(self) -> Path:
+        """Where model versions are downloaded, one folder per registered model and version."""
+        return self.state_dir / "versions"
+
+    @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{self.serving.host}:{self.serving.port}"
 
-    def topics(self) -> list[str]:
-        return [self.topic_impressions, self.topic_interactions, self.topic_labels,
-                self.topic_dead_letters, self.topic_model_events, self.topic_ticks]
+    def effective(self) -> dict[str, Any]:
+        """What the local defaults resolve to."""
+        return {
+            "kafka": self.kafka.address,
+            "redis": self.redis.address,
+            "mlflow": self.tracking_uri,
+            "label_store": str(self.label_dir),
+            "model_name": self.keys.model_name,
+            "topics": self.keys.topics(),
+        }
 
 
-def get_settings() -> Settings:
-    return Settings()
+class _MlflowEnvSource(PydanticBaseSettingsSource):
+    """MLflow's own variable, so a shell set up for MLflow needs nothing more."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        return {"mlflow": {"tracking_uri": uri}} if uri else {}

@@ -1,22 +1,15 @@
-"""Integration fixtures: a real Tansu broker, redis-server and sqlite MLflow on free local ports, a small
-BEIR dataset cut from SciFact, the stream processor as its own process and the serving worker on a
-real HTTP port."""
+"""Shared by unit and integration tests: free ports and a small BEIR dataset cut from SciFact."""
 
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SCIFACT = SHARED_DATA / "scifact"
 
 
 def free_port() -> int:
@@ -52,64 +45,3 @@ def small_dataset(tmp_path_factory) -> Path:
     if not (SCIFACT / "corpus.jsonl").exists():
         pytest.skip(f"SciFact not found at {SCIFACT}")
     return make_small_beir(SCIFACT, tmp_path_factory.mktemp("beir") / "small")
-
-
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory, small_dataset):
-    """Settings + running infra, index, stream processor and serving worker."""
-    from services import infra
-    from services.config import Settings
-    from training import beir
-    from training.retrieval import build_index
-
-    state = tmp_path_factory.mktemp("state")
-    env = {
-        "RANKLOOP_STATE_DIR": str(state),
-        "RANKLOOP_LOCAL_KAFKA_PORT": str(free_port()),
-        "RANKLOOP_LOCAL_REDIS_PORT": str(free_port()),
-        "RANKLOOP_PORT": str(free_port()),
-        "RANKLOOP_JOIN_WINDOW_S": "20",
-        "RANKLOOP_CHAMPION_POLL_S": "2",
-        "RANKLOOP_DATASET": str(small_dataset),
-        "RANKLOOP_TORCH_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    external = ("MLFLOW_TRACKING_URI", "RANKLOOP_KAFKA_BOOTSTRAP", "RANKLOOP_REDIS_URL")
-    saved = {k: os.environ.get(k) for k in (*env, *external)}
-    for k in external:  # the tests run on their own local infrastructure, whatever the shell says
-        os.environ.pop(k, None)
-    os.environ.update(env)
-    s = Settings()
-    infra.up(s)
-    build_index(beir.load(small_dataset), state)
-    log = open(state / "stream.log", "ab")
-    stream = subprocess.Popen([sys.executable, "-m", "services", "stream"], env={**os.environ}, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-
-    import uvicorn
-
-    from services.serve import Worker, create_app
-
-    worker = Worker(s)
-    server = uvicorn.Server(uvicorn.Config(create_app(s, worker), host="127.0.0.1", port=s.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{s.base_url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        raise RuntimeError("serving worker did not become healthy")
-    yield {"settings": s, "worker": worker, "state": state, "dataset": small_dataset}
-    server.should_exit = True
-    stream.terminate()
-    stream.wait(timeout=30)
-    infra.down(s)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v

@@ -13,6 +13,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from schemas import NotFound
+
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 
 
@@ -27,7 +29,7 @@ class Dataset:
         """query_id -> {doc_id: grade}; grades above 0 are relevant."""
         path = self.path / "qrels" / f"{split}.tsv"
         if not path.exists():
-            raise FileNotFoundError(f"no qrels for split {split!r}: {path} does not exist")
+            raise NotFound(f"no qrels for split {split!r}: {path} does not exist")
         out: dict[str, dict[str, int]] = {}
         with path.open() as f:
             reader = csv.reader(f, delimiter="\t")
@@ -59,7 +61,7 @@ def resolve(dataset: str | Path, cache_dir: Path) -> Path:
     if path.is_dir():
         return path
     if "/" in str(dataset) or path.suffix:
-        raise FileNotFoundError(f"dataset folder {path} does not exist")
+        raise NotFound(f"dataset folder {path} does not exist")
     target = cache_dir / str(dataset)
     if not (target / "corpus.jsonl").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,19 +70,18 @@ def resolve(dataset: str | Path, cache_dir: Path) -> Path:
         try:
             urllib.request.urlretrieve(url, zip_path)
         except OSError as e:
-            raise FileNotFoundError(
-                f"{dataset!r} is not a folder and downloading {url} failed ({e}); pass a BEIR folder"
-            ) from e
+            raise NotFound(f"{dataset!r} is not a folder and downloading {url} failed ({e}); pass a BEIR folder") from e
         with zipfile.ZipFile(zip_path) as z:
             z.extractall(target.parent)
     return target
 
 
 def load(dataset: str | Path, cache_dir: Path = Path(".rankloop/datasets")) -> Dataset:
+    """Reads a BEIR folder (or fetches a BEIR name into `cache_dir` where a network exists)."""
     path = resolve(dataset, cache_dir)
     corpus_path = path / "corpus.jsonl"
     if not corpus_path.exists():
-        raise FileNotFoundError(f"{corpus_path} not found: a BEIR folder has corpus.jsonl")
+        raise NotFound(f"{corpus_path} not found: a BEIR folder has corpus.jsonl")
     corpus = {str(d["_id"]): {"title": d.get("title", ""), "text": d.get("text", "")} for d in _read_jsonl(corpus_path)}
     queries_path = path / "queries.jsonl"
     queries = {str(q["_id"]): q["text"] for q in _read_jsonl(queries_path)} if queries_path.exists() else {}

@@ -1,30 +1,43 @@
-"""Evaluation on judged queries, through the same ranking code serving uses."""
+"""Evaluation on judged queries, through `training.ranking.rank`, the function serving calls."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
 from training.beir import Dataset
 from training.metrics import mean_metrics, ranking_to_run
-from training.reranker import Reranker
-from training.retrieval import Candidate, minmax
-from training.train import rank_queries
+from training.ranking.first_stage import Candidate, minmax
+from training.ranking.rank import rank_queries
+from training.ranking.reranker import Mix, Reranker
 
 
-def evaluate_ranker(ds: Dataset, split: str, candidates: dict[str, list[Candidate]], reranker: Reranker | None,
-                    text, depth: int) -> dict[str, float]:
+def evaluate_ranker(
+    ds: Dataset,
+    split: str,
+    candidates: dict[str, list[Candidate]],
+    reranker: Reranker | None,
+    text: Callable[[str], str],
+    depth: int,
+    mix: Mix | None = None,
+) -> dict[str, float]:
     """Metrics of the served ranking (first stage, or reranked) on a split's qrels."""
     qrels = ds.qrels(split)
-    queries = [ds.queries[q] for q in qrels]
-    ranking = rank_queries(queries, candidates, reranker, text, depth)
+    ranking = rank_queries([ds.queries[q] for q in qrels], candidates, reranker, text, depth, mix)
     return mean_metrics(qrels, ranking_to_run({qid: ranking[ds.queries[qid]] for qid in qrels}))
 
 
-def evaluate_first_stage_parts(ds: Dataset, split: str, candidates: dict[str, list[Candidate]]) -> dict[str, dict]:
+def evaluate_first_stage_parts(ds: Dataset, split: str, candidates: dict[str, list[Candidate]]) -> dict[str, dict[str, float]]:
     """BM25 alone, dense alone and the fused hybrid, re-ranking the same candidate sets."""
     qrels = ds.qrels(split)
+    parts: dict[str, Callable[[Candidate], float]] = {
+        "bm25": lambda c: c.bm25,
+        "dense": lambda c: c.dense,
+        "hybrid": lambda c: c.fused,
+    }
     out = {}
-    for name, score in (("bm25", lambda c: c.bm25), ("dense", lambda c: c.dense), ("hybrid", lambda c: c.fused)):
+    for name, score in parts.items():
         run = {}
         for qid in qrels:
             cands = candidates[ds.queries[qid]]
@@ -35,23 +48,20 @@ def evaluate_first_stage_parts(ds: Dataset, split: str, candidates: dict[str, li
     return out
 
 
-DESIGNS = {  # (alpha, beta, tau) as served -> the weights of each design
-    "bi-encoder + first stage (no memory)": lambda a, b, t: (a if a > 0 else 0.5, 0.0, t),
-    "first stage + feedback memory (no bi-encoder)": lambda a, b, t: (0.0, b if b > 0 else 0.5, t),
-    "served: bi-encoder + first stage + feedback memory": lambda a, b, t: (a, b, t),
+DESIGNS: dict[str, Callable[[Mix], Mix]] = {  # the served mix -> the mix of each design
+    "bi-encoder + first stage (no memory)": lambda m: Mix(m.alpha if m.alpha > 0 else 0.5, 0.0, m.tau),
+    "first stage + feedback memory (no bi-encoder)": lambda m: Mix(0.0, m.beta if m.beta > 0 else 0.5, m.tau),
+    "served: bi-encoder + first stage + feedback memory": lambda m: m,
 }
 
 
-def evaluate_designs(ds: Dataset, split: str, candidates: dict[str, list[Candidate]], reranker: Reranker,
-                     text, depth: int) -> dict[str, dict]:
-    """The served model against its own parts: where does the lift come from?"""
-    served = (reranker.alpha, reranker.beta, reranker.tau)
+def evaluate_designs(
+    ds: Dataset, split: str, candidates: dict[str, list[Candidate]], reranker: Reranker, text: Callable[[str], str], depth: int
+) -> dict[str, dict]:
+    """The served model against its own parts: where does the lift come from? A part the served
+    model switched off is evaluated at weight 0.5; the weights used are recorded."""
     out = {}
-    try:
-        for name, weights in DESIGNS.items():
-            reranker.alpha, reranker.beta, reranker.tau = weights(*served)
-            out[name] = {"weights": dict(zip(("alpha", "beta", "tau"), weights(*served))),
-                         **evaluate_ranker(ds, split, candidates, reranker, text, depth)}
-    finally:
-        reranker.alpha, reranker.beta, reranker.tau = served
+    for name, design in DESIGNS.items():
+        mix = design(reranker.mix)
+        out[name] = {"weights": mix.as_dict(), **evaluate_ranker(ds, split, candidates, reranker, text, depth, mix)}
     return out

@@ -25,7 +25,9 @@ class GateResult:
     reason: str
 
 
-def decide(champion: dict[str, float], challenger: dict[str, float], margin: float, p_max: float, min_queries: int = 10) -> GateResult:
+def decide(
+    champion: dict[str, float], challenger: dict[str, float], margin: float, p_max: float, min_queries: int = 10
+) -> GateResult:
     qids = sorted(set(champion) & set(challenger))
     a = np.array([champion[q] for q in qids])
     b = np.array([challenger[q] for q in qids])
@@ -35,12 +37,14 @@ def decide(champion: dict[str, float], challenger: dict[str, float], margin: flo
     p = 1.0
     if wins + losses > 0:
         p = float(wilcoxon(b, a, alternative="greater", zero_method="zsplit").pvalue)
-    common = dict(champion_mean=float(a.mean()) if len(a) else 0.0, challenger_mean=float(b.mean()) if len(b) else 0.0,
-                  mean_gain=gain, p_value=p, queries=len(qids), wins=wins, losses=losses)
     if len(qids) < min_queries:
-        return GateResult(False, reason=f"only {len(qids)} held-out queries (< {min_queries})", **common)
-    if gain < margin:
-        return GateResult(False, reason=f"mean gain {gain:+.4f} below margin {margin}", **common)
-    if p > p_max:
-        return GateResult(False, reason=f"not significant: p={p:.3g} > {p_max}", **common)
-    return GateResult(True, reason=f"better by {gain:+.4f} NDCG@10 on {len(qids)} queries (p={p:.3g})", **common)
+        passed, reason = False, f"only {len(qids)} held-out queries (< {min_queries})"
+    elif gain < margin:
+        passed, reason = False, f"mean gain {gain:+.4f} below margin {margin}"
+    elif p > p_max:
+        passed, reason = False, f"not significant: p={p:.3g} > {p_max}"
+    else:
+        passed, reason = True, f"better by {gain:+.4f} NDCG@10 on {len(qids)} queries (p={p:.3g})"
+    return GateResult(
+        passed, float(a.mean()) if len(a) else 0.0, float(b.mean()) if len(b) else 0.0, gain, p, len(qids), wins, losses, reason
+    )

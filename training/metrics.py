@@ -20,8 +20,8 @@ def mean_metrics(qrels, run, metrics=METRICS) -> dict[str, float]:
         return {NAMES.get(m, m): 0.0 for m in metrics}
     q, r = _prepare(qrels, run)
     res = evaluate(q, r, list(metrics), make_comparable=True)
-    res = res if isinstance(res, dict) else {metrics[0]: res}
-    return {NAMES.get(m, m): round(float(v), 4) for m, v in res.items()}
+    scores: dict[str, float] = res if isinstance(res, dict) else {metrics[0]: res}
+    return {NAMES.get(m, m): round(float(v), 4) for m, v in scores.items()}
 
 
 def per_query(qrels, run, metric: str = "ndcg@10") -> dict[str, float]:

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-
 MIN_POSITIONS = 2  # a (query, doc) pair informs the curve only if seen at this many positions
 
 
@@ -43,8 +42,10 @@ def estimate_examination(
     df = df.assign(pair=pd.factorize(df["q"].astype(str) + "\x1f" + df["d"].astype(str))[0])
     df = df[df.groupby("pair")["k"].transform("nunique") >= MIN_POSITIONS]
     if df.empty or df["k"].nunique() < max_position:
-        raise ValueError(f"too little variation to estimate examination: pairs seen at >= {MIN_POSITIONS} "
-                         f"positions cover {df['k'].nunique()} of {max_position} positions")
+        raise ValueError(
+            f"too little variation to estimate examination: pairs seen at >= {MIN_POSITIONS} "
+            f"positions cover {df['k'].nunique()} of {max_position} positions"
+        )
     pair = pd.factorize(df["pair"])[0]
     k = df["k"].to_numpy(dtype=np.int64) - 1
     c = df["c"].to_numpy(dtype=np.float64)
@@ -54,7 +55,7 @@ def estimate_examination(
     count_k = np.bincount(k, minlength=max_position).clip(min=1)
     count_pair = np.bincount(pair, minlength=n_pairs).clip(min=1)
     it = 0
-    for it in range(1, iterations + 1):
+    for it in range(1, iterations + 1):  # noqa: B007 - `it` is reported after the loop
         t, g = theta[k], gamma[pair]
         denom = np.clip(1 - t * g, 1e-12, None)
         examined_not_relevant = (1 - c) * t * (1 - g) / denom
@@ -66,30 +67,10 @@ def estimate_examination(
         if delta < tol:
             break
     curve = (theta / theta[0]).clip(max=1.0)
-    return PropensityEstimate([round(float(x), 4) for x in curve], it, int(len(df)))
+    return PropensityEstimate([round(float(x), 4) for x in curve], it, len(df))
 
 
 def read_click_log(path: Path) -> pd.DataFrame:
     """The Yandex WSCD 2012 sample: one row per (session, position) with a clicked flag."""
     with gzip.open(path, "rt") as f:
         return pd.read_csv(f, sep="\t", usecols=["query_id", "position", "doc_id", "clicked"])
-
-
-def plot_curves(curves: dict[str, list[float]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
-    ax.set_xlabel("position")
-    ax.set_ylabel("examination probability (position 1 = 1)")
-    ax.set_title(title)
-    ax.set_ylim(0, 1.05)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

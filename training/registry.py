@@ -1,57 +1,65 @@
-"""MLflow: runs, registered versions and the `champion` / `previous` aliases.
+"""The model registry: registered versions and the `champion` / `previous` aliases.
 
-The registry is the single source of truth for which model serves; serving workers watch the
-`champion` alias (and model events for speed).
+It is the single source of truth for which model serves; serving workers watch the `champion`
+alias (and model events for speed). `MlflowRegistry` is the real one; `MemoryRegistry` serves unit
+tests. Both hand out a version as a local model folder.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from schemas import ModelEvent
+from schemas import DependencyUnavailable, InvalidState, ModelEvent, NotFound
+from training.ranking.model_files import META_FILE
 
 CHAMPION, PREVIOUS = "champion", "previous"
 EXPERIMENT = "rankloop"
 
 
-@dataclass
-class Champion:
+@dataclass(frozen=True)
+class ModelVersion:
     version: str
     source: str
+    run_id: str | None = None
+    aliases: tuple[str, ...] = ()
 
 
-def connect(tracking_uri: str, artifact_dir: Path | None = None) -> MlflowClient:
+class ModelRegistry(Protocol):
+    name: str
+
+    def champion(self) -> ModelVersion | None: ...
+    def fetch(self, version: ModelVersion) -> Path:
+        """A local folder holding the version's model files."""
+
+    def promote(self, version: str, reason: str) -> ModelEvent: ...
+    def rollback(self, reason: str) -> ModelEvent: ...
+    def versions(self) -> list[ModelVersion]: ...
+
+
+def connect(tracking_uri: str, artifact_dir: Path | None = None, experiment: str = EXPERIMENT) -> MlflowClient:
     """Points MLflow at the tracking URI and makes sure the experiment exists."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     try:
-        exp = client.get_experiment_by_name(EXPERIMENT)
-        if exp is None:
+        if client.get_experiment_by_name(experiment) is None:
             location = artifact_dir.resolve().as_uri() if artifact_dir else None
-            client.create_experiment(EXPERIMENT, artifact_location=location)
+            client.create_experiment(experiment, artifact_location=location)
     except MlflowException as e:
-        raise ConnectionError(
+        raise DependencyUnavailable(
             f"MLflow at {tracking_uri} is not usable ({e}); start the local one with `rankloop up` "
             "or set MLFLOW_TRACKING_URI to a running server"
         ) from e
-    mlflow.set_experiment(EXPERIMENT)
+    mlflow.set_experiment(experiment)
     return client
-
-
-def champion(client: MlflowClient, name: str) -> Champion | None:
-    try:
-        mv = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-    return Champion(str(mv.version), mv.source)
 
 
 def download(source: str, dst: Path) -> Path:
@@ -59,7 +67,7 @@ def download(source: str, dst: Path) -> Path:
     into place: a loaded model memory-maps its safetensors, so a file rewritten under a running
     process (serving, while a training downloads the same champion) would kill it with SIGBUS."""
     target = dst / "model"
-    if (target / "rankloop.json").exists():
+    if (target / META_FILE).exists():
         return target
     dst.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst) as tmp:
@@ -67,60 +75,140 @@ def download(source: str, dst: Path) -> Path:
         try:
             folder.rename(target)
         except OSError:
-            if not (target / "rankloop.json").exists():  # not a concurrent download that won the race
+            if not (target / META_FILE).exists():  # not a concurrent download that won the race
                 raise
     return target
 
 
-def register(client: MlflowClient, name: str, run_id: str, artifact_path: str = "model") -> str:
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="rankloop reranker (bi-encoder + first-stage mix)")
-    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = client.create_model_version(name, source=source, run_id=run_id)
-    return str(mv.version)
+class MlflowRegistry:
+    """One registered model in MLflow; versions are downloaded once under `cache_dir/<version>`."""
+
+    def __init__(self, client: MlflowClient, name: str, cache_dir: Path):
+        self.client, self.name, self.cache_dir = client, name, Path(cache_dir)
+
+    @classmethod
+    def connect(
+        cls, tracking_uri: str, artifact_dir: Path, name: str, cache_dir: Path, experiment: str = EXPERIMENT
+    ) -> MlflowRegistry:
+        return cls(connect(tracking_uri, artifact_dir, experiment), name, cache_dir / name)
+
+    def champion(self) -> ModelVersion | None:
+        try:
+            mv = self.client.get_model_version_by_alias(self.name, CHAMPION)
+        except MlflowException:
+            return None
+        return ModelVersion(str(mv.version), str(mv.source), mv.run_id, tuple(mv.aliases or ()))
+
+    def get(self, version: str) -> ModelVersion:
+        try:
+            mv = self.client.get_model_version(self.name, str(version))
+        except MlflowException:
+            raise NotFound(f"model {self.name!r} has no version {version}") from None
+        return ModelVersion(str(mv.version), str(mv.source), mv.run_id, tuple(mv.aliases or ()))
+
+    def fetch(self, version: ModelVersion) -> Path:
+        return download(version.source, self.cache_dir / version.version)
+
+    def register(self, run_id: str, artifact_path: str = "model") -> str:
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self.client.create_registered_model(self.name, description="rankloop reranker (bi-encoder + first-stage mix)")
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        return str(self.client.create_model_version(self.name, source=source, run_id=run_id).version)
+
+    def tag(self, version: str, key: str, value: str) -> None:
+        self.client.set_model_version_tag(self.name, str(version), key, value)
+
+    def promote(self, version: str, reason: str) -> ModelEvent:
+        current = self.champion()
+        if current and current.version == str(version):
+            raise InvalidState(f"version {version} is already the champion")
+        self.get(version)
+        if current:
+            self.client.set_registered_model_alias(self.name, PREVIOUS, current.version)
+        self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
+        self.tag(version, "promotion_reason", reason)
+        return ModelEvent(
+            action="promoted",
+            model_name=self.name,
+            version=str(version),
+            previous_version=current.version if current else None,
+            reason=reason,
+        )
+
+    def rollback(self, reason: str = "manual rollback") -> ModelEvent:
+        current = self.champion()
+        try:
+            prev = self.client.get_model_version_by_alias(self.name, PREVIOUS)
+        except MlflowException:
+            raise InvalidState(f"model {self.name!r} has no `previous` version to roll back to") from None
+        self.client.set_registered_model_alias(self.name, CHAMPION, str(prev.version))
+        self.client.delete_registered_model_alias(self.name, PREVIOUS)
+        if current:
+            self.tag(current.version, "rolled_back", reason)
+        return ModelEvent(
+            action="rolled_back",
+            model_name=self.name,
+            version=str(prev.version),
+            previous_version=current.version if current else None,
+            reason=reason,
+        )
+
+    def versions(self) -> list[ModelVersion]:
+        try:
+            found = self.client.search_model_versions(f"name='{self.name}'")
+            aliases: dict[str, list[str]] = {}
+            for alias, v in self.client.get_registered_model(self.name).aliases.items():
+                aliases.setdefault(str(v), []).append(alias)
+        except MlflowException:
+            return []
+        out = [ModelVersion(str(m.version), str(m.source), m.run_id, tuple(aliases.get(str(m.version), []))) for m in found]
+        return sorted(out, key=lambda v: int(v.version))
 
 
-def promote(client: MlflowClient, name: str, version: str, reason: str) -> ModelEvent:
-    current = champion(client, name)
-    if current and current.version == str(version):
-        raise ValueError(f"version {version} is already the champion")
-    client.get_model_version(name, str(version))  # raises if unknown
-    if current:
-        client.set_registered_model_alias(name, PREVIOUS, current.version)
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    client.set_model_version_tag(name, str(version), "promotion_reason", reason)
-    return ModelEvent(action="promoted", model_name=name, version=str(version),
-                      previous_version=current.version if current else None, reason=reason)
+@dataclass
+class MemoryRegistry:
+    """Versions are local folders; aliases live in a dict. For unit tests of serving and training."""
 
+    name: str = "rankloop-reranker"
+    folders: dict[str, Path] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
 
-def rollback(client: MlflowClient, name: str, reason: str = "manual rollback") -> ModelEvent:
-    current = champion(client, name)
-    try:
-        prev = client.get_model_version_by_alias(name, PREVIOUS)
-    except MlflowException:
-        raise ValueError(f"model {name!r} has no `previous` version to roll back to") from None
-    client.set_registered_model_alias(name, CHAMPION, str(prev.version))
-    client.delete_registered_model_alias(name, PREVIOUS)
-    if current:
-        client.set_model_version_tag(name, current.version, "rolled_back", reason)
-    return ModelEvent(action="rolled_back", model_name=name, version=str(prev.version),
-                      previous_version=current.version if current else None, reason=reason)
+    def add(self, folder: Path) -> str:
+        version = str(len(self.folders) + 1)
+        self.folders[version] = Path(folder)
+        return version
 
+    def _version(self, version: str) -> ModelVersion:
+        if version not in self.folders:
+            raise NotFound(f"model {self.name!r} has no version {version}")
+        held = tuple(a for a, v in self.aliases.items() if v == version)
+        return ModelVersion(version, str(self.folders[version]), None, held)
 
-def versions(client: MlflowClient, name: str) -> list[dict]:
-    try:
-        found = client.search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return []
-    aliases = {}
-    try:
-        for alias, v in client.get_registered_model(name).aliases.items():
-            aliases.setdefault(str(v), []).append(alias)
-    except MlflowException:
-        pass
-    return sorted(
-        ({"version": str(m.version), "run_id": m.run_id, "source": m.source, "aliases": aliases.get(str(m.version), [])} for m in found),
-        key=lambda r: int(r["version"]),
-    )
+    def champion(self) -> ModelVersion | None:
+        return self._version(self.aliases[CHAMPION]) if CHAMPION in self.aliases else None
+
+    def fetch(self, version: ModelVersion) -> Path:
+        return Path(version.source)
+
+    def promote(self, version: str, reason: str) -> ModelEvent:
+        current = self.aliases.get(CHAMPION)
+        if current == version:
+            raise InvalidState(f"version {version} is already the champion")
+        self._version(version)
+        if current:
+            self.aliases[PREVIOUS] = current
+        self.aliases[CHAMPION] = version
+        return ModelEvent(action="promoted", model_name=self.name, version=version, previous_version=current, reason=reason)
+
+    def rollback(self, reason: str = "manual rollback") -> ModelEvent:
+        if PREVIOUS not in self.aliases:
+            raise InvalidState(f"model {self.name!r} has no `previous` version to roll back to")
+        current, self.aliases[CHAMPION] = self.aliases.get(CHAMPION), self.aliases.pop(PREVIOUS)
+        return ModelEvent(
+            action="rolled_back", model_name=self.name, version=self.aliases[CHAMPION], previous_version=current, reason=reason
+        )
+
+    def versions(self) -> list[ModelVersion]:
+        return [self._version(v) for v in sorted(self.folders, key=int)]

@@ -1,45 +1,23 @@
 """Fine-tuning a challenger reranker from labelled feedback.
 
-Pieces, sentence-transformers style: `build_examples` (dataset), `WeightedListwiseLoss` (loss),
-`fit` (trainer), `rank_feedback_queries` (evaluator input). `training.pipeline` wires them to the
-gate and MLflow.
+Pieces, sentence-transformers style: `select_for_training` and `build_examples` (dataset),
+`WeightedListwiseLoss` (loss), `fit` (trainer). `training.pipeline` wires them to the gate and MLflow.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel
 from sentence_transformers import SentenceTransformer
 from torch import nn
-from tqdm import tqdm
 
-from training.dataset import QueryFeedback
-from training.reranker import Reranker, first_stage_order
-from training.retrieval import Candidate, FirstStage
-
-
-class TrainConfig(BaseModel):
-    epochs: int = 2
-    batch_size: int = 16
-    lr: float = 5e-5
-    hard_negatives: int = 2
-    retriever_negatives_from_top: int = 20
-    debias: str = "naive"  # or "ips"
-    max_ips: float = 5.0
-    max_weight: float = 4.0
-    rerank_depth: int = 50
-    gate_fraction: float = 0.2
-    tune_fraction: float = 0.15
-    gate_margin: float = 0.005
-    gate_p_value: float = 0.05
-    gate_min_queries: int = 30
-    replay_fraction: float = 0.5  # old queries replayed per new one when warm-starting from a champion
-    max_examples: int = 1500  # bounds a run's time (~9 examples/s/epoch on 2 CPU cores)
-    seed: int = 13
-    max_seq_length: int = 128  # training length; 4x faster than 256 on CPU, inference uses 256
+from training.config import TrainConfig
+from training.labels.feedback import QueryFeedback
+from training.progress import Progress, silent
+from training.ranking.first_stage import Candidate
 
 
 @dataclass
@@ -50,9 +28,7 @@ class Example:
     weight: float
 
 
-def build_examples(
-    feedback: list[QueryFeedback], candidates: dict[str, list[Candidate]], cfg: TrainConfig
-) -> list[Example]:
+def build_examples(feedback: list[QueryFeedback], candidates: dict[str, list[Candidate]], cfg: TrainConfig) -> list[Example]:
     """One example per positive doc; hard negatives are the skipped / deleted docs first, then what
     the first stage ranks high that was never a positive (sampled, so noise is not memorised)."""
     rng = random.Random(cfg.seed)
@@ -72,15 +48,13 @@ def build_examples(
     return out[: cfg.max_examples]
 
 
-def select_for_training(
-    feedback: list[QueryFeedback], fresh: set[str], cfg: TrainConfig
-) -> tuple[list[QueryFeedback], dict]:
+def select_for_training(feedback: list[QueryFeedback], fresh: set[str], cfg: TrainConfig) -> tuple[list[QueryFeedback], dict]:
     """Continual training: the queries with labels the champion has not seen, plus a replay sample of
     older ones so earlier lessons are not forgotten. Without a champion every query is fresh."""
     rng = random.Random(cfg.seed)
     new = [fb for fb in feedback if fb.query in fresh]
     old = [fb for fb in feedback if fb.query not in fresh]
-    replay = rng.sample(old, min(len(old), int(round(cfg.replay_fraction * len(new)))))
+    replay = rng.sample(old, min(len(old), round(cfg.replay_fraction * len(new))))
     chosen = new + replay
     rng.shuffle(chosen)
     return chosen, {"fresh_queries": len(new), "replay_queries": len(replay), "older_queries": len(old)}
@@ -108,7 +82,23 @@ class WeightedListwiseLoss(nn.Module):
         return (loss * weights).sum() / weights.sum()
 
 
-def fit(model: SentenceTransformer, examples: list[Example], text, cfg: TrainConfig, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class FitStats:
+    steps: int
+    losses: list[float]  # one per optimiser step
+
+    @property
+    def loss_first(self) -> float:
+        return self.losses[0] if self.losses else 0.0
+
+    @property
+    def loss_last(self) -> float:
+        return self.losses[-1] if self.losses else 0.0
+
+
+def fit(
+    model: SentenceTransformer, examples: list[Example], text: Callable[[str], str], cfg: TrainConfig, progress: Progress = silent
+) -> FitStats:
     """Trains in place: fp32 master weights, bf16 autocast forward, AdamW with linear warm-up."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -118,8 +108,7 @@ def fit(model: SentenceTransformer, examples: list[Example], text, cfg: TrainCon
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     steps = max(1, cfg.epochs * ((len(examples) + cfg.batch_size - 1) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
-    losses = []
-    bar = tqdm(total=steps, desc="fine-tuning", disable=not progress)
+    losses: list[float] = []
     for _ in range(cfg.epochs):
         order = examples[:]
         rng.shuffle(order)
@@ -135,34 +124,7 @@ def fit(model: SentenceTransformer, examples: list[Example], text, cfg: TrainCon
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+            losses.append(float(loss.item()))
+            progress("fine-tuning", len(losses), steps)
     model.eval()
-    return {"steps": len(losses), "loss_first": losses[0] if losses else 0.0, "loss_last": losses[-1] if losses else 0.0}
-
-
-def rank_queries(
-    queries: list[str], candidates: dict[str, list[Candidate]], reranker: Reranker | None, text, depth: int
-) -> dict[str, list[tuple[str, float]]]:
-    """The ranking serving would show for each query (first stage, or reranked top `depth`)."""
-    out = {}
-    for q in queries:
-        cands = candidates[q]
-        if reranker is None:
-            out[q] = first_stage_order(cands)
-        else:
-            head = reranker.rerank(q, cands[:depth], text)
-            out[q] = head + first_stage_order(cands[depth:])
-    return out
-
-
-def candidates_for(first_stage: FirstStage, queries: list[str], k: int = 100, batch: int = 256) -> dict[str, list[Candidate]]:
-    out: dict[str, list[Candidate]] = {}
-    uniq = list(dict.fromkeys(queries))
-    for start in range(0, len(uniq), batch):
-        chunk = uniq[start : start + batch]
-        out.update(zip(chunk, first_stage.search_many(chunk, k)))
-    return out
-
+    return FitStats(len(losses), losses)

@@ -1,0 +1,118 @@
+"""HTTP contracts of the serving worker: what `/rank`, `/events`, `/model` and `/health` take and
+answer. The SDK and the server share them, so a client never parses a dict by hand."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.events import MAX_QUERY_CHARS, RejectCode
+
+
+class RankRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"query": "does vitamin D prevent fractures?", "k": 10, "user": "u-42", "session": "s-7"}]
+        }
+    )
+
+    query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+    k: Annotated[int, Field(ge=1, le=100)] = 10
+    user: str | None = None
+    session: str | None = None
+
+
+class RankedItem(BaseModel):
+    doc_id: str
+    score: float
+    position: int = Field(description="1-based rank shown to the user")
+    title: str
+
+
+class RankResponse(BaseModel):
+    """Quote `request_id` on every interaction with these results."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_id": "5f0c9a7e2b1d4c3a9e8f7a6b5c4d3e2f",
+                    "model_version": "3",
+                    "items": [{"doc_id": "4983", "score": 0.912, "position": 1, "title": "Vitamin D and fracture risk"}],
+                }
+            ]
+        }
+    )
+
+    request_id: str
+    model_version: str = Field(description='registered model version, or "first-stage"')
+    items: list[RankedItem]
+
+
+class Rejection(BaseModel):
+    """One event of a batch that was not accepted, and why."""
+
+    index: int = Field(description="position of the event in the posted batch")
+    event_id: str | None
+    code: RejectCode
+    detail: str
+
+
+class EventsResponse(BaseModel):
+    """`accepted` events are durably on the broker; `rejected` ones were not recorded."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "accepted": ["e-1"],
+                    "rejected": [{"index": 1, "event_id": "e-2", "code": "duplicate_event", "detail": "duplicate event_id"}],
+                }
+            ]
+        }
+    )
+
+    accepted: list[str]
+    rejected: list[Rejection]
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_version": "3",
+                    "index_version": "a1b2c3d4e5f6",
+                    "mix": {"alpha": 0.75, "beta": 0.5, "tau": 0.5},
+                    "loaded_at": 1793486011.7,
+                    "model_name": "rankloop-reranker",
+                    "last_swap_error": None,
+                }
+            ]
+        }
+    )
+
+    model_version: str
+    index_version: str
+    mix: dict[str, float] | None = Field(description="the reranker's score mix; null while the first stage serves")
+    loaded_at: float
+    model_name: str
+    last_swap_error: str | None
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"status": "ok", "redis": True, "kafka": True, "model_version": "3"}]}
+    )
+
+    status: Literal["ok", "degraded"]
+    redis: bool
+    kafka: bool
+    model_version: str
+
+
+class ErrorBody(BaseModel):
+    """FastAPI's error answer: `detail` says what was wrong."""
+
+    detail: str

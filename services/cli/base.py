@@ -1,0 +1,68 @@
+"""The root of `rankloop`: the typer app, the one error path, settings, logging and the console.
+Imports nothing heavy: `rankloop --help` must answer in about a second."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from typer.core import TyperGroup
+
+from schemas import InvalidInput, RankloopError
+from services.config import Settings
+
+console = Console()
+errors = Console(stderr=True)
+
+
+class RankloopGroup(TyperGroup):
+    """Every RankloopError from any command is one red line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RankloopError as e:
+            errors.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    cls=RankloopGroup,
+    help="rankloop: a feedback-loop ranking platform.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+bench_app = typer.Typer(help="Benchmarks that print and save figures.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+if not os.environ.get("RANKLOOP_ONLINE"):  # models load from local folders; never wait on a hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def settings() -> Settings:
+    """The effective settings; an invalid value is one clear error naming the setting."""
+    try:
+        s = Settings()
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise InvalidInput(f"invalid configuration: {problems}") from None
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    return s
+
+
+def setup_process(s: Settings, threads: int | None = None) -> None:
+    """A long-running process: lifecycle events at INFO on stderr, libraries at WARNING, torch threads."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("kafka", "aiokafka", "mlflow", "httpx", "urllib3", "sentence_transformers", "faust", "mode"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: already running" is expected
+    from training.ranking.encoder import use_threads
+
+    use_threads(threads or s.torch_threads)

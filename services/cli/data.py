@@ -1,0 +1,94 @@
+"""Data chores: index a corpus, simulate users, estimate position bias, export the JSON Schemas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from services.cli.base import app, console, settings, setup_process
+
+
+@app.command()
+def index(dataset: str = typer.Option(None, help="BEIR folder (default: the `dataset` setting)")) -> None:
+    """Build the BM25 + faiss index of a corpus and make it current."""
+    from services.local.progress import ProgressBar
+    from training import beir
+    from training.ranking.first_stage import build_index
+
+    s = settings()
+    setup_process(s)
+    ds = beir.load(dataset or s.dataset, s.state_dir / "datasets")
+    with ProgressBar() as progress:
+        folder = build_index(ds, s.state_dir, progress=progress)
+    console.print(f"index [bold]{folder.name}[/] of {len(ds.corpus)} documents at {folder}")
+
+
+@app.command()
+def simulate(
+    dataset: str = typer.Option(None),
+    split: str = "train",
+    sessions: int = 200,
+    seed: int = 0,
+    url: str = typer.Option(None, help="serving worker URL (default from config)"),
+    concurrency: int = typer.Option(4, help="simulated users at a time"),
+) -> None:
+    """Play simulated users against /rank and emit their interactions through the SDK."""
+    from services.local.simulate import UserModel, examination_curve
+    from services.local.simulate import simulate as run
+    from services.sdk import RankloopClient
+    from training import beir
+
+    s = settings()
+    ds = beir.load(dataset or s.dataset, s.state_dir / "datasets")
+    client = RankloopClient(url or s.base_url, deployment=s.deployment)
+    stats = run(client, ds, split, sessions, UserModel(examination_curve(s.clicklog)), seed, concurrency=concurrency)
+    console.print(stats)
+
+
+@app.command("export-schemas")
+def export_schemas(out: Path = typer.Option(None)) -> None:
+    """Write the JSON Schema files of every event type."""
+    from schemas import export_json_schemas
+
+    for p in export_json_schemas(out) if out else export_json_schemas():
+        console.print(str(p))
+
+
+@app.command()
+def propensity(
+    clicklog: Path = typer.Option(None, help="impressions.tsv.gz of a click log; default: the `clicklog` setting's"),
+    from_kafka: bool = typer.Option(False, "--from-kafka", help="estimate from our own impressions and clicks on Kafka"),
+    out: Path = typer.Option(Path("propensity.png"), help="where to write the plot"),
+) -> None:
+    """Estimate the examination curve (position bias) by EM on logged impressions and clicks."""
+    from schemas import InvalidInput, NotFound
+    from training.labels.rules import DEFAULT_EXAMINATION
+    from training.plots import examination_curves
+    from training.propensity import estimate_examination, read_click_log
+
+    s = settings()
+    try:
+        if from_kafka:
+            from services.schedule.scheduler import impression_click_log
+
+            df, source = impression_click_log(s), f"Kafka at {s.kafka.address}"
+            est = estimate_examination(df["query"], df["doc_id"], df["position"], df["clicked"])
+        else:
+            path = clicklog or s.clicklog / "impressions.tsv.gz"
+            if not path.exists():
+                raise NotFound(f"click log {path} not found: pass --clicklog or set RANKLOOP_CLICKLOG")
+            df, source = read_click_log(path), str(path)
+            est = estimate_examination(df.query_id, df.doc_id, df.position, df.clicked)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from e
+    t = Table("position", "estimated examination", "CTR prior (labelling default)")
+    for i, v in enumerate(est.examination):
+        t.add_row(str(i + 1), f"{v:.3f}", f"{DEFAULT_EXAMINATION[i]:.3f}" if i < len(DEFAULT_EXAMINATION) else "")
+    console.print(t)
+    console.print(f"{est.impressions} impressions from {source}, {est.iterations} EM iterations")
+    examination_curves(
+        {"EM estimate": est.examination, "CTR by position (normalised)": DEFAULT_EXAMINATION}, out, "examination by position"
+    )
+    console.print(f"plot: {out}")

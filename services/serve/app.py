@@ -1,0 +1,169 @@
+"""The serving worker's HTTP face (FastAPI): POST /rank, POST /events, GET /model, /health, /metrics.
+`build_worker` wires the real storage from the settings; `create_app` takes any worker."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from schemas import ErrorBody, EventsResponse, Health, InteractionEvent, ModelInfo, RankRequest, RankResponse
+from services.config import Settings
+from services.serve.worker import Worker
+from services.storage import open_caches, open_publisher
+from services.storage.health import kafka_reachable, require
+from training.ranking.first_stage import FirstStage
+from training.registry import MlflowRegistry
+
+
+def build_worker(s: Settings) -> Worker:
+    """A worker on the configured broker, Redis and MLflow, serving the current index."""
+    require(s, "kafka", "redis")
+    first_stage = FirstStage.current(s.state_dir)
+    caches = open_caches(s.redis.address, s.keys, s.serving.cache_ttl_s, int(s.stream.join_window_s * 2))
+    registry = MlflowRegistry.connect(s.tracking_uri, s.artifact_dir, s.keys.model_name, s.versions_dir, s.keys.experiment)
+    return Worker(s, first_stage, caches, open_publisher(s.kafka.address), registry)
+
+
+def watch_model_events(worker: Worker, s: Settings) -> None:
+    """A model event only says "look now": the registry stays the source of truth."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        s.keys.model_events,
+        bootstrap_servers=s.kafka.address,
+        group_id=None,
+        auto_offset_reset="latest",
+        consumer_timeout_ms=1000,
+    )
+    while not worker.stopped:
+        for _ in consumer:
+            worker.wake()
+    consumer.close()
+
+
+EVENTS_BODY = {
+    "description": 'A JSON array of interaction events, or {"events": [...]}; each is validated on its own.',
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    {"type": "array", "items": {"$ref": "#/components/schemas/InteractionEvent"}},
+                    {
+                        "type": "object",
+                        "properties": {"events": {"type": "array", "items": {"$ref": "#/components/schemas/InteractionEvent"}}},
+                        "required": ["events"],
+                    },
+                ]
+            },
+            "example": [{"event_id": "e-1", "request_id": "5f0c9a7e2b1d4c3a9e8f7a6b5c4d3e2f", "doc_id": "4983", "type": "click"}],
+        }
+    },
+}
+
+
+def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = True) -> FastAPI:
+    state: dict[str, Worker] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        w = worker or build_worker(s)
+        state["w"] = w
+        threading.Thread(target=w.watch_registry, name="registry-watch", daemon=True).start()
+        if watch_events:
+            threading.Thread(target=watch_model_events, args=(w, s), name="model-events", daemon=True).start()
+        yield
+        w.stop()
+
+    app = FastAPI(
+        title="rankloop serving worker",
+        lifespan=lifespan,
+        description="Rank with the current champion model and take in what users did with the results.",
+    )
+
+    @app.post("/rank", response_model=RankResponse, responses={422: {"description": "invalid request"}})
+    def rank(req: RankRequest) -> RankResponse:
+        """Ranked documents for a query; every answer is recorded as an impression."""
+        return state["w"].rank(req)
+
+    @app.post(
+        "/events",
+        response_model=EventsResponse,
+        openapi_extra={"requestBody": EVENTS_BODY},
+        responses={
+            400: {"model": ErrorBody, "description": "malformed JSON"},
+            413: {"model": ErrorBody, "description": "batch larger than serving.max_batch"},
+            422: {"model": EventsResponse, "description": "no event of the batch was accepted"},
+        },
+    )
+    async def events(request: Request) -> JSONResponse:
+        """Interaction events, accepted one by one: the good ones of a batch land even when others
+        are rejected, each rejection with its code and detail."""
+        body = await request.body()
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPException(400, f"malformed JSON: {e}") from None
+        batch = payload.get("events") if isinstance(payload, dict) else payload
+        if not isinstance(batch, list):
+            raise HTTPException(422, 'expected a JSON array of events or {"events": [...]}')
+        if len(batch) > s.serving.max_batch:
+            raise HTTPException(413, f"batch of {len(batch)} events exceeds the limit of {s.serving.max_batch}")
+        accepted, rejected = await run_in_threadpool(state["w"].ingest, batch)
+        answer = EventsResponse(accepted=accepted, rejected=rejected)
+        return JSONResponse(answer.model_dump(mode="json"), status_code=200 if accepted or not batch else 422)
+
+    @app.get("/model", response_model=ModelInfo)
+    def model() -> ModelInfo:
+        """The model version served now, its score mix and the last failed swap."""
+        w = state["w"]
+        sv = w.serving
+        return ModelInfo(
+            model_version=sv.version,
+            index_version=w.first_stage.version,
+            mix=sv.reranker.mix.as_dict() if sv.reranker else None,
+            loaded_at=sv.loaded_at,
+            model_name=s.keys.model_name,
+            last_swap_error=w.last_swap_error,
+        )
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "a dependency is down"}})
+    def health() -> JSONResponse:
+        """ok when Redis and the broker answer; 503 (degraded) otherwise."""
+        w = state["w"]
+        redis_ok, kafka_ok = w.caches.ping(), kafka_reachable(s.kafka.address)
+        ok = redis_ok and kafka_ok
+        body = Health(status="ok" if ok else "degraded", redis=redis_ok, kafka=kafka_ok, model_version=w.serving.version)
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    )
+    def metrics() -> Response:
+        """Prometheus metrics: requests and latency by cache hit, events, swaps, publish failures."""
+        return Response(generate_latest(state["w"].metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            event_schema = InteractionEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(event_schema.pop("$defs", {}))
+            components["InteractionEvent"] = event_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

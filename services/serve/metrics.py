@@ -1,0 +1,30 @@
+"""Prometheus metrics of a serving worker (one registry per worker, so tests never collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("rankloop_rank_requests", "rank requests", ["cache"], registry=r)
+        self.latency = Histogram(
+            "rankloop_rank_latency_seconds",
+            "rank latency",
+            ["cache"],
+            registry=r,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.events_accepted = Counter("rankloop_events_accepted", "interaction events accepted", registry=r)
+        self.events_rejected = Counter("rankloop_events_rejected", "interaction events rejected", ["code"], registry=r)
+        self.publish_failures = Counter(
+            "rankloop_publish_failures", "events that could not be recorded on Kafka", ["topic"], registry=r
+        )
+        self.impressions = Counter("rankloop_impressions_published", "impressions handed to Kafka", registry=r)
+        self.swaps = Counter("rankloop_model_swaps", "model hot swaps", registry=r)
+        self.swap_failures = Counter("rankloop_model_swap_failures", "model versions that failed to load", registry=r)
+        self.cache_errors = Counter("rankloop_cache_errors", "Redis errors (served without cache)", registry=r)
+        self.explored = Counter("rankloop_explored_requests", "requests shown in a randomised order", registry=r)
+        self.model_version = Gauge("rankloop_model_version", "served model version (0 = first stage)", registry=r)

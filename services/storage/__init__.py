@@ -1,0 +1,79 @@
+"""Storage the processes use, behind small protocols chosen by URL (as Gorse does): `redis://…` or
+`memory://` for caches, a Kafka bootstrap address or `memory://` for the event publisher. The real
+implementations are in `redis.py` and `kafka.py`; `memory.py` holds the in-memory ones for unit tests.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from services.keys import Keys
+from training.ranking.reranker import EmbeddingCache
+
+
+class RankCache(Protocol):
+    """Candidates and results, JSON values under keys from `services.keys`."""
+
+    def get(self, key: str) -> Any | None: ...
+    def set(self, key: str, value: Any) -> None: ...
+
+
+class SeenEvents(Protocol):
+    """Event ids seen at intake, for de-duplication across requests and replicas."""
+
+    def first_sighting(self, event_id: str) -> bool:
+        """Marks the id as seen; False when it already was."""
+
+    def forget(self, event_id: str) -> None:
+        """Un-marks an id whose event was not recorded, so a retry is accepted."""
+
+
+class Publisher(Protocol):
+    """Events onto topics. `publish` returns a future that resolves once the broker has the event,
+    or None when the event could not even be handed over (the failure is counted)."""
+
+    def publish(self, topic: str, key: str, event: BaseModel | str) -> Future | None: ...
+    def flush(self, timeout: float) -> None: ...
+    def close(self) -> None: ...
+
+
+class Ping(Protocol):
+    def __call__(self) -> bool: ...
+
+
+@dataclass
+class Caches:
+    """What the serving worker keeps in shared storage."""
+
+    ranking: RankCache
+    embeddings: EmbeddingCache
+    seen: SeenEvents
+    ping: Ping
+
+
+def open_caches(url: str, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Caches:
+    """Caches for a storage URL: `redis://host:port/db` or `memory://`."""
+    if url.startswith("memory://"):
+        from services.storage.memory import memory_caches
+
+        return memory_caches()
+    from redis import Redis
+
+    from services.storage.redis import redis_caches
+
+    return redis_caches(Redis.from_url(url), keys, ttl_s, seen_ttl_s)
+
+
+def open_publisher(url: str) -> Publisher:
+    """A publisher for a broker: a Kafka bootstrap address, or `memory://`."""
+    if url.startswith("memory://"):
+        from services.storage.memory import MemoryPublisher
+
+        return MemoryPublisher()
+    from services.storage.kafka import KafkaPublisher, make_producer
+
+    return KafkaPublisher(make_producer(url))

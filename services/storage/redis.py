@@ -1,0 +1,75 @@
+"""Redis: the rank cache, document embeddings per model version and intake de-duplication, shared by
+every serving replica."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from redis import Redis
+from redis.exceptions import RedisError
+
+from schemas import DependencyUnavailable
+from services.keys import Keys
+from services.storage import Caches
+
+
+class RedisRankCache:
+    """Raises DependencyUnavailable when Redis is down: the caller serves without the cache."""
+
+    def __init__(self, redis: Redis, ttl_s: int):
+        self.redis, self.ttl = redis, ttl_s
+
+    def get(self, key: str) -> Any | None:
+        try:
+            raw = self.redis.get(key)
+        except RedisError as e:
+            raise DependencyUnavailable(f"redis: {e}") from e
+        return json.loads(raw) if raw else None
+
+    def set(self, key: str, value: Any) -> None:
+        try:
+            self.redis.set(key, json.dumps(value), ex=self.ttl)
+        except RedisError as e:
+            raise DependencyUnavailable(f"redis: {e}") from e
+
+
+class RedisEmbeddingCache:
+    """Document embeddings per model version, float16: replicas share them and a promotion fills the
+    new version's cache lazily instead of re-embedding the corpus."""
+
+    def __init__(self, redis: Redis, keys: Keys, ttl_s: int = 7 * 24 * 3600):
+        self.redis, self.keys, self.ttl = redis, keys, ttl_s
+
+    def get_many(self, version: str, doc_ids: list[str]) -> dict[str, np.ndarray]:
+        raws = self.redis.mget([self.keys.embedding(version, d) for d in doc_ids]) if doc_ids else []
+        return {d: np.frombuffer(r, dtype=np.float16).astype(np.float32) for d, r in zip(doc_ids, raws) if r}
+
+    def put_many(self, version: str, vectors: Mapping[str, np.ndarray]) -> None:
+        pipe = self.redis.pipeline()
+        for d, v in vectors.items():
+            pipe.set(self.keys.embedding(version, d), np.asarray(v, dtype=np.float16).tobytes(), ex=self.ttl)
+        pipe.execute()
+
+
+class RedisSeenEvents:
+    def __init__(self, redis: Redis, keys: Keys, ttl_s: int):
+        self.redis, self.keys, self.ttl = redis, keys, ttl_s
+
+    def first_sighting(self, event_id: str) -> bool:
+        return bool(self.redis.set(self.keys.seen_event(event_id), 1, nx=True, ex=self.ttl))
+
+    def forget(self, event_id: str) -> None:
+        self.redis.delete(self.keys.seen_event(event_id))
+
+
+def redis_caches(redis: Redis, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Caches:
+    def ping() -> bool:
+        try:
+            return bool(redis.ping())
+        except RedisError:
+            return False
+
+    return Caches(RedisRankCache(redis, ttl_s), RedisEmbeddingCache(redis, keys), RedisSeenEvents(redis, keys, seen_ttl_s), ping)

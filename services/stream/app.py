@@ -1,0 +1,103 @@
+"""The stream processor (faust-streaming): each agent is a short loop around a pure function of
+`join.py`.
+
+- `join_label` reads impressions and interactions (both keyed by request_id, co-partitioned), keeps
+  one `RequestState` per request in a table and applies `step` to each message.
+- Expiry: a table may only change inside stream iteration, so a timer sends one tick per partition
+  to a co-partitioned ticks topic and the join agent applies `sweep` when it reads one.
+- `sink_labels` writes the labels topic to the label store; `take_events` acks (so commits offsets)
+  only after the labels are stored.
+Every agent is idempotent: a redelivered message finds its event id in the request state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import faust
+
+from schemas import DeadLetter, LabelledExample
+from services.config import Settings
+from services.stream.join import RequestState, step, sweep
+from training.labels.store import ParquetLabelStore
+
+
+def create_app(s: Settings) -> faust.App:
+    keys = s.keys
+    partitions = s.kafka.partitions
+    app = faust.App(
+        keys.stream_app,
+        broker=f"kafka://{s.kafka.address}",
+        store="memory://",
+        datadir=str(s.state_dir / "stream"),
+        topic_partitions=partitions,
+        topic_allow_declare=True,
+        broker_session_timeout=6,
+        broker_heartbeat_interval=1,
+        web_enabled=False,
+        consumer_auto_offset_reset="earliest",
+    )
+    raw = dict(key_serializer="raw", value_serializer="raw", partitions=partitions)
+    inputs = app.topic(keys.impressions, keys.interactions, keys.stream_ticks, **raw)
+    ticks = app.topic(keys.stream_ticks, **raw)
+    labels_topic = app.topic(keys.labels, **raw)
+    dead_topic = app.topic(keys.dead_letters, **raw)
+    requests = app.Table(keys.requests_table, default=None, partitions=partitions)
+    rules, window = s.stream.rules, s.stream.join_window_s
+    store = ParquetLabelStore(s.label_dir)
+
+    def load(key: str) -> RequestState | None:
+        stored = requests.get(key) if key else None
+        return RequestState.model_validate(stored) if stored else None
+
+    async def publish(labels: list[LabelledExample], dead: list[DeadLetter]) -> None:
+        for lab in labels:
+            await labels_topic.send(key=lab.label_id.encode(), value=lab.model_dump_json().encode())
+        for d in dead:
+            await dead_topic.send(key=d.source.encode(), value=d.model_dump_json().encode())
+
+    @app.agent(inputs)
+    async def join_label(stream: AsyncIterator) -> None:
+        async for event in stream.events():  # type: ignore[attr-defined]
+            msg = event.message
+            if msg.topic == keys.stream_ticks:
+                await expire(msg.partition)
+                continue
+            kind = "impression" if msg.topic == keys.impressions else "interaction"
+            key = (msg.key or b"").decode(errors="replace")
+            result = step(load(key), msg.topic, kind, msg.value, rules, window, time.time())
+            if result.state is not None and key:
+                result.state.partition = msg.partition
+                requests[key] = result.state.model_dump(mode="json")
+            await publish(result.labels, result.dead)
+
+    async def expire(partition: int) -> None:
+        """Runs inside the stream (a table may only change there), for the tick's partition only."""
+        now = time.time()
+        for key, stored in list(requests.items()):
+            if stored is None or stored.get("partition") != partition:
+                continue
+            forget, dead = sweep(RequestState.model_validate(stored), now, window, keys.interactions)
+            await publish([], dead)
+            if forget:
+                del requests[key]
+
+    @app.timer(interval=max(1.0, min(10.0, window / 10)), on_leader=True)
+    async def tick() -> None:
+        """A tick per partition: the join agent sweeps expired requests when it reads one."""
+        for partition in range(partitions):
+            await ticks.send(value=b"tick", partition=partition)
+
+    @app.agent(labels_topic)
+    async def sink_labels(stream: AsyncIterator) -> None:
+        async for events in stream.take_events(1000, within=s.stream.label_flush_s):  # type: ignore[attr-defined]
+            by_partition: dict[int, list] = {}
+            for ev in events:
+                by_partition.setdefault(ev.message.partition, []).append(ev)
+            for partition, evs in by_partition.items():
+                labs = [LabelledExample.model_validate_json(e.message.value) for e in evs]
+                offsets = [e.message.offset for e in evs]
+                store.write(labs, partition, min(offsets), max(offsets))
+
+    return app

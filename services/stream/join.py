@@ -1,0 +1,123 @@
+"""The join, as pure typed functions the stream's agents loop around (no I/O, tested without a broker).
+
+One `RequestState` per request id: its impression, the interactions seen so far and what was
+already emitted. `step` applies one message to it; `sweep` decides when a request is forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ValidationError
+
+from schemas import DeadLetter, ImpressionEvent, InteractionEvent, LabelledExample, RejectCode
+from training.labels.rules import EmittedLabel, LabelRules, changed_labels, label_request
+
+Kind = Literal["impression", "interaction"]
+
+
+class RequestState(BaseModel):
+    """What the stream remembers about one request between messages."""
+
+    impression: ImpressionEvent | None = None
+    events: list[InteractionEvent] = []  # interactions that are valid against the impression (or wait for it)
+    emitted: dict[str, EmittedLabel] = {}  # doc_id -> last label emitted
+    first_seen: float
+    partition: int | None = None
+
+
+@dataclass
+class StepResult:
+    state: RequestState | None  # None: leave the stored state as it is
+    labels: list[LabelledExample] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+def _dead(source: str, code: RejectCode, reason: str, payload: str) -> DeadLetter:
+    return DeadLetter(source=source, code=code, reason=reason, payload=payload)
+
+
+def _invalid(source: str, raw: bytes, e: Exception) -> DeadLetter:
+    if isinstance(e, ValidationError):
+        why = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'event'}: {err['msg']}" for err in e.errors())
+    else:
+        why = str(e)
+    return _dead(source, RejectCode.invalid_event, f"invalid event: {why}", raw.decode(errors="replace"))
+
+
+def step(
+    state: RequestState | None, source: str, kind: Kind, raw: bytes, rules: LabelRules, window_s: float, now: float
+) -> StepResult:
+    """Applies one raw message to a request's state."""
+    state = state.model_copy() if state else RequestState(first_seen=now)
+    ev: ImpressionEvent | InteractionEvent
+    try:
+        data = json.loads(raw)
+        ev = ImpressionEvent.model_validate(data) if kind == "impression" else InteractionEvent.model_validate(data)
+    except (ValueError, ValidationError) as e:
+        return StepResult(None, dead=[_invalid(source, raw, e)])
+
+    payload = raw.decode(errors="replace")
+    if isinstance(ev, ImpressionEvent):
+        if state.impression is not None:
+            return StepResult(
+                None, dead=[_dead(source, RejectCode.duplicate_impression, "duplicate impression for request_id", payload)]
+            )
+        state.impression = ev
+        return _relabel(state, rules, window_s, source)
+
+    if any(e.event_id == ev.event_id for e in state.events):
+        return StepResult(None, dead=[_dead(source, RejectCode.duplicate_event, "duplicate event_id", payload)])
+    if state.impression is not None:
+        problem = check_against(state.impression, ev, window_s)
+        if problem:
+            return StepResult(None, dead=[_dead(source, problem[0], problem[1], payload)])
+    state.events = [*state.events, ev]
+    if state.impression is None:
+        return StepResult(state)  # waits for its impression (or the sweep) with the event kept in state
+    return _relabel(state, rules, window_s, source)
+
+
+def check_against(imp: ImpressionEvent, ev: InteractionEvent, window_s: float) -> tuple[RejectCode, str] | None:
+    """Why an interaction cannot count for this impression, or None."""
+    if ev.timestamp - imp.timestamp > window_s:
+        return RejectCode.late_event, (
+            f"late event: {ev.timestamp - imp.timestamp:.0f}s after its impression (window {window_s:.0f}s)"
+        )
+    if ev.doc_id not in {it.doc_id for it in imp.items}:
+        return RejectCode.doc_not_shown, f"doc_id {ev.doc_id!r} was not shown in request {ev.request_id!r}"
+    return None
+
+
+def _relabel(state: RequestState, rules: LabelRules, window_s: float, source: str) -> StepResult:
+    assert state.impression is not None
+    ok, dead = [], []
+    for ev in state.events:
+        problem = check_against(state.impression, ev, window_s)
+        if problem:  # buffered before the impression arrived, invalid against it
+            dead.append(_dead(source, problem[0], problem[1], ev.model_dump_json()))
+        else:
+            ok.append(ev)
+    state.events = ok
+    labels, state.emitted = changed_labels(label_request(state.impression, ok, rules), state.emitted)
+    return StepResult(state, labels, dead)
+
+
+def sweep(state: RequestState, now: float, window_s: float, source: str) -> tuple[bool, list[DeadLetter]]:
+    """(forget this request?, dead letters). Interactions without an impression after the window
+    are dead-lettered; a joined request is kept one more window so late events are recognised."""
+    if state.impression is None:
+        if now - state.first_seen > window_s:
+            return True, [
+                _dead(
+                    source,
+                    RejectCode.unknown_request,
+                    "unknown request_id: no impression within the join window",
+                    e.model_dump_json(),
+                )
+                for e in state.events
+            ]
+        return False, []
+    return now - state.impression.timestamp > 2 * window_s, []

@@ -1,0 +1,121 @@
+"""Training from real labels, MLflow logging, promotion, hot swap under load, rollback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import mlflow
+import pytest
+
+from schemas import InvalidState
+from services.local.simulate import UserModel, examination_curve, simulate
+from services.schedule.scheduler import connect_registry
+from services.sdk import RankloopClient
+from services.storage import open_publisher
+from training import beir
+from training.config import TrainConfig
+from training.labels.store import ParquetLabelStore
+from training.pipeline import train_once
+from training.ranking.first_stage import FirstStage
+
+pytestmark = pytest.mark.integration
+
+
+def served_version(s) -> str:
+    return httpx.get(f"{s.base_url}/model").json()["model_version"]
+
+
+def wait_until(pred, timeout=90.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def trained(stack):
+    """Simulated users -> events -> stream -> labels -> one real (small) training run."""
+    s = stack["settings"]
+    ds = beir.load(stack["dataset"])
+    labels = ParquetLabelStore(s.label_dir)
+    before = labels.count()
+    user = UserModel(examination_curve(s.clicklog))
+    stats = simulate(RankloopClient(s.base_url), ds, "train", 60, user, seed=3, progress=False)
+    assert stats.accepted == stats.events > 0
+    wait_until(lambda: labels.count() >= before + stats.sessions, what="labels from simulated traffic")
+    registry = connect_registry(s)
+    cfg = TrainConfig(epochs=1, batch_size=8, max_seq_length=64, hard_negatives=1)
+    outcome = train_once(registry, labels, FirstStage.current(s.state_dir), s.state_dir, 20, cfg, s.gate, s.stream.rules)
+    return registry, outcome
+
+
+def test_training_run_is_logged_and_registered_but_not_promoted_without_evidence(stack, trained):
+    stack["settings"]
+    registry, outcome = trained
+    client = registry.client
+    assert outcome.version == "1" and outcome.run_id
+    # 40 queries leave fewer than 10 for the gate: an honest gate refuses to promote on that
+    assert outcome.status == "rejected" and "held-out queries" in outcome.message
+    assert registry.champion() is None
+    run = client.get_run(outcome.run_id)
+    for key in ("gate_champion_ndcg10", "gate_challenger_ndcg10", "gate_p_value", "train_loss_last", "labels"):
+        assert key in run.data.metrics
+    assert run.data.params["warm_start"] == "all-MiniLM-L6-v2"
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"model", "lineage.json", "gate.png", "gate_per_query.json"} <= artifacts
+    lineage = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/lineage.json")
+    assert lineage["labels"] > 0 and "click" in lineage["by_signal"] and lineage["offsets"]
+    model_files = {a.path for a in client.list_artifacts(outcome.run_id, "model")}
+    assert "model/model.safetensors" in model_files and "model/rankloop.json" in model_files
+
+
+def test_promotion_hot_swaps_without_a_failed_request_and_rollback_restores(stack, trained):
+    s = stack["settings"]
+    registry, outcome = trained
+    assert served_version(s) == "first-stage"
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def hammer():
+        queries = ["blood pressure", "gene expression in tumours", "vaccine efficacy", "insulin resistance"]
+        i = 0
+        with httpx.Client(base_url=s.base_url, timeout=30) as http:
+            while not stop.is_set():
+                r = http.post("/rank", json={"query": f"{queries[i % 4]} {i}", "k": 5})
+                results.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text))
+                i += 1
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    publisher = open_publisher(s.kafka.address)
+    publisher.publish(s.keys.model_events, s.keys.model_name, registry.promote(outcome.version, "test"))
+    publisher.flush(10)
+    wait_until(lambda: served_version(s) == outcome.version, what="hot swap")
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+
+    assert results and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
+    versions = [v for _, v in results]
+    assert "first-stage" in versions and outcome.version in versions
+    swapped_at = versions.index(outcome.version)
+    assert set(versions[swapped_at:]) <= {outcome.version, "first-stage"}  # in-flight requests may finish on the old one
+    assert versions[-1] == outcome.version
+
+    with pytest.raises(InvalidState, match="no `previous`"):
+        registry.rollback()
+    second = registry.register(outcome.run_id)
+    registry.promote(second, "test")
+    stack["worker"].check_champion()
+    assert served_version(s) == second
+    event = registry.rollback("test rollback")
+    assert (event.version, event.previous_version) == (outcome.version, second)
+    stack["worker"].check_champion()
+    assert served_version(s) == outcome.version

@@ -1,0 +1,57 @@
+"""The CLI through typer's runner: help, config, and the one error path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from services.cli import app
+from tests.conftest import free_port
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "RANKLOOP_CONFIG", "RANKLOOP_KAFKA__BOOTSTRAP", "RANKLOOP_REDIS__URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("serve", "stream", "schedule", "promote", "rollback", "demo", "bench", "config"):
+        assert command in result.output
+
+
+def test_config_prints_the_groups_and_what_they_resolve_to(monkeypatch):
+    monkeypatch.setenv("RANKLOOP_DEPLOYMENT", "shop")
+    result = runner.invoke(app, ["config"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["serving"]["rerank_depth"] == 50 and data["kafka"]["partitions"] == 2
+    assert data["effective"]["model_name"] == "shop-reranker" and "shop.impressions" in data["effective"]["topics"]
+
+
+def test_an_invalid_setting_is_one_error_line(monkeypatch):
+    monkeypatch.setenv("RANKLOOP_TRAIN__DEBIAS", "sometimes")
+    result = runner.invoke(app, ["config"])
+    assert result.exit_code == 1
+    assert "invalid configuration: train.debias" in result.output and "Traceback" not in result.output
+
+
+def test_a_dependency_that_is_down_is_named_not_a_traceback(monkeypatch):
+    monkeypatch.setenv("RANKLOOP_KAFKA__LOCAL_PORT", str(free_port()))
+    monkeypatch.setenv("RANKLOOP_REDIS__LOCAL_PORT", str(free_port()))
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 1 and "down" in result.output
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1 and "error:" in result.output and "--once" in result.output
+
+
+def test_bench_refuses_to_evaluate_on_its_training_split():
+    result = runner.invoke(app, ["bench", "loop", "--train-split", "test", "--eval-split", "test"])
+    assert result.exit_code == 1 and "must never feed training" in result.output

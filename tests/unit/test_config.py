@@ -1,0 +1,88 @@
+"""Settings: groups from nested env names, a TOML or JSON file, MLflow's own variable, checked values."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from services.config import Settings
+from services.keys import Keys
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "RANKLOOP_CONFIG", "RANKLOOP_KAFKA__BOOTSTRAP", "RANKLOOP_REDIS__URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_nested_env_names_fill_the_groups(monkeypatch):
+    monkeypatch.setenv("RANKLOOP_KAFKA__BOOTSTRAP", "broker:9092")
+    monkeypatch.setenv("RANKLOOP_SERVING__RERANK_DEPTH", "30")
+    monkeypatch.setenv("RANKLOOP_TRAIN__DEBIAS", "ips")
+    s = Settings()
+    assert s.kafka.address == "broker:9092" and not s.kafka.local
+    assert s.serving.rerank_depth == 30 and s.train.debias == "ips"
+    assert s.redis.local and s.redis.address.startswith("redis://127.0.0.1:")
+
+
+def test_a_toml_file_is_read_and_env_wins_over_it(tmp_path, monkeypatch):
+    path = tmp_path / "rankloop.toml"
+    path.write_text('deployment = "shop"\n[gate]\nmin_queries = 12\n[serving]\nport = 9001\n')
+    monkeypatch.setenv("RANKLOOP_CONFIG", str(path))
+    monkeypatch.setenv("RANKLOOP_SERVING__PORT", "9002")
+    s = Settings()
+    assert (s.deployment, s.gate.min_queries, s.serving.port) == ("shop", 12, 9002)
+    assert s.keys.model_name == "shop-reranker" and s.label_dir.name == "shop"
+
+
+def test_a_json_file_round_trips_the_settings(tmp_path, monkeypatch):
+    original = Settings(deployment="other", state_dir=tmp_path)
+    path = tmp_path / "settings.json"
+    path.write_text(original.model_dump_json())
+    monkeypatch.setenv("RANKLOOP_CONFIG", str(path))
+    assert Settings() == original
+
+
+def test_mlflow_tracking_uri_is_honoured_but_rankloop_names_win(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert Settings().tracking_uri == "http://mlflow:5000"
+    monkeypatch.setenv("RANKLOOP_MLFLOW__TRACKING_URI", "http://other:5000")
+    assert Settings().tracking_uri == "http://other:5000"
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("RANKLOOP_TRAIN__DEBIAS", "sometimes"),
+        ("RANKLOOP_SERVING__EXPLORE_RATE", "1.5"),
+        ("RANKLOOP_KAFKA__PARTITIONS", "0"),
+        ("RANKLOOP_DEPLOYMENT", "Bad Name"),
+        ("RANKLOOP_SERVING__NO_SUCH_SETTING", "1"),
+    ],
+)
+def test_values_that_cannot_work_are_refused(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_two_deployments_share_no_name():
+    a, b = Keys("shop"), Keys("help")
+
+    def names(k):
+        return {
+            *k.topics(),
+            k.stream_app,
+            k.requests_table,
+            k.train_lock,
+            k.train_state,
+            k.model_name,
+            k.experiment,
+            k.seen_event("e"),
+            k.embedding("1", "d"),
+            k.results("i", "1", 10, "q"),
+            k.candidates("i", 10, "q"),
+        }
+
+    assert not names(a) & names(b)
+    assert all(n.startswith("shop") for n in names(a))

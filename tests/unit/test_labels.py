@@ -1,0 +1,70 @@
+from tests.factories import impression, interaction
+from training.labels.rules import DEFAULT_EXAMINATION, LabelRules, changed_labels, label_request
+
+
+def grades(labels):
+    return {d: lab.grade for d, lab in labels.items()}
+
+
+def test_click_is_positive_and_docs_above_it_are_weak_negatives():
+    labels = label_request(impression(), [interaction("d3", "click")])
+    assert grades(labels) == {"d1": -1, "d2": -1, "d3": 1}
+    assert labels["d1"].signals == ["skip_above_click"]
+    assert labels["d3"].position == 3
+    assert "d4" not in labels  # below the lowest click: maybe never examined, so no label
+
+
+def test_cite_and_purchase_are_strong_positives():
+    labels = label_request(impression(), [interaction("d1", "click"), interaction("d1", "cite"), interaction("d2", "purchase")])
+    assert grades(labels) == {"d1": 2, "d2": 2}
+    assert labels["d1"].weight == LabelRules().strong_positive_weight
+
+
+def test_long_dwell_strengthens_a_click_short_dwell_does_not():
+    rules = LabelRules(dwell_threshold_s=30)
+    long = label_request(impression(), [interaction("d1", "click"), interaction("d1", "dwell", value=45)], rules)
+    short = label_request(impression(), [interaction("d1", "click"), interaction("d1", "dwell", value=5)], rules)
+    assert long["d1"].weight == rules.long_dwell_weight > short["d1"].weight == rules.click_weight
+    assert long["d1"].grade == short["d1"].grade == 1
+
+
+def test_explicit_skip_is_weak_and_deletion_is_strong_negative():
+    labels = label_request(
+        impression(), [interaction("d4", "skip"), interaction("d2", "cite"), interaction("d2", "citation_deleted")]
+    )
+    assert labels["d4"].grade == -1 and labels["d4"].weight == LabelRules().skip_weight
+    assert labels["d2"].grade == -2
+
+
+def test_return_cancels_the_purchase_positive():
+    before = label_request(impression(), [interaction("d2", "purchase")])
+    after = label_request(impression(), [interaction("d2", "purchase"), interaction("d2", "return")])
+    assert before["d2"].grade == 2 and after["d2"].grade == -2
+    assert sorted(after["d2"].signals) == ["purchase", "return"]
+
+
+def test_duplicate_event_ids_count_once_and_unshown_docs_are_ignored():
+    click = interaction("d2", "click", event_id="same")
+    labels = label_request(impression(), [click, click, interaction("zz", "click")])
+    assert labels["d2"].event_ids == ["same"]
+    assert "zz" not in labels
+
+
+def test_propensity_follows_the_examination_curve_and_is_clipped():
+    rules = LabelRules(min_propensity=0.2)
+    assert rules.propensity(1) == 1.0
+    assert rules.propensity(2) == DEFAULT_EXAMINATION[1]
+    assert rules.propensity(50) == 0.2
+
+
+def test_changed_labels_emits_revisions_only_when_something_changed():
+    imp = impression()
+    first, emitted = changed_labels(label_request(imp, [interaction("d2", "purchase", event_id="p")]), {})
+    assert sorted((lab.doc_id, lab.revision) for lab in first) == [("d1", 1), ("d2", 1)]
+    again, emitted = changed_labels(label_request(imp, [interaction("d2", "purchase", event_id="p")]), emitted)
+    assert again == []
+    returned, emitted = changed_labels(
+        label_request(imp, [interaction("d2", "purchase", event_id="p"), interaction("d2", "return", event_id="r")]), emitted
+    )
+    assert [(lab.doc_id, lab.revision, lab.grade) for lab in returned] == [("d2", 2, -2)]
+    assert emitted["d2"].revision == 2 and emitted["d1"].revision == 1

@@ -1,0 +1,46 @@
+"""The one ranking function: the reranked head, then the first-stage tail; mixes never mutate a model."""
+
+from __future__ import annotations
+
+from training.beir import load
+from training.evaluate import evaluate_designs
+from training.ranking.rank import first_stage_order, rank
+from training.ranking.reranker import Mix, Reranker
+
+QUERY = "does vitamin D prevent fractures"
+
+
+def test_rank_reorders_only_the_head_and_keeps_the_tail(tiny_first_stage, tiny_model):
+    cands = tiny_first_stage.search(QUERY, 8)
+    reranker = Reranker(tiny_model, "1")
+    ranking = rank(QUERY, cands, reranker, tiny_first_stage.text, depth=3)
+    assert sorted(d for d, _ in ranking[:3]) == sorted(c.doc_id for c in cands[:3])
+    assert ranking[3:] == first_stage_order(cands[3:])
+    assert rank(QUERY, cands, None, tiny_first_stage.text, depth=3) == first_stage_order(cands)
+
+
+def test_a_mix_override_changes_the_order_without_touching_the_model(tiny_first_stage, tiny_model):
+    cands = tiny_first_stage.search(QUERY, 8)
+    reranker = Reranker(tiny_model, "1")
+    served = reranker.mix
+    with_memory = rank(QUERY, cands, reranker, tiny_first_stage.text, depth=8)
+    without = rank(QUERY, cands, reranker, tiny_first_stage.text, depth=8, mix=Mix(alpha=0.5, beta=0.0))
+    assert with_memory[0][0] == "d7" and without[0][0] != "d7"
+    assert reranker.mix == served
+    assert reranker.with_mix(Mix(0.0)).mix == Mix(0.0) and reranker.mix == served
+
+
+def test_design_comparison_leaves_the_served_mix_alone(tiny_first_stage, tiny_model, tmp_path):
+    from tests.unit.conftest import write_beir
+
+    ds = load(write_beir(tmp_path / "beir"))
+    reranker = Reranker(tiny_model, "1")
+    cands = {QUERY: tiny_first_stage.search(QUERY, 8)}
+    designs = evaluate_designs(ds, "test", cands, reranker, tiny_first_stage.text, 8)
+    assert reranker.mix == Mix(0.5, 2.0, 0.5)
+    assert designs["bi-encoder + first stage (no memory)"]["weights"]["beta"] == 0.0
+    # the memory points at d7, which is not relevant: the design without it ranks d1 first
+    assert (
+        designs["bi-encoder + first stage (no memory)"]["ndcg@10"]
+        > designs["served: bi-encoder + first stage + feedback memory"]["ndcg@10"]
+    )

@@ -1,0 +1,80 @@
+"""The stream processor's per-message logic, without a broker."""
+
+import json
+
+from services.stream.join import step, sweep
+from tests.factories import impression, interaction
+from training.labels.rules import LabelRules
+
+RULES, WINDOW = LabelRules(), 1800.0
+
+
+def raw(ev):
+    return ev.model_dump_json().encode()
+
+
+def feed(messages, state=None, now=1020.0):
+    labels, dead = [], []
+    for kind, payload in messages:
+        r = step(state, "topic", kind, payload, RULES, WINDOW, now)
+        if r.state is not None:
+            state = r.state
+        labels += r.labels
+        dead += r.dead
+    return state, labels, dead
+
+
+def test_impression_then_click_makes_labels():
+    _state, labels, dead = feed([("impression", raw(impression())), ("interaction", raw(interaction("d2", "click")))])
+    assert sorted((lab.doc_id, lab.grade) for lab in labels) == [("d1", -1), ("d2", 1)]
+    assert dead == []
+
+
+def test_interaction_before_its_impression_waits_then_is_labelled():
+    _state, labels, _dead = feed([("interaction", raw(interaction("d1", "click"))), ("impression", raw(impression()))])
+    assert [(lab.doc_id, lab.grade) for lab in labels] == [("d1", 1)]
+
+
+def test_redelivered_event_makes_no_second_label_and_is_dead_lettered():
+    click = raw(interaction("d1", "click", event_id="same"))
+    _state, labels, dead = feed([("impression", raw(impression())), ("interaction", click), ("interaction", click)])
+    assert len(labels) == 1
+    assert [(d.code, d.reason) for d in dead] == [("duplicate_event", "duplicate event_id")]
+
+
+def test_malformed_and_unknown_type_go_to_dead_letters_with_reason():
+    _, labels, dead = feed(
+        [
+            ("impression", raw(impression())),
+            ("interaction", b"{not json"),
+            ("interaction", json.dumps({"event_id": "x", "request_id": "r1", "doc_id": "d1", "type": "teleport"}).encode()),
+        ]
+    )
+    assert labels == []
+    assert dead[0].reason.startswith("invalid event") and dead[0].payload == "{not json"
+    assert "type" in dead[1].reason
+
+
+def test_late_event_and_unshown_doc_are_dead_lettered():
+    late = interaction("d1", "click", timestamp=1000.0 + WINDOW + 1)
+    _, labels, dead = feed(
+        [("impression", raw(impression())), ("interaction", raw(late)), ("interaction", raw(interaction("nope", "click")))]
+    )
+    assert labels == []
+    assert dead[0].code == "late_event" and dead[0].reason.startswith("late event")
+    assert dead[1].code == "doc_not_shown" and "was not shown" in dead[1].reason
+
+
+def test_sweep_dead_letters_interactions_whose_impression_never_came():
+    state, _, _ = feed([("interaction", raw(interaction("d1", "click", request_id="ghost")))], now=1000.0)
+    forget, dead = sweep(state, now=1000.0 + WINDOW / 2, window_s=WINDOW, source="t")
+    assert not forget and dead == []
+    forget, dead = sweep(state, now=1000.0 + WINDOW + 1, window_s=WINDOW, source="t")
+    assert forget and len(dead) == 1 and dead[0].code == "unknown_request"
+    assert dead[0].reason.startswith("unknown request_id")
+
+
+def test_sweep_forgets_joined_requests_after_two_windows():
+    state, _, _ = feed([("impression", raw(impression(timestamp=1000.0)))])
+    assert sweep(state, 1000.0 + WINDOW, WINDOW, "t") == (False, [])
+    assert sweep(state, 1000.0 + 2 * WINDOW + 1, WINDOW, "t") == (True, [])

@@ -1,0 +1,80 @@
+"""The serving worker on in-memory storage: ranking, intake and hot swap, without any infrastructure."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from schemas import ImpressionEvent, RankRequest
+from services.config import ServingSettings, Settings
+from services.serve.worker import Worker
+from services.storage.memory import MemoryPublisher, memory_caches
+from training.ranking.rank import FIRST_STAGE, rank
+from training.registry import MemoryRegistry
+
+QUERY = "does vitamin D prevent fractures"
+
+
+@pytest.fixture()
+def worker(tiny_first_stage):
+    s = Settings(serving=ServingSettings(explore_rate=0.0, rerank_depth=5, candidates_k=8))
+    return Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
+
+
+def test_rank_serves_the_first_stage_and_records_the_impression(worker):
+    res = worker.rank(RankRequest(query=QUERY, k=3))
+    assert res.model_version == FIRST_STAGE and res.items[0].doc_id == "d1"
+    assert [it.position for it in res.items] == [1, 2, 3]
+    [payload] = worker.publisher.on(worker.keys.impressions)
+    imp = ImpressionEvent.model_validate_json(payload)
+    assert imp.request_id == res.request_id and [it.doc_id for it in imp.items] == [it.doc_id for it in res.items]
+
+
+def test_second_identical_query_is_a_cache_hit(worker):
+    worker.rank(RankRequest(query=QUERY, k=3))
+    worker.rank(RankRequest(query="Does  VITAMIN d prevent fractures", k=3))
+    assert worker.metrics.requests.labels("hit")._value.get() == 1
+
+
+def test_ingest_accepts_rejects_and_deduplicates(worker):
+    res = worker.rank(RankRequest(query=QUERY, k=3))
+    good = {"event_id": "e1", "request_id": res.request_id, "doc_id": "d1", "type": "click"}
+    accepted, rejected = worker.ingest([good, {"event_id": "e2", "type": "teleport"}, good])
+    assert accepted == ["e1"]
+    assert [(r.index, r.code.value) for r in rejected] == [(1, "invalid_event"), (2, "duplicate_event")]
+    assert worker.metrics.events_rejected.labels("duplicate_event")._value.get() == 1
+    assert json.loads(worker.publisher.on(worker.keys.interactions)[0])["event_id"] == "e1"
+
+
+def test_an_event_the_broker_did_not_take_is_rejected_and_can_be_retried(worker):
+    worker.publisher.fail = True
+    ev = {"event_id": "e9", "request_id": "r", "doc_id": "d1", "type": "click"}
+    accepted, rejected = worker.ingest([ev])
+    assert accepted == [] and rejected[0].code.value == "not_recorded"
+    worker.publisher.fail = False
+    assert worker.ingest([ev])[0] == ["e9"]  # de-duplication forgot the unrecorded event
+
+
+def test_check_champion_swaps_to_the_promoted_version_and_ranks_with_it(worker, tiny_model, tiny_first_stage):
+    registry = worker.registry
+    assert not worker.check_champion()  # no champion yet: nothing to do
+    version = registry.add(tiny_model)
+    registry.promote(version, "test")
+    assert worker.check_champion() and worker.serving.version == version
+    res = worker.rank(RankRequest(query=QUERY, k=8))
+    assert res.model_version == version
+    assert res.items[0].doc_id == "d7"  # the model's feedback memory lifted it over the first stage
+    # serving shows exactly what the shared ranking function (used by training and evaluation) gives
+    expected = rank(QUERY, tiny_first_stage.search(QUERY, 8), worker.serving.reranker, tiny_first_stage.text, 5)
+    assert [it.doc_id for it in res.items] == [d for d, _ in expected]
+    assert not worker.check_champion()  # already serving it
+
+
+def test_a_version_that_fails_to_load_keeps_the_old_one_serving(worker, tmp_path):
+    registry = worker.registry
+    registry.promote(registry.add(tmp_path / "missing"), "broken")
+    assert not worker.check_champion()
+    assert worker.serving.version == FIRST_STAGE and "version 1" in (worker.last_swap_error or "")
+    assert worker.rank(RankRequest(query=QUERY, k=2)).model_version == FIRST_STAGE

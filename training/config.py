@@ -1,0 +1,39 @@
+"""Settings of a training run and of the promotion gate. Plain pydantic models with no heavy imports,
+so the configuration object (and `rankloop --help`) never loads torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    """How a challenger is fine-tuned from labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(16, ge=2)
+    lr: float = Field(5e-5, gt=0)
+    hard_negatives: int = Field(2, ge=0)
+    retriever_negatives_from_top: int = Field(20, ge=1)
+    debias: Literal["naive", "ips"] = "naive"
+    max_ips: float = Field(5.0, ge=1.0)
+    max_weight: float = Field(4.0, gt=0)
+    replay_fraction: float = Field(0.5, ge=0.0, description="old queries replayed per new one when warm-starting")
+    max_examples: int = Field(1500, ge=1, description="bounds a run's time (~9 examples/s/epoch on 2 CPU cores)")
+    seed: int = 13
+    max_seq_length: int = Field(128, ge=16, description="training length; 4x faster than 256 on CPU, inference uses 256")
+
+
+class GateConfig(BaseModel):
+    """How labels are sliced by time and when a challenger counts as better than the champion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(0.2, gt=0.0, lt=1.0, description="most recent share of requests held out for the gate")
+    tune_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share before it that tunes the score mix")
+    margin: float = Field(0.005, ge=0.0, description="minimum mean NDCG@10 gain")
+    p_value: float = Field(0.05, gt=0.0, le=1.0, description="one-sided Wilcoxon p-value to beat")
+    min_queries: int = Field(30, ge=1, description="held-out queries needed before any verdict")

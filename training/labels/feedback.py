@@ -1,0 +1,62 @@
+"""From labels to what training learns from: per-query feedback, sliced by time.
+
+The slices are by request, oldest first (train | tune | gate), so the gate asks the production
+question: would the challenger have served the latest users better than the champion did?
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pandas as pd
+
+from training.ranking.query import normalise_query
+from training.ranking.reranker import Evidence
+
+
+def split_by_time(df: pd.DataFrame, tune_fraction: float, gate_fraction: float) -> dict[str, pd.DataFrame]:
+    """Splits labels by request, oldest first: train | tune | gate. No request is in two slices."""
+    first_seen = df.groupby("request_id")["timestamp"].min().sort_values(kind="stable")
+    n = len(first_seen)
+    n_gate, n_tune = round(n * gate_fraction), round(n * tune_fraction)
+    order = list(first_seen.index)
+    parts = {"train": order[: n - n_gate - n_tune], "tune": order[n - n_gate - n_tune : n - n_gate], "gate": order[n - n_gate :]}
+    return {k: df[df["request_id"].isin(set(v))] for k, v in parts.items()}
+
+
+@dataclass
+class QueryFeedback:
+    """Aggregated evidence for one query: doc_id -> signed strength (positive = relevant)."""
+
+    query: str
+    evidence: Evidence = field(default_factory=dict)
+
+    def positives(self) -> dict[str, float]:
+        return {d: s for d, s in self.evidence.items() if s > 0}
+
+    def negatives(self) -> list[str]:
+        return [d for d, s in sorted(self.evidence.items(), key=lambda kv: kv[1]) if s < 0]
+
+    def qrels(self) -> dict[str, int]:
+        """Graded relevance for evaluation on feedback: strong evidence counts 2, any other 1."""
+        return {d: (2 if s >= 2 else 1) for d, s in self.positives().items()}
+
+
+def aggregate(df: pd.DataFrame, debias: Literal["naive", "ips"] = "naive", max_ips: float = 5.0) -> dict[str, QueryFeedback]:
+    """Sums signed label weights per (query, doc) across requests.
+
+    debias="ips" multiplies each *positive* label by min(1/propensity, max_ips): a click at a rarely
+    examined position is stronger evidence. Negatives are not reweighted (an unexamined skip was
+    never a skip), and clipping bounds the variance the issue measured as harmful.
+    """
+    out: dict[str, QueryFeedback] = {}
+    for row in df.itertuples(index=False):
+        w = float(row.weight) * (1 if int(row.grade) > 0 else -1)
+        if debias == "ips" and int(row.grade) > 0:
+            w *= min(1.0 / float(row.propensity), max_ips)
+        query = normalise_query(str(row.query))
+        fb = out.setdefault(query, QueryFeedback(query))
+        doc = str(row.doc_id)
+        fb.evidence[doc] = fb.evidence.get(doc, 0.0) + w
+    return out

@@ -1,0 +1,105 @@
+"""The durable label store: the stream writes labels, the scheduler counts them, training reads them.
+
+`ParquetLabelStore` keeps one Parquet shard per write, named by topic partition and offset range, so
+a rewrite after a redelivery replaces the same file and the lineage of a training run is a set of
+offset ranges. Reading keeps the highest revision of each `label_id`: a label is never counted twice.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from schemas import LabelledExample
+
+SHARD_RE = re.compile(r"labels-p(\d+)-(\d+)-(\d+)\.parquet$")
+Lineage = dict[str, Any]
+"""Where a set of labels came from: shards, offset ranges per partition, counts by grade and signal."""
+
+
+class LabelStore(Protocol):
+    def write(self, labels: list[LabelledExample], partition: int, first: int, last: int) -> None:
+        """Stores the labels read from offsets first..last of a labels-topic partition (idempotent)."""
+
+    def read(self) -> tuple[pd.DataFrame, Lineage]:
+        """The latest revision of every label, and its lineage."""
+
+    def count(self) -> int:
+        """How many distinct labels there are now."""
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=list(LabelledExample.model_fields))
+
+
+def latest_revisions(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values("revision", kind="stable").drop_duplicates("label_id", keep="last").reset_index(drop=True)
+
+
+def describe(df: pd.DataFrame) -> Lineage:
+    """Counts a reviewer wants next to a training run."""
+    if df.empty:
+        return {"labels": 0}
+    signals = df["signals"].explode().value_counts().to_dict()
+    return {
+        "labels": len(df),
+        "requests": int(df["request_id"].nunique()),
+        "queries": int(df["query"].nunique()),
+        "by_grade": {str(k): int(v) for k, v in df["grade"].value_counts().items()},
+        "by_signal": {str(k): int(v) for k, v in signals.items()},
+    }
+
+
+class ParquetLabelStore:
+    """Parquet shards in a folder (local disk or a shared volume)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def shards(self) -> list[Path]:
+        return sorted(self.folder.glob("labels-p*.parquet")) if self.folder.exists() else []
+
+    def write(self, labels: list[LabelledExample], partition: int, first: int, last: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"labels-p{partition}-{first:012d}-{last:012d}.parquet"
+        tmp = path.with_suffix(".tmp")
+        _frame([lab.model_dump(mode="json") for lab in labels]).to_parquet(tmp, index=False)
+        tmp.replace(path)  # atomic: a reader never sees half a shard
+
+    def read(self) -> tuple[pd.DataFrame, Lineage]:
+        shards = self.shards()
+        if not shards:
+            return _frame([]), {"shards": 0, "labels": 0}
+        df = latest_revisions(pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True))
+        offsets: dict[str, list[int]] = {}
+        for p in shards:
+            m = SHARD_RE.search(p.name)
+            if m is None:
+                continue
+            part, lo, hi = m.group(1), int(m.group(2)), int(m.group(3))
+            cur = offsets.setdefault(f"p{part}", [lo, hi])
+            offsets[f"p{part}"] = [min(cur[0], lo), max(cur[1], hi)]
+        return df, {"shards": len(shards), **describe(df), "offsets": offsets}
+
+    def count(self) -> int:
+        return len(self.read()[0])
+
+
+class MemoryLabelStore:
+    """Labels in a list: unit tests and the benchmark's skyline."""
+
+    def __init__(self, labels: list[LabelledExample] | None = None):
+        self.rows: list[dict] = [lab.model_dump(mode="json") for lab in labels or []]
+
+    def write(self, labels: list[LabelledExample], partition: int, first: int, last: int) -> None:
+        self.rows += [lab.model_dump(mode="json") for lab in labels]
+
+    def read(self) -> tuple[pd.DataFrame, Lineage]:
+        df = latest_revisions(_frame(self.rows)) if self.rows else _frame([])
+        return df, {"shards": 0, **describe(df)}
+
+    def count(self) -> int:
+        return len(self.read()[0])

@@ -1,0 +1,94 @@
+"""Every figure rankloop draws: for people reviewing a training in MLflow or a benchmark page."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from training.gate import GateResult
+
+
+def gate_figure(gate: GateResult, deltas: Sequence[float]) -> Figure:
+    """Champion vs challenger on held-out feedback, and the per-query differences."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].bar(["champion", "challenger"], [gate.champion_mean, gate.challenger_mean], color=["#888", "#2a7"])
+    axes[0].set_title(f"held-out feedback NDCG@10 (p={gate.p_value:.3g})")
+    axes[1].hist(list(deltas), bins=21, color="#47a")
+    axes[1].set_title(f"per-query delta: {gate.wins} wins / {gate.losses} losses")
+    fig.tight_layout()
+    return fig
+
+
+def examination_figure(curve: Sequence[float]) -> Figure:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(1, len(curve) + 1), list(curve), marker="o")
+    ax.set_xlabel("position"), ax.set_ylabel("examination probability"), ax.set_title("propensity curve used for weights")
+    fig.tight_layout()
+    return fig
+
+
+def rounds_figure(title: str, champion: Sequence[float], challenger: Sequence[float], promoted: Sequence[bool]) -> Figure:
+    """The gate metric of every training round: champion at the time vs challenger."""
+    xs = list(range(1, len(challenger) + 1))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(xs, list(champion), marker="o", color="#888", label="champion at the time")
+    ax.plot(xs, list(challenger), marker="s", color="#2a7", label="challenger")
+    ax.scatter(
+        [x for x, p in zip(xs, promoted) if p],
+        [c for c, p in zip(challenger, promoted) if p],
+        s=140,
+        facecolors="none",
+        edgecolors="k",
+        label="promoted (or passed)",
+    )
+    ax.set_xlabel("training round"), ax.set_ylabel("held-out feedback NDCG@10"), ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def examination_curves(curves: dict[str, list[float]], path: Path, title: str) -> Path:
+    """Several examination curves on one plot, written as a PNG."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
+    ax.set_xlabel("position")
+    ax.set_ylabel("examination probability (position 1 = 1)")
+    ax.set_title(title)
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def loop_rounds(
+    path: Path,
+    title: str,
+    eval_label: str,
+    train_label: str,
+    eval_by_round: Sequence[float],
+    train_by_round: Sequence[float],
+    hybrid: float,
+    skyline: float,
+) -> Path:
+    """Benchmark: the champion's metric by round on the eval and feedback queries, with references."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = list(range(len(eval_by_round)))
+    ax.plot(xs, list(eval_by_round), marker="o", label=eval_label)
+    ax.plot(xs, list(train_by_round), marker="s", label=train_label)
+    ax.axhline(hybrid, color="grey", ls="--", label="hybrid first stage")
+    ax.axhline(skyline, color="green", ls=":", label="full-information skyline")
+    ax.set_xlabel("round"), ax.set_ylabel("NDCG@10"), ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,5 @@
+"""The files of a model folder besides the sentence-transformers save (no heavy imports, so the
+registry and admin commands can check a folder without loading torch)."""
+
+META_FILE = "rankloop.json"  # kind, mix (alpha, beta, tau), rerank depth, lineage
+PRIOR_FILE = "feedback_prior.json"  # the feedback memory: query -> {doc_id: evidence}

@@ -1,0 +1,63 @@
+"""The one ranking function. Serving, tuning, the gate and every evaluation call `rank`, so what is
+measured offline is exactly what users are shown."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from training.ranking.first_stage import Candidate, FirstStage
+from training.ranking.reranker import Features, Mix, Reranker
+
+FIRST_STAGE = "first-stage"
+"""The version name served while no model is champion."""
+
+Ranking = list[tuple[str, float]]
+"""(doc_id, score), best first."""
+
+
+def first_stage_order(candidates: list[Candidate]) -> Ranking:
+    return [(c.doc_id, c.fused) for c in candidates]
+
+
+def rank(
+    query: str,
+    candidates: list[Candidate],
+    reranker: Reranker | None,
+    text: Callable[[str], str],
+    depth: int,
+    mix: Mix | None = None,
+    features: Features | None = None,
+) -> Ranking:
+    """What a user is shown: the reranker's order of the top `depth` candidates, then the first-stage
+    tail. `mix` overrides the model's own (tuning, design comparisons); `features` of the head, when
+    already computed, are reused (tuning scores one set of features under many mixes)."""
+    if reranker is None:
+        return first_stage_order(candidates)
+    head = features if features is not None else reranker.features(query, candidates[:depth], text)
+    scores = Reranker.combine(head, mix or reranker.mix)
+    order = np.argsort(-scores, kind="stable")
+    return [(head.doc_ids[i], float(scores[i])) for i in order] + first_stage_order(candidates[depth:])
+
+
+def rank_queries(
+    queries: Iterable[str],
+    candidates: dict[str, list[Candidate]],
+    reranker: Reranker | None,
+    text: Callable[[str], str],
+    depth: int,
+    mix: Mix | None = None,
+) -> dict[str, Ranking]:
+    """`rank` for many queries whose candidates are already retrieved."""
+    return {q: rank(q, candidates[q], reranker, text, depth, mix) for q in queries}
+
+
+def candidates_for(first_stage: FirstStage, queries: list[str], k: int = 100, batch: int = 256) -> dict[str, list[Candidate]]:
+    """First-stage candidates of many queries, retrieved in batches."""
+    out: dict[str, list[Candidate]] = {}
+    uniq = list(dict.fromkeys(queries))
+    for start in range(0, len(uniq), batch):
+        chunk = uniq[start : start + batch]
+        out.update(zip(chunk, first_stage.search_many(chunk, k)))
+    return out

@@ -1,0 +1,158 @@
+"""The reranker: a fine-tuned bi-encoder whose similarity is mixed with the first-stage score.
+
+Why a bi-encoder and not a cross-encoder (docs/ranking.md): the only offline checkpoint is
+all-MiniLM-L6-v2, a bi-encoder; a cross-encoder built on it starts from a random head and, measured
+here, stays below the hybrid first stage, while a bi-encoder fine-tuned with in-batch negatives lifts
+it. Document embeddings per model version are cacheable (Redis in serving), so reranking costs one
+query encoding plus lookups, and a promotion never forces a full re-embedding of the corpus.
+
+A model is a folder: the sentence-transformers save (safetensors + config) plus `rankloop.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from sentence_transformers import SentenceTransformer
+
+from training.ranking.encoder import encode, load_encoder
+from training.ranking.first_stage import Candidate, minmax
+from training.ranking.model_files import META_FILE, PRIOR_FILE
+from training.ranking.query import normalise_query
+
+MEMORY_NEIGHBOURS = 10
+
+Evidence = dict[str, float]
+"""doc_id -> signed, summed label weight users gave it for one query."""
+
+
+class EmbeddingCache(Protocol):
+    """Document embeddings per model version; Redis in serving (shared by replicas), memory elsewhere."""
+
+    def get_many(self, version: str, doc_ids: list[str]) -> dict[str, np.ndarray]: ...
+    def put_many(self, version: str, vectors: Mapping[str, np.ndarray]) -> None: ...
+
+
+class MemoryEmbeddingCache:
+    """Process-local embedding cache (training, evaluation, unit tests)."""
+
+    def __init__(self) -> None:
+        self.store: dict[tuple[str, str], np.ndarray] = {}
+
+    def get_many(self, version: str, doc_ids: list[str]) -> dict[str, np.ndarray]:
+        return {d: self.store[(version, d)] for d in doc_ids if (version, d) in self.store}
+
+    def put_many(self, version: str, vectors: Mapping[str, np.ndarray]) -> None:
+        for d, v in vectors.items():
+            self.store[(version, d)] = v
+
+
+@dataclass(frozen=True)
+class Mix:
+    """score = alpha * model similarity + (1 - alpha) * first stage + beta * tanh(feedback memory);
+    tau is the similarity below which a past query's feedback is not borrowed."""
+
+    alpha: float
+    beta: float = 0.0
+    tau: float = 0.5
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class Features:
+    """Per-candidate signals the final score mixes; computed once, combined under any mix."""
+
+    doc_ids: list[str]
+    similarity: np.ndarray  # fine-tuned bi-encoder, min-max scaled over the candidates
+    first_stage: np.ndarray  # fused BM25 + dense, min-max scaled
+    neighbours: np.ndarray  # past queries' similarity to this one, best first
+    evidence: list[Evidence]  # what users said for each of those past queries
+
+
+class Reranker:
+    """A model version: the fine-tuned encoder, its tuned `Mix` and its feedback memory.
+
+    The feedback memory is what users said about this query *and queries like it*: for the
+    `MEMORY_NEIGHBOURS` most similar past queries q' (cosine s under this model), each doc gets
+    w(s) * evidence(q', doc), with w(s) = max(0, (s - tau) / (1 - tau)); the exact same query has
+    w = 1. Head queries repeat and related queries share answers (on SciFact two thirds of the test
+    queries have a relevant document that is relevant to some train query), so remembering
+    feedback is the first thing a loop should do; the bi-encoder carries what generalises beyond.
+    """
+
+    def __init__(self, folder: Path, version: str, cache: EmbeddingCache | None = None):
+        self.folder = Path(folder)
+        self.version = version
+        self.meta: dict[str, Any] = json.loads((self.folder / META_FILE).read_text())
+        self.mix = Mix(float(self.meta["alpha"]), float(self.meta.get("beta", 0.0)), float(self.meta.get("tau", 0.5)))
+        prior_path = self.folder / PRIOR_FILE
+        self.prior: dict[str, Evidence] = json.loads(prior_path.read_text()) if prior_path.exists() else {}
+        self.model = load_encoder(self.folder)
+        self.cache: EmbeddingCache = cache or MemoryEmbeddingCache()
+        self.memory_queries = list(self.prior)
+        self.memory = encode(self.model, self.memory_queries)
+
+    def with_mix(self, mix: Mix) -> Reranker:
+        """The same model (shared weights and caches) under another mix."""
+        other = copy.copy(self)
+        other.mix = mix
+        return other
+
+    def doc_embeddings(self, doc_ids: list[str], text: Callable[[str], str]) -> np.ndarray:
+        found = self.cache.get_many(self.version, doc_ids)
+        missing = [d for d in doc_ids if d not in found]
+        if missing:
+            fresh = dict(zip(missing, encode(self.model, [text(d) for d in missing])))
+            self.cache.put_many(self.version, fresh)
+            found.update(fresh)
+        return np.stack([found[d] for d in doc_ids])
+
+    def features(self, query: str, candidates: list[Candidate], text: Callable[[str], str]) -> Features:
+        q = encode(self.model, [normalise_query(query)])[0]
+        doc_ids = [c.doc_id for c in candidates]
+        sims = self.doc_embeddings(doc_ids, text) @ q if doc_ids else np.zeros(0, dtype=np.float32)
+        first = minmax(np.array([c.fused for c in candidates], dtype=np.float32))
+        if self.memory_queries:
+            near = self.memory @ q
+            top = np.argsort(-near)[:MEMORY_NEIGHBOURS]
+            neighbours, evidence = near[top], [self.prior[self.memory_queries[i]] for i in top]
+        else:
+            neighbours, evidence = np.zeros(0), []
+        return Features(doc_ids, minmax(sims), first, neighbours, evidence)
+
+    @staticmethod
+    def combine(f: Features, mix: Mix) -> np.ndarray:
+        scores = mix.alpha * f.similarity + (1 - mix.alpha) * f.first_stage
+        if mix.beta:
+            index = {d: i for i, d in enumerate(f.doc_ids)}
+            memory = np.zeros(len(f.doc_ids))
+            for s, said in zip(f.neighbours, f.evidence):
+                w = max(0.0, (float(s) - mix.tau) / (1 - mix.tau))
+                for d, v in said.items():
+                    if w and d in index:
+                        memory[index[d]] += w * v
+            scores = scores + mix.beta * np.tanh(memory)
+        return scores
+
+
+def save_model_folder(
+    model: SentenceTransformer,
+    folder: Path,
+    mix: Mix,
+    prior: Mapping[str, Evidence] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(str(folder), safe_serialization=True)
+    (folder / PRIOR_FILE).write_text(json.dumps(dict(prior or {})))
+    meta = {"kind": "bi-encoder", **mix.as_dict(), **(extra or {})}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+    return folder
