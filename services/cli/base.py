@@ -44,6 +44,7 @@ app.add_typer(bench_app, name="bench")
 if not os.environ.get("RANKLOOP_ONLINE"):  # models load from local folders; never wait on a hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars in process logs
 
 
 def settings() -> Settings:

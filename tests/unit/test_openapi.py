@@ -1,0 +1,25 @@
+"""Every endpoint is in the OpenAPI document with its request and response models and an example."""
+
+from __future__ import annotations
+
+from unittest.mock import MagicMock
+
+from services.config import Settings
+from services.serve.app import create_app
+
+
+def test_openapi_documents_every_endpoint_with_models():
+    spec = create_app(Settings(), worker=MagicMock()).openapi()
+    paths = spec["paths"]
+    assert set(paths) == {"/rank", "/events", "/model", "/health", "/metrics"}
+    ok = lambda path, method: paths[path][method]["responses"]["200"]["content"]  # noqa: E731
+    assert ok("/rank", "post")["application/json"]["schema"]["$ref"].endswith("/RankResponse")
+    assert ok("/events", "post")["application/json"]["schema"]["$ref"].endswith("/EventsResponse")
+    assert ok("/model", "get")["application/json"]["schema"]["$ref"].endswith("/ModelInfo")
+    assert ok("/health", "get")["application/json"]["schema"]["$ref"].endswith("/Health")
+    body = paths["/events"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["example"][0]["type"] == "click"
+    schemas = spec["components"]["schemas"]
+    assert {"InteractionEvent", "InteractionType", "Rejection", "RejectCode"} <= set(schemas)
+    for name in ("RankRequest", "RankResponse", "EventsResponse", "ModelInfo", "Health"):
+        assert schemas[name].get("examples"), name
