@@ -45,3 +45,12 @@ def small_dataset(tmp_path_factory) -> Path:
     if not (SCIFACT / "corpus.jsonl").exists():
         pytest.skip(f"SciFact not found at {SCIFACT}")
     return make_small_beir(SCIFACT, tmp_path_factory.mktemp("beir") / "small")
+
+
+def clear_rankloop_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests see no settings from the shell or from an integration fixture."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("RANKLOOP_") or name == "MLFLOW_TRACKING_URI":
+            monkeypatch.delenv(name)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import clear_rankloop_env
+
 DOCS = {
     "d1": ("Vitamin D and bone fractures", "Vitamin D supplements reduce the risk of hip fractures in older adults."),
     "d2": ("Statins and the heart", "Statins lower cholesterol and the risk of heart attacks."),
@@ -17,6 +19,12 @@ DOCS = {
     "d7": ("Coffee and the liver", "Coffee drinkers have a lower risk of liver disease."),
     "d8": ("Vaccines and measles", "Two doses of the measles vaccine protect almost everyone."),
 }
+
+
+@pytest.fixture(autouse=True)
+def no_outside_settings(monkeypatch):
+    """Unit tests see no RANKLOOP_* settings from the shell or from an integration fixture."""
+    clear_rankloop_env(monkeypatch)
 
 
 def write_beir(folder: Path) -> Path:

@@ -16,8 +16,6 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in ("MLFLOW_TRACKING_URI", "RANKLOOP_CONFIG", "RANKLOOP_KAFKA__BOOTSTRAP", "RANKLOOP_REDIS__URL"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def test_help_lists_every_command():

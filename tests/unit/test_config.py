@@ -9,12 +9,6 @@ from services.config import Settings
 from services.keys import Keys
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "RANKLOOP_CONFIG", "RANKLOOP_KAFKA__BOOTSTRAP", "RANKLOOP_REDIS__URL"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def test_nested_env_names_fill_the_groups(monkeypatch):
     monkeypatch.setenv("RANKLOOP_KAFKA__BOOTSTRAP", "broker:9092")
     monkeypatch.setenv("RANKLOOP_SERVING__RERANK_DEPTH", "30")
