@@ -3,7 +3,7 @@
 Imports nothing else of rankloop and nothing heavy (pydantic only), so any emitter can use it.
 """
 
-from schemas.api import ErrorBody, EventsResponse, Health, ModelInfo, RankedItem, RankRequest, RankResponse, Rejection
+from schemas.api import ErrorBody, EventsResponse, Health, Liveness, ModelInfo, RankedItem, RankRequest, RankResponse, Rejection
 from schemas.errors import DependencyUnavailable, InvalidInput, InvalidState, NotFound, RankloopError, RequestFailed
 from schemas.events import (
     ALL_SCHEMAS,
@@ -35,6 +35,7 @@ __all__ = [
     "InvalidInput",
     "InvalidState",
     "LabelledExample",
+    "Liveness",
     "ModelEvent",
     "ModelInfo",
     "NotFound",

@@ -102,14 +102,38 @@ class ModelInfo(BaseModel):
 
 
 class Health(BaseModel):
+    """Readiness: the index and the model are loaded. Kafka and Redis are reported, not gating:
+    ranking works without them (impressions wait in a buffer, results go uncached)."""
+
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"status": "ok", "redis": True, "kafka": True, "model_version": "3"}]}
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ready",
+                    "model_version": "3",
+                    "index_version": "a1b2c3d4e5f6",
+                    "kafka": True,
+                    "redis": True,
+                    "impressions_buffered": 0,
+                    "impressions_dropped": 0,
+                    "last_swap_error": None,
+                }
+            ]
+        }
     )
 
-    status: Literal["ok", "degraded"]
-    redis: bool
-    kafka: bool
+    status: Literal["ready", "starting"]
     model_version: str
+    index_version: str
+    kafka: bool = Field(description="the last attempt to publish reached the broker")
+    redis: bool
+    impressions_buffered: int = Field(description="impressions waiting for the broker")
+    impressions_dropped: int = Field(description="impressions lost because the buffer was full")
+    last_swap_error: str | None
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"] = "alive"
 
 
 class ErrorBody(BaseModel):

@@ -92,6 +92,13 @@ class MlflowRegistry:
     ) -> MlflowRegistry:
         return cls(connect(tracking_uri, artifact_dir, experiment), name, cache_dir / name)
 
+    @classmethod
+    def reader(cls, tracking_uri: str, name: str, cache_dir: Path) -> MlflowRegistry:
+        """For a serving worker: contacts nothing now, so a worker starts while MLflow is away."""
+        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        mlflow.set_tracking_uri(tracking_uri)
+        return cls(MlflowClient(tracking_uri), name, cache_dir / name)
+
     def champion(self) -> ModelVersion | None:
         try:
             mv = self.client.get_model_version_by_alias(self.name, CHAMPION)

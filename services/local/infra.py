@@ -59,49 +59,96 @@ def _wait_port(port: int, what: str, timeout: float = 20.0) -> None:
     raise DependencyUnavailable(f"{what} did not start listening on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
+def start_kafka(s: Settings) -> None:
+    """The embedded broker, if it is not running. Memory storage: a restart forgets every event."""
+    if port_open("127.0.0.1", s.kafka.local_port):
+        return
+    url = f"tcp://127.0.0.1:{s.kafka.local_port}"
+    _spawn(
+        s,
+        "kafka",
+        [
+            str(_tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+    )
+    _wait_port(s.kafka.local_port, "Tansu broker")
+
+
+def start_redis(s: Settings) -> None:
+    if port_open("127.0.0.1", s.redis.local_port):
+        return
+    _spawn(
+        s,
+        "redis",
+        [
+            _redis_binary(),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(s.redis.local_port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(s.state_dir.resolve()),
+        ],
+    )
+    _wait_port(s.redis.local_port, "redis-server")
+
+
 def up(s: Settings) -> list[Component]:
     """Starts what is local and not yet running, then creates the topics."""
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    if s.kafka.local and not port_open("127.0.0.1", s.kafka.local_port):
-        url = f"tcp://127.0.0.1:{s.kafka.local_port}"
-        _spawn(
-            s,
-            "kafka",
-            [
-                str(_tansu_binary()),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-        )
-        _wait_port(s.kafka.local_port, "Tansu broker")
-    if s.redis.local and not port_open("127.0.0.1", s.redis.local_port):
-        _spawn(
-            s,
-            "redis",
-            [
-                _redis_binary(),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(s.redis.local_port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(s.state_dir.resolve()),
-            ],
-        )
-        _wait_port(s.redis.local_port, "redis-server")
+    if s.kafka.local:
+        start_kafka(s)
+    if s.redis.local:
+        start_redis(s)
     if s.mlflow.local:
         s.artifact_dir.mkdir(parents=True, exist_ok=True)
     create_topics(s.kafka.address, s.keys.topics(), s.kafka.partitions)
     return status(s)
+
+
+def stop(s: Settings, name: str, timeout: float = 10.0) -> bool:
+    """Stops one locally started component ("kafka", "redis", or a worker) and waits for it to exit."""
+    pid_file = s.state_dir / "run" / f"{name}.pid"
+    if not pid_file.exists():
+        return False
+    try:
+        pid = int(pid_file.read_text())
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, ValueError, PermissionError):
+        pid_file.unlink(missing_ok=True)
+        return False
+    deadline = time.time() + timeout
+    while time.time() < deadline and _alive(pid):
+        time.sleep(0.1)
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process still runs. A stopping broker keeps serving open connections after its
+    port closes, so "stopped" means exited; our own exited children are reaped here."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def down(s: Settings) -> list[str]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,22 +15,38 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from schemas import ErrorBody, EventsResponse, Health, InteractionEvent, ModelInfo, RankRequest, RankResponse
+from schemas import (
+    DependencyUnavailable,
+    ErrorBody,
+    EventsResponse,
+    Health,
+    InteractionEvent,
+    Liveness,
+    ModelInfo,
+    RankRequest,
+    RankResponse,
+)
 from services.config import Settings
 from services.serve.worker import Worker
 from services.storage import open_caches, open_publisher
-from services.storage.health import kafka_reachable, require
+from services.storage.health import status
 from training.ranking.first_stage import FirstStage
 from training.registry import MlflowRegistry
 
+log = logging.getLogger("rankloop.serve")
+
 
 def build_worker(s: Settings) -> Worker:
-    """A worker on the configured broker, Redis and MLflow, serving the current index."""
-    require(s, "kafka", "redis")
+    """A worker on the configured broker, Redis and MLflow, serving the current index. It starts
+    even when one of them is down (ranking needs none of them) and says so loudly."""
+    for c in status(s):
+        if not c.up:
+            log.warning("%s at %s is down: serving without it until it is back", c.name, c.address)
     first_stage = FirstStage.current(s.state_dir)
     caches = open_caches(s.redis.address, s.keys, s.serving.cache_ttl_s, int(s.stream.join_window_s * 2))
-    registry = MlflowRegistry.connect(s.tracking_uri, s.artifact_dir, s.keys.model_name, s.versions_dir, s.keys.experiment)
-    return Worker(s, first_stage, caches, open_publisher(s.kafka.address), registry)
+    registry = MlflowRegistry.reader(s.tracking_uri, s.keys.model_name, s.versions_dir)
+    publisher = open_publisher(s.kafka.address, s.keys.topics(), s.kafka.partitions, s.serving.impression_buffer)
+    return Worker(s, first_stage, caches, publisher, registry)
 
 
 def watch_model_events(worker: Worker, s: Settings) -> None:
@@ -102,6 +119,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
             400: {"model": ErrorBody, "description": "malformed JSON"},
             413: {"model": ErrorBody, "description": "batch larger than serving.max_batch"},
             422: {"model": EventsResponse, "description": "no event of the batch was accepted"},
+            503: {"model": ErrorBody, "description": "cannot record durably now (broker or Redis down): retry"},
         },
     )
     async def events(request: Request) -> JSONResponse:
@@ -117,7 +135,10 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
             raise HTTPException(422, 'expected a JSON array of events or {"events": [...]}')
         if len(batch) > s.serving.max_batch:
             raise HTTPException(413, f"batch of {len(batch)} events exceeds the limit of {s.serving.max_batch}")
-        accepted, rejected = await run_in_threadpool(state["w"].ingest, batch)
+        try:
+            accepted, rejected = await run_in_threadpool(state["w"].ingest, batch)
+        except DependencyUnavailable as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None
         answer = EventsResponse(accepted=accepted, rejected=rejected)
         return JSONResponse(answer.model_dump(mode="json"), status_code=200 if accepted or not batch else 422)
 
@@ -135,14 +156,30 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
             last_swap_error=w.last_swap_error,
         )
 
-    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "a dependency is down"}})
-    def health() -> JSONResponse:
-        """ok when Redis and the broker answer; 503 (degraded) otherwise."""
+    @app.get("/health/live", response_model=Liveness)
+    def live() -> Liveness:
+        """The process answers (the liveness probe: a failure means restart it)."""
+        return Liveness()
+
+    @app.get("/health/ready", response_model=Health, responses={503: {"model": Health, "description": "still starting"}})
+    def ready() -> JSONResponse:
+        """Ready once the index is loaded and the registry was asked which model to serve (the
+        readiness probe). Kafka and Redis are reported but do not gate: ranking works without them."""
         w = state["w"]
-        redis_ok, kafka_ok = w.caches.ping(), kafka_reachable(s.kafka.address)
-        ok = redis_ok and kafka_ok
-        body = Health(status="ok" if ok else "degraded", redis=redis_ok, kafka=kafka_ok, model_version=w.serving.version)
+        ok = w.champion_checked
+        body = Health(
+            status="ready" if ok else "starting",
+            model_version=w.serving.version,
+            index_version=w.first_stage.version,
+            kafka=w.publisher.healthy,
+            redis=w.caches.ping(),
+            impressions_buffered=w.publisher.buffered,
+            impressions_dropped=w.publisher.dropped,
+            last_swap_error=w.last_swap_error,
+        )
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    app.add_api_route("/health", ready, methods=["GET"], response_model=Health, include_in_schema=False)
 
     @app.get(
         "/metrics",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -22,9 +24,18 @@ class ServingMetrics:
         self.publish_failures = Counter(
             "rankloop_publish_failures", "events that could not be recorded on Kafka", ["topic"], registry=r
         )
-        self.impressions = Counter("rankloop_impressions_published", "impressions handed to Kafka", registry=r)
+        self.impressions = Counter("rankloop_impressions_published", "impressions handed to the publisher", registry=r)
+        self.impressions_buffered = Gauge("rankloop_impressions_buffered", "impressions waiting for the broker", registry=r)
+        self.impressions_dropped = Gauge("rankloop_impressions_dropped", "impressions lost: the buffer was full", registry=r)
+        self.kafka_up = Gauge("rankloop_kafka_up", "1 when the last publish reached the broker", registry=r)
         self.swaps = Counter("rankloop_model_swaps", "model hot swaps", registry=r)
         self.swap_failures = Counter("rankloop_model_swap_failures", "model versions that failed to load", registry=r)
         self.cache_errors = Counter("rankloop_cache_errors", "Redis errors (served without cache)", registry=r)
         self.explored = Counter("rankloop_explored_requests", "requests shown in a randomised order", registry=r)
         self.model_version = Gauge("rankloop_model_version", "served model version (0 = first stage)", registry=r)
+
+    def watch(self, publisher: Any) -> None:
+        """Gauges read from the publisher when /metrics is scraped."""
+        self.impressions_buffered.set_function(lambda: publisher.buffered)
+        self.impressions_dropped.set_function(lambda: publisher.dropped)
+        self.kafka_up.set_function(lambda: float(publisher.healthy))

@@ -77,6 +77,9 @@ class Worker:
         self.registry = registry
         self.load_model = load_model
         self.metrics = ServingMetrics()
+        self.metrics.watch(publisher)
+        self.champion_checked = False  # ready only once the registry was asked what to serve
+        self._cache_down = False
         self.rng = rng or random.Random()
         self.serving = Serving(FIRST_STAGE, None, time.time())
         self.last_swap_error: str | None = None
@@ -126,8 +129,8 @@ class Worker:
             index_version=self.first_stage.version,
             explored=explored,
         )
-        if self._publish(self.keys.impressions, response.request_id, impression) is not None:
-            self.metrics.impressions.inc()
+        if self.publisher.publish_later(self.keys.impressions, response.request_id, impression):
+            self.metrics.impressions.inc()  # handed to the buffer; it reaches the broker when the broker is there
         label = "hit" if hit else "miss"
         self.metrics.explored.inc(explored)
         self.metrics.requests.labels(label).inc()
@@ -136,18 +139,30 @@ class Worker:
 
     def _cache_get(self, key: str) -> Any | None:
         try:
-            return self.caches.ranking.get(key)
+            value = self.caches.ranking.get(key)
         except DependencyUnavailable as e:
-            self.metrics.cache_errors.inc()
-            log.warning("cache read failed, serving without cache: %s", e)
+            self._cache_failed(e)
             return None
+        self._cache_ok()
+        return value
 
     def _cache_set(self, key: str, value: Any) -> None:
         try:
             self.caches.ranking.set(key, value)
         except DependencyUnavailable as e:
-            self.metrics.cache_errors.inc()
-            log.warning("cache write failed: %s", e)
+            self._cache_failed(e)
+
+    def _cache_failed(self, e: Exception) -> None:
+        """Counted every time, logged once per outage."""
+        self.metrics.cache_errors.inc()
+        if not self._cache_down:
+            self._cache_down = True
+            log.warning("rank cache unavailable, serving without it: %s", e)
+
+    def _cache_ok(self) -> None:
+        if self._cache_down:
+            self._cache_down = False
+            log.info("rank cache is back")
 
     def _publish(self, topic: str, key: str, event: BaseModel) -> Future | None:
         future = self.publisher.publish(topic, key, event)
@@ -161,14 +176,17 @@ class Worker:
     def ingest(self, events: list) -> tuple[list[str], list[Rejection]]:
         """Validates each event on its own; valid ones are written to the broker (acks=all) before
         the answer, so "accepted" means durable. Duplicates (in the batch or seen before) are rejected;
-        an event that was not recorded is forgotten by de-duplication, so a retry is accepted."""
-        accepted: list[str] = []
+        an event that was not recorded is forgotten by de-duplication, so a retry is accepted.
+
+        Raises DependencyUnavailable, with the reason, when nothing valid can be recorded (the broker
+        is down, or Redis is and de-duplication cannot run): the app answers 503 and the client retries."""
+        if not self.publisher.healthy:
+            raise DependencyUnavailable(f"events cannot be recorded now: Kafka unavailable ({self.publisher.last_error})")
         rejected: list[Rejection] = []
-        pending: list[tuple[int, InteractionEvent, Future | None]] = []
-        seen: set[str] = set()
+        valid: list[tuple[int, InteractionEvent]] = []
         for i, raw in enumerate(events):
             try:
-                ev = InteractionEvent.model_validate(raw)
+                valid.append((i, InteractionEvent.model_validate(raw)))
             except ValidationError as e:
                 event_id = raw.get("event_id") if isinstance(raw, dict) else None
                 rejected.append(
@@ -179,36 +197,67 @@ class Worker:
                         detail=f"invalid event: {validation_detail(e)}",
                     )
                 )
-                continue
-            if ev.event_id in seen or not self.caches.seen.first_sighting(ev.event_id):
-                rejected.append(
-                    Rejection(index=i, event_id=ev.event_id, code=RejectCode.duplicate_event, detail="duplicate event_id")
-                )
-                continue
-            seen.add(ev.event_id)
-            pending.append((i, ev, self._publish(self.keys.interactions, ev.request_id, ev)))
-        self.publisher.flush(timeout=10)
+        fresh = self._first_sightings(valid, rejected)
+        pending = [(i, ev, self._publish(self.keys.interactions, ev.request_id, ev)) for i, ev in fresh]
+        deadline = time.time() + self.RECORD_TIMEOUT_S
+        self.publisher.flush(timeout=self.RECORD_TIMEOUT_S)
+        accepted, failed = [], []
         for i, ev, future in pending:
             try:
                 if future is None:
-                    raise RuntimeError("producer refused the event")
-                future.result(timeout=10)
+                    raise RuntimeError("the producer refused the event")
+                future.result(timeout=max(0.05, deadline - time.time()))
                 accepted.append(ev.event_id)
-            except Exception as e:
-                self.caches.seen.forget(ev.event_id)
-                rejected.append(
-                    Rejection(
-                        index=i,
-                        event_id=ev.event_id,
-                        code=RejectCode.not_recorded,
-                        detail=f"not recorded: Kafka unavailable ({e})",
-                    )
-                )
+            except Exception as e:  # any broker failure: this event was not recorded
+                failed.append((i, ev, e))
+        self._forget([ev for _, ev, _ in failed])
         self.metrics.events_accepted.inc(len(accepted))
+        if failed and not accepted:
+            self.metrics.events_rejected.labels(RejectCode.not_recorded.value).inc(len(failed))
+            raise DependencyUnavailable(f"events cannot be recorded now: Kafka unavailable ({failed[0][2]})")
+        rejected += [
+            Rejection(
+                index=i,
+                event_id=ev.event_id,
+                code=RejectCode.not_recorded,
+                detail=f"not recorded: Kafka unavailable ({e}); retry it",
+            )
+            for i, ev, e in failed
+        ]
         for r in rejected:
             self.metrics.events_rejected.labels(r.code.value).inc()
         rejected.sort(key=lambda r: r.index)
         return accepted, rejected
+
+    RECORD_TIMEOUT_S = 5.0  # a healthy broker acknowledges in milliseconds
+
+    def _first_sightings(
+        self, valid: list[tuple[int, InteractionEvent]], rejected: list[Rejection]
+    ) -> list[tuple[int, InteractionEvent]]:
+        """The events not seen before (in this batch or earlier); the others are rejected as duplicates.
+        All or nothing: if de-duplication fails midway, the ids marked so far are released again."""
+        fresh: list[tuple[int, InteractionEvent]] = []
+        batch: set[str] = set()
+        try:
+            for i, ev in valid:
+                if ev.event_id in batch or not self.caches.seen.first_sighting(ev.event_id):
+                    rejected.append(
+                        Rejection(index=i, event_id=ev.event_id, code=RejectCode.duplicate_event, detail="duplicate event_id")
+                    )
+                    continue
+                batch.add(ev.event_id)
+                fresh.append((i, ev))
+        except DependencyUnavailable:
+            self._forget([ev for _, ev in fresh])
+            raise
+        return fresh
+
+    def _forget(self, events: list[InteractionEvent]) -> None:
+        for ev in events:
+            try:
+                self.caches.seen.forget(ev.event_id)
+            except DependencyUnavailable as e:  # its marker expires with the TTL; a retry within it is refused
+                log.error("could not release event id %s after a failed write: %s", ev.event_id, e)
 
     # ---- hot swap ------------------------------------------------------------------------
     def check_champion(self) -> bool:
@@ -220,7 +269,7 @@ class Worker:
             try:
                 reranker = self.load_model(self.registry.fetch(current), current.version, self.caches.embeddings)
                 rank("warm up", self.candidates("warm up")[:8], reranker, self.first_stage.text, 8)
-            except Exception as e:
+            except Exception as e:  # a bad version must not take serving down
                 self.metrics.swap_failures.inc()
                 self.last_swap_error = f"version {current.version}: {e}"
                 log.exception("failed to load model version %s; still serving %s", current.version, self.serving.version)
@@ -235,8 +284,9 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self.check_champion()
-            except Exception:
+            except Exception:  # MLflow away: keep serving what is loaded, swap when it is back
                 log.exception("champion check failed")
+            self.champion_checked = True
             self._wake.wait(self.s.serving.champion_poll_s)
             self._wake.clear()
 
@@ -247,7 +297,7 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self.publisher.flush(timeout=5)
+        self.publisher.close(timeout=5)
 
     @property
     def stopped(self) -> bool:

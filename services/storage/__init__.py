@@ -33,12 +33,22 @@ class SeenEvents(Protocol):
 
 
 class Publisher(Protocol):
-    """Events onto topics. `publish` returns a future that resolves once the broker has the event,
-    or None when the event could not even be handed over (the failure is counted)."""
+    """Events onto topics (see `kafka.KafkaPublisher`)."""
 
-    def publish(self, topic: str, key: str, event: BaseModel | str) -> Future | None: ...
+    healthy: bool  # the last attempt to reach the broker worked
+    last_error: str | None
+    dropped: int  # buffered events lost because the buffer was full
+
+    def publish(self, topic: str, key: str, event: BaseModel | str) -> Future | None:
+        """Now: a future that resolves once the broker has the event, or None if it could not be handed over."""
+
+    def publish_later(self, topic: str, key: str, event: BaseModel | str) -> bool:
+        """Buffered and retried through outages; False when the buffer is full (counted in `dropped`)."""
+
+    @property
+    def buffered(self) -> int: ...
     def flush(self, timeout: float) -> None: ...
-    def close(self) -> None: ...
+    def close(self, timeout: float = 5.0) -> None: ...
 
 
 class Ping(Protocol):
@@ -68,12 +78,13 @@ def open_caches(url: str, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Caches:
     return redis_caches(Redis.from_url(url), keys, ttl_s, seen_ttl_s)
 
 
-def open_publisher(url: str) -> Publisher:
-    """A publisher for a broker: a Kafka bootstrap address, or `memory://`."""
+def open_publisher(url: str, topics: list[str] | None = None, partitions: int = 1, capacity: int = 100_000) -> Publisher:
+    """A publisher for a broker: a Kafka bootstrap address, or `memory://`. `topics` are recreated
+    (with `partitions`) if they vanish, as on a local broker that restarted with memory storage."""
     if url.startswith("memory://"):
         from services.storage.memory import MemoryPublisher
 
         return MemoryPublisher()
-    from services.storage.kafka import KafkaPublisher, make_producer
+    from services.storage.kafka import KafkaPublisher
 
-    return KafkaPublisher(make_producer(url))
+    return KafkaPublisher(url, tuple(topics or ()), partitions, capacity)

@@ -37,11 +37,24 @@ class MemorySeenEvents:
 
 
 class MemoryPublisher:
-    """Records what was published; `fail` makes every later publish fail (a broker outage)."""
+    """Records what was published. `fail = True` is a broker outage: `publish` fails and
+    `publish_later` holds events until `fail` is cleared and `drain` is called."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 100_000) -> None:
         self.sent: list[tuple[str, str, str]] = []
+        self.pending: list[tuple[str, str, str]] = []
+        self.capacity = capacity
         self.fail = False
+        self.dropped = 0
+        self.last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return not self.fail
+
+    @property
+    def buffered(self) -> int:
+        return len(self.pending)
 
     def publish(self, topic: str, key: str, event: BaseModel | str) -> Future | None:
         future: Future = Future()
@@ -52,14 +65,27 @@ class MemoryPublisher:
         future.set_result(None)
         return future
 
+    def publish_later(self, topic: str, key: str, event: BaseModel | str) -> bool:
+        if len(self.pending) >= self.capacity:
+            self.dropped += 1
+            return False
+        self.pending.append((topic, key, event if isinstance(event, str) else event.model_dump_json()))
+        self.drain()
+        return True
+
+    def drain(self) -> None:
+        if not self.fail:
+            self.sent += self.pending
+            self.pending = []
+
     def on(self, topic: str) -> list[str]:
         return [payload for t, _, payload in self.sent if t == topic]
 
     def flush(self, timeout: float) -> None:
         pass
 
-    def close(self) -> None:
-        pass
+    def close(self, timeout: float = 5.0) -> None:
+        self.drain()
 
 
 def memory_caches() -> Caches:

@@ -4,6 +4,7 @@ every serving replica."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,8 @@ from redis.exceptions import RedisError
 from schemas import DependencyUnavailable
 from services.keys import Keys
 from services.storage import Caches
+
+log = logging.getLogger("rankloop.redis")
 
 
 class RedisRankCache:
@@ -44,14 +47,22 @@ class RedisEmbeddingCache:
         self.redis, self.keys, self.ttl = redis, keys, ttl_s
 
     def get_many(self, version: str, doc_ids: list[str]) -> dict[str, np.ndarray]:
-        raws = self.redis.mget([self.keys.embedding(version, d) for d in doc_ids]) if doc_ids else []
+        """Nothing found while Redis is down: the caller computes the embeddings itself."""
+        try:
+            raws = self.redis.mget([self.keys.embedding(version, d) for d in doc_ids]) if doc_ids else []
+        except RedisError as e:
+            log.warning("embedding cache unavailable: %s", e)
+            return {}
         return {d: np.frombuffer(r, dtype=np.float16).astype(np.float32) for d, r in zip(doc_ids, raws) if r}
 
     def put_many(self, version: str, vectors: Mapping[str, np.ndarray]) -> None:
         pipe = self.redis.pipeline()
         for d, v in vectors.items():
             pipe.set(self.keys.embedding(version, d), np.asarray(v, dtype=np.float16).tobytes(), ex=self.ttl)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except RedisError as e:
+            log.warning("embedding cache unavailable: %s", e)
 
 
 class RedisSeenEvents:
@@ -59,10 +70,16 @@ class RedisSeenEvents:
         self.redis, self.keys, self.ttl = redis, keys, ttl_s
 
     def first_sighting(self, event_id: str) -> bool:
-        return bool(self.redis.set(self.keys.seen_event(event_id), 1, nx=True, ex=self.ttl))
+        try:
+            return bool(self.redis.set(self.keys.seen_event(event_id), 1, nx=True, ex=self.ttl))
+        except RedisError as e:
+            raise DependencyUnavailable(f"de-duplication needs Redis, which is unavailable ({e})") from e
 
     def forget(self, event_id: str) -> None:
-        self.redis.delete(self.keys.seen_event(event_id))
+        try:
+            self.redis.delete(self.keys.seen_event(event_id))
+        except RedisError as e:
+            raise DependencyUnavailable(f"de-duplication needs Redis, which is unavailable ({e})") from e
 
 
 def redis_caches(redis: Redis, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Caches:

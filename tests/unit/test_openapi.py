@@ -11,12 +11,13 @@ from services.serve.app import create_app
 def test_openapi_documents_every_endpoint_with_models():
     spec = create_app(Settings(), worker=MagicMock()).openapi()
     paths = spec["paths"]
-    assert set(paths) == {"/rank", "/events", "/model", "/health", "/metrics"}
+    assert set(paths) == {"/rank", "/events", "/model", "/health/live", "/health/ready", "/metrics"}
     ok = lambda path, method: paths[path][method]["responses"]["200"]["content"]  # noqa: E731
     assert ok("/rank", "post")["application/json"]["schema"]["$ref"].endswith("/RankResponse")
     assert ok("/events", "post")["application/json"]["schema"]["$ref"].endswith("/EventsResponse")
     assert ok("/model", "get")["application/json"]["schema"]["$ref"].endswith("/ModelInfo")
-    assert ok("/health", "get")["application/json"]["schema"]["$ref"].endswith("/Health")
+    assert ok("/health/ready", "get")["application/json"]["schema"]["$ref"].endswith("/Health")
+    assert "503" in paths["/events"]["post"]["responses"]
     body = paths["/events"]["post"]["requestBody"]["content"]["application/json"]
     assert body["example"][0]["type"] == "click"
     schemas = spec["components"]["schemas"]

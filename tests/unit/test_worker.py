@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from schemas import ImpressionEvent, RankRequest
+from schemas import DependencyUnavailable, ImpressionEvent, RankRequest
 from services.config import ServingSettings, Settings
 from services.serve.worker import Worker
 from services.storage.memory import MemoryPublisher, memory_caches
@@ -48,11 +48,11 @@ def test_ingest_accepts_rejects_and_deduplicates(worker):
     assert json.loads(worker.publisher.on(worker.keys.interactions)[0])["event_id"] == "e1"
 
 
-def test_an_event_the_broker_did_not_take_is_rejected_and_can_be_retried(worker):
+def test_an_event_the_broker_did_not_take_is_refused_and_can_be_retried(worker):
     worker.publisher.fail = True
     ev = {"event_id": "e9", "request_id": "r", "doc_id": "d1", "type": "click"}
-    accepted, rejected = worker.ingest([ev])
-    assert accepted == [] and rejected[0].code.value == "not_recorded"
+    with pytest.raises(DependencyUnavailable, match="Kafka unavailable"):
+        worker.ingest([ev])
     worker.publisher.fail = False
     assert worker.ingest([ev])[0] == ["e9"]  # de-duplication forgot the unrecorded event
 
