@@ -263,7 +263,9 @@ def train_once(
         memory = slices.memory()
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
             folder = save_model_folder(fitted.model, Path(tmp) / "model", Mix(1.0), memory)
-            tuned = tune_mix(Reranker(folder, "challenger", MemoryEmbeddingCache()), slices.tune, candidates, text, depth)
+            # the version's document embeddings go with it: serving swaps to it warm, tuning and the gate reuse them
+            draft = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage, progress=progress)
+            tuned = tune_mix(draft, slices.tune, candidates, text, depth)
             save_model_folder(
                 fitted.model,
                 folder,
@@ -277,7 +279,7 @@ def train_once(
                 },
             )
             tracking.log_tuning(tuned.grid, tuned.mix, len(memory))
-            challenger = Reranker(folder, "challenger", MemoryEmbeddingCache())
+            challenger = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage)
             report = compare_on_feedback(incumbent.reranker, challenger, slices.gate, candidates, text, depth, gate)
             tracking.log_gate(slices.gate, report.champion, report.challenger, report.result, slices.rules)
             tracking.log_history(registry.client, registry.name, run.info.run_id, report.result)

@@ -174,7 +174,7 @@ def _run(
         return MlflowRegistry(registry.client, f"{s.deployment}-{name}", s.versions_dir / f"{s.deployment}-{name}")
 
     def load(reg: MlflowRegistry, version: str) -> Reranker:
-        return Reranker(reg.fetch(reg.get(version)), version)
+        return Reranker(reg.fetch(reg.get(version)), version).warm(fs)
 
     baselines = evaluate_first_stage_parts(ds, eval_split, cands[eval_split])
     baselines_train = evaluate_first_stage_parts(ds, train_split, cands[train_split])
@@ -208,7 +208,7 @@ def _run(
                 while served_version(s) != outcome.version and time.time() < deadline:
                     time.sleep(1)
             champion = registry.champion()
-            reranker = Reranker(registry.fetch(champion), champion.version) if champion else None
+            reranker = Reranker(registry.fetch(champion), champion.version).warm(fs) if champion else None
             ev, tr = evaluate(reranker)
             gate = outcome.gate
             round_results.append(

@@ -38,7 +38,7 @@ def evaluate_versions(s: Settings, fs: FirstStage, ds: beir.Dataset, splits: tup
     registry = connect_registry(s)
     rows: list[tuple[str, Reranker | None, list[str]]] = [(FIRST_STAGE, None, [])]
     for v in registry.versions():
-        rows.append((v.version, Reranker(registry.fetch(v), v.version), list(v.aliases)))
+        rows.append((v.version, Reranker(registry.fetch(v), v.version).warm(fs), list(v.aliases)))
     out: list[dict] = [{"version": version, "aliases": aliases} for version, _, aliases in rows]
     for split in splits:
         cands = candidates_for(fs, [ds.queries[q] for q in ds.qrels(split)])

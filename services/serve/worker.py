@@ -268,7 +268,10 @@ class Worker:
                 return False
             try:
                 reranker = self.load_model(self.registry.fetch(current), current.version, self.caches.embeddings)
+                started = time.time()
+                reranker.warm(self.first_stage)  # computed here, before the swap, if the version has none
                 rank("warm up", self.candidates("warm up")[:8], reranker, self.first_stage.text, 8)
+                log.info("version %s warmed in %.1fs", current.version, time.time() - started)
             except Exception as e:  # a bad version must not take serving down
                 self.metrics.swap_failures.inc()
                 self.last_swap_error = f"version {current.version}: {e}"

@@ -78,3 +78,20 @@ def test_a_version_that_fails_to_load_keeps_the_old_one_serving(worker, tmp_path
     assert not worker.check_champion()
     assert worker.serving.version == FIRST_STAGE and "version 1" in (worker.last_swap_error or "")
     assert worker.rank(RankRequest(query=QUERY, k=2)).model_version == FIRST_STAGE
+
+
+def test_a_swap_is_warm_the_first_request_after_it_encodes_only_the_query(worker, tiny_model, monkeypatch):
+    import training.ranking.reranker as reranker_module
+
+    registry = worker.registry
+    registry.promote(registry.add(tiny_model), "test")
+    assert worker.check_champion()
+    assert worker.serving.reranker.doc_matrix is not None  # computed before the swap
+    assert (tiny_model / reranker_module.doc_matrix_file(worker.first_stage.version)).exists()
+    encoded: list[int] = []
+    real = reranker_module.encode
+    monkeypatch.setattr(
+        reranker_module, "encode", lambda model, texts, *a, **k: (encoded.append(len(texts)), real(model, texts))[1]
+    )
+    worker.rank(RankRequest(query="coffee and the liver", k=5))
+    assert encoded == [1]  # the query; every candidate document was a row of the matrix

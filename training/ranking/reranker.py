@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +22,9 @@ from typing import Any, Protocol
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
+from training.progress import Progress, silent
 from training.ranking.encoder import encode, load_encoder
-from training.ranking.first_stage import Candidate, minmax
+from training.ranking.first_stage import Candidate, FirstStage, minmax
 from training.ranking.model_files import META_FILE, PRIOR_FILE
 from training.ranking.query import normalise_query
 
@@ -99,6 +101,28 @@ class Reranker:
         self.cache: EmbeddingCache = cache or MemoryEmbeddingCache()
         self.memory_queries = list(self.prior)
         self.memory = encode(self.model, self.memory_queries)
+        self.doc_matrix: np.ndarray | None = None  # this version's embedding of every indexed doc (see `warm`)
+        self.doc_rows: dict[str, int] = {}
+
+    def warm(self, index: FirstStage, batch: int = 256, progress: Progress = silent) -> Reranker:
+        """Makes every document of `index` cost a row lookup instead of an encoding: loads this
+        version's embedding matrix for that index (memory-mapped, shared by every process on the
+        machine), computing and saving it first when the folder has none. A training computes it
+        with the version; a serving worker that meets a version without one computes it *before*
+        it swaps, so a promotion never starts with a cold cache."""
+        path = self.folder / doc_matrix_file(index.version)
+        if not path.exists():
+            texts = [index.text(d) for d in index.doc_ids]
+            parts = []
+            for start in range(0, len(texts), batch):
+                parts.append(encode(self.model, texts[start : start + batch]).astype(np.float16))
+                progress(f"embedding {len(texts)} documents for version {self.version}", start + len(parts[-1]), len(texts))
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float16))
+            tmp.replace(path)  # atomic: another process never reads half a matrix
+        self.doc_matrix = np.load(path, mmap_mode="r")
+        self.doc_rows = index.row
+        return self
 
     def with_mix(self, mix: Mix) -> Reranker:
         """The same model (shared weights and caches) under another mix."""
@@ -107,6 +131,8 @@ class Reranker:
         return other
 
     def doc_embeddings(self, doc_ids: list[str], text: Callable[[str], str]) -> np.ndarray:
+        if self.doc_matrix is not None and all(d in self.doc_rows for d in doc_ids):
+            return np.asarray(self.doc_matrix[[self.doc_rows[d] for d in doc_ids]], dtype=np.float32)
         found = self.cache.get_many(self.version, doc_ids)
         missing = [d for d in doc_ids if d not in found]
         if missing:
@@ -141,6 +167,11 @@ class Reranker:
                         memory[index[d]] += w * v
             scores = scores + mix.beta * np.tanh(memory)
         return scores
+
+
+def doc_matrix_file(index_version: str) -> str:
+    """The file holding a version's embeddings of the documents of one index."""
+    return f"doc_embeddings-{index_version}.npy"
 
 
 def save_model_folder(
