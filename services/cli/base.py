@@ -3,9 +3,7 @@ Imports nothing heavy: `rankloop --help` must answer in about a second."""
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from typing import Any
 
 import click
@@ -60,11 +58,9 @@ def settings() -> Settings:
 
 
 def setup_process(s: Settings, threads: int | None = None) -> None:
-    """A long-running process: lifecycle events at INFO on stderr, libraries at WARNING, torch threads."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    for noisy in ("kafka", "aiokafka", "mlflow", "httpx", "urllib3", "sentence_transformers", "faust", "mode"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: already running" is expected
+    """A long-running process: lifecycle logs (services.logs) and its torch threads."""
+    from services import logs
     from training.ranking.encoder import use_threads
 
+    logs.configure()
     use_threads(threads or s.torch_threads)

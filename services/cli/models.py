@@ -38,7 +38,7 @@ def rollback(reason: str = "manual rollback") -> None:
 
 
 def _registry(s: Settings):
-    from services.schedule.scheduler import connect_registry
+    from services.registry import connect_registry
 
     return connect_registry(s)
 

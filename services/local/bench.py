@@ -24,7 +24,8 @@ from services.local import infra
 from services.local.progress import ProgressBar
 from services.local.simulate import UserModel, examination_curve, simulate
 from services.local.workers import served_version, spawn, stop, wait_healthy, worker_env
-from services.schedule.scheduler import connect_registry, impression_click_log, retrain
+from services.registry import connect_registry
+from services.schedule.scheduler import impression_click_log, retrain
 from services.sdk import RankloopClient
 from training import beir, plots
 from training.evaluate import evaluate_designs, evaluate_first_stage_parts, evaluate_ranker

@@ -17,7 +17,7 @@ from services.local import infra
 from services.local.progress import ProgressBar
 from services.local.simulate import UserModel, examination_curve, simulate
 from services.local.workers import served_version, spawn, stop, wait_healthy, worker_env
-from services.schedule.scheduler import connect_registry
+from services.registry import connect_registry
 from services.sdk import RankloopClient
 from services.storage.health import status
 from services.storage.kafka import message_count

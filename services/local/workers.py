@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -15,13 +16,18 @@ from services.config import Settings
 from services.local.infra import run_dir
 
 
+def settings_file(s: Settings, name: str = "settings") -> Path:
+    """These exact settings as a JSON file a child process reads through RANKLOOP_CONFIG."""
+    path = run_dir(s) / f"{name}.json"
+    path.write_text(s.model_copy(update={"state_dir": s.state_dir.resolve()}).model_dump_json(indent=2))
+    return path.resolve()
+
+
 def worker_env(s: Settings, **overrides: str) -> dict[str, str]:
     """The environment of a worker: these exact settings (as RANKLOOP_CONFIG), plus `overrides`."""
-    path = run_dir(s) / "settings.json"
-    data = s.model_copy(update={"state_dir": s.state_dir.resolve()}).model_dump_json(indent=2)
-    path.write_text(data)
+    path = settings_file(s)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RANKLOOP_")}
-    env.update({"RANKLOOP_CONFIG": str(path.resolve()), "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1")})
+    env.update({"RANKLOOP_CONFIG": str(path), "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1")})
     env.update(overrides)
     return env
 

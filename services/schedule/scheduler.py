@@ -11,6 +11,7 @@ from datetime import datetime
 import pandas as pd
 
 from services.config import Settings
+from services.registry import connect_registry
 from services.storage import Publisher, open_publisher
 from services.storage.health import require
 from services.storage.kafka import read_topic
@@ -18,7 +19,6 @@ from training.labels.store import LabelStore, ParquetLabelStore
 from training.pipeline import TrainOutcome, train_once
 from training.propensity import estimate_examination
 from training.ranking.first_stage import FirstStage
-from training.registry import MlflowRegistry
 
 log = logging.getLogger("rankloop.schedule")
 
@@ -66,10 +66,6 @@ def estimated_examination(s: Settings) -> list[float] | None:
         return None
     log.info("examination curve estimated from %d logged impressions: %s", est.impressions, est.examination)
     return est.examination
-
-
-def connect_registry(s: Settings) -> MlflowRegistry:
-    return MlflowRegistry.connect(s.tracking_uri, s.artifact_dir, s.keys.model_name, s.versions_dir, s.keys.experiment)
 
 
 def retrain(

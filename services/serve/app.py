@@ -49,6 +49,18 @@ def build_worker(s: Settings) -> Worker:
     return Worker(s, first_stage, caches, publisher, registry)
 
 
+def app_from_environment() -> FastAPI:
+    """The app of one worker process under `rankloop serve --workers N` (uvicorn's factory): settings
+    from the environment, one torch thread unless configured."""
+    from services import logs
+    from training.ranking.encoder import use_threads
+
+    logs.configure()
+    s = Settings()
+    use_threads(s.torch_threads or 1)
+    return create_app(s)
+
+
 def watch_model_events(worker: Worker, s: Settings) -> None:
     """A model event only says "look now": the registry stays the source of truth."""
     from kafka import KafkaConsumer

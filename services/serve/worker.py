@@ -36,10 +36,11 @@ from schemas import (
 from services.config import Settings
 from services.serve.metrics import ServingMetrics
 from services.storage import Caches, Publisher
+from training.ranking.embedding_cache import EmbeddingCache
 from training.ranking.first_stage import Candidate, FirstStage
 from training.ranking.query import query_key
 from training.ranking.rank import FIRST_STAGE, rank
-from training.ranking.reranker import EmbeddingCache, Reranker
+from training.ranking.reranker import Reranker
 from training.registry import ModelRegistry
 
 log = logging.getLogger("rankloop.serve")

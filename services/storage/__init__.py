@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from services.keys import Keys
-from training.ranking.reranker import EmbeddingCache
+from training.ranking.embedding_cache import EmbeddingCache
 
 
 class RankCache(Protocol):

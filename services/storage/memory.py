@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from services.storage import Caches
-from training.ranking.reranker import MemoryEmbeddingCache
+from training.ranking.embedding_cache import MemoryEmbeddingCache
 
 
 class MemoryRankCache:

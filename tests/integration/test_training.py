@@ -11,7 +11,7 @@ import pytest
 
 from schemas import InvalidState
 from services.local.simulate import UserModel, examination_curve, simulate
-from services.schedule.scheduler import connect_registry
+from services.registry import connect_registry
 from services.sdk import RankloopClient
 from services.storage import open_publisher
 from training import beir

@@ -48,3 +48,9 @@ def test_the_sdk_and_the_cli_root_load_no_model_code():
     heavy = "{'torch', 'faiss', 'sentence_transformers', 'mlflow'}"
     assert run(f"import sys, services.sdk; print(sorted({heavy} & set(sys.modules)))").strip() == "[]"
     assert run(f"import sys, services.cli; print(sorted({heavy} & set(sys.modules)))").strip() == "[]"
+
+
+def test_admin_commands_storage_and_the_serve_supervisor_load_no_model_code():
+    """promote/rollback/models answer in seconds; a `serve --workers N` supervisor stays small."""
+    modules = "services.registry, services.cli.models, services.storage.memory, services.storage.redis, services.local.workers"
+    assert run(f"import sys, {modules}; print(sorted({{'torch', 'sentence_transformers'}} & set(sys.modules)))").strip() == "[]"

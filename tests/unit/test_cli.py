@@ -53,3 +53,23 @@ def test_a_dependency_that_is_down_is_named_not_a_traceback(monkeypatch):
 def test_bench_refuses_to_evaluate_on_its_training_split():
     result = runner.invoke(app, ["bench", "loop", "--train-split", "test", "--eval-split", "test"])
     assert result.exit_code == 1 and "must never feed training" in result.output
+
+
+def test_serve_with_workers_runs_one_process_per_worker_from_the_same_settings(monkeypatch):
+    import os
+
+    import uvicorn
+
+    calls = {}
+    for name in ("RANKLOOP_CONFIG", "RANKLOOP_TORCH_THREADS"):  # the command sets them: undo after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RANKLOOP_DEPLOYMENT", "shop")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.update(app=app, **kw))
+    result = runner.invoke(app, ["serve", "--workers", "2", "--port", "9100"])
+    assert result.exit_code == 0, result.output
+    assert calls["app"] == "services.serve.app:app_from_environment" and calls["factory"] and calls["workers"] == 2
+    assert os.environ["RANKLOOP_TORCH_THREADS"] == "1"  # one torch thread per worker unless configured
+    from services.config import Settings
+
+    assert Settings().deployment == "shop" and Settings().torch_threads == 1  # what each worker will read

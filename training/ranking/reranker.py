@@ -17,12 +17,13 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from training.progress import Progress, silent
+from training.ranking.embedding_cache import EmbeddingCache, MemoryEmbeddingCache
 from training.ranking.encoder import encode, load_encoder
 from training.ranking.first_stage import Candidate, FirstStage, minmax
 from training.ranking.model_files import META_FILE, PRIOR_FILE
@@ -32,27 +33,6 @@ MEMORY_NEIGHBOURS = 10
 
 Evidence = dict[str, float]
 """doc_id -> signed, summed label weight users gave it for one query."""
-
-
-class EmbeddingCache(Protocol):
-    """Document embeddings per model version; Redis in serving (shared by replicas), memory elsewhere."""
-
-    def get_many(self, version: str, doc_ids: list[str]) -> dict[str, np.ndarray]: ...
-    def put_many(self, version: str, vectors: Mapping[str, np.ndarray]) -> None: ...
-
-
-class MemoryEmbeddingCache:
-    """Process-local embedding cache (training, evaluation, unit tests)."""
-
-    def __init__(self) -> None:
-        self.store: dict[tuple[str, str], np.ndarray] = {}
-
-    def get_many(self, version: str, doc_ids: list[str]) -> dict[str, np.ndarray]:
-        return {d: self.store[(version, d)] for d in doc_ids if (version, d) in self.store}
-
-    def put_many(self, version: str, vectors: Mapping[str, np.ndarray]) -> None:
-        for d, v in vectors.items():
-            self.store[(version, d)] = v
 
 
 @dataclass(frozen=True)
