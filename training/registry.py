@@ -8,6 +8,7 @@ tests. Both hand out a version as a local model folder.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +37,17 @@ class ModelRegistry(Protocol):
     name: str
 
     def champion(self) -> ModelVersion | None: ...
+    def previous(self) -> str | None:
+        """The version a rollback would bring back."""
+
     def fetch(self, version: ModelVersion) -> Path:
         """A local folder holding the version's model files."""
 
     def promote(self, version: str, reason: str) -> ModelEvent: ...
     def rollback(self, reason: str) -> ModelEvent: ...
     def versions(self) -> list[ModelVersion]: ...
+    def prune(self, keep: set[str]) -> list[str]:
+        """Frees local copies of versions that are neither kept nor served."""
 
 
 def connect(tracking_uri: str, artifact_dir: Path | None = None, experiment: str = EXPERIMENT) -> MlflowClient:
@@ -80,6 +86,16 @@ def download(source: str, dst: Path) -> Path:
     return target
 
 
+def prune_folders(cache_dir: Path, keep: set[str]) -> list[str]:
+    """Removes every version folder under `cache_dir` whose name is not in `keep`; returns their names."""
+    removed = []
+    for folder in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []:
+        if folder.is_dir() and folder.name not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
+
+
 class MlflowRegistry:
     """One registered model in MLflow; versions are downloaded once under `cache_dir/<version>`."""
 
@@ -99,6 +115,12 @@ class MlflowRegistry:
         mlflow.set_tracking_uri(tracking_uri)
         return cls(MlflowClient(tracking_uri), name, cache_dir / name)
 
+    def previous(self) -> str | None:
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, PREVIOUS).version)
+        except MlflowException:
+            return None
+
     def champion(self) -> ModelVersion | None:
         try:
             mv = self.client.get_model_version_by_alias(self.name, CHAMPION)
@@ -115,6 +137,11 @@ class MlflowRegistry:
 
     def fetch(self, version: ModelVersion) -> Path:
         return download(version.source, self.cache_dir / version.version)
+
+    def prune(self, keep: set[str]) -> list[str]:
+        """Deletes downloaded versions other than `keep` (champion, previous, what is served). A
+        process still reading a deleted version's memory-mapped files keeps them until it lets go."""
+        return prune_folders(self.cache_dir, keep)
 
     def register(self, run_id: str, artifact_path: str = "model") -> str:
         try:
@@ -196,6 +223,9 @@ class MemoryRegistry:
     def champion(self) -> ModelVersion | None:
         return self._version(self.aliases[CHAMPION]) if CHAMPION in self.aliases else None
 
+    def previous(self) -> str | None:
+        return self.aliases.get(PREVIOUS)
+
     def fetch(self, version: ModelVersion) -> Path:
         return Path(version.source)
 
@@ -219,3 +249,6 @@ class MemoryRegistry:
 
     def versions(self) -> list[ModelVersion]:
         return [self._version(v) for v in sorted(self.folders, key=int)]
+
+    def prune(self, keep: set[str]) -> list[str]:
+        return []  # its folders belong to the caller

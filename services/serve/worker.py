@@ -279,10 +279,22 @@ class Worker:
                 log.exception("failed to load model version %s; still serving %s", current.version, self.serving.version)
                 return False
             self.serving = Serving(current.version, reranker, time.time())
+            self._prune(current.version)
             self.metrics.swaps.inc()
             self.metrics.model_version.set(int(current.version) if current.version.isdigit() else -1)
             log.info("hot-swapped to model version %s", current.version)
             return True
+
+    def _prune(self, serving: str) -> None:
+        """Keeps the local copies of the served version and the one a rollback would bring back."""
+        try:
+            previous = self.registry.previous()
+            removed = self.registry.prune({serving, *([previous] if previous else [])})
+        except Exception as e:  # housekeeping must never fail a swap
+            log.warning("could not prune old model versions: %s", e)
+            return
+        if removed:
+            log.info("removed local copies of model versions %s", ", ".join(removed))
 
     def watch_registry(self) -> None:
         while not self._stop.is_set():

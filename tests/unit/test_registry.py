@@ -16,3 +16,13 @@ def test_a_downloaded_model_is_never_rewritten_in_place(tmp_path):
     assert (second / "model.safetensors").stat().st_ino == inode
     assert (second / "model.safetensors").read_bytes() == b"weights"
     assert [p.name for p in (tmp_path / "versions" / "1").iterdir()] == ["model"]  # no temporary left behind
+
+
+def test_pruning_keeps_only_the_named_versions(tmp_path):
+    from training.registry import prune_folders
+
+    for v in ("1", "2", "3", "4"):
+        (tmp_path / v / "model").mkdir(parents=True)
+    assert prune_folders(tmp_path, {"3", "4"}) == ["1", "2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "4"]
+    assert prune_folders(tmp_path / "missing", {"1"}) == []
