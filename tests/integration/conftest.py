@@ -15,6 +15,23 @@ import pytest
 from tests.conftest import SHARED_DATA, free_port
 
 
+def serve_in_thread(s, app):
+    """The app on a real port in a background thread, once /health/ready answers 200."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=s.serving.port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{s.base_url}/health/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("serving worker did not become ready")
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, small_dataset):
     """Settings + running infra, index, stream processor and serving worker."""
@@ -53,23 +70,10 @@ def stack(tmp_path_factory, small_dataset):
         start_new_session=True,
     )
 
-    import uvicorn
-
     from services.serve.app import build_worker, create_app
 
     worker = build_worker(s)
-    server = uvicorn.Server(uvicorn.Config(create_app(s, worker), host="127.0.0.1", port=s.serving.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{s.base_url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        raise RuntimeError("serving worker did not become healthy")
+    server = serve_in_thread(s, create_app(s, worker))
     yield {"settings": s, "worker": worker, "state": state, "dataset": small_dataset}
     server.should_exit = True
     stream.terminate()

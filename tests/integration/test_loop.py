@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
 import httpx
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from services.sdk import RankloopClient
+from services.storage.kafka import read_topic
 from training.labels.store import ParquetLabelStore
 
 pytestmark = pytest.mark.integration
@@ -33,17 +33,7 @@ def labels_for(s, request_id):
 
 def dead_letters(s):
     """All dead letters so far (reads the topic from the beginning each call)."""
-    consumer = KafkaConsumer(
-        s.keys.dead_letters,
-        bootstrap_servers=s.kafka.address,
-        group_id=None,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1500,
-    )
-    try:
-        return [json.loads(m.value) for m in consumer]
-    finally:
-        consumer.close()
+    return list(read_topic(s.kafka.address, s.keys.dead_letters, idle_ms=1500))
 
 
 @pytest.fixture()

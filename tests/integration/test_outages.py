@@ -8,13 +8,13 @@ import time
 
 import httpx
 import pytest
-import uvicorn
 
 from services.config import KafkaSettings, RedisSettings, ServingSettings, Settings
 from services.local import infra
 from services.serve.app import build_worker, create_app
 from services.storage.kafka import read_topic
 from tests.conftest import free_port
+from tests.integration.conftest import serve_in_thread
 from training import beir
 from training.ranking.first_stage import build_index
 
@@ -32,15 +32,7 @@ def serving(tmp_path, small_dataset):
     infra.up(s)
     build_index(beir.load(small_dataset), tmp_path)
     worker = build_worker(s)
-    server = uvicorn.Server(uvicorn.Config(create_app(s, worker), host="127.0.0.1", port=s.serving.port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{s.base_url}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    server = serve_in_thread(s, create_app(s, worker))
     yield s, worker
     server.should_exit = True
     infra.down(s)
