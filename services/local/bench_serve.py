@@ -322,6 +322,7 @@ def _run(s: Settings, out: Path, seconds: float, mlflow_port: int) -> ServeBench
     timings["register_s"] = time.time() - t
 
     start_serve(s, 1)
+
     def distinct(tag: str, n: int = 101) -> list[str]:  # the same queries each time, never in the cache
         return [f"{queries[i % len(queries)]} ({tag})" for i in range(n)]
 
