@@ -61,8 +61,8 @@ class KafkaPublisher:
       through broker outages. Impressions take this path, so ranking never waits on Kafka; what the
       buffer cannot hold is counted in `dropped`, never silently lost.
 
-    The producer is made lazily and remade when it stays broken; topics that vanished (a broker that
-    restarted with memory storage) are created again with their partition counts.
+    The producer is made lazily and remade after a failure; topics that vanished (a broker that
+    restarted with memory storage) are created again, with their partition counts, before it writes.
     """
 
     def __init__(
@@ -94,7 +94,13 @@ class KafkaPublisher:
         return len(self._buffer)
 
     def _get_producer(self) -> Any:
+        """The producer; a fresh one (at start, or after a failure) only once the topics exist with
+        their partition counts. Its first metadata request would otherwise let the broker create a
+        missing topic with its default count (Tansu does so whatever the client asks), breaking the
+        co-partitioning the stream's join relies on."""
         if self._producer is None:
+            if self.topics:
+                create_topics(self.bootstrap, list(self.topics), self.partitions, retries=1)
             self._producer = self._factory(self.bootstrap)
         return self._producer
 
@@ -141,8 +147,6 @@ class KafkaPublisher:
             if remaining:
                 if self._closed:
                     return
-                if self._failures >= 3:
-                    self._recover()
                 time.sleep(min(self.retry_s * 2 ** min(self._failures, 4), 5.0))
 
     def _send(self, batch: list[Item]) -> list[Item]:
@@ -176,8 +180,7 @@ class KafkaPublisher:
             self._ok()
         except Exception as e:  # anything: the broker is not usable yet
             self._failed(e)
-            if self._failures >= 3:
-                self._recover()
+            self._discard_producer()
             time.sleep(self.retry_s)
 
     def _ok(self) -> None:
@@ -190,16 +193,6 @@ class KafkaPublisher:
         if self.healthy:
             log.error("publishing to Kafka at %s failed: %s", self.bootstrap, exc)
         self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
-
-    def _recover(self) -> None:
-        """After repeated failures (called from the draining thread only): topics that vanished are
-        created again, and the producer is remade (a producer can stay wedged after a broker restart)."""
-        if self.topics:
-            try:
-                create_topics(self.bootstrap, list(self.topics), self.partitions, retries=1)
-            except DependencyUnavailable:
-                return  # the broker is still away
-        self._discard_producer()
 
     def _discard_producer(self) -> None:
         """Drops the producer with whatever it still holds: everything unacknowledged is still in

@@ -79,6 +79,12 @@ def test_a_broker_restart_loses_no_impression_and_needs_no_serve_restart(serving
     shown_after_stop = {rid for _, rid in results[gone + 10 :]}
     logged = {e["request_id"] for e in read_topic(s.kafka.address, s.keys.impressions)}
     assert shown_after_stop - logged == set()
+    # recreated with its partition count, not the broker's default: the stream's join needs co-partitioning
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(bootstrap_servers=s.kafka.address)
+    assert consumer.partitions_for_topic(s.keys.impressions) == set(range(s.kafka.partitions))
+    consumer.close()
     r = httpx.post(
         f"{s.base_url}/events", json=[{"event_id": "x2", "request_id": "r", "doc_id": "d", "type": "click"}], timeout=30
     )
