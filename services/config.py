@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -27,6 +27,9 @@ class Group(BaseModel):
     """A settings group: an unknown name (a typo) is an error, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+PROCESS_VARIABLES = {"RANKLOOP_CONFIG", "RANKLOOP_ONLINE"}  # read by the CLI, not settings
 
 
 class KafkaSettings(Group):
@@ -135,6 +138,19 @@ class Settings(BaseSettings):
         elif path and path.endswith(".json"):
             sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _no_unknown_environment_names(self) -> Settings:
+        """A RANKLOOP_* variable that names no setting (a typo, or a name from before the groups, such as
+        RANKLOOP_KAFKA_BOOTSTRAP) is refused instead of silently leaving the default in place."""
+        known = {f"RANKLOOP_{name.upper()}" for name in type(self).model_fields} | PROCESS_VARIABLES
+        unknown = sorted(k for k in os.environ if k.startswith("RANKLOOP_") and k.split("__")[0] not in known)
+        if unknown:
+            raise ValueError(
+                f"unknown setting {', '.join(unknown)}: see `rankloop config` and docs/configuration.md "
+                "(groups are nested with __, e.g. RANKLOOP_KAFKA__BOOTSTRAP)"
+            )
+        return self
 
     @property
     def keys(self) -> Keys:

@@ -51,7 +51,10 @@ def settings() -> Settings:
     try:
         s = Settings()
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            (f"{'.'.join(map(str, err['loc']))}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ")
+            for err in e.errors()
+        )
         raise InvalidInput(f"invalid configuration: {problems}") from None
     s.state_dir.mkdir(parents=True, exist_ok=True)
     return s

@@ -52,6 +52,7 @@ def test_mlflow_tracking_uri_is_honoured_but_rankloop_names_win(monkeypatch):
         ("RANKLOOP_KAFKA__PARTITIONS", "0"),
         ("RANKLOOP_DEPLOYMENT", "Bad Name"),
         ("RANKLOOP_SERVING__NO_SUCH_SETTING", "1"),
+        ("RANKLOOP_KAFKA_BOOTSTRAP", "broker:9092"),  # a name from before the groups: refused, not ignored
     ],
 )
 def test_values_that_cannot_work_are_refused(monkeypatch, name, value):
