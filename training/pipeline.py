@@ -13,7 +13,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -109,7 +109,6 @@ class TrainOutcome:
     gate: GateResult | None = None
     event: ModelEvent | None = None
     labels: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def make_slices(
@@ -140,11 +139,13 @@ def make_slices(
     )
 
 
-def load_incumbent(registry: MlflowRegistry) -> Incumbent:
+def load_incumbent(registry: MlflowRegistry, first_stage: FirstStage) -> Incumbent:
+    """The champion, warmed like serving warms it, so the gate ranks both models as users see them."""
     current = registry.champion()
     if current is None:
         return Incumbent()
-    return Incumbent(current.version, Reranker(registry.fetch(current), current.version, MemoryEmbeddingCache()))
+    champion = Reranker(registry.fetch(current), current.version, MemoryEmbeddingCache()).warm(first_stage)
+    return Incumbent(current.version, champion)
 
 
 def choose_examples(
@@ -238,7 +239,7 @@ def train_once(
     )
     text = first_stage.text
     candidates = candidates_for(first_stage, slices.queries())
-    incumbent = load_incumbent(registry)
+    incumbent = load_incumbent(registry, first_stage)
     examples, selection = choose_examples(slices, candidates, incumbent, cfg)
     if not examples:
         return TrainOutcome("skipped", "no training query has a positive label yet", labels=slices.labels)
@@ -279,7 +280,7 @@ def train_once(
                 },
             )
             tracking.log_tuning(tuned.grid, tuned.mix, len(memory))
-            challenger = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage)
+            challenger = draft.with_mix(tuned.mix)  # the same model and matrix, under the tuned mix
             report = compare_on_feedback(incumbent.reranker, challenger, slices.gate, candidates, text, depth, gate)
             tracking.log_gate(slices.gate, report.champion, report.challenger, report.result, slices.rules)
             tracking.log_history(registry.client, registry.name, run.info.run_id, report.result)
