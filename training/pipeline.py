@@ -35,7 +35,7 @@ from training.ranking.encoder import load_encoder
 from training.ranking.first_stage import Candidate, FirstStage
 from training.ranking.query import normalise_query, query_key
 from training.ranking.rank import FIRST_STAGE, Ranking, candidates_for, rank, rank_queries
-from training.ranking.reranker import Evidence, MemoryEmbeddingCache, Mix, Reranker, save_model_folder
+from training.ranking.reranker import Evidence, MemoryEmbeddingCache, Mix, Reranker, save_model_folder, write_meta
 from training.registry import MlflowRegistry
 from training.train import Example, FitStats, build_examples, fit, select_for_training
 
@@ -267,11 +267,9 @@ def train_once(
             # the version's document embeddings go with it: serving swaps to it warm, tuning and the gate reuse them
             draft = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage, progress=progress)
             tuned = tune_mix(draft, slices.tune, candidates, text, depth)
-            save_model_folder(
-                fitted.model,
+            write_meta(
                 folder,
                 tuned.mix,
-                memory,
                 extra={
                     "trained_on_labels": slices.labels,
                     "trained_until": slices.trained_until,

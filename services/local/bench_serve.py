@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,11 +88,13 @@ class ServeBenchResult(BaseModel):
 
 @dataclass
 class Load:
-    """Clients sending distinct queries (every request a miss) until stopped; every answer recorded."""
+    """Clients sending distinct queries (every request a miss, in this load and across loads) until
+    stopped; every answer recorded."""
 
     base_url: str
     queries: list[str]
     clients: int = CLIENTS
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     log: list[tuple[float, float, int, str]] = field(default_factory=list)  # (start, ms, status, version or request id)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -101,7 +104,7 @@ class Load:
         with httpx.Client(base_url=self.base_url, timeout=60) as http:
             i = 0
             while not self._stop.is_set():
-                query = f"{rng.choice(self.queries)} {n}-{i}"  # never seen: a cache miss
+                query = f"{rng.choice(self.queries)} {self.tag}-{n}-{i}"  # never seen: a cache miss
                 started = time.time()
                 try:
                     r = http.post("/rank", json={"query": query, "k": 10})

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
@@ -46,7 +47,19 @@ def build_worker(s: Settings) -> Worker:
     caches = open_caches(s.redis.address, s.keys, s.serving.cache_ttl_s, int(s.stream.join_window_s * 2))
     registry = MlflowRegistry.reader(s.tracking_uri, s.keys.model_name, s.versions_dir)
     publisher = open_publisher(s.kafka.address, s.keys.topics(), s.kafka.partitions, s.serving.impression_buffer)
-    return Worker(s, first_stage, caches, publisher, registry)
+    worker = Worker(s, first_stage, caches, publisher, registry)
+    exempt_from_gc()
+    return worker
+
+
+def exempt_from_gc() -> None:
+    """Moves everything alive now (imported libraries, the index) out of the garbage collector's reach.
+    A full collection of a serving process walks ~720k objects and stopped every request for ~400 ms
+    at random moments (p99 190 ms, max 550 ms under 8 clients, no swap in progress). Called before any
+    model is loaded: models have reference cycles and must stay collectable, or each swap would leak one.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def app_from_environment() -> FastAPI:

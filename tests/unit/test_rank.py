@@ -44,3 +44,19 @@ def test_design_comparison_leaves_the_served_mix_alone(tiny_first_stage, tiny_mo
         designs["bi-encoder + first stage (no memory)"]["ndcg@10"]
         > designs["served: bi-encoder + first stage + feedback memory"]["ndcg@10"]
     )
+
+
+def test_a_version_loads_its_query_memory_from_its_folder_without_encoding(tiny_model, monkeypatch):
+    """A swap must not encode the feedback memory beside live requests: the version carries it."""
+    import numpy as np
+
+    from training.ranking import reranker as module
+    from training.ranking.encoder import encode
+
+    loaded = module.Reranker(tiny_model, "1")
+    expected = encode(loaded.model, loaded.memory_queries)
+    calls = []
+    monkeypatch.setattr(module, "encode", lambda *a, **k: calls.append(a) or encode(*a, **k))
+    again = module.Reranker(tiny_model, "1")
+    assert calls == []
+    assert np.allclose(again.memory, expected, atol=1e-5)

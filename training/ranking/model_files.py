@@ -3,3 +3,4 @@ registry and admin commands can check a folder without loading torch)."""
 
 META_FILE = "rankloop.json"  # kind, mix (alpha, beta, tau), rerank depth, lineage
 PRIOR_FILE = "feedback_prior.json"  # the feedback memory: query -> {doc_id: evidence}
+MEMORY_FILE = "memory_queries.npy"  # the memory's queries embedded by the version, in PRIOR_FILE's order

@@ -26,7 +26,7 @@ from training.progress import Progress, silent
 from training.ranking.embedding_cache import EmbeddingCache, MemoryEmbeddingCache
 from training.ranking.encoder import encode, load_encoder
 from training.ranking.first_stage import Candidate, FirstStage, minmax
-from training.ranking.model_files import META_FILE, PRIOR_FILE
+from training.ranking.model_files import MEMORY_FILE, META_FILE, PRIOR_FILE
 from training.ranking.query import normalise_query
 
 MEMORY_NEIGHBOURS = 10
@@ -80,7 +80,7 @@ class Reranker:
         self.model = load_encoder(self.folder)
         self.cache: EmbeddingCache = cache or MemoryEmbeddingCache()
         self.memory_queries = list(self.prior)
-        self.memory = encode(self.model, self.memory_queries)
+        self.memory = memory_embeddings(self.model, self.folder, self.memory_queries)
         self.doc_matrix: np.ndarray | None = None  # this version's embedding of every indexed doc (see `warm`)
         self.doc_rows: dict[str, int] = {}
 
@@ -149,6 +149,17 @@ class Reranker:
         return scores
 
 
+def memory_embeddings(model: SentenceTransformer, folder: Path, queries: list[str]) -> np.ndarray:
+    """The feedback memory's queries as this version embeds them: saved with the version, so loading
+    one to swap in costs a file read, not hundreds of encodings beside live requests."""
+    path = folder / MEMORY_FILE
+    if path.exists():
+        stored = np.load(path)
+        if len(stored) == len(queries):
+            return stored
+    return encode(model, queries)
+
+
 def doc_matrix_file(index_version: str) -> str:
     """The file holding a version's embeddings of the documents of one index."""
     return f"doc_embeddings-{index_version}.npy"
@@ -163,7 +174,14 @@ def save_model_folder(
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save(str(folder), safe_serialization=True)
-    (folder / PRIOR_FILE).write_text(json.dumps(dict(prior or {})))
+    prior = dict(prior or {})
+    (folder / PRIOR_FILE).write_text(json.dumps(prior))
+    np.save(folder / MEMORY_FILE, encode(model, list(prior)))
+    return write_meta(folder, mix, extra)
+
+
+def write_meta(folder: Path, mix: Mix, extra: Mapping[str, Any] | None = None) -> Path:
+    """The version's mix and lineage (a tuned mix is written after the weights were saved)."""
     meta = {"kind": "bi-encoder", **mix.as_dict(), **(extra or {})}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
     return folder
