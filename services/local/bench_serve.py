@@ -175,15 +175,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float, every: float = 0.2
     return None
 
 
-def register_versions(s: Settings, registry: MlflowRegistry, fs: FirstStage) -> list[str]:
+def register_versions(s: Settings, registry: MlflowRegistry, fs: FirstStage, queries: list[str]) -> list[str]:
     """Two versions of the base checkpoint (mixes differ), each with its document matrix (computed
-    once: the weights are the same)."""
+    once: the weights are the same) and, like a trained version, a feedback memory of `queries`."""
     versions = []
+    memory = {q: {fs.doc_ids[i % len(fs.doc_ids)]: 1.0} for i, q in enumerate(queries)}
     with tempfile.TemporaryDirectory() as tmp:
         model = load_encoder()
         matrix: Path | None = None
         for n, mix in enumerate((Mix(0.5), Mix(0.75))):
-            folder = save_model_folder(model, Path(tmp) / f"v{n}" / "model", mix)
+            folder = save_model_folder(model, Path(tmp) / f"v{n}" / "model", mix, memory)
             if matrix is not None:
                 shutil.copy(matrix, folder / matrix.name)
             Reranker(folder, "bench").warm(fs)
@@ -321,7 +322,7 @@ def _run(s: Settings, out: Path, seconds: float, mlflow_port: int) -> ServeBench
     random.Random(0).shuffle(queries)
     registry = connect_registry(s)
     t = time.time()
-    v1, v2 = register_versions(s, registry, fs)
+    v1, v2 = register_versions(s, registry, fs, queries)
     timings["register_s"] = time.time() - t
 
     start_serve(s, 1)
