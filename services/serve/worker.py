@@ -270,9 +270,7 @@ class Worker:
             try:
                 reranker = self.load_model(self.registry.fetch(current), current.version, self.caches.embeddings)
                 started = time.time()
-                self.serving.version == FIRST_STAGE and reranker.warm(
-                    self.first_stage
-                )  # computed here, before the swap, if the version has none
+                reranker.warm(self.first_stage)  # computed here, before the swap, if the version has none
                 rank("warm up", self.candidates("warm up")[:8], reranker, self.first_stage.text, 8)
                 log.info("version %s warmed in %.1fs", current.version, time.time() - started)
             except Exception as e:  # a bad version must not take serving down
