@@ -21,7 +21,9 @@ from schemas import NotFound
 from training.beir import Dataset, doc_text
 from training.progress import Progress, silent
 from training.ranking.encoder import base_model_path, encode, load_encoder
+from training.ranking.text_column import TextColumn, write_text_column
 
+TEXTS_FILE, TITLES_FILE = "texts.utf8", "titles.utf8"  # memory-mapped text columns (text_column.py)
 BM25_WEIGHT = 0.5  # chosen on SciFact *train* queries: 0.0->0.660, 0.3->0.716, 0.5->0.731, 1.0->0.699
 
 
@@ -59,7 +61,7 @@ def build_index(dataset: Dataset, state_dir: Path, batch_size: int = 32, progres
     version = corpus_version(doc_ids, texts, "all-MiniLM-L6-v2")
     root = state_dir / "index"
     folder = root / version
-    if not (folder / "meta.json").exists():
+    if not (folder / "meta.json").exists() or not (folder / TEXTS_FILE).exists():
         folder.mkdir(parents=True, exist_ok=True)
         emb = _cached_embeddings(texts, state_dir / "embeddings", batch_size, progress)
         index = faiss.IndexFlatIP(emb.shape[1])
@@ -70,8 +72,8 @@ def build_index(dataset: Dataset, state_dir: Path, batch_size: int = 32, progres
         bm25.index(tokens, show_progress=False)
         bm25.save(str(folder / "bm25"))
         (folder / "doc_ids.json").write_text(json.dumps(doc_ids))
-        (folder / "titles.json").write_text(json.dumps([dataset.corpus[d].get("title", "") for d in doc_ids]))
-        (folder / "texts.json").write_text(json.dumps(texts))
+        write_text_column(folder / TITLES_FILE, (dataset.corpus[d].get("title", "") for d in doc_ids))
+        write_text_column(folder / TEXTS_FILE, texts)
         (folder / "meta.json").write_text(
             json.dumps(
                 {
@@ -123,17 +125,20 @@ class FirstStage:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        if not (folder / TEXTS_FILE).exists():
+            raise NotFound(f"the index at {folder} was built by an older rankloop: run `rankloop index` to rebuild it")
         self.meta = json.loads((folder / "meta.json").read_text())
         self.version: str = self.meta["version"]
         self.doc_ids: list[str] = json.loads((folder / "doc_ids.json").read_text())
-        self.titles: list[str] = json.loads((folder / "titles.json").read_text())
-        self.texts: list[str] = json.loads((folder / "texts.json").read_text())
+        self.titles = TextColumn(folder / TITLES_FILE)
+        self.texts = TextColumn(folder / TEXTS_FILE)
         self.row = {d: i for i, d in enumerate(self.doc_ids)}
-        self.dense = faiss.read_index(str(folder / "dense.faiss"))
+        # memory-mapped: the vectors are read from the page cache every worker on the machine shares
+        self.dense = faiss.read_index(str(folder / "dense.faiss"), faiss.IO_FLAG_MMAP_IFC)
         # faiss's OpenMP pool next to torch's in one process is a known source of trouble; an exact
         # search over this many vectors needs no threads
         faiss.omp_set_num_threads(1)
-        self.bm25 = bm25s.BM25.load(str(folder / "bm25"))
+        self.bm25 = bm25s.BM25.load(str(folder / "bm25"), mmap=True)
         self.stemmer = _stemmer()
         self.encoder = load_encoder(base_model_path())
         self.bm25_weight = float(self.meta.get("bm25_weight", BM25_WEIGHT))
