@@ -7,6 +7,7 @@ from schemas.api import ErrorBody, EventsResponse, Health, Liveness, ModelInfo, 
 from schemas.errors import DependencyUnavailable, InvalidInput, InvalidState, NotFound, RankloopError, RequestFailed
 from schemas.events import (
     ALL_SCHEMAS,
+    MAX_ID_CHARS,
     MAX_QUERY_CHARS,
     SCHEMA_VERSION,
     DeadLetter,
@@ -22,6 +23,7 @@ from schemas.export import export_json_schemas
 
 __all__ = [
     "ALL_SCHEMAS",
+    "MAX_ID_CHARS",
     "MAX_QUERY_CHARS",
     "SCHEMA_VERSION",
     "DeadLetter",

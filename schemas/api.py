@@ -7,20 +7,22 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.events import MAX_QUERY_CHARS, RejectCode
+from schemas.events import Identity, QueryText, RejectCode
 
 
 class RankRequest(BaseModel):
     model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [{"query": "does vitamin D prevent fractures?", "k": 10, "user": "u-42", "session": "s-7"}]
-        }
+        },
     )
 
-    query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+    query: QueryText
     k: Annotated[int, Field(ge=1, le=100)] = 10
-    user: str | None = None
-    session: str | None = None
+    user: Identity | None = None
+    session: Identity | None = None
 
 
 class RankedItem(BaseModel):
@@ -88,6 +90,7 @@ class ModelInfo(BaseModel):
                     "loaded_at": 1793486011.7,
                     "model_name": "rankloop-reranker",
                     "last_swap_error": None,
+                    "auth": "keys",
                 }
             ]
         }
@@ -117,6 +120,7 @@ class Health(BaseModel):
                     "impressions_buffered": 0,
                     "impressions_dropped": 0,
                     "last_swap_error": None,
+                    "auth": "keys",
                 }
             ]
         }
@@ -130,6 +134,7 @@ class Health(BaseModel):
     impressions_buffered: int = Field(description="impressions waiting for the broker")
     impressions_dropped: int = Field(description="impressions lost because the buffer was full")
     last_swap_error: str | None
+    auth: Literal["keys", "open"] = Field(description='"open": no API key is required (a local, single-user setup)')
 
 
 class Liveness(BaseModel):

@@ -8,12 +8,29 @@ from __future__ import annotations
 
 import time
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_QUERY_CHARS = 2000
+MAX_ID_CHARS = 200
+
+
+def encodable(value: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"); such a string cannot be written to the broker or
+    Redis, nor tokenised, so it is refused at the door instead of failing halfway through a request."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid UTF-8 text (a lone surrogate)") from None
+    return value
+
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(encodable)]
+Identity = Annotated[str, Field(max_length=MAX_ID_CHARS), AfterValidator(encodable)]
+"""A user or session: bounded, so an impression always fits a broker message."""
+QueryText = Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS), AfterValidator(encodable)]
 
 
 def now() -> float:
@@ -27,7 +44,7 @@ class Event(BaseModel):
 
 class ShownItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    doc_id: str = Field(min_length=1, max_length=200)
+    doc_id: Id
     position: int = Field(ge=1, description="1-based rank the user saw")
     score: float
 
@@ -35,10 +52,10 @@ class ShownItem(BaseModel):
 class ImpressionEvent(Event):
     """What the serving worker showed for one request."""
 
-    request_id: str = Field(min_length=1, max_length=200)
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    user: str | None = None
-    session: str | None = None
+    request_id: Id
+    query: QueryText
+    user: Identity | None = None
+    session: Identity | None = None
     items: list[ShownItem]
     model_version: str = Field(description='registered model version, or "first-stage"')
     index_version: str
@@ -59,12 +76,12 @@ class InteractionType(str, Enum):
 class InteractionEvent(Event):
     """What a user did with one shown document; `value` is seconds for dwell, amount for purchase."""
 
-    event_id: str = Field(min_length=1, max_length=200)
-    request_id: str = Field(min_length=1, max_length=200)
-    doc_id: str = Field(min_length=1, max_length=200)
+    event_id: Id
+    request_id: Id
+    doc_id: Id
     type: InteractionType
-    value: float | None = None
-    timestamp: float = Field(default_factory=now, description="unix seconds")
+    value: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
+    timestamp: float = Field(default_factory=now, ge=0, allow_inf_nan=False, description="unix seconds")
 
 
 class LabelledExample(Event):

@@ -73,6 +73,9 @@ class ServingSettings(Group):
     candidates_k: int = Field(100, ge=1, description="first-stage candidates per query")
     rerank_depth: int = Field(50, ge=1, description="candidates the reranker reorders; the rest keep first-stage order")
     max_batch: int = Field(1000, ge=1, description="events per POST /events")
+    max_body_bytes: int = Field(
+        4_000_000, ge=1024, description="largest request body; a bigger one is refused (413) before it is read whole"
+    )
     cache_ttl_s: int = Field(3600, ge=1)
     champion_poll_s: float = Field(10.0, gt=0, description="how often the registry's champion alias is checked")
     explore_rate: float = Field(
@@ -98,6 +101,12 @@ class RetrainSettings(Group):
     auto_promote: bool = Field(True, description="promote a challenger that passes the gate")
 
 
+class AuthSettings(Group):
+    keys_file: Path | None = Field(None, description="API key file (hashes only); unset: api_keys.json in the state dir")
+    required: bool = Field(False, description="refuse requests without a key even while the key file has none")
+    metrics_public: bool = Field(True, description="/metrics without a key (a scraper inside the network); off: admin scope")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RANKLOOP_", env_nested_delimiter="__", extra="forbid", validate_assignment=True)
 
@@ -117,6 +126,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     mlflow: MlflowSettings = MlflowSettings()
     serving: ServingSettings = ServingSettings()
+    auth: AuthSettings = AuthSettings()
     stream: StreamSettings = StreamSettings()
     retrain: RetrainSettings = RetrainSettings()
     train: TrainConfig = TrainConfig()
@@ -167,6 +177,10 @@ class Settings(BaseSettings):
     @property
     def artifact_dir(self) -> Path:
         return self.state_dir / "mlartifacts"
+
+    @property
+    def keys_file(self) -> Path:
+        return self.auth.keys_file or self.state_dir / "api_keys.json"
 
     @property
     def versions_dir(self) -> Path:

@@ -27,13 +27,20 @@ from services.keys import Keys
 
 
 class RankloopClient:
-    """`url` is the serving worker; with `kafka` set, interactions go straight to the broker
-    (kafka-python producer, acks=all) instead of POST /events. `deployment` names the topics."""
+    """`url` is the serving worker; `api_key` one from `rankloop keys create` (scopes rank and
+    events:write). With `kafka` set, interactions go straight to the broker (kafka-python producer,
+    acks=all) instead of POST /events. `deployment` names the topics."""
 
     def __init__(
-        self, url: str = "http://127.0.0.1:8000", kafka: str | None = None, deployment: str = "rankloop", timeout: float = 30.0
+        self,
+        url: str = "http://127.0.0.1:8000",
+        kafka: str | None = None,
+        deployment: str = "rankloop",
+        timeout: float = 30.0,
+        api_key: str | None = None,
     ):
-        self.http = httpx.Client(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=32))
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url, timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=32))
         self.topic = Keys(deployment).interactions
         self.producer: Any = None
         if kafka:

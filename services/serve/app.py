@@ -7,12 +7,14 @@ import gc
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -27,6 +29,7 @@ from schemas import (
     RankRequest,
     RankResponse,
 )
+from services.auth import ApiKey, KeyStore, Scope
 from services.config import Settings
 from services.serve.worker import Worker
 from services.storage import open_caches, open_publisher
@@ -91,6 +94,55 @@ def watch_model_events(worker: Worker, s: Settings) -> None:
     consumer.close()
 
 
+class BodyLimit:
+    """ASGI middleware: refuses a body over `limit` bytes with 413 as soon as the declared length or the
+    bytes read so far exceed it, so a 200 MB post never sits in memory."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"request body over the limit of {self.limit} bytes (serving.max_body_bytes)"
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await JSONResponse({"detail": too_large}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, too_large)  # FastAPI passes it through body parsing as a 413
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON, or 400 with the reason: malformed, not UTF-8, NaN/Infinity (not JSON, and
+    no score or time can be NaN), or nested too deep to parse."""
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON value")
+
+    try:
+        return json.loads(body, parse_constant=no_constants)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise HTTPException(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise HTTPException(400, "malformed JSON: nested too deep") from None
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 with where and what, without echoing the input back (it may be huge, or not encodable)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errors]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 EVENTS_BODY = {
     "description": 'A JSON array of interaction events, or {"events": [...]}; each is validated on its own.',
     "required": True,
@@ -112,13 +164,52 @@ EVENTS_BODY = {
 }
 
 
+bearer = HTTPBearer(auto_error=False, description="an API key from `rankloop keys create`")
+Credentials = HTTPAuthorizationCredentials | None
+
+
+def key_checker(keys: KeyStore, required: bool) -> Callable[[Scope], Callable[..., ApiKey | None]]:
+    """`require(scope)`: a route dependency answering 401 without a valid key, 403 without the scope.
+    With no key in the file and `required` off, everything is open (the local default)."""
+
+    def require(scope: Scope) -> Callable[..., ApiKey | None]:
+        def check(credentials: Credentials = Depends(bearer)) -> ApiKey | None:
+            if not (required or keys.enabled):
+                return None
+            challenge = {"WWW-Authenticate": "Bearer"}
+            if credentials is None:
+                raise HTTPException(401, "an API key is required: send `Authorization: Bearer rk_...`", headers=challenge)
+            key = keys.verify(credentials.credentials)
+            if key is None:
+                raise HTTPException(401, "unknown or revoked API key", headers=challenge)
+            if not key.allows(scope):
+                raise HTTPException(403, f"the key {key.name!r} lacks the {scope.value!r} scope")
+            return key
+
+        return check
+
+    return require
+
+
 def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = True) -> FastAPI:
     state: dict[str, Worker] = {}
+    keys = KeyStore(s.keys_file)
+    require = key_checker(keys, s.auth.required)
+    no_key: dict[int | str, dict[str, Any]] = {
+        401: {"model": ErrorBody, "description": "no valid API key"},
+        403: {"model": ErrorBody, "description": "the key lacks the scope"},
+    }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         w = worker or build_worker(s)
         state["w"] = w
+        if not (s.auth.required or keys.enabled):
+            log.warning(
+                "NO AUTHENTICATION: %s holds no API key, so anyone who reaches this port may rank and emit events. "
+                "Create keys with `rankloop keys create` (or set RANKLOOP_AUTH__REQUIRED=true) before exposing it.",
+                s.keys_file,
+            )
         threading.Thread(target=w.watch_registry, name="registry-watch", daemon=True).start()
         if watch_events:
             threading.Thread(target=watch_model_events, args=(w, s), name="model-events", daemon=True).start()
@@ -129,9 +220,16 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         title="rankloop serving worker",
         lifespan=lifespan,
         description="Rank with the current champion model and take in what users did with the results.",
+        exception_handlers={RequestValidationError: validation_error},
     )
+    app.add_middleware(BodyLimit, limit=s.serving.max_body_bytes)
 
-    @app.post("/rank", response_model=RankResponse, responses={422: {"description": "invalid request"}})
+    @app.post(
+        "/rank",
+        response_model=RankResponse,
+        responses={422: {"description": "invalid request"}, **no_key},
+        dependencies=[Depends(require(Scope.rank))],
+    )
     def rank(req: RankRequest) -> RankResponse:
         """Ranked documents for a query; every answer is recorded as an impression."""
         return state["w"].rank(req)
@@ -140,9 +238,11 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         "/events",
         response_model=EventsResponse,
         openapi_extra={"requestBody": EVENTS_BODY},
+        dependencies=[Depends(require(Scope.events_write))],
         responses={
+            **no_key,
             400: {"model": ErrorBody, "description": "malformed JSON"},
-            413: {"model": ErrorBody, "description": "batch larger than serving.max_batch"},
+            413: {"model": ErrorBody, "description": "batch larger than serving.max_batch, or body than serving.max_body_bytes"},
             422: {"model": EventsResponse, "description": "no event of the batch was accepted"},
             503: {"model": ErrorBody, "description": "cannot record durably now (broker or Redis down): retry"},
         },
@@ -150,11 +250,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
     async def events(request: Request) -> JSONResponse:
         """Interaction events, accepted one by one: the good ones of a batch land even when others
         are rejected, each rejection with its code and detail."""
-        body = await request.body()
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPException(400, f"malformed JSON: {e}") from None
+        payload = parse_json(await request.body())
         batch = payload.get("events") if isinstance(payload, dict) else payload
         if not isinstance(batch, list):
             raise HTTPException(422, 'expected a JSON array of events or {"events": [...]}')
@@ -167,7 +263,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         answer = EventsResponse(accepted=accepted, rejected=rejected)
         return JSONResponse(answer.model_dump(mode="json"), status_code=200 if accepted or not batch else 422)
 
-    @app.get("/model", response_model=ModelInfo)
+    @app.get("/model", response_model=ModelInfo, responses=no_key, dependencies=[Depends(require(Scope.rank))])
     def model() -> ModelInfo:
         """The model version served now, its score mix and the last failed swap."""
         w = state["w"]
@@ -201,6 +297,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
             impressions_buffered=w.publisher.buffered,
             impressions_dropped=w.publisher.dropped,
             last_swap_error=w.last_swap_error,
+            auth="keys" if s.auth.required or keys.enabled else "open",
         )
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
@@ -209,7 +306,8 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
     @app.get(
         "/metrics",
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}, **no_key},
+        dependencies=[] if s.auth.metrics_public else [Depends(require(Scope.admin))],
     )
     def metrics() -> Response:
         """Prometheus metrics: requests and latency by cache hit, events, swaps, publish failures."""

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from schemas import (
+    MAX_ID_CHARS,
     DependencyUnavailable,
     ImpressionEvent,
     InteractionEvent,
@@ -54,6 +55,17 @@ class Serving:
     version: str
     reranker: Reranker | None
     loaded_at: float
+
+
+def is_printable_id(value: object) -> bool:
+    """Whether a rejected event's id can be echoed back (a string that encodes, of an id's size)."""
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validation_detail(e: ValidationError) -> str:
@@ -193,7 +205,7 @@ class Worker:
                 rejected.append(
                     Rejection(
                         index=i,
-                        event_id=event_id if isinstance(event_id, str) else None,
+                        event_id=event_id if is_printable_id(event_id) else None,
                         code=RejectCode.invalid_event,
                         detail=f"invalid event: {validation_detail(e)}",
                     )

@@ -1,0 +1,91 @@
+"""API keys: hashed at rest, scoped per route, revocable without a restart; open only when no key exists."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.auth import KeyStore, Scope
+from services.config import AuthSettings, ServingSettings, Settings
+from services.serve.app import create_app
+from services.serve.worker import Worker
+from services.storage.memory import MemoryPublisher, memory_caches
+from training.registry import MemoryRegistry
+
+EVENT = {"event_id": "e1", "request_id": "r1", "doc_id": "d1", "type": "click"}
+
+
+def make_client(tiny_first_stage, tmp_path, **auth) -> TestClient:
+    s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0), auth=AuthSettings(**auth))
+    worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
+    return TestClient(create_app(s, worker, watch_events=False))
+
+
+@pytest.fixture()
+def store(tmp_path) -> KeyStore:
+    return KeyStore(tmp_path / "api_keys.json")
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def test_without_keys_the_server_is_open_and_says_so(tiny_first_stage, tmp_path):
+    with make_client(tiny_first_stage, tmp_path) as client:
+        assert client.post("/rank", json={"query": "vitamin d"}).status_code == 200
+        assert client.get("/health/ready").json()["auth"] == "open"
+
+
+def test_required_auth_refuses_everything_while_no_key_exists(tiny_first_stage, tmp_path):
+    with make_client(tiny_first_stage, tmp_path, required=True) as client:
+        r = client.post("/rank", json={"query": "vitamin d"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert client.get("/health/live").status_code == 200  # probes stay open
+
+
+def test_each_route_needs_its_scope(tiny_first_stage, tmp_path, store):
+    _, ranker = store.create("web", [Scope.rank])
+    _, emitter = store.create("events", [Scope.events_write])
+    _, admin = store.create("ops", [Scope.admin])
+    with make_client(tiny_first_stage, tmp_path) as client:
+        assert client.get("/health/ready").json()["auth"] == "keys"
+        assert client.post("/rank", json={"query": "vitamin d"}).status_code == 401
+        assert client.post("/rank", json={"query": "vitamin d"}, headers=bearer("rk_guessed")).status_code == 401
+        r = client.post("/rank", json={"query": "vitamin d"}, headers=bearer(emitter))
+        assert r.status_code == 403 and "'rank'" in r.json()["detail"]
+        assert client.post("/rank", json={"query": "vitamin d"}, headers=bearer(ranker)).status_code == 200
+        assert client.post("/events", json=[EVENT], headers=bearer(ranker)).status_code == 403
+        assert client.post("/events", json=[EVENT], headers=bearer(emitter)).status_code != 403
+        assert client.get("/model", headers=bearer(admin)).status_code == 200
+
+
+def test_a_revoked_key_is_refused_without_a_restart(tiny_first_stage, tmp_path, store):
+    _, secret = store.create("web", [Scope.rank])
+    with make_client(tiny_first_stage, tmp_path) as client:
+        assert client.post("/rank", json={"query": "vitamin d"}, headers=bearer(secret)).status_code == 200
+        store.revoke("web")
+        assert client.post("/rank", json={"query": "vitamin d"}, headers=bearer(secret)).status_code == 401
+
+
+def test_secrets_are_stored_only_as_hashes(store):
+    _, secret = store.create("web", [Scope.rank])
+    text = store.path.read_text()
+    assert secret not in text and secret[3:] not in text
+    assert store.verify(secret).name == "web" and store.verify(secret + "x") is None
+
+
+def test_metrics_can_require_the_admin_scope(tiny_first_stage, tmp_path, store):
+    _, ranker = store.create("web", [Scope.rank])
+    with make_client(tiny_first_stage, tmp_path, metrics_public=False) as client:
+        assert client.get("/metrics", headers=bearer(ranker)).status_code == 403
+    with make_client(tiny_first_stage, tmp_path) as client:
+        assert client.get("/metrics").status_code == 200
+
+
+def test_revoking_the_last_key_does_not_open_the_server(tiny_first_stage, tmp_path, store):
+    store.create("web", [Scope.rank])
+    store.revoke("web")
+    with make_client(tiny_first_stage, tmp_path) as client:
+        assert client.post("/rank", json={"query": "vitamin d"}).status_code == 401
