@@ -126,7 +126,8 @@ class Health(BaseModel):
         }
     )
 
-    status: Literal["ready", "starting"]
+    status: Literal["ready", "starting", "behind"]
+    detail: str | None = Field(None, description="why not ready")
     model_version: str
     index_version: str
     kafka: bool = Field(description="the last attempt to publish reached the broker")

@@ -78,6 +78,12 @@ class ServingSettings(Group):
     )
     cache_ttl_s: int = Field(3600, ge=1)
     champion_poll_s: float = Field(10.0, gt=0, description="how often the registry's champion alias is checked")
+    swap_grace_s: float = Field(
+        60.0, gt=0, description="not ready once the served version has differed from the registry's champion this long"
+    )
+    max_load_failures: int = Field(
+        3, ge=1, description="a champion that fails to load this often is tagged broken and rolled back"
+    )
     explore_rate: float = Field(
         0.1, ge=0.0, le=1.0, description="share of requests shown with a shuffled top (docs/position-bias.md)"
     )

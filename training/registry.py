@@ -49,6 +49,8 @@ class ModelRegistry(Protocol):
     def prune(self, keep: set[str]) -> list[str]:
         """Frees local copies of versions that are neither kept nor served."""
 
+    def tag(self, version: str, key: str, value: str) -> None: ...
+
 
 def connect(tracking_uri: str, artifact_dir: Path | None = None, experiment: str = EXPERIMENT) -> MlflowClient:
     """Points MLflow at the tracking URI and makes sure the experiment exists."""
@@ -208,6 +210,7 @@ class MemoryRegistry:
     name: str = "rankloop-reranker"
     folders: dict[str, Path] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def add(self, folder: Path) -> str:
         version = str(len(self.folders) + 1)
@@ -252,3 +255,6 @@ class MemoryRegistry:
 
     def prune(self, keep: set[str]) -> list[str]:
         return []  # its folders belong to the caller
+
+    def tag(self, version: str, key: str, value: str) -> None:
+        self.tags.setdefault(version, {})[key] = value

@@ -227,7 +227,12 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
     @app.post(
         "/rank",
         response_model=RankResponse,
-        responses={422: {"description": "invalid request"}, **no_key},
+        responses={
+            400: {"model": ErrorBody, "description": "malformed JSON"},
+            413: {"model": ErrorBody, "description": "body larger than serving.max_body_bytes"},
+            422: {"description": "invalid request"},
+            **no_key,
+        },
         dependencies=[Depends(require(Scope.rank))],
     )
     def rank(req: RankRequest) -> RankResponse:
@@ -241,7 +246,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         dependencies=[Depends(require(Scope.events_write))],
         responses={
             **no_key,
-            400: {"model": ErrorBody, "description": "malformed JSON"},
+            400: {"model": ErrorBody, "description": "malformed JSON, or not an array of events"},
             413: {"model": ErrorBody, "description": "batch larger than serving.max_batch, or body than serving.max_body_bytes"},
             422: {"model": EventsResponse, "description": "no event of the batch was accepted"},
             503: {"model": ErrorBody, "description": "cannot record durably now (broker or Redis down): retry"},
@@ -253,7 +258,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         payload = parse_json(await request.body())
         batch = payload.get("events") if isinstance(payload, dict) else payload
         if not isinstance(batch, list):
-            raise HTTPException(422, 'expected a JSON array of events or {"events": [...]}')
+            raise HTTPException(400, 'expected a JSON array of events or {"events": [...]}')
         if len(batch) > s.serving.max_batch:
             raise HTTPException(413, f"batch of {len(batch)} events exceeds the limit of {s.serving.max_batch}")
         try:
@@ -282,14 +287,20 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         """The process answers (the liveness probe: a failure means restart it)."""
         return Liveness()
 
-    @app.get("/health/ready", response_model=Health, responses={503: {"model": Health, "description": "still starting"}})
+    @app.get(
+        "/health/ready",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "starting, or behind the registry's champion"}},
+    )
     def ready() -> JSONResponse:
-        """Ready once the index is loaded and the registry was asked which model to serve (the
-        readiness probe). Kafka and Redis are reported but do not gate: ranking works without them."""
+        """Ready once the index is loaded, the registry was asked which model to serve and that model
+        serves (a swap may take `serving.swap_grace_s`). Kafka and Redis are reported but do not gate:
+        ranking works without them."""
         w = state["w"]
-        ok = w.champion_checked
+        ok, why = w.readiness()
         body = Health(
-            status="ready" if ok else "starting",
+            status="ready" if ok else "starting" if not w.champion_checked else "behind",
+            detail=why,
             model_version=w.serving.version,
             index_version=w.first_stage.version,
             kafka=w.publisher.healthy,

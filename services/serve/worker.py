@@ -96,6 +96,8 @@ class Worker:
         self.rng = rng or random.Random()
         self.serving = Serving(FIRST_STAGE, None, time.time())
         self.last_swap_error: str | None = None
+        self.load_failures: dict[str, int] = {}
+        self.behind_since: float | None = None  # when the registry's champion began to differ from what is served
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._swap_lock = threading.Lock()
@@ -278,7 +280,9 @@ class Worker:
         with self._swap_lock:
             current = self.registry.champion()
             if current is None or current.version == self.serving.version:
+                self.behind_since = None
                 return False
+            self.behind_since = self.behind_since or time.time()
             try:
                 reranker = self.load_model(self.registry.fetch(current), current.version, self.caches.embeddings)
                 started = time.time()
@@ -289,13 +293,48 @@ class Worker:
                 self.metrics.swap_failures.inc()
                 self.last_swap_error = f"version {current.version}: {e}"
                 log.exception("failed to load model version %s; still serving %s", current.version, self.serving.version)
+                self.load_failures[current.version] = self.load_failures.get(current.version, 0) + 1
+                if self.load_failures[current.version] >= self.s.serving.max_load_failures:
+                    self._roll_back_broken(current.version, str(e))
                 return False
             self.serving = Serving(current.version, reranker, time.time())
+            self.behind_since = None
             self._prune(current.version)
             self.metrics.swaps.inc()
             self.metrics.model_version.set(int(current.version) if current.version.isdigit() else -1)
             log.info("hot-swapped to model version %s", current.version)
             return True
+
+    def _roll_back_broken(self, version: str, error: str) -> None:
+        """Tags a champion that keeps failing to load as broken and moves the alias back to the
+        previous version, with a model event, so no replica stays behind a model none can load."""
+        failures = self.load_failures[version]
+        try:
+            self.registry.tag(version, "broken", f"failed to load {failures} times on a serving worker: {error}"[:500])
+            champion = self.registry.champion()
+            if champion is None or champion.version != version:
+                return  # another worker (or a person) moved it already
+            event = self.registry.rollback(f"automatic: version {version} failed to load {failures} times")
+        except Exception as e:  # no previous version, or MLflow away: stay behind, not ready, and say why
+            log.error("could not roll back broken version %s: %s", version, e)
+            return
+        log.error(
+            "version %s failed to load %d times: tagged broken, champion rolled back to %s", version, failures, event.version
+        )
+        self._publish(self.keys.model_events, event.model_name, event)
+
+    def readiness(self) -> tuple[bool, str | None]:
+        """Ready once the registry was asked what to serve and the served version is the champion, or
+        has differed from it for less than `serving.swap_grace_s` (a swap takes seconds)."""
+        if not self.champion_checked:
+            return False, "starting: the registry was not asked yet which model to serve"
+        if self.behind_since is not None and time.time() - self.behind_since > self.s.serving.swap_grace_s:
+            behind = time.time() - self.behind_since
+            return (
+                False,
+                f"serving {self.serving.version}, not the registry's champion, for {behind:.0f}s: {self.last_swap_error}",
+            )
+        return True, None
 
     def _prune(self, serving: str) -> None:
         """Keeps the local copies of the served version and the one a rollback would bring back."""

@@ -95,3 +95,30 @@ def test_a_swap_is_warm_the_first_request_after_it_encodes_only_the_query(worker
     )
     worker.rank(RankRequest(query="coffee and the liver", k=5))
     assert encoded == [1]  # the query; every candidate document was a row of the matrix
+
+
+def test_a_champion_that_keeps_failing_to_load_is_tagged_broken_and_rolled_back(worker, tiny_model, tmp_path):
+    registry = worker.registry
+    good = registry.add(tiny_model)
+    registry.promote(good, "good")
+    assert worker.check_champion()
+    broken = registry.add(tmp_path / "missing")
+    registry.promote(broken, "bad")
+    for _ in range(worker.s.serving.max_load_failures):
+        assert not worker.check_champion()
+    assert registry.champion().version == good and "broken" in registry.tags[broken]
+    [event] = [json.loads(p) for p in worker.publisher.on(worker.keys.model_events)]
+    assert event["action"] == "rolled_back" and event["version"] == good and "automatic" in event["reason"]
+    worker.champion_checked = True
+    assert not worker.check_champion() and worker.readiness() == (True, None)  # serving the champion again
+
+
+def test_readiness_says_no_while_serving_is_behind_the_champion_beyond_the_grace(worker, tmp_path, monkeypatch):
+    registry = worker.registry
+    registry.promote(registry.add(tmp_path / "missing"), "broken, and nothing to roll back to")
+    worker.champion_checked = True
+    assert not worker.check_champion()
+    assert worker.readiness() == (True, None)  # a swap may take a moment
+    monkeypatch.setattr(worker, "behind_since", worker.behind_since - worker.s.serving.swap_grace_s - 1)
+    ready, why = worker.readiness()
+    assert not ready and "not the registry's champion" in why and "version 1" in why
