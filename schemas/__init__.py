@@ -3,7 +3,19 @@
 Imports nothing else of rankloop and nothing heavy (pydantic only), so any emitter can use it.
 """
 
-from schemas.api import ErrorBody, EventsResponse, Health, Liveness, ModelInfo, RankedItem, RankRequest, RankResponse, Rejection
+from schemas.api import (
+    ErrorBody,
+    EventsResponse,
+    Health,
+    Liveness,
+    ModelInfo,
+    PromoteRequest,
+    RankedItem,
+    RankRequest,
+    RankResponse,
+    Rejection,
+    RollbackRequest,
+)
 from schemas.errors import DependencyUnavailable, InvalidInput, InvalidState, NotFound, RankloopError, RequestFailed
 from schemas.events import (
     ALL_SCHEMAS,
@@ -41,6 +53,7 @@ __all__ = [
     "ModelEvent",
     "ModelInfo",
     "NotFound",
+    "PromoteRequest",
     "RankRequest",
     "RankResponse",
     "RankedItem",
@@ -48,6 +61,7 @@ __all__ = [
     "RejectCode",
     "Rejection",
     "RequestFailed",
+    "RollbackRequest",
     "ShownItem",
     "export_json_schemas",
 ]

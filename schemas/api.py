@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.events import Identity, QueryText, RejectCode
+from schemas.events import Id, Identity, QueryText, RejectCode
 
 
 class RankRequest(BaseModel):
@@ -146,3 +146,22 @@ class ErrorBody(BaseModel):
     """FastAPI's error answer: `detail` says what was wrong."""
 
     detail: str
+
+
+class PromoteRequest(BaseModel):
+    """POST /admin/promote: make `version` the champion. `reason` goes on the version in MLflow."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"version": "4", "reason": "gate passed on review"}]}
+    )
+
+    version: Id
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+
+
+class RollbackRequest(BaseModel):
+    """POST /admin/rollback: put the `previous` version back as champion."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"reason": "complaints about v4 results"}]})
+
+    reason: Annotated[str, Field(min_length=1, max_length=500)]

@@ -111,6 +111,7 @@ class ModelEvent(Event):
     version: str
     previous_version: str | None = None
     reason: str = ""
+    actor: str = Field("unknown", description='who moved it: "cli:<user>", "key:<name>", "scheduler", "serving"')
     timestamp: float = Field(default_factory=now)
 
 

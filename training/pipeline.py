@@ -291,7 +291,7 @@ def train_once(
         "passed" if result.passed else "rejected", result.reason, run.info.run_id, version, result, labels=slices.labels
     )
     if result.passed and auto_promote:
-        outcome.event = registry.promote(version, result.reason)
+        outcome.event = registry.promote(version, result.reason, actor="scheduler")
         outcome.status = "promoted"
     registry.client.set_tag(run.info.run_id, "outcome", outcome.status)
     log.info("%s version %s: %s", outcome.status, version, result.reason)

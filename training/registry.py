@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -43,8 +44,10 @@ class ModelRegistry(Protocol):
     def fetch(self, version: ModelVersion) -> Path:
         """A local folder holding the version's model files."""
 
-    def promote(self, version: str, reason: str) -> ModelEvent: ...
-    def rollback(self, reason: str) -> ModelEvent: ...
+    def promote(self, version: str, reason: str, actor: str = "unknown") -> ModelEvent:
+        """Moves `champion` to `version` (the old one becomes `previous`); who and why are recorded."""
+
+    def rollback(self, reason: str, actor: str = "unknown") -> ModelEvent: ...
     def versions(self) -> list[ModelVersion]: ...
     def prune(self, keep: set[str]) -> list[str]:
         """Frees local copies of versions that are neither kept nor served."""
@@ -156,7 +159,7 @@ class MlflowRegistry:
     def tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.name, str(version), key, value)
 
-    def promote(self, version: str, reason: str) -> ModelEvent:
+    def promote(self, version: str, reason: str, actor: str = "unknown") -> ModelEvent:
         current = self.champion()
         if current and current.version == str(version):
             raise InvalidState(f"version {version} is already the champion")
@@ -164,16 +167,23 @@ class MlflowRegistry:
         if current:
             self.client.set_registered_model_alias(self.name, PREVIOUS, current.version)
         self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
-        self.tag(version, "promotion_reason", reason)
+        self._audit(version, "promoted", reason, actor)
         return ModelEvent(
             action="promoted",
             model_name=self.name,
             version=str(version),
             previous_version=current.version if current else None,
             reason=reason,
+            actor=actor,
         )
 
-    def rollback(self, reason: str = "manual rollback") -> ModelEvent:
+    def _audit(self, version: str, action: str, reason: str, actor: str) -> None:
+        """Who moved the model, when and why, on the version itself (shown in MLflow's UI)."""
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for key, value in ((f"{action}_by", actor), (f"{action}_at", when), (f"{action}_reason", reason)):
+            self.tag(version, key, value)
+
+    def rollback(self, reason: str = "manual rollback", actor: str = "unknown") -> ModelEvent:
         current = self.champion()
         try:
             prev = self.client.get_model_version_by_alias(self.name, PREVIOUS)
@@ -182,13 +192,14 @@ class MlflowRegistry:
         self.client.set_registered_model_alias(self.name, CHAMPION, str(prev.version))
         self.client.delete_registered_model_alias(self.name, PREVIOUS)
         if current:
-            self.tag(current.version, "rolled_back", reason)
+            self._audit(current.version, "rolled_back", reason, actor)
         return ModelEvent(
             action="rolled_back",
             model_name=self.name,
             version=str(prev.version),
             previous_version=current.version if current else None,
             reason=reason,
+            actor=actor,
         )
 
     def versions(self) -> list[ModelVersion]:
@@ -232,7 +243,7 @@ class MemoryRegistry:
     def fetch(self, version: ModelVersion) -> Path:
         return Path(version.source)
 
-    def promote(self, version: str, reason: str) -> ModelEvent:
+    def promote(self, version: str, reason: str, actor: str = "unknown") -> ModelEvent:
         current = self.aliases.get(CHAMPION)
         if current == version:
             raise InvalidState(f"version {version} is already the champion")
@@ -240,14 +251,24 @@ class MemoryRegistry:
         if current:
             self.aliases[PREVIOUS] = current
         self.aliases[CHAMPION] = version
-        return ModelEvent(action="promoted", model_name=self.name, version=version, previous_version=current, reason=reason)
+        self.tag(version, "promoted_by", actor)
+        return ModelEvent(
+            action="promoted", model_name=self.name, version=version, previous_version=current, reason=reason, actor=actor
+        )
 
-    def rollback(self, reason: str = "manual rollback") -> ModelEvent:
+    def rollback(self, reason: str = "manual rollback", actor: str = "unknown") -> ModelEvent:
         if PREVIOUS not in self.aliases:
             raise InvalidState(f"model {self.name!r} has no `previous` version to roll back to")
         current, self.aliases[CHAMPION] = self.aliases.get(CHAMPION), self.aliases.pop(PREVIOUS)
+        if current:
+            self.tag(current, "rolled_back_by", actor)
         return ModelEvent(
-            action="rolled_back", model_name=self.name, version=self.aliases[CHAMPION], previous_version=current, reason=reason
+            action="rolled_back",
+            model_name=self.name,
+            version=self.aliases[CHAMPION],
+            previous_version=current,
+            reason=reason,
+            actor=actor,
         )
 
     def versions(self) -> list[ModelVersion]:

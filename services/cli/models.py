@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from collections.abc import Callable
 
 import typer
@@ -28,13 +29,13 @@ def train(once: bool = typer.Option(False, "--once", help="train one challenger 
 @app.command()
 def promote(version: str, reason: str = "manual promotion") -> None:
     """Make VERSION the champion (the old one becomes `previous`) and tell the serving workers."""
-    _registry_change(lambda registry: registry.promote(version, reason))
+    _registry_change(lambda registry: registry.promote(version, reason, actor=f"cli:{getpass.getuser()}"))
 
 
 @app.command()
 def rollback(reason: str = "manual rollback") -> None:
     """Put the `previous` version back as champion."""
-    _registry_change(lambda registry: registry.rollback(reason))
+    _registry_change(lambda registry: registry.rollback(reason, actor=f"cli:{getpass.getuser()}"))
 
 
 def _registry(s: Settings):

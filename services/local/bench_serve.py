@@ -1,7 +1,7 @@
 """`rankloop bench serve`: how fast serving is, and what a promotion, a rollback and an outage cost.
 
 On its own local stack (Tansu, redis-server, an MLflow server on sqlite) with the dataset's index and
-two registered versions of the base checkpoint under different mixes: latencies of a miss, a hit and
+two registered versions (the base checkpoint and a fine-tuned copy, under different mixes): latencies of a miss, a hit and
 a first-stage miss side by side (one client), throughput with one and two workers (8 clients), a
 promotion and a rollback under 8 clients, and a broker restart, a Redis restart and MLflow stopping
 under load. Every figure comes from the requests the benchmark itself sent and checked.
@@ -9,8 +9,8 @@ under load. Every figure comes from the requests the benchmark itself sent and c
 
 from __future__ import annotations
 
+import copy
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +25,7 @@ import httpx
 import mlflow
 from pydantic import BaseModel
 from rich.console import Console
+from sentence_transformers import SentenceTransformer
 
 from services.config import MlflowSettings, Settings
 from services.local import infra
@@ -32,10 +33,12 @@ from services.local.workers import run_dir, spawn, worker_env
 from services.registry import connect_registry
 from services.storage.kafka import read_topic
 from training import beir
+from training.config import TrainConfig
 from training.ranking.encoder import load_encoder
 from training.ranking.first_stage import FirstStage, build_index
-from training.ranking.reranker import Mix, Reranker, doc_matrix_file, save_model_folder
+from training.ranking.reranker import Mix, Reranker, save_model_folder
 from training.registry import MlflowRegistry
+from training.train import Example, fit
 
 console = Console()
 CLIENTS = 8
@@ -175,24 +178,37 @@ def wait_until(predicate: Callable[[], bool], timeout: float, every: float = 0.2
     return None
 
 
-def register_versions(s: Settings, registry: MlflowRegistry, fs: FirstStage, queries: list[str]) -> list[str]:
-    """Two versions of the base checkpoint (mixes differ), each with its document matrix (computed
-    once: the weights are the same) and, like a trained version, a feedback memory of `queries`."""
+def register_versions(s: Settings, registry: MlflowRegistry, fs: FirstStage, ds: beir.Dataset, memory_size: int) -> list[str]:
+    """Two versions like a training makes them: the base checkpoint and a copy fine-tuned for an
+    epoch on judged (query, document) pairs of the dataset, each with its own document matrix and a
+    feedback memory of `memory_size` queries."""
+    queries = list(ds.queries.values())
+    remembered = [f"{queries[i % len(queries)]} ({i // len(queries)})" for i in range(memory_size)]
+    memory = {q: {fs.doc_ids[i % len(fs.doc_ids)]: 1.0} for i, q in enumerate(remembered)}
+    base = load_encoder()
     versions = []
-    memory = {q: {fs.doc_ids[i % len(fs.doc_ids)]: 1.0} for i, q in enumerate(queries)}
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_encoder()
-        matrix: Path | None = None
-        for n, mix in enumerate((Mix(0.5), Mix(0.75))):
+        for n, (model, mix) in enumerate(((base, Mix(0.5)), (fine_tuned_copy(base, fs, ds), Mix(0.75)))):
             folder = save_model_folder(model, Path(tmp) / f"v{n}" / "model", mix, memory)
-            if matrix is not None:
-                shutil.copy(matrix, folder / matrix.name)
             Reranker(folder, "bench").warm(fs)
-            matrix = folder / doc_matrix_file(fs.version)
-            with mlflow.start_run(run_name=f"bench-serve-checkpoint-{n}") as run:
+            with mlflow.start_run(run_name=f"bench-serve-version-{n}") as run:
                 mlflow.log_artifacts(str(folder), "model")
             versions.append(registry.register(run.info.run_id))
     return versions
+
+
+def fine_tuned_copy(model: SentenceTransformer, fs: FirstStage, ds: beir.Dataset, pairs: int = 64) -> SentenceTransformer:
+    """A copy of `model` after one epoch on `pairs` judged pairs (first-stage negatives): other weights."""
+    split = "train" if (ds.path / "qrels" / "train.tsv").exists() else "test"
+    judged = [(ds.queries[q], d) for q, docs in ds.qrels(split).items() if q in ds.queries for d, g in docs.items() if g > 0]
+    examples = []
+    for query, doc in judged[:pairs]:
+        negatives = [c.doc_id for c in fs.search(query, 10) if c.doc_id != doc][:2]
+        examples.append(Example(query, doc, negatives, 1.0))
+    tuned = copy.deepcopy(model)
+    fit(tuned, examples, fs.text, TrainConfig(epochs=1))
+    tuned.eval()
+    return tuned
 
 
 def start_mlflow(s: Settings, port: int) -> None:
@@ -322,7 +338,7 @@ def _run(s: Settings, out: Path, seconds: float, mlflow_port: int) -> ServeBench
     random.Random(0).shuffle(queries)
     registry = connect_registry(s)
     t = time.time()
-    v1, v2 = register_versions(s, registry, fs, queries)
+    v1, v2 = register_versions(s, registry, fs, ds, memory_size=len(queries))
     timings["register_s"] = time.time() - t
 
     start_serve(s, 1)

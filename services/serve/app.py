@@ -24,10 +24,15 @@ from schemas import (
     EventsResponse,
     Health,
     InteractionEvent,
+    InvalidState,
     Liveness,
+    ModelEvent,
     ModelInfo,
+    NotFound,
+    PromoteRequest,
     RankRequest,
     RankResponse,
+    RollbackRequest,
 )
 from services.auth import ApiKey, KeyStore, Scope
 from services.config import Settings
@@ -199,6 +204,10 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         401: {"model": ErrorBody, "description": "no valid API key"},
         403: {"model": ErrorBody, "description": "the key lacks the scope"},
     }
+    bad_body: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorBody, "description": "malformed JSON"},
+        413: {"model": ErrorBody, "description": "body larger than serving.max_body_bytes"},
+    }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -227,12 +236,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
     @app.post(
         "/rank",
         response_model=RankResponse,
-        responses={
-            400: {"model": ErrorBody, "description": "malformed JSON"},
-            413: {"model": ErrorBody, "description": "body larger than serving.max_body_bytes"},
-            422: {"description": "invalid request"},
-            **no_key,
-        },
+        responses={**bad_body, 422: {"description": "invalid request"}, **no_key},
         dependencies=[Depends(require(Scope.rank))],
     )
     def rank(req: RankRequest) -> RankResponse:
@@ -281,6 +285,48 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
             model_name=s.keys.model_name,
             last_swap_error=w.last_swap_error,
         )
+
+    admin_errors: dict[int | str, dict[str, Any]] = {
+        **no_key,
+        **bad_body,
+        404: {"model": ErrorBody, "description": "no such version"},
+        409: {"model": ErrorBody, "description": "already the champion, or no previous version"},
+        503: {"model": ErrorBody, "description": "the registry cannot be reached"},
+    }
+
+    def admin(key: ApiKey | None = Depends(require(Scope.admin))) -> str:
+        """Moving the model always needs an admin key, even on a server that is otherwise open."""
+        if key is None:
+            raise HTTPException(
+                401,
+                "moving the model needs an admin key even on an open server: `rankloop keys create NAME --scope admin`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return f"key:{key.name}"
+
+    def move_model(change: Callable[[], ModelEvent]) -> ModelEvent:
+        w = state["w"]
+        try:
+            event = change()
+        except NotFound as e:
+            raise HTTPException(404, str(e)) from None
+        except InvalidState as e:
+            raise HTTPException(409, str(e)) from None
+        except Exception as e:  # MLflow unreachable or refusing: nothing moved that we know of
+            raise HTTPException(503, f"the model registry cannot be reached: {e}") from None
+        w.publish_model_event(event)
+        w.wake()
+        return event
+
+    @app.post("/admin/promote", response_model=ModelEvent, responses=admin_errors)
+    def promote(body: PromoteRequest, actor: str = Depends(admin)) -> ModelEvent:
+        """Make a version the champion (audited on the version: who, when, why); every worker swaps."""
+        return move_model(lambda: state["w"].registry.promote(body.version, body.reason, actor=actor))
+
+    @app.post("/admin/rollback", response_model=ModelEvent, responses=admin_errors)
+    def rollback(body: RollbackRequest, actor: str = Depends(admin)) -> ModelEvent:
+        """Put the previous version back as champion (audited on the version rolled back)."""
+        return move_model(lambda: state["w"].registry.rollback(body.reason, actor=actor))
 
     @app.get("/health/live", response_model=Liveness)
     def live() -> Liveness:

@@ -27,6 +27,7 @@ from schemas import (
     DependencyUnavailable,
     ImpressionEvent,
     InteractionEvent,
+    ModelEvent,
     RankedItem,
     RankRequest,
     RankResponse,
@@ -314,13 +315,17 @@ class Worker:
             champion = self.registry.champion()
             if champion is None or champion.version != version:
                 return  # another worker (or a person) moved it already
-            event = self.registry.rollback(f"automatic: version {version} failed to load {failures} times")
+            event = self.registry.rollback(f"automatic: version {version} failed to load {failures} times", actor="serving")
         except Exception as e:  # no previous version, or MLflow away: stay behind, not ready, and say why
             log.error("could not roll back broken version %s: %s", version, e)
             return
         log.error(
             "version %s failed to load %d times: tagged broken, champion rolled back to %s", version, failures, event.version
         )
+        self.publish_model_event(event)
+
+    def publish_model_event(self, event: ModelEvent) -> None:
+        """Tells every worker to look at the registry now (they also poll, so a lost event only delays)."""
         self._publish(self.keys.model_events, event.model_name, event)
 
     def readiness(self) -> tuple[bool, str | None]:

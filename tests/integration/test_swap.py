@@ -38,8 +38,7 @@ def test_a_swap_under_load_has_no_request_slower_than_three_steady_p99s(tmp_path
         build_index(ds, tmp_path)
         registry = connect_registry(s)
         queries = list(ds.queries.values())
-        memory = [f"{q} ({n})" for n in range(25) for q in queries]  # a trained version remembers ~1,000 queries
-        old, new = register_versions(s, registry, FirstStage.current(tmp_path), memory)
+        old, new = register_versions(s, registry, FirstStage.current(tmp_path), ds, memory_size=1000)
         registry.promote(old, "test: the version serving before the swap")
         spawn(s, "serve", worker_env(s), ("--workers", "1"))
         assert wait_until(lambda: httpx.get(f"{s.base_url}/health/ready", timeout=2).status_code == 200, 180, 1) is not None

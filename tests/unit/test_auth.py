@@ -89,3 +89,34 @@ def test_revoking_the_last_key_does_not_open_the_server(tiny_first_stage, tmp_pa
     store.revoke("web")
     with make_client(tiny_first_stage, tmp_path) as client:
         assert client.post("/rank", json={"query": "vitamin d"}).status_code == 401
+
+
+def test_moving_the_model_needs_an_admin_key_even_on_an_open_server(tiny_first_stage, tmp_path):
+    with make_client(tiny_first_stage, tmp_path) as client:
+        r = client.post("/admin/rollback", json={"reason": "because"})
+        assert r.status_code == 401 and "admin key" in r.json()["detail"]
+
+
+def test_admin_moves_are_audited_and_announced(tiny_first_stage, tiny_model, tmp_path, store):
+    import json
+
+    _, ranker = store.create("web", [Scope.rank])
+    _, admin = store.create("ops", [Scope.admin])
+    s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0))
+    worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
+    first, second = worker.registry.add(tiny_model), worker.registry.add(tiny_model)
+    with TestClient(create_app(s, worker, watch_events=False)) as client:
+        body = {"version": first, "reason": "reviewed"}
+        assert client.post("/admin/promote", json=body, headers=bearer(ranker)).status_code == 403
+        r = client.post("/admin/promote", json=body, headers=bearer(admin))
+        assert r.status_code == 200 and r.json()["actor"] == "key:ops"
+        assert client.post("/admin/promote", json=body, headers=bearer(admin)).status_code == 409  # already champion
+        assert client.post("/admin/promote", json={"version": "99", "reason": "x"}, headers=bearer(admin)).status_code == 404
+        client.post("/admin/promote", json={"version": second, "reason": "newer"}, headers=bearer(admin))
+        r = client.post("/admin/rollback", json={"reason": "complaints"}, headers=bearer(admin))
+        assert r.status_code == 200 and r.json()["version"] == first
+        assert client.post("/admin/rollback", json={"reason": "again"}, headers=bearer(admin)).status_code == 409
+    assert worker.registry.champion().version == first
+    assert worker.registry.tags[first]["promoted_by"] == "key:ops" and worker.registry.tags[second]["rolled_back_by"] == "key:ops"
+    events = [json.loads(p) for p in worker.publisher.on(worker.keys.model_events)]
+    assert [e["action"] for e in events] == ["promoted", "promoted", "rolled_back"]

@@ -11,7 +11,16 @@ from services.serve.app import create_app
 def test_openapi_documents_every_endpoint_with_models():
     spec = create_app(Settings(), worker=MagicMock()).openapi()
     paths = spec["paths"]
-    assert set(paths) == {"/rank", "/events", "/model", "/health/live", "/health/ready", "/metrics"}
+    assert set(paths) == {
+        "/rank",
+        "/events",
+        "/model",
+        "/admin/promote",
+        "/admin/rollback",
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+    }
     ok = lambda path, method: paths[path][method]["responses"]["200"]["content"]  # noqa: E731
     assert ok("/rank", "post")["application/json"]["schema"]["$ref"].endswith("/RankResponse")
     assert ok("/events", "post")["application/json"]["schema"]["$ref"].endswith("/EventsResponse")
@@ -22,5 +31,5 @@ def test_openapi_documents_every_endpoint_with_models():
     assert body["example"][0]["type"] == "click"
     schemas = spec["components"]["schemas"]
     assert {"InteractionEvent", "InteractionType", "Rejection", "RejectCode"} <= set(schemas)
-    for name in ("RankRequest", "RankResponse", "EventsResponse", "ModelInfo", "Health"):
+    for name in ("RankRequest", "RankResponse", "EventsResponse", "ModelInfo", "Health", "PromoteRequest", "RollbackRequest"):
         assert schemas[name].get("examples"), name
