@@ -111,6 +111,9 @@ class AuthSettings(Group):
     keys_file: Path | None = Field(None, description="API key file (hashes only); unset: api_keys.json in the state dir")
     required: bool = Field(False, description="refuse requests without a key even while the key file has none")
     metrics_public: bool = Field(True, description="/metrics without a key (a scraper inside the network); off: admin scope")
+    rank_per_s: float = Field(1000.0, ge=0, description="POST /rank per second per API key; 0: no limit")
+    events_per_s: float = Field(100.0, ge=0, description="POST /events (batches) per second per API key; 0: no limit")
+    burst_s: float = Field(2.0, gt=0, description="a bucket holds this many seconds of its rate: short bursts pass")
 
 
 class Settings(BaseSettings):

@@ -66,6 +66,9 @@ class Keys:
     def seen_event(self, event_id: str) -> str:
         return f"{self.deployment}:event:{event_id}"
 
+    def rate_bucket(self, identity: str) -> str:
+        return f"{self.deployment}:rate:{identity}"
+
     @property
     def train_lock(self) -> str:
         return f"{self.deployment}:lock:train"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -34,7 +35,7 @@ from schemas import (
     RankResponse,
     RollbackRequest,
 )
-from services.auth import ApiKey, KeyStore, Scope
+from services.auth import ApiKey, KeyStore, Scope, digest
 from services.config import Settings
 from services.serve.worker import Worker
 from services.storage import open_caches, open_publisher
@@ -196,13 +197,45 @@ def key_checker(keys: KeyStore, required: bool) -> Callable[[Scope], Callable[..
     return require
 
 
+def rate_limiter(state: dict[str, Worker], s: Settings) -> Callable[[float], Callable[..., None]]:
+    """`limit(rate)`: a route dependency answering 429 with Retry-After once the caller's API key has
+    used its bucket (an open, keyless server trusts its callers and is not limited). With Redis down
+    it lets requests through: ranking must not depend on Redis, and a limiter failing closed would be
+    an outage."""
+    warned = {"down": False}
+
+    def limit(rate_per_s: float) -> Callable[..., None]:
+        def check(request: Request, credentials: Credentials = Depends(bearer)) -> None:
+            if rate_per_s <= 0 or credentials is None:
+                return
+            bucket = f"key:{digest(credentials.credentials)[:16]}"
+            try:
+                wait = state["w"].caches.limits.take(bucket, rate_per_s, max(1.0, rate_per_s * s.auth.burst_s))
+            except DependencyUnavailable as e:
+                if not warned["down"]:
+                    log.warning("rate limits not enforced while their store is down: %s", e)
+                warned["down"] = True
+                return
+            warned["down"] = False
+            if wait > 0:
+                state["w"].metrics.rate_limited.labels(request.url.path).inc()
+                detail = f"rate limit of {rate_per_s:g} requests/s exceeded; retry in {wait:.1f}s"
+                raise HTTPException(429, detail, headers={"Retry-After": str(math.ceil(wait))})
+
+        return check
+
+    return limit
+
+
 def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = True) -> FastAPI:
     state: dict[str, Worker] = {}
     keys = KeyStore(s.keys_file)
     require = key_checker(keys, s.auth.required)
+    limit = rate_limiter(state, s)
     no_key: dict[int | str, dict[str, Any]] = {
         401: {"model": ErrorBody, "description": "no valid API key"},
         403: {"model": ErrorBody, "description": "the key lacks the scope"},
+        429: {"model": ErrorBody, "description": "rate limit exceeded; see Retry-After"},
     }
     bad_body: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorBody, "description": "malformed JSON"},
@@ -237,7 +270,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         "/rank",
         response_model=RankResponse,
         responses={**bad_body, 422: {"description": "invalid request"}, **no_key},
-        dependencies=[Depends(require(Scope.rank))],
+        dependencies=[Depends(require(Scope.rank)), Depends(limit(s.auth.rank_per_s))],
     )
     def rank(req: RankRequest) -> RankResponse:
         """Ranked documents for a query; every answer is recorded as an impression."""
@@ -247,7 +280,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         "/events",
         response_model=EventsResponse,
         openapi_extra={"requestBody": EVENTS_BODY},
-        dependencies=[Depends(require(Scope.events_write))],
+        dependencies=[Depends(require(Scope.events_write)), Depends(limit(s.auth.events_per_s))],
         responses={
             **no_key,
             400: {"model": ErrorBody, "description": "malformed JSON, or not an array of events"},

@@ -31,6 +31,7 @@ class ServingMetrics:
         self.swaps = Counter("rankloop_model_swaps", "model hot swaps", registry=r)
         self.swap_failures = Counter("rankloop_model_swap_failures", "model versions that failed to load", registry=r)
         self.cache_errors = Counter("rankloop_cache_errors", "Redis errors (served without cache)", registry=r)
+        self.rate_limited = Counter("rankloop_rate_limited", "requests refused with 429", ["path"], registry=r)
         self.explored = Counter("rankloop_explored_requests", "requests shown in a randomised order", registry=r)
         self.model_version = Gauge("rankloop_model_version", "served model version (0 = first stage)", registry=r)
 

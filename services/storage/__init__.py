@@ -32,6 +32,15 @@ class SeenEvents(Protocol):
         """Un-marks an id whose event was not recorded, so a retry is accepted."""
 
 
+class RateLimiter(Protocol):
+    """Token buckets per identity (an API key, or a client address on an open server), shared by
+    every replica so the limit holds for the deployment, not per process."""
+
+    def take(self, identity: str, rate_per_s: float, burst: float) -> float:
+        """Takes one token: 0.0 when allowed, else the seconds until one is available.
+        Raises DependencyUnavailable when the shared store is down."""
+
+
 class Publisher(Protocol):
     """Events onto topics (see `kafka.KafkaPublisher`)."""
 
@@ -63,6 +72,7 @@ class Caches:
     embeddings: EmbeddingCache
     seen: SeenEvents
     ping: Ping
+    limits: RateLimiter
 
 
 def open_caches(url: str, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Caches:

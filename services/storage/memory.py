@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -88,5 +90,19 @@ class MemoryPublisher:
         self.drain()
 
 
+class MemoryRateLimiter:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.buckets: dict[str, tuple[float, float]] = {}  # identity -> (tokens, at)
+
+    def take(self, identity: str, rate_per_s: float, burst: float) -> float:
+        now = self.clock()
+        tokens, at = self.buckets.get(identity, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate_per_s)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / rate_per_s
+        self.buckets[identity] = (tokens - 1 if wait == 0 else tokens, now)
+        return wait
+
+
 def memory_caches() -> Caches:
-    return Caches(MemoryRankCache(), MemoryEmbeddingCache(), MemorySeenEvents(), lambda: True)
+    return Caches(MemoryRankCache(), MemoryEmbeddingCache(), MemorySeenEvents(), lambda: True, MemoryRateLimiter())

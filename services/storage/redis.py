@@ -82,6 +82,34 @@ class RedisSeenEvents:
             raise DependencyUnavailable(f"de-duplication needs Redis, which is unavailable ({e})") from e
 
 
+TOKEN_BUCKET = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = math.min(burst, (tonumber(b[1]) or burst) + math.max(0, now - (tonumber(b[2]) or now)) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return tostring(wait)
+"""
+
+
+class RedisRateLimiter:
+    """A token bucket per identity in one Lua script (atomic across replicas, Redis's own clock)."""
+
+    def __init__(self, redis: Redis, keys: Keys):
+        self.keys = keys
+        self.script = redis.register_script(TOKEN_BUCKET)
+
+    def take(self, identity: str, rate_per_s: float, burst: float) -> float:
+        try:
+            return float(self.script(keys=[self.keys.rate_bucket(identity)], args=[rate_per_s, burst]))
+        except RedisError as e:
+            raise DependencyUnavailable(f"redis: {e}") from e
+
+
 def redis_caches(redis: Redis, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Caches:
     def ping() -> bool:
         try:
@@ -89,4 +117,10 @@ def redis_caches(redis: Redis, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Cache
         except RedisError:
             return False
 
-    return Caches(RedisRankCache(redis, ttl_s), RedisEmbeddingCache(redis, keys), RedisSeenEvents(redis, keys, seen_ttl_s), ping)
+    return Caches(
+        RedisRankCache(redis, ttl_s),
+        RedisEmbeddingCache(redis, keys),
+        RedisSeenEvents(redis, keys, seen_ttl_s),
+        ping,
+        RedisRateLimiter(redis, keys),
+    )

@@ -101,3 +101,15 @@ def test_with_redis_stopped_rank_answers_and_events_say_why_not(serving):
     assert r.status_code == 503 and "Redis" in r.json()["detail"]
     ready = httpx.get(f"{s.base_url}/health/ready").json()
     assert ready["status"] == "ready" and ready["redis"] is False
+
+
+def test_rate_limit_buckets_live_in_redis_and_are_shared(serving):
+    from redis import Redis
+
+    from services.storage.redis import RedisRateLimiter
+
+    s, _ = serving
+    one, other = (RedisRateLimiter(Redis.from_url(s.redis.address), s.keys) for _ in range(2))  # two replicas
+    waits = [limiter.take("key:abc", 1.0, 3) for limiter in (one, other, one, other)]
+    assert waits[:3] == [0.0, 0.0, 0.0] and 0 < waits[3] <= 1.0
+    assert one.take("key:someone-else", 1.0, 3) == 0.0

@@ -120,3 +120,14 @@ def test_admin_moves_are_audited_and_announced(tiny_first_stage, tiny_model, tmp
     assert worker.registry.tags[first]["promoted_by"] == "key:ops" and worker.registry.tags[second]["rolled_back_by"] == "key:ops"
     events = [json.loads(p) for p in worker.publisher.on(worker.keys.model_events)]
     assert [e["action"] for e in events] == ["promoted", "promoted", "rolled_back"]
+
+
+def test_a_caller_over_its_rate_gets_429_with_retry_after_and_others_are_not_affected(tiny_first_stage, tmp_path, store):
+    _, greedy = store.create("greedy", [Scope.rank])
+    _, polite = store.create("polite", [Scope.rank])
+    with make_client(tiny_first_stage, tmp_path, rank_per_s=2.0, burst_s=2.0) as client:
+        codes = [client.post("/rank", json={"query": "vitamin d"}, headers=bearer(greedy)).status_code for _ in range(6)]
+        assert codes[:4] == [200] * 4 and codes[4] == 429
+        r = client.post("/rank", json={"query": "vitamin d"}, headers=bearer(greedy))
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "rate limit" in r.json()["detail"]
+        assert client.post("/rank", json={"query": "vitamin d"}, headers=bearer(polite)).status_code == 200
