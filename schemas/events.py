@@ -81,7 +81,17 @@ class InteractionEvent(Event):
     doc_id: Id
     type: InteractionType
     value: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
-    timestamp: float = Field(default_factory=now, ge=0, allow_inf_nan=False, description="unix seconds")
+    timestamp: float = Field(
+        default_factory=now, ge=0, allow_inf_nan=False, description="unix seconds, the client's clock (checked, not trusted)"
+    )
+    received_at: float | None = Field(
+        None, description="unix seconds when rankloop received it: set by the server, a client's value is replaced"
+    )
+
+    @property
+    def server_time(self) -> float:
+        """What the join window and training slices go by (the client's clock only if never received)."""
+        return self.received_at if self.received_at is not None else self.timestamp
 
 
 class LabelledExample(Event):
@@ -123,6 +133,7 @@ class RejectCode(str, Enum):
     duplicate_impression = "duplicate_impression"
     not_recorded = "not_recorded"
     late_event = "late_event"
+    bad_timestamp = "bad_timestamp"
     doc_not_shown = "doc_not_shown"
     unknown_request = "unknown_request"
 

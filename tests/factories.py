@@ -18,7 +18,13 @@ def impression(request_id="r1", docs=("d1", "d2", "d3", "d4", "d5"), timestamp=1
     )
 
 
-def interaction(doc_id, type, request_id="r1", value=None, timestamp=1010.0, event_id=None):
+def interaction(doc_id, type, request_id="r1", value=None, timestamp=1010.0, event_id=None, received_at=None):
     return InteractionEvent(
-        event_id=event_id or f"e{next(_ids)}", request_id=request_id, doc_id=doc_id, type=type, value=value, timestamp=timestamp
+        event_id=event_id or f"e{next(_ids)}",
+        request_id=request_id,
+        doc_id=doc_id,
+        type=type,
+        value=value,
+        timestamp=timestamp,
+        received_at=received_at,
     )

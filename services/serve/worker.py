@@ -200,9 +200,11 @@ class Worker:
             raise DependencyUnavailable(f"events cannot be recorded now: Kafka unavailable ({self.publisher.last_error})")
         rejected: list[Rejection] = []
         valid: list[tuple[int, InteractionEvent]] = []
+        received = time.time()  # the server's clock: what windows and training slices go by
         for i, raw in enumerate(events):
             try:
-                valid.append((i, InteractionEvent.model_validate(raw)))
+                event = InteractionEvent.model_validate(raw)
+                valid.append((i, event.model_copy(update={"received_at": received})))
             except ValidationError as e:
                 event_id = raw.get("event_id") if isinstance(raw, dict) else None
                 rejected.append(

@@ -60,6 +60,8 @@ def step(
         return StepResult(None, dead=[_invalid(source, raw, e)])
 
     payload = raw.decode(errors="replace")
+    if isinstance(ev, InteractionEvent) and ev.received_at is None:  # sent straight to the broker: the stream receives it
+        ev = ev.model_copy(update={"received_at": now})
     if isinstance(ev, ImpressionEvent):
         if state.impression is not None:
             return StepResult(
@@ -80,12 +82,23 @@ def step(
     return _relabel(state, rules, window_s, source)
 
 
+CLOCK_SKEW_S = 300.0  # how far a client's clock may be off before its timestamps are refused
+
+
 def check_against(imp: ImpressionEvent, ev: InteractionEvent, window_s: float) -> tuple[RejectCode, str] | None:
-    """Why an interaction cannot count for this impression, or None."""
-    if ev.timestamp - imp.timestamp > window_s:
+    """Why an interaction cannot count for this impression, or None. Lateness goes by the server's
+    clock; the client's timestamp must fall between the impression and its receipt (give or take
+    `CLOCK_SKEW_S`), so a backdated or future-dated event is refused rather than trusted."""
+    if ev.server_time - imp.timestamp > window_s:
         return RejectCode.late_event, (
-            f"late event: {ev.timestamp - imp.timestamp:.0f}s after its impression (window {window_s:.0f}s)"
+            f"late event: {ev.server_time - imp.timestamp:.0f}s after its impression (window {window_s:.0f}s)"
         )
+    if ev.timestamp < imp.timestamp - CLOCK_SKEW_S:
+        return RejectCode.bad_timestamp, (
+            f"timestamp {ev.timestamp:.0f} is {imp.timestamp - ev.timestamp:.0f}s before the impression it follows"
+        )
+    if ev.timestamp > ev.server_time + CLOCK_SKEW_S:
+        return RejectCode.bad_timestamp, f"timestamp {ev.timestamp:.0f} is {ev.timestamp - ev.server_time:.0f}s in the future"
     if ev.doc_id not in {it.doc_id for it in imp.items}:
         return RejectCode.doc_not_shown, f"doc_id {ev.doc_id!r} was not shown in request {ev.request_id!r}"
     return None

@@ -56,7 +56,7 @@ def test_malformed_and_unknown_type_go_to_dead_letters_with_reason():
 
 
 def test_late_event_and_unshown_doc_are_dead_lettered():
-    late = interaction("d1", "click", timestamp=1000.0 + WINDOW + 1)
+    late = interaction("d1", "click", timestamp=1000.0 + WINDOW + 1, received_at=1000.0 + WINDOW + 1)
     _, labels, dead = feed(
         [("impression", raw(impression())), ("interaction", raw(late)), ("interaction", raw(interaction("nope", "click")))]
     )
@@ -78,3 +78,24 @@ def test_sweep_forgets_joined_requests_after_two_windows():
     state, _, _ = feed([("impression", raw(impression(timestamp=1000.0)))])
     assert sweep(state, 1000.0 + WINDOW, WINDOW, "t") == (False, [])
     assert sweep(state, 1000.0 + 2 * WINDOW + 1, WINDOW, "t") == (True, [])
+
+
+def test_lateness_goes_by_the_server_clock_not_the_clients():
+    backdated = interaction("d1", "click", timestamp=1010.0, received_at=1000.0 + WINDOW + 60)
+    _, labels, dead = feed([("impression", raw(impression())), ("interaction", raw(backdated))])
+    assert labels == [] and dead[0].code == "late_event"
+
+
+def test_a_timestamp_before_the_impression_or_in_the_future_is_refused():
+    shown = impression(timestamp=100_000.0)
+    before = interaction("d1", "click", timestamp=100_000.0 - 3600)  # backdated into an older training slice
+    future = interaction("d2", "click", timestamp=100_020.0 + 3600)
+    _, labels, dead = feed([("impression", raw(shown)), ("interaction", raw(before)), ("interaction", raw(future))], now=100_020.0)
+    assert labels == [] and [d.code for d in dead] == ["bad_timestamp", "bad_timestamp"]
+    assert "before the impression" in dead[0].reason and "in the future" in dead[1].reason
+
+
+def test_labels_carry_the_server_time_training_slices_by():
+    click = interaction("d2", "click", timestamp=1015.0)  # sent straight to the broker: received by the stream
+    _, labels, _ = feed([("impression", raw(impression())), ("interaction", raw(click))], now=1500.0)
+    assert [lab.timestamp for lab in labels if lab.doc_id == "d2"] == [1500.0]

@@ -122,3 +122,12 @@ def test_readiness_says_no_while_serving_is_behind_the_champion_beyond_the_grace
     monkeypatch.setattr(worker, "behind_since", worker.behind_since - worker.s.serving.swap_grace_s - 1)
     ready, why = worker.readiness()
     assert not ready and "not the registry's champion" in why and "version 1" in why
+
+
+def test_intake_stamps_the_server_time_over_whatever_the_client_said(worker):
+    import time
+
+    before = time.time()
+    accepted, _ = worker.ingest([{"event_id": "t1", "request_id": "r", "doc_id": "d1", "type": "click", "received_at": 1.0}])
+    [payload] = worker.publisher.on(worker.keys.interactions)
+    assert accepted == ["t1"] and json.loads(payload)["received_at"] >= before

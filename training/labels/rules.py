@@ -58,7 +58,7 @@ def label_request(
     positions = {it.doc_id: it.position for it in impression.items}
     by_doc: dict[str, list[InteractionEvent]] = {}
     seen: set[str] = set()
-    for ev in sorted(interactions, key=lambda e: (e.timestamp, e.event_id)):
+    for ev in sorted(interactions, key=lambda e: (e.server_time, e.event_id)):
         if ev.event_id in seen or ev.doc_id not in positions:
             continue
         seen.add(ev.event_id)
@@ -90,7 +90,7 @@ def label_request(
             event_ids=[e.event_id for e in evs],
             model_version=impression.model_version,
             index_version=impression.index_version,
-            timestamp=max((e.timestamp for e in evs), default=impression.timestamp),
+            timestamp=max((e.server_time for e in evs), default=impression.timestamp),  # training slices by it
         )
     return labels
 
