@@ -90,7 +90,8 @@ def test_a_timestamp_before_the_impression_or_in_the_future_is_refused():
     shown = impression(timestamp=100_000.0)
     before = interaction("d1", "click", timestamp=100_000.0 - 3600)  # backdated into an older training slice
     future = interaction("d2", "click", timestamp=100_020.0 + 3600)
-    _, labels, dead = feed([("impression", raw(shown)), ("interaction", raw(before)), ("interaction", raw(future))], now=100_020.0)
+    messages = [("impression", raw(shown)), ("interaction", raw(before)), ("interaction", raw(future))]
+    _, labels, dead = feed(messages, now=100_020.0)
     assert labels == [] and [d.code for d in dead] == ["bad_timestamp", "bad_timestamp"]
     assert "before the impression" in dead[0].reason and "in the future" in dead[1].reason
 
