@@ -110,6 +110,9 @@ class LabelledExample(Event):
     event_ids: list[str]
     model_version: str
     index_version: str
+    identity: str | None = Field(
+        None, description="whose evidence: the impression's user, else its session; none when neither was given"
+    )
     timestamp: float = Field(default_factory=now)
 
 

@@ -26,7 +26,7 @@ from schemas import ModelEvent
 from training import tracking
 from training.config import GateConfig, TrainConfig
 from training.gate import GateResult, decide
-from training.labels.feedback import QueryFeedback, aggregate, split_by_time
+from training.labels.feedback import QueryFeedback, aggregate, split_by_time, top_identity_share
 from training.labels.rules import LabelRules
 from training.labels.store import LabelStore, Lineage
 from training.metrics import per_query, ranking_to_run
@@ -59,6 +59,7 @@ class Slices:
     tune: list[QueryFeedback]  # queries with at least one positive
     gate: list[QueryFeedback]  # likewise
     trained_until: float  # newest label timestamp in the train slice
+    top_identity_share: dict[str, float]  # per slice: share of labels from its 10 most prolific identities
 
     def queries(self) -> list[str]:
         return [fb.query for fbs in (self.train, self.tune, self.gate) for fb in fbs]
@@ -136,6 +137,7 @@ def make_slices(
         [fb for fb in agg["tune"] if fb.positives()],
         [fb for fb in agg["gate"] if fb.positives()],
         float(train["timestamp"].max()) if len(train) else 0.0,
+        {k: round(top_identity_share(v), 4) for k, v in frames.items()},
     )
 
 
@@ -257,6 +259,7 @@ def train_once(
             incumbent.version or "all-MiniLM-L6-v2",
             examination is not None,
         )
+        mlflow.log_metrics({f"{k}_top10_identity_share": v for k, v in slices.top_identity_share.items()})
         mlflow.set_tag("champion_at_start", incumbent.version or FIRST_STAGE)
         fitted = fit_challenger(examples, incumbent, text, cfg, progress)
         tracking.log_fit(fitted.stats, fitted.seconds)

@@ -68,3 +68,20 @@ def test_changed_labels_emits_revisions_only_when_something_changed():
     )
     assert [(lab.doc_id, lab.revision, lab.grade) for lab in returned] == [("d2", 2, -2)]
     assert emitted["d2"].revision == 2 and emitted["d1"].revision == 1
+
+
+def test_one_identity_weighs_like_one_however_many_clicks_it_sends():
+    import pandas as pd
+
+    from training.labels.feedback import aggregate, top_identity_share
+
+    def label(doc, identity, grade=1, weight=1.0):
+        return {"query": "q", "doc_id": doc, "grade": grade, "weight": weight, "propensity": 1.0, "identity": identity}
+
+    flood = [label("target", "user:attacker") for _ in range(2000)]
+    honest = [label("good", f"user:{n}") for n in range(5)] + [label("good", None), label("good", None)]
+    df = pd.DataFrame(flood + honest)
+    evidence = aggregate(df)["q"].evidence
+    assert evidence["target"] == 2.0  # capped: one identity's say
+    assert evidence["good"] == 7.0  # five users and two unattributed labels, one each
+    assert top_identity_share(df, top=1) == 2000 / len(df)

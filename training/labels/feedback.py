@@ -43,20 +43,43 @@ class QueryFeedback:
         return {d: (2 if s >= 2 else 1) for d, s in self.positives().items()}
 
 
+IDENTITY_CAP = 2.0  # the weight of the strongest single label: one identity's say on one (query, doc)
+
+
 def aggregate(df: pd.DataFrame, debias: Literal["naive", "ips"] = "naive", max_ips: float = 5.0) -> dict[str, QueryFeedback]:
-    """Sums signed label weights per (query, doc) across requests.
+    """Sums signed label weights per (query, doc) across requests, each identity's share capped.
 
     debias="ips" multiplies each *positive* label by min(1/propensity, max_ips): a click at a rarely
     examined position is stronger evidence. Negatives are not reweighted (an unexamined skip was
     never a skip), and clipping bounds the variance the issue measured as harmful.
+
+    One identity (a user, else a session) adds at most +-IDENTITY_CAP to a (query, doc), however
+    many requests it made: 2,000 clicks from one user weigh like one user's. Labels without an
+    identity count one by one (nothing to group them by).
     """
-    out: dict[str, QueryFeedback] = {}
+    shares: dict[tuple[str, str, str], float] = {}
+    unattributed = 0
+    has_identity = "identity" in df.columns
     for row in df.itertuples(index=False):
         w = float(row.weight) * (1 if int(row.grade) > 0 else -1)
         if debias == "ips" and int(row.grade) > 0:
             w *= min(1.0 / float(row.propensity), max_ips)
-        query = normalise_query(str(row.query))
+        who = row.identity if has_identity and isinstance(row.identity, str) else None
+        if who is None:
+            who, unattributed = f"#{unattributed}", unattributed + 1
+        key = (normalise_query(str(row.query)), str(row.doc_id), who)
+        shares[key] = shares.get(key, 0.0) + w
+    out: dict[str, QueryFeedback] = {}
+    for (query, doc, _who), w in shares.items():
         fb = out.setdefault(query, QueryFeedback(query))
-        doc = str(row.doc_id)
-        fb.evidence[doc] = fb.evidence.get(doc, 0.0) + w
+        fb.evidence[doc] = fb.evidence.get(doc, 0.0) + max(-IDENTITY_CAP, min(IDENTITY_CAP, w))
     return out
+
+
+def top_identity_share(df: pd.DataFrame, top: int = 10) -> float:
+    """Share of the labels that come from the `top` most prolific identities (0 when none has one):
+    what the gate and the model card show, so a flood from a few identities is visible at review."""
+    if "identity" not in df.columns or not len(df):
+        return 0.0
+    counts = df["identity"].dropna().value_counts()
+    return float(counts.head(top).sum() / len(df))

@@ -43,6 +43,13 @@ T = InteractionType
 POSITIVE = {T.click, T.cite, T.purchase}
 
 
+def identity_of(impression: ImpressionEvent) -> str | None:
+    """Whose evidence a request's labels are: its user, else its session (capped per identity in training)."""
+    if impression.user:
+        return f"user:{impression.user}"
+    return f"session:{impression.session}" if impression.session else None
+
+
 def label_request(
     impression: ImpressionEvent,
     interactions: Iterable[InteractionEvent],
@@ -90,6 +97,11 @@ def label_request(
             event_ids=[e.event_id for e in evs],
             model_version=impression.model_version,
             index_version=impression.index_version,
+            identity=f"user:{impression.user}"
+            if impression.user
+            else f"session:{impression.session}"
+            if impression.session
+            else None,
             timestamp=max((e.server_time for e in evs), default=impression.timestamp),  # training slices by it
         )
     return labels
