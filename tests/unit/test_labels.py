@@ -85,3 +85,35 @@ def test_one_identity_weighs_like_one_however_many_clicks_it_sends():
     assert evidence["target"] == 2.0  # capped: one identity's say
     assert evidence["good"] == 7.0  # five users and two unattributed labels, one each
     assert top_identity_share(df, top=1) == 2000 / len(df)
+
+
+def test_a_purge_takes_an_identitys_labels_out_even_of_redelivered_shards(tmp_path):
+    from schemas import LabelledExample
+    from training.labels.store import ParquetLabelStore, Purge
+
+    def label(n, identity):
+        return LabelledExample(
+            label_id=f"r{n}:d1", revision=1, request_id=f"r{n}", query="q", doc_id="d1", position=1, grade=1, weight=1.0,
+            propensity=1.0, signals=["click"], event_ids=[f"e{n}"], model_version="1", index_version="v",
+            identity=identity, timestamp=1000.0 + n,
+        )  # fmt: skip
+
+    store = ParquetLabelStore(tmp_path)
+    batch = [label(n, "user:attacker") for n in range(5)] + [label(n, f"user:{n}") for n in range(5, 8)]
+    store.write(batch, partition=0, first=0, last=7)
+    purge = Purge(identity="user:attacker", reason="fake clicks", actor="cli:test", at=2000.0)
+    assert store.purge(purge) == 5 and store.count() == 3
+    store.write(batch, partition=0, first=0, last=7)  # the stream rewrites the shard after a redelivery
+    df, lineage = store.read()
+    assert set(df["identity"]) == {"user:5", "user:6", "user:7"} and lineage["purges"] == 1
+    assert store.purge(Purge(since=1006.0, reason="bad hour", actor="cli:test", at=2001.0)) == 2
+
+
+def test_purge_refuses_to_empty_the_store(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    monkeypatch.setenv("RANKLOOP_STATE_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["labels", "purge", "--reason", "oops", "--no-retrain"])
+    assert result.exit_code != 0 and "never empties the store" in result.output

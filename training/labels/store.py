@@ -12,12 +12,41 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
+from pydantic import BaseModel
 
 from schemas import LabelledExample
 
 SHARD_RE = re.compile(r"labels-p(\d+)-(\d+)-(\d+)\.parquet$")
 Lineage = dict[str, Any]
 """Where a set of labels came from: shards, offset ranges per partition, counts by grade and signal."""
+
+
+class Purge(BaseModel):
+    """Labels taken out of training (poisoned, or a user's data to delete): every filter set must
+    match. Recorded, not silently applied: who, when and why stay with the store."""
+
+    identity: str | None = None  # "user:<id>" or "session:<id>", as on the labels
+    since: float | None = None  # label time (server time), inclusive
+    until: float | None = None
+    reason: str
+    actor: str
+    at: float
+
+    def matches(self, df: pd.DataFrame) -> pd.Series:
+        hit = pd.Series(True, index=df.index)
+        if self.identity is not None:
+            hit &= df["identity"] == self.identity if "identity" in df.columns else False
+        if self.since is not None:
+            hit &= df["timestamp"] >= self.since
+        if self.until is not None:
+            hit &= df["timestamp"] <= self.until
+        return hit
+
+
+def apply_purges(df: pd.DataFrame, purges: list[Purge]) -> pd.DataFrame:
+    for purge in purges:
+        df = df[~purge.matches(df)]
+    return df.reset_index(drop=True)
 
 
 class LabelStore(Protocol):
@@ -29,6 +58,10 @@ class LabelStore(Protocol):
 
     def count(self) -> int:
         """How many distinct labels there are now."""
+
+    def purge(self, purge: Purge) -> int:
+        """Takes the matching labels out of every later read (and of labels written later, as a
+        redelivered shard); returns how many it took out now."""
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
@@ -56,8 +89,21 @@ def describe(df: pd.DataFrame) -> Lineage:
 class ParquetLabelStore:
     """Parquet shards in a folder (local disk or a shared volume)."""
 
+    PURGES = "purges.jsonl"
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+
+    def purges(self) -> list[Purge]:
+        path = self.folder / self.PURGES
+        return [Purge.model_validate_json(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+    def purge(self, purge: Purge) -> int:
+        before = len(self.read()[0])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (self.folder / self.PURGES).open("a") as f:
+            f.write(purge.model_dump_json() + "\n")
+        return before - len(self.read()[0])
 
     def shards(self) -> list[Path]:
         return sorted(self.folder.glob("labels-p*.parquet")) if self.folder.exists() else []
@@ -73,7 +119,8 @@ class ParquetLabelStore:
         shards = self.shards()
         if not shards:
             return _frame([]), {"shards": 0, "labels": 0}
-        df = latest_revisions(pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True))
+        purges = self.purges()
+        df = apply_purges(latest_revisions(pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True)), purges)
         offsets: dict[str, list[int]] = {}
         for p in shards:
             m = SHARD_RE.search(p.name)
@@ -82,7 +129,7 @@ class ParquetLabelStore:
             part, lo, hi = m.group(1), int(m.group(2)), int(m.group(3))
             cur = offsets.setdefault(f"p{part}", [lo, hi])
             offsets[f"p{part}"] = [min(cur[0], lo), max(cur[1], hi)]
-        return df, {"shards": len(shards), **describe(df), "offsets": offsets}
+        return df, {"shards": len(shards), **describe(df), "offsets": offsets, "purges": len(purges)}
 
     def count(self) -> int:
         return len(self.read()[0])
@@ -93,13 +140,19 @@ class MemoryLabelStore:
 
     def __init__(self, labels: list[LabelledExample] | None = None):
         self.rows: list[dict] = [lab.model_dump(mode="json") for lab in labels or []]
+        self.purges: list[Purge] = []
+
+    def purge(self, purge: Purge) -> int:
+        before = len(self.read()[0])
+        self.purges.append(purge)
+        return before - len(self.read()[0])
 
     def write(self, labels: list[LabelledExample], partition: int, first: int, last: int) -> None:
         self.rows += [lab.model_dump(mode="json") for lab in labels]
 
     def read(self) -> tuple[pd.DataFrame, Lineage]:
-        df = latest_revisions(_frame(self.rows)) if self.rows else _frame([])
-        return df, {"shards": 0, **describe(df)}
+        df = apply_purges(latest_revisions(_frame(self.rows)), self.purges) if self.rows else _frame([])
+        return df, {"shards": 0, **describe(df), "purges": len(self.purges)}
 
     def count(self) -> int:
         return len(self.read()[0])

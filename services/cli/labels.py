@@ -1,0 +1,62 @@
+"""The label store: take poisoned (or deleted users') labels out of training, then retrain."""
+
+from __future__ import annotations
+
+import getpass
+import time
+from datetime import datetime
+
+import typer
+
+from schemas import InvalidInput
+from services.cli.base import app, console, settings, setup_process
+
+labels_app = typer.Typer(help="the label store: purge labels and retrain", no_args_is_help=True)
+app.add_typer(labels_app, name="labels")
+
+
+def _when(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            raise InvalidInput(f"{value!r} is neither unix seconds nor an ISO date (2026-11-21T10:00)") from None
+
+
+@labels_app.command("purge")
+def purge(
+    user: str = typer.Option(None, help="labels of this user"),
+    session: str = typer.Option(None, help="labels of this session"),
+    since: str = typer.Option(None, help="labels from this time on (server time; unix seconds or ISO)"),
+    until: str = typer.Option(None, help="labels up to this time"),
+    reason: str = typer.Option(..., help="why, recorded with the purge"),
+    retrain: bool = typer.Option(True, help="train a challenger on what is left now (gated as always)"),
+) -> None:
+    """Takes matching labels out of every later training (recorded in the store with who, when and
+    why), then retrains so a model that learned from them is replaced through the gate."""
+    from training.labels.store import ParquetLabelStore, Purge
+
+    if user and session:
+        raise InvalidInput("give --user or --session, not both (a label has one identity)")
+    identity = f"user:{user}" if user else f"session:{session}" if session else None
+    if identity is None and since is None and until is None:
+        raise InvalidInput("a purge needs --user, --session, --since or --until: it never empties the store")
+    s = settings()
+    setup_process(s)
+    store = ParquetLabelStore(s.label_dir)
+    order = Purge(
+        identity=identity, since=_when(since), until=_when(until), reason=reason, actor=f"cli:{getpass.getuser()}", at=time.time()
+    )
+    removed = store.purge(order)
+    console.print(f"purged {removed} labels ({store.count()} left); recorded in {store.folder / store.PURGES}")
+    if retrain and removed:
+        from services.schedule.scheduler import retrain as train_now
+
+        outcome = train_now(s)
+        console.print(
+            f"[bold]{outcome.status}[/]: {outcome.message}" + (f" (version {outcome.version})" if outcome.version else "")
+        )
