@@ -64,13 +64,18 @@ def step(
         ev = ev.model_copy(update={"received_at": now})
     if isinstance(ev, ImpressionEvent):
         if state.impression is not None:
+            if state.impression == ev:
+                return StepResult(None)  # redelivered after a restart: already applied, not a client's mistake
             return StepResult(
                 None, dead=[_dead(source, RejectCode.duplicate_impression, "duplicate impression for request_id", payload)]
             )
         state.impression = ev
         return _relabel(state, rules, window_s, source)
 
-    if any(e.event_id == ev.event_id for e in state.events):
+    same_id = [e for e in state.events if e.event_id == ev.event_id]
+    if same_id:
+        if same_content(same_id[0], ev):
+            return StepResult(None)  # redelivered after a restart (or resent unchanged): already counted
         return StepResult(None, dead=[_dead(source, RejectCode.duplicate_event, "duplicate event_id", payload)])
     if state.impression is not None:
         problem = check_against(state.impression, ev, window_s)
@@ -80,6 +85,11 @@ def step(
     if state.impression is None:
         return StepResult(state)  # waits for its impression (or the sweep) with the event kept in state
     return _relabel(state, rules, window_s, source)
+
+
+def same_content(a: InteractionEvent, b: InteractionEvent) -> bool:
+    """The same event seen twice: equal but for the time the stream stamped on receipt."""
+    return a.model_dump(exclude={"received_at"}) == b.model_dump(exclude={"received_at"})
 
 
 CLOCK_SKEW_S = 300.0  # how far a client's clock may be off before its timestamps are refused

@@ -62,13 +62,18 @@ def test_duplicate_event_makes_no_second_label(stack, client):
     assert client.emit([ev]).accepted == [ev.event_id]
     again = client.emit([ev])  # intake refuses it ...
     assert again.accepted == [] and again.rejected[0].code == "duplicate_event"
-    direct = KafkaProducer(bootstrap_servers=s.kafka.address, acks="all")  # ... and so does the stream
-    direct.send(s.keys.interactions, key=ranked.request_id.encode(), value=ev.model_dump_json().encode()).get(10)
+    # ... the stream takes the same event again (a redelivery) as already counted, and dead-letters a
+    # different event under the same id
+    conflicting = ev.model_copy(update={"doc_id": ranked.items[1].doc_id})
+    direct = KafkaProducer(bootstrap_servers=s.kafka.address, acks="all")
+    for sent in (ev, conflicting):
+        direct.send(s.keys.interactions, key=ranked.request_id.encode(), value=sent.model_dump_json().encode()).get(10)
     direct.close()
     wait_for(
-        lambda: any(d["code"] == "duplicate_event" and ev.event_id in d["payload"] for d in dead_letters(s)),
+        lambda: any(d["code"] == "duplicate_event" and ranked.items[1].doc_id in d["payload"] for d in dead_letters(s)),
         what="duplicate dead letter",
     )
+    assert not any(d["code"] == "duplicate_event" and f'"doc_id":"{ev.doc_id}"' in d["payload"] for d in dead_letters(s))
     rows = labels_for(s, ranked.request_id)
     assert len(rows) == 1 and rows.iloc[0]["revision"] == 1
 

@@ -35,11 +35,18 @@ def test_interaction_before_its_impression_waits_then_is_labelled():
     assert [(lab.doc_id, lab.grade) for lab in labels] == [("d1", 1)]
 
 
-def test_redelivered_event_makes_no_second_label_and_is_dead_lettered():
-    click = raw(interaction("d1", "click", event_id="same"))
-    _state, labels, dead = feed([("impression", raw(impression())), ("interaction", click), ("interaction", click)])
-    assert len(labels) == 1
+def test_a_redelivered_message_is_recognised_not_dead_lettered_as_a_duplicate():
+    """After a stream restart the broker redelivers what was applied but not committed."""
+    shown, click = raw(impression()), raw(interaction("d1", "click", event_id="same"))
+    _state, labels, dead = feed([("impression", shown), ("interaction", click), ("interaction", click), ("impression", shown)])
+    assert len(labels) == 1 and dead == []
+
+
+def test_a_different_event_under_a_used_id_is_dead_lettered():
+    first, other = interaction("d1", "click", event_id="same"), interaction("d2", "click", event_id="same")
+    _state, labels, dead = feed([("impression", raw(impression())), ("interaction", raw(first)), ("interaction", raw(other))])
     assert [(d.code, d.reason) for d in dead] == [("duplicate_event", "duplicate event_id")]
+    assert {lab.doc_id for lab in labels} == {"d1"}
 
 
 def test_malformed_and_unknown_type_go_to_dead_letters_with_reason():
