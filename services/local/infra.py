@@ -92,6 +92,8 @@ def start_kafka(s: Settings) -> None:
 def start_redis(s: Settings) -> None:
     if port_open("127.0.0.1", s.redis.local_port):
         return
+    redis_dir = (s.state_dir / "redis").resolve()
+    redis_dir.mkdir(parents=True, exist_ok=True)
     _spawn(
         s,
         "redis",
@@ -103,10 +105,14 @@ def start_redis(s: Settings) -> None:
             str(s.redis.local_port),
             "--save",
             "",
+            # the append-only file keeps the scheduler's lock and counters (and de-duplication marks)
+            # through a restart; the caches in it are cheap to rebuild anyway
             "--appendonly",
-            "no",
+            "yes",
+            "--appendfsync",
+            "everysec",
             "--dir",
-            str(s.state_dir.resolve()),
+            str(redis_dir),
         ],
     )
     _wait_port(s.redis.local_port, "redis-server")

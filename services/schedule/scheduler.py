@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import pandas as pd
+from redis.exceptions import LockError
 
 from services.config import Settings
 from services.registry import connect_registry
@@ -115,13 +116,31 @@ class Scheduler:
     def _set(self, **fields: float) -> None:
         self.redis.hset(self.s.keys.train_state, mapping=fields)  # type: ignore[arg-type]
 
+    def restore_counters(self, now: float) -> None:
+        """After Redis lost them (a restart without persistence), the counters are rebuilt from
+        the newest training run in MLflow, so a lost hash never causes a wasted retrain."""
+        if self.redis.hget(self.s.keys.train_state, "last_time") is not None:
+            return
+        last_labels, last_time = 0.0, now
+        try:
+            client = connect_registry(self.s).client
+            experiment = client.get_experiment_by_name(self.s.keys.experiment)
+            runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+        except Exception as e:  # MLflow away: start counting from now
+            log.warning("could not rebuild the training counters from MLflow: %s", e)
+            runs = []
+        if runs:
+            last_labels = float(runs[0].data.metrics.get("labels", 0.0))
+            last_time = (runs[0].info.end_time or runs[0].info.start_time) / 1000
+            log.info("training counters rebuilt from MLflow run %s: %d labels", runs[0].info.run_id, last_labels)
+        self._set(last_labels=last_labels, last_time=last_time)
+
     def tick(self) -> TrainOutcome | None:
         now = time.time()
         if now < self._get("backoff_until", 0):
             return None
+        self.restore_counters(now)
         decision = should_train(self.labels.count(), int(self._get("last_labels", 0)), self._get("last_time", now), now, self.s)
-        if self.redis.hget(self.s.keys.train_state, "last_time") is None:
-            self._set(last_time=now)
         if not decision.due:
             log.debug("not retraining: %s", decision.why)
             return None
@@ -142,7 +161,10 @@ class Scheduler:
             log.exception("training failed (%d in a row); backing off %.0fs, nothing promoted", failures, wait)
             return None
         finally:
-            lock.release()
+            try:
+                lock.release()
+            except LockError as e:  # Redis restarted mid-training and forgot the lock: nothing to release
+                log.warning("training lock was lost while training (Redis restarted?): %s", e)
 
     def run(self) -> None:
         from apscheduler.schedulers.blocking import BlockingScheduler

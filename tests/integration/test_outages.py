@@ -113,3 +113,19 @@ def test_rate_limit_buckets_live_in_redis_and_are_shared(serving):
     waits = [limiter.take("key:abc", 1.0, 3) for limiter in (one, other, one, other)]
     assert waits[:3] == [0.0, 0.0, 0.0] and 0 < waits[3] <= 1.0
     assert one.take("key:someone-else", 1.0, 3) == 0.0
+
+
+def test_the_local_redis_keeps_the_schedulers_state_through_a_restart(serving):
+    from redis import Redis
+
+    s, _ = serving
+    redis = Redis.from_url(s.redis.address)
+    redis.hset(s.keys.train_state, mapping={"last_labels": 1234, "last_time": 1.5})
+    lock = redis.lock(s.keys.train_lock, timeout=3600)
+    assert lock.acquire(blocking=False)
+    time.sleep(1.2)  # the append-only file is synced every second
+    infra.stop(s, "redis")
+    infra.start_redis(s)
+    assert redis.hget(s.keys.train_state, "last_labels") == b"1234"
+    assert not redis.lock(s.keys.train_lock, timeout=3600).acquire(blocking=False)  # still held: no overlap
+    lock.release()

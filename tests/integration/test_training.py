@@ -73,6 +73,19 @@ def test_training_run_is_logged_and_registered_but_not_promoted_without_evidence
     assert "model/model.safetensors" in model_files and "model/rankloop.json" in model_files
 
 
+def test_the_schedulers_counters_are_rebuilt_from_mlflow_when_redis_lost_them(stack, trained):
+    from services.schedule.scheduler import Scheduler
+
+    s = stack["settings"]
+    registry, outcome = trained
+    scheduler = Scheduler(s)
+    scheduler.redis.delete(s.keys.train_state)  # as after a restart of a Redis without persistence
+    scheduler.restore_counters(time.time())
+    run = registry.client.get_run(outcome.run_id)
+    assert scheduler._get("last_labels", -1) == run.data.metrics["labels"] > 0
+    assert abs(scheduler._get("last_time", 0) - run.info.end_time / 1000) < 1
+
+
 def test_promotion_hot_swaps_without_a_failed_request_and_rollback_restores(stack, trained):
     s = stack["settings"]
     registry, outcome = trained
