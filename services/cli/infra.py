@@ -38,10 +38,20 @@ def status() -> None:
         raise typer.Exit(1)
 
 
+LOCAL_NOTES = {
+    "kafka": "Tansu, MEMORY storage: a restart forgets every event (production: Apache Kafka)",
+    "redis": "redis-server, append-only file under the state dir",
+    "mlflow": "sqlite under the state dir, no server, no auth (single user)",
+}
+
+
 def _print_status(comps: list) -> None:
-    t = Table("component", "address", "state", "managed here")
+    t = Table("component", "address", "state", "managed here", "note")
     for c in comps:
-        t.add_row(c.name, c.address, "[green]up[/]" if c.up else "[red]down[/]", "yes" if c.managed else "no (configured)")
+        state = "[green]up[/]" if c.up else "[red]down[/]"
+        t.add_row(
+            c.name, c.address, state, "yes" if c.managed else "no (configured)", LOCAL_NOTES.get(c.name, "") if c.managed else ""
+        )
     console.print(t)
 
 
