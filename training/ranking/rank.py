@@ -29,13 +29,15 @@ def rank(
     depth: int,
     mix: Mix | None = None,
     features: Features | None = None,
+    query_embedding: np.ndarray | None = None,
 ) -> Ranking:
     """What a user is shown: the reranker's order of the top `depth` candidates, then the first-stage
     tail. `mix` overrides the model's own (tuning, design comparisons); `features` of the head, when
-    already computed, are reused (tuning scores one set of features under many mixes)."""
+    already computed, are reused (tuning scores one set of features under many mixes), and so is the
+    reranker's `query_embedding` (serving computes it alongside the first stage)."""
     if reranker is None:
         return first_stage_order(candidates)
-    head = features if features is not None else reranker.features(query, candidates[:depth], text)
+    head = features if features is not None else reranker.features(query, candidates[:depth], text, query_embedding)
     scores = Reranker.combine(head, mix or reranker.mix)
     order = np.argsort(-scores, kind="stable")
     return [(head.doc_ids[i], float(scores[i])) for i in order] + first_stage_order(candidates[depth:])

@@ -121,8 +121,16 @@ class Reranker:
             found.update(fresh)
         return np.stack([found[d] for d in doc_ids])
 
-    def features(self, query: str, candidates: list[Candidate], text: Callable[[str], str]) -> Features:
-        q = encode(self.model, [normalise_query(query)])[0]
+    def embed_query(self, query: str) -> np.ndarray:
+        """The query as this version embeds it (what `features` compares documents with)."""
+        return encode(self.model, [normalise_query(query)])[0]
+
+    def features(
+        self, query: str, candidates: list[Candidate], text: Callable[[str], str], query_embedding: np.ndarray | None = None
+    ) -> Features:
+        """`query_embedding`, when given, is `embed_query(query)` computed already (serving computes it
+        while the first stage retrieves)."""
+        q = query_embedding if query_embedding is not None else self.embed_query(query)
         doc_ids = [c.doc_id for c in candidates]
         sims = self.doc_embeddings(doc_ids, text) @ q if doc_ids else np.zeros(0, dtype=np.float32)
         first = minmax(np.array([c.fused for c in candidates], dtype=np.float32))
