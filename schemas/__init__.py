@@ -30,6 +30,7 @@ from schemas.events import (
     ModelEvent,
     RejectCode,
     ShownItem,
+    encodable,
 )
 from schemas.export import export_json_schemas
 
@@ -63,5 +64,6 @@ __all__ = [
     "RequestFailed",
     "RollbackRequest",
     "ShownItem",
+    "encodable",
     "export_json_schemas",
 ]

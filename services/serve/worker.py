@@ -35,6 +35,7 @@ from schemas import (
     RejectCode,
     Rejection,
     ShownItem,
+    encodable,
 )
 from services.config import Settings
 from services.serve.metrics import ServingMetrics
@@ -64,8 +65,8 @@ def is_printable_id(value: object) -> bool:
     if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
         return False
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
+        encodable(value)
+    except ValueError:
         return False
     return True
 
@@ -298,7 +299,13 @@ class Worker:
                 return False
             self.behind_since = self.behind_since or time.time()
             try:
-                reranker = self.load_model(self.registry.fetch(current), current.version, self.caches.embeddings)
+                folder = self.registry.fetch(current)
+            except Exception as e:  # the registry or its store is away: not the version's fault, retried next poll
+                self.last_swap_error = f"version {current.version}: download failed: {e}"
+                log.warning("could not download model version %s: %s", current.version, e)
+                return False
+            try:
+                reranker = self.load_model(folder, current.version, self.caches.embeddings)
                 started = time.time()
                 reranker.warm(self.first_stage)  # computed here, before the swap, if the version has none
                 rank("warm up", self.candidates("warm up")[:8], reranker, self.first_stage.text, 8)

@@ -131,3 +131,20 @@ def test_intake_stamps_the_server_time_over_whatever_the_client_said(worker):
     accepted, _ = worker.ingest([{"event_id": "t1", "request_id": "r", "doc_id": "d1", "type": "click", "received_at": 1.0}])
     [payload] = worker.publisher.on(worker.keys.interactions)
     assert accepted == ["t1"] and json.loads(payload)["received_at"] >= before
+
+
+def test_a_failed_download_is_retried_and_never_counts_toward_broken(worker, tiny_model, monkeypatch):
+    """The registry's store being away is not the version's fault: no tag, no automatic rollback."""
+    registry = worker.registry
+    good, newer = registry.add(tiny_model), registry.add(tiny_model)
+    registry.promote(good, "good")
+    assert worker.check_champion()
+    registry.promote(newer, "newer")
+    fetch = registry.fetch
+    monkeypatch.setattr(registry, "fetch", lambda v: (_ for _ in ()).throw(ConnectionError("artifact store down")))
+    for _ in range(worker.s.serving.max_load_failures + 1):
+        assert not worker.check_champion()
+    assert registry.champion().version == newer and "broken" not in registry.tags.get(newer, {})
+    assert "download failed" in worker.last_swap_error
+    monkeypatch.setattr(registry, "fetch", fetch)
+    assert worker.check_champion() and worker.serving.version == newer
