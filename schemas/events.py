@@ -139,6 +139,7 @@ class RejectCode(str, Enum):
     bad_timestamp = "bad_timestamp"
     doc_not_shown = "doc_not_shown"
     unknown_request = "unknown_request"
+    click_burst = "click_burst"
 
 
 class DeadLetter(Event):

@@ -96,6 +96,11 @@ class ServingSettings(Group):
 class StreamSettings(Group):
     join_window_s: float = Field(1800.0, gt=0, description="how long an interaction may follow its impression")
     label_flush_s: float = Field(1.0, gt=0, description="longest wait before labels are written to the store")
+    burst_limit: int = Field(
+        10, ge=0, description="positive events one identity may send for one (query, doc) per burst window; 0: no limit"
+    )
+    burst_window_s: float = Field(600.0, gt=0, description="the click-burst window")
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus metrics of a stream worker on 127.0.0.1; 0: off")
     rules: LabelRules = LabelRules()
 
 

@@ -7,10 +7,12 @@ from schemas import ImpressionEvent, InteractionEvent, ShownItem
 _ids = itertools.count()
 
 
-def impression(request_id="r1", docs=("d1", "d2", "d3", "d4", "d5"), timestamp=1000.0, query="q"):
+def impression(request_id="r1", docs=("d1", "d2", "d3", "d4", "d5"), timestamp=1000.0, query="q", user=None, session=None):
     return ImpressionEvent(
         request_id=request_id,
         query=query,
+        user=user,
+        session=session,
         timestamp=timestamp,
         model_version="first-stage",
         index_version="v1",

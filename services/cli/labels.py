@@ -60,3 +60,22 @@ def purge(
         console.print(
             f"[bold]{outcome.status}[/]: {outcome.message}" + (f" (version {outcome.version})" if outcome.version else "")
         )
+
+
+@labels_app.command("purges")
+def purges() -> None:
+    """Lists every purge in force: operators' and the stream's click-burst quarantines."""
+    from rich.table import Table
+
+    from training.labels.store import ParquetLabelStore
+
+    s = settings()
+    setup_process(s)
+
+    def when(t: float | None) -> str:
+        return datetime.fromtimestamp(t).isoformat(timespec="seconds") if t is not None else ""
+
+    table = Table("at", "by", "identity", "since", "until", "reason")
+    for p in ParquetLabelStore(s.label_dir).purges():
+        table.add_row(when(p.at), p.actor, p.identity or "", when(p.since), when(p.until), p.reason)
+    console.print(table)

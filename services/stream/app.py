@@ -7,20 +7,41 @@
   to a co-partitioned ticks topic and the join agent applies `sweep` when it reads one.
 - `sink_labels` writes the labels topic to the label store; `take_events` acks (so commits offsets)
   only after the labels are stored.
+- A click burst (`ClickBursts`) is dead-lettered and its identity quarantined: a purge recorded in the
+  label store, so training never sees its labels (`rankloop labels purges` lists it).
 Every agent is idempotent: a redelivered message finds its event id in the request state.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 
 import faust
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from schemas import DeadLetter, LabelledExample
 from services.config import Settings
-from services.stream.join import RequestState, step, sweep
-from training.labels.store import ParquetLabelStore
+from services.stream.join import Burst, ClickBursts, RequestState, step, sweep
+from training.labels.store import ParquetLabelStore, Purge
+
+log = logging.getLogger(__name__)
+
+
+class StreamMetrics:
+    """What a stream worker counts, on its own Prometheus endpoint (`stream.metrics_port`)."""
+
+    def __init__(self, port: int) -> None:
+        self.registry = r = CollectorRegistry()
+        self.labels = Counter("rankloop_stream_labels", "labels (revisions) emitted", registry=r)
+        self.dead_letters = Counter("rankloop_stream_dead_letters", "dead letters by reason", ["code"], registry=r)
+        self.bursts = Counter("rankloop_click_bursts", "identities found sending a click burst (quarantined)", registry=r)
+        if port:
+            try:
+                start_http_server(port, addr="127.0.0.1", registry=r)
+            except OSError as e:  # a second worker on the same machine: it counts, the first one serves
+                log.warning("stream metrics not served on port %d: %s", port, e)
 
 
 def create_app(s: Settings) -> faust.App:
@@ -46,6 +67,9 @@ def create_app(s: Settings) -> faust.App:
     requests = app.Table(keys.requests_table, default=None, partitions=partitions)
     rules, window = s.stream.rules, s.stream.join_window_s
     store = ParquetLabelStore(s.label_dir)
+    bursts = ClickBursts(s.stream.burst_limit, s.stream.burst_window_s)
+    quarantined = {p.identity for p in store.purges() if p.identity and p.since is None and p.until is None}
+    metrics = StreamMetrics(s.stream.metrics_port)
 
     def load(key: str) -> RequestState | None:
         stored = requests.get(key) if key else None
@@ -56,6 +80,18 @@ def create_app(s: Settings) -> faust.App:
             await labels_topic.send(key=lab.label_id.encode(), value=lab.model_dump_json().encode())
         for d in dead:
             await dead_topic.send(key=d.source.encode(), value=d.model_dump_json().encode())
+            metrics.dead_letters.labels(d.code.value).inc()
+        metrics.labels.inc(len(labels))
+
+    def quarantine(burst: Burst) -> None:
+        """Every label of a bursting identity, past and future, leaves training (once per identity)."""
+        metrics.bursts.inc()
+        if burst.identity in quarantined:
+            return
+        reason = burst.reason(bursts.limit)
+        store.purge(Purge(identity=burst.identity, reason=reason, actor="stream", at=time.time()), count=False)
+        quarantined.add(burst.identity)
+        log.warning("%s", reason)
 
     @app.agent(inputs)
     async def join_label(stream: AsyncIterator) -> None:
@@ -66,10 +102,12 @@ def create_app(s: Settings) -> faust.App:
                 continue
             kind = "impression" if msg.topic == keys.impressions else "interaction"
             key = (msg.key or b"").decode(errors="replace")
-            result = step(load(key), msg.topic, kind, msg.value, rules, window, time.time())
+            result = step(load(key), msg.topic, kind, msg.value, rules, window, time.time(), bursts)
             if result.state is not None and key:
                 result.state.partition = msg.partition
                 requests[key] = result.state.model_dump(mode="json")
+            for burst in result.bursts:
+                quarantine(burst)
             await publish(result.labels, result.dead)
 
     async def expire(partition: int) -> None:

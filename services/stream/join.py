@@ -2,18 +2,22 @@
 
 One `RequestState` per request id: its impression, the interactions seen so far and what was
 already emitted. `step` applies one message to it; `sweep` decides when a request is forgotten.
+`ClickBursts` is the one piece of state across requests: who clicks one document for one query faster
+than a person does.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
 from schemas import DeadLetter, ImpressionEvent, InteractionEvent, LabelledExample, RejectCode
-from training.labels.rules import EmittedLabel, LabelRules, changed_labels, label_request
+from training.labels.rules import POSITIVE, EmittedLabel, LabelRules, changed_labels, identity_of, label_request
+from training.ranking.query import normalise_query
 
 Kind = Literal["impression", "interaction"]
 
@@ -33,6 +37,66 @@ class StepResult:
     state: RequestState | None  # None: leave the stored state as it is
     labels: list[LabelledExample] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
+    bursts: list[Burst] = field(default_factory=list)  # identities that started a burst with this message
+
+
+@dataclass(frozen=True)
+class Burst:
+    identity: str
+    query: str
+    doc_id: str
+    count: int
+    window_s: float
+
+    def reason(self, limit: int) -> str:
+        return (
+            f"click burst: {self.identity} sent {self.count} positive events for doc {self.doc_id!r} on query "
+            f"{self.query!r} within {self.window_s:.0f}s (limit {limit}); its labels are quarantined"
+        )
+
+
+class ClickBursts:
+    """Positive events (click, cite, purchase) per (identity, query, doc) in a sliding window.
+
+    More than `limit` of them is a burst no person makes by hand: the event is dead-lettered and the
+    identity reported once, so the stream can quarantine its labels. Memory is bounded by the events
+    of one window. Each stream worker counts the requests of its own partitions, so with N workers an
+    identity spread evenly over them reaches a worker's limit after about N times as many events.
+    """
+
+    def __init__(self, limit: int, window_s: float):
+        self.limit, self.window_s = limit, window_s
+        self.times: dict[tuple[str, str, str], deque[float]] = {}
+        self.flagged: dict[str, float] = {}  # identity -> when it was last reported
+        self.pruned_at = 0.0
+
+    def record(self, imp: ImpressionEvent, ev: InteractionEvent, now: float) -> tuple[Burst, bool] | None:
+        """Counts one valid positive event: None while within the limit, else the burst and whether
+        this identity is reported for the first time in a window."""
+        who = identity_of(imp)
+        if self.limit <= 0 or who is None or ev.type not in POSITIVE:
+            return None
+        self._prune(now)
+        times = self.times.setdefault((who, normalise_query(imp.query), ev.doc_id), deque())
+        times.append(now)
+        if len(times) <= self.limit:
+            return None
+        first = now - self.flagged.get(who, -float("inf")) > self.window_s
+        if first:
+            self.flagged[who] = now
+        return Burst(who, normalise_query(imp.query), ev.doc_id, len(times), self.window_s), first
+
+    def _prune(self, now: float) -> None:
+        if now - self.pruned_at < self.window_s / 10:
+            return
+        self.pruned_at, horizon = now, now - self.window_s
+        for key in list(self.times):
+            times = self.times[key]
+            while times and times[0] < horizon:
+                times.popleft()
+            if not times:
+                del self.times[key]
+        self.flagged = {who: t for who, t in self.flagged.items() if t >= horizon}
 
 
 def _dead(source: str, code: RejectCode, reason: str, payload: str) -> DeadLetter:
@@ -48,9 +112,16 @@ def _invalid(source: str, raw: bytes, e: Exception) -> DeadLetter:
 
 
 def step(
-    state: RequestState | None, source: str, kind: Kind, raw: bytes, rules: LabelRules, window_s: float, now: float
+    state: RequestState | None,
+    source: str,
+    kind: Kind,
+    raw: bytes,
+    rules: LabelRules,
+    window_s: float,
+    now: float,
+    bursts: ClickBursts | None = None,
 ) -> StepResult:
-    """Applies one raw message to a request's state."""
+    """Applies one raw message to a request's state (and, for a joined positive event, to `bursts`)."""
     state = state.model_copy() if state else RequestState(first_seen=now)
     ev: ImpressionEvent | InteractionEvent
     try:
@@ -70,7 +141,12 @@ def step(
                 None, dead=[_dead(source, RejectCode.duplicate_impression, "duplicate impression for request_id", payload)]
             )
         state.impression = ev
-        return _relabel(state, rules, window_s, source)
+        ok, result = [], StepResult(state)
+        for buffered in state.events:  # interactions that arrived before their impression
+            if _admit(state.impression, buffered, window_s, source, bursts, now, buffered.model_dump_json(), result):
+                ok.append(buffered)
+        state.events = ok
+        return _relabel(state, rules, result)
 
     same_id = [e for e in state.events if e.event_id == ev.event_id]
     if same_id:
@@ -78,13 +154,13 @@ def step(
             return StepResult(None)  # redelivered after a restart (or resent unchanged): already counted
         return StepResult(None, dead=[_dead(source, RejectCode.duplicate_event, "duplicate event_id", payload)])
     if state.impression is not None:
-        problem = check_against(state.impression, ev, window_s)
-        if problem:
-            return StepResult(None, dead=[_dead(source, problem[0], problem[1], payload)])
+        refused = StepResult(None)
+        if not _admit(state.impression, ev, window_s, source, bursts, now, payload, refused):
+            return refused
     state.events = [*state.events, ev]
     if state.impression is None:
         return StepResult(state)  # waits for its impression (or the sweep) with the event kept in state
-    return _relabel(state, rules, window_s, source)
+    return _relabel(state, rules, StepResult(state))
 
 
 def same_content(a: InteractionEvent, b: InteractionEvent) -> bool:
@@ -114,18 +190,36 @@ def check_against(imp: ImpressionEvent, ev: InteractionEvent, window_s: float) -
     return None
 
 
-def _relabel(state: RequestState, rules: LabelRules, window_s: float, source: str) -> StepResult:
+def _admit(
+    imp: ImpressionEvent,
+    ev: InteractionEvent,
+    window_s: float,
+    source: str,
+    bursts: ClickBursts | None,
+    now: float,
+    payload: str,
+    result: StepResult,
+) -> bool:
+    """Whether an interaction counts for its impression; if not, its dead letter (and a newly
+    reported burst) go into `result`."""
+    problem = check_against(imp, ev, window_s)
+    if problem is None and bursts is not None:
+        found = bursts.record(imp, ev, now)
+        if found:
+            burst, first = found
+            problem = RejectCode.click_burst, burst.reason(bursts.limit)
+            if first:
+                result.bursts.append(burst)
+    if problem:
+        result.dead.append(_dead(source, problem[0], problem[1], payload))
+    return problem is None
+
+
+def _relabel(state: RequestState, rules: LabelRules, result: StepResult) -> StepResult:
+    """The labels of the request's admitted interactions that changed since last emitted."""
     assert state.impression is not None
-    ok, dead = [], []
-    for ev in state.events:
-        problem = check_against(state.impression, ev, window_s)
-        if problem:  # buffered before the impression arrived, invalid against it
-            dead.append(_dead(source, problem[0], problem[1], ev.model_dump_json()))
-        else:
-            ok.append(ev)
-    state.events = ok
-    labels, state.emitted = changed_labels(label_request(state.impression, ok, rules), state.emitted)
-    return StepResult(state, labels, dead)
+    result.labels, state.emitted = changed_labels(label_request(state.impression, state.events, rules), state.emitted)
+    return result
 
 
 def sweep(state: RequestState, now: float, window_s: float, source: str) -> tuple[bool, list[DeadLetter]]:

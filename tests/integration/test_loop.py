@@ -145,3 +145,28 @@ def test_rank_caches_results_per_model_version(stack, client):
     assert first.request_id != second.request_id  # every response is its own impression
     metrics = httpx.get(f"{s.base_url}/metrics").text
     assert 'rankloop_rank_requests_total{cache="hit"}' in metrics
+
+
+def test_a_click_burst_is_dead_lettered_and_its_identity_quarantined(stack, client):
+    """One user clicking one document for one query over and over: after the limit the clicks are
+    dead letters with the reason, and none of the user's labels reaches training."""
+    s = stack["settings"]
+    user = "burst-" + uuid.uuid4().hex[:6]
+    request_ids, target = [], None
+    while len(request_ids) < s.stream.burst_limit + 3:
+        ranked = client.rank("statins and heart disease", k=5, user=user)
+        target = target or ranked.items[-1].doc_id
+        if target not in {it.doc_id for it in ranked.items}:
+            continue  # an explored (shuffled) answer without it
+        request_ids.append(ranked.request_id)
+        assert client.emit([client.event(ranked.request_id, target, "click")]).rejected == []
+    store = ParquetLabelStore(s.label_dir)
+    wait_for(lambda: any(p.identity == f"user:{user}" for p in store.purges()), what="quarantine of the bursting user")
+    burst = wait_for(
+        lambda: [d for d in dead_letters(s) if d["code"] == "click_burst" and any(r in d["payload"] for r in request_ids)][2:],
+        what="three burst dead letters",
+    )
+    assert len(burst) == 1 and f"user:{user} sent {s.stream.burst_limit + 3} positive events" in burst[0]["reason"]
+    df, _ = store.read()
+    assert not df["request_id"].isin(request_ids).any()
+    assert not (df["identity"] == f"user:{user}").any()

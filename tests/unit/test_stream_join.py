@@ -2,7 +2,7 @@
 
 import json
 
-from services.stream.join import step, sweep
+from services.stream.join import ClickBursts, step, sweep
 from tests.factories import impression, interaction
 from training.labels.rules import LabelRules
 
@@ -107,3 +107,49 @@ def test_labels_carry_the_server_time_training_slices_by():
     click = interaction("d2", "click", timestamp=1015.0)  # sent straight to the broker: received by the stream
     _, labels, _ = feed([("impression", raw(impression())), ("interaction", raw(click))], now=1500.0)
     assert [lab.timestamp for lab in labels if lab.doc_id == "d2"] == [1500.0]
+
+
+def burst_run(bursts, user, clicks, doc="d5", query="q", start=0, now=1020.0, spacing=1.0):
+    """`clicks` requests by `user`, each clicking `doc`: (labels, dead letters, reported bursts)."""
+    labels, dead, reported = [], [], []
+    for i in range(start, start + clicks):
+        rid, t = f"{user}-{i}", now + i * spacing
+        state = step(
+            None, "t", "impression", raw(impression(rid, user=user, query=query, timestamp=t)), RULES, WINDOW, t, bursts
+        ).state
+        r = step(state, "t", "interaction", raw(interaction(doc, "click", request_id=rid, timestamp=t)), RULES, WINDOW, t, bursts)
+        labels += r.labels
+        dead += r.dead
+        reported += r.bursts
+    return labels, dead, reported
+
+
+def test_a_click_burst_is_dead_lettered_with_its_reason_and_reported_once():
+    bursts = ClickBursts(limit=3, window_s=600)
+    labels, dead, reported = burst_run(bursts, "mallory", 10)
+    assert [d.code for d in dead] == ["click_burst"] * 7
+    assert "user:mallory sent 4 positive events for doc 'd5' on query 'q' within 600s (limit 3)" in dead[0].reason
+    assert [b.identity for b in reported] == ["user:mallory"]  # quarantined once, not per click
+    assert sum(1 for lab in labels if lab.doc_id == "d5" and lab.grade > 0) == 3
+
+
+def test_bursts_count_per_identity_query_and_doc_and_forget_after_the_window():
+    bursts = ClickBursts(limit=3, window_s=600)
+    for user in ("alice", "bob", "carol"):  # many people clicking the same document is no burst
+        assert burst_run(bursts, user, 3)[1] == []
+    assert burst_run(bursts, "alice", 3, query="another query")[1] == []
+    assert burst_run(bursts, "alice", 3, start=1000)[1] == []  # 1,000 s later: the window has moved on
+
+
+def test_skips_and_anonymous_requests_never_count_as_a_burst():
+    bursts = ClickBursts(limit=1, window_s=600)
+    for i in range(3):
+        state = step(None, "t", "impression", raw(impression(f"r{i}")), RULES, WINDOW, 1020.0, bursts).state
+        r = step(state, "t", "interaction", raw(interaction("d5", "click", request_id=f"r{i}")), RULES, WINDOW, 1020.0, bursts)
+        assert r.dead == []
+    state = step(None, "t", "impression", raw(impression("s0", user="u")), RULES, WINDOW, 1020.0, bursts).state
+    for _ in range(3):
+        assert (
+            step(state, "t", "interaction", raw(interaction("d1", "skip", request_id="s0")), RULES, WINDOW, 1020.0, bursts).dead
+            == []
+        )

@@ -59,9 +59,9 @@ class LabelStore(Protocol):
     def count(self) -> int:
         """How many distinct labels there are now."""
 
-    def purge(self, purge: Purge) -> int:
+    def purge(self, purge: Purge, count: bool = True) -> int:
         """Takes the matching labels out of every later read (and of labels written later, as a
-        redelivered shard); returns how many it took out now."""
+        redelivered shard); returns how many it took out now (0 without `count`, which costs a read)."""
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
@@ -98,12 +98,12 @@ class ParquetLabelStore:
         path = self.folder / self.PURGES
         return [Purge.model_validate_json(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
-    def purge(self, purge: Purge) -> int:
-        before = len(self.read()[0])
+    def purge(self, purge: Purge, count: bool = True) -> int:
+        before = len(self.read()[0]) if count else 0
         self.folder.mkdir(parents=True, exist_ok=True)
         with (self.folder / self.PURGES).open("a") as f:
             f.write(purge.model_dump_json() + "\n")
-        return before - len(self.read()[0])
+        return before - len(self.read()[0]) if count else 0
 
     def shards(self) -> list[Path]:
         return sorted(self.folder.glob("labels-p*.parquet")) if self.folder.exists() else []
@@ -142,10 +142,10 @@ class MemoryLabelStore:
         self.rows: list[dict] = [lab.model_dump(mode="json") for lab in labels or []]
         self.purges: list[Purge] = []
 
-    def purge(self, purge: Purge) -> int:
-        before = len(self.read()[0])
+    def purge(self, purge: Purge, count: bool = True) -> int:
+        before = len(self.read()[0]) if count else 0
         self.purges.append(purge)
-        return before - len(self.read()[0])
+        return before - len(self.read()[0]) if count else 0
 
     def write(self, labels: list[LabelledExample], partition: int, first: int, last: int) -> None:
         self.rows += [lab.model_dump(mode="json") for lab in labels]
