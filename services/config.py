@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
@@ -56,7 +57,13 @@ class RedisSettings(Group):
 
     @property
     def address(self) -> str:
-        return self.url or f"redis://127.0.0.1:{self.local_port}/0"
+        """The URL for display: a password in it is masked (clients use `Settings.redis_url`)."""
+        if not self.url:
+            return f"redis://127.0.0.1:{self.local_port}/0"
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 class MlflowSettings(Group):
@@ -200,6 +207,20 @@ class Settings(BaseSettings):
     def versions_dir(self) -> Path:
         """Where model versions are downloaded, one folder per registered model and version."""
         return self.state_dir / "versions"
+
+    @property
+    def redis_password_file(self) -> Path:
+        """The local redis-server's password, made by `rankloop up` (owner-only file)."""
+        return self.state_dir / "redis" / "password"
+
+    @property
+    def redis_url(self) -> str:
+        """What clients connect to: `redis.url`, or the local redis-server with its password.
+        (`redis.address` is the same without the password, for display.)"""
+        if self.redis.local and self.redis_password_file.exists():
+            password = quote(self.redis_password_file.read_text().strip(), safe="")
+            return f"redis://:{password}@127.0.0.1:{self.redis.local_port}/0"
+        return self.redis.url or self.redis.address
 
     @property
     def base_url(self) -> str:

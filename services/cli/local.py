@@ -25,6 +25,9 @@ def bench_settings(name: str, dataset: str | None, offset: int) -> Settings:
             "redis": RedisSettings(local_port=base.redis.local_port + offset),
             "mlflow": MlflowSettings(),
             "serving": base.serving.model_copy(update={"port": base.serving.port + offset}),
+            "stream": base.stream.model_copy(
+                update={"metrics_port": base.stream.metrics_port + offset if base.stream.metrics_port else 0}
+            ),
         }
     )
 
@@ -80,4 +83,25 @@ def bench_serve(
     s.state_dir.mkdir(parents=True, exist_ok=True)
     result = run_serve_bench(s, out, seconds)
     console.print_json(result.model_dump_json())
+    console.print(f"written: {out}")
+
+
+@bench_app.command("poison")
+def bench_poison(
+    dataset: str = typer.Option(None, help="BEIR folder; default: the `dataset` setting"),
+    identities: list[int] = typer.Option([1, 20], help="attacker identities per case (repeat for several cases)"),
+    clicks: int = typer.Option(5000, help="fake clicks per case, spread over the identities and queries"),
+    queries: int = typer.Option(5, help="attacked train queries, one irrelevant target document each"),
+    sessions: int = typer.Option(3000, help="simulated sessions of the clean round"),
+    backdate_s: float = typer.Option(240.0, help="how far the attacker backdates its timestamps"),
+    seed: int = 0,
+    out: Path = typer.Option(Path("poison.json"), help="where the JSON result goes"),
+) -> None:
+    """A clean round, then fake clicks from few identities: does the target rise, is it promoted, does quality hold?"""
+    from services.local.bench_poison import run_poison_bench
+
+    s = bench_settings("bench-poison", dataset, 300)
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    result = run_poison_bench(s, identities, clicks, queries, sessions, backdate_s, seed, out)
+    console.print_json(result.model_dump_json(exclude={"cases": {"__all__": {"targets"}}}))
     console.print(f"written: {out}")

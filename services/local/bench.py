@@ -96,7 +96,7 @@ class LoopBenchResult(BaseModel):
     timings: dict[str, float]
 
 
-def _settle_labels(labels: ParquetLabelStore, timeout: float = 120.0) -> int:
+def settle_labels(labels: ParquetLabelStore, timeout: float = 120.0) -> int:
     """Waits until the label store stops growing (the stream has caught up)."""
     last, stable_since, deadline = -1, time.time(), time.time() + timeout
     while time.time() < deadline:
@@ -201,7 +201,7 @@ def _run(
             t = time.time()
             stats = simulate(sdk, ds, train_split, sessions_per_round, user, seed=seed * 1000 + r)
             events += stats.accepted
-            n_labels = _settle_labels(labels)
+            n_labels = settle_labels(labels)
             t_train = time.time()
             outcome = retrain(s, fs)
             if outcome.status == "promoted":

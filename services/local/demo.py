@@ -133,7 +133,7 @@ def _wait_for_training(s: Settings, procs: dict, deadline: float, start_version:
     """Waits while the scheduler trains (it holds the Redis lock), up to the deadline."""
     from redis import Redis
 
-    r = Redis.from_url(s.redis.address)
+    r = Redis.from_url(s.redis_url)
     with console.status("the scheduler is training a challenger (see .rankloop/run/schedule.log)"):
         time.sleep(SCHEDULER_CHECK_S + 2)  # let the scheduler notice the labels and take the lock
         while time.time() < deadline:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -89,6 +90,20 @@ def start_kafka(s: Settings) -> None:
     _wait_port(s.kafka.local_port, "Tansu broker")
 
 
+def _redis_conf(s: Settings) -> Path:
+    """A config file holding the password (kept off the command line, where `ps` shows it); the
+    password is made once per state dir and stays, so a restarted server takes the same one."""
+    pw_file = s.redis_password_file
+    if not pw_file.exists():
+        pw_file.parent.mkdir(parents=True, exist_ok=True)
+        pw_file.touch(mode=0o600)
+        pw_file.write_text(secrets.token_urlsafe(24))
+    conf = pw_file.parent / "redis.conf"
+    conf.touch(mode=0o600)
+    conf.write_text(f"requirepass {pw_file.read_text().strip()}\n")
+    return conf.resolve()
+
+
 def start_redis(s: Settings) -> None:
     if port_open("127.0.0.1", s.redis.local_port):
         return
@@ -99,6 +114,7 @@ def start_redis(s: Settings) -> None:
         "redis",
         [
             _redis_binary(),
+            str(_redis_conf(s)),
             "--bind",
             "127.0.0.1",
             "--port",

@@ -104,7 +104,7 @@ class Scheduler:
 
         require(s, "kafka", "redis", "mlflow")
         self.s = s
-        self.redis = Redis.from_url(s.redis.address)
+        self.redis = Redis.from_url(s.redis_url)
         self.labels = ParquetLabelStore(s.label_dir)
         self.first_stage = FirstStage.current(s.state_dir)
         self.publisher = open_publisher(s.kafka.address)

@@ -53,7 +53,7 @@ def build_worker(s: Settings) -> Worker:
         if not c.up:
             log.warning("%s at %s is down: serving without it until it is back", c.name, c.address)
     first_stage = FirstStage.current(s.state_dir)
-    caches = open_caches(s.redis.address, s.keys, s.serving.cache_ttl_s, int(s.stream.join_window_s * 2))
+    caches = open_caches(s.redis_url, s.keys, s.serving.cache_ttl_s, int(s.stream.join_window_s * 2))
     registry = MlflowRegistry.reader(s.tracking_uri, s.keys.model_name, s.versions_dir)
     publisher = open_publisher(s.kafka.address, s.keys.topics(), s.kafka.partitions, s.serving.impression_buffer)
     worker = Worker(s, first_stage, caches, publisher, registry)

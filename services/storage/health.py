@@ -64,7 +64,7 @@ def mlflow_reachable(s: Settings) -> bool:
 def status(s: Settings) -> list[Component]:
     return [
         Component("kafka", s.kafka.address, kafka_reachable(s.kafka.address), s.kafka.local),
-        Component("redis", s.redis.address, redis_reachable(s.redis.address), s.redis.local),
+        Component("redis", s.redis.address, redis_reachable(s.redis_url), s.redis.local),
         Component("mlflow", s.tracking_uri, mlflow_reachable(s), s.mlflow.local),
     ]
 

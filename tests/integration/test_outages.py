@@ -109,7 +109,7 @@ def test_rate_limit_buckets_live_in_redis_and_are_shared(serving):
     from services.storage.redis import RedisRateLimiter
 
     s, _ = serving
-    one, other = (RedisRateLimiter(Redis.from_url(s.redis.address), s.keys) for _ in range(2))  # two replicas
+    one, other = (RedisRateLimiter(Redis.from_url(s.redis_url), s.keys) for _ in range(2))  # two replicas
     waits = [limiter.take("key:abc", 1.0, 3) for limiter in (one, other, one, other)]
     assert waits[:3] == [0.0, 0.0, 0.0] and 0 < waits[3] <= 1.0
     assert one.take("key:someone-else", 1.0, 3) == 0.0
@@ -119,7 +119,7 @@ def test_the_local_redis_keeps_the_schedulers_state_through_a_restart(serving):
     from redis import Redis
 
     s, _ = serving
-    redis = Redis.from_url(s.redis.address)
+    redis = Redis.from_url(s.redis_url)
     redis.hset(s.keys.train_state, mapping={"last_labels": 1234, "last_time": 1.5})
     lock = redis.lock(s.keys.train_lock, timeout=3600)
     assert lock.acquire(blocking=False)
@@ -129,3 +129,14 @@ def test_the_local_redis_keeps_the_schedulers_state_through_a_restart(serving):
     assert redis.hget(s.keys.train_state, "last_labels") == b"1234"
     assert not redis.lock(s.keys.train_lock, timeout=3600).acquire(blocking=False)  # still held: no overlap
     lock.release()
+
+
+def test_the_local_redis_refuses_a_client_without_its_password(serving):
+    from redis import Redis
+    from redis.exceptions import AuthenticationError, ResponseError
+
+    s, _ = serving
+    assert s.redis_password_file.stat().st_mode & 0o077 == 0  # readable by its owner only
+    with pytest.raises((AuthenticationError, ResponseError), match=r"(?i)auth"):
+        Redis.from_url(s.redis.address).ping()
+    assert Redis.from_url(s.redis_url).ping()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -132,3 +133,36 @@ def test_promotion_hot_swaps_without_a_failed_request_and_rollback_restores(stac
     assert (event.version, event.previous_version) == (outcome.version, second)
     stack["worker"].check_champion()
     assert served_version(s) == outcome.version
+
+
+def test_a_champion_no_worker_can_load_makes_health_not_ready_then_is_tagged_broken_and_rolled_back(
+    stack, trained, tmp_path, monkeypatch
+):
+    """A truncated version promoted in MLflow: serving keeps the old model, says it is behind, and
+    after `serving.max_load_failures` attempts the alias goes back to the version it serves."""
+    s = stack["settings"]
+    registry, outcome = trained
+    good = served_version(s)
+    assert good != "first-stage" and registry.champion().version == good
+    model = tmp_path / "model"
+    shutil.copytree(registry.fetch(registry.get(good)), model)
+    for weights in model.rglob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with mlflow.start_run(experiment_id=registry.client.get_run(outcome.run_id).info.experiment_id) as run:
+        mlflow.log_artifacts(str(model), "model")
+    broken = registry.register(run.info.run_id)
+
+    monkeypatch.setattr(s.serving, "max_load_failures", 10**6)  # hold the rollback back to look at health first
+    monkeypatch.setattr(s.serving, "swap_grace_s", 0.0)
+    registry.promote(broken, "test: a truncated model", actor="test")
+    wait_until(lambda: httpx.get(f"{s.base_url}/health/ready").status_code == 503, what="not ready while behind")
+    health = httpx.get(f"{s.base_url}/health/ready").json()
+    assert health["status"] == "behind" and f"version {broken}" in health["detail"]
+    assert served_version(s) == good  # still serving, and serving the old model
+
+    monkeypatch.setattr(s.serving, "max_load_failures", 3)
+    wait_until(lambda: registry.champion().version == good, what="automatic rollback")
+    tags = registry.client.get_model_version(registry.name, broken).tags
+    assert "failed to load" in tags["broken"] and tags["rolled_back_by"] == "serving"
+    wait_until(lambda: httpx.get(f"{s.base_url}/health/ready").status_code == 200, what="ready again")
+    assert served_version(s) == good

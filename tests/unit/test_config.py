@@ -81,3 +81,15 @@ def test_two_deployments_share_no_name():
 
     assert not names(a) & names(b)
     assert all(n.startswith("shop") for n in names(a))
+
+
+def test_clients_get_the_local_redis_password_and_displays_do_not(tmp_path):
+    s = Settings(state_dir=tmp_path)
+    assert s.redis_url == s.redis.address  # nothing started yet: no password
+    s.redis_password_file.parent.mkdir(parents=True)
+    s.redis_password_file.write_text("p@ss/word\n")
+    assert s.redis_url == f"redis://:p%40ss%2Fword@127.0.0.1:{s.redis.local_port}/0"
+    assert "word" not in str(s.effective())
+    remote = Settings(state_dir=tmp_path, redis={"url": "redis://:other@cache:6379/1"})
+    assert remote.redis_url == "redis://:other@cache:6379/1"  # a configured URL is used as given
+    assert remote.redis.address == "redis://:***@cache:6379/1"  # ... and shown masked

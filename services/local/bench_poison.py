@@ -1,0 +1,345 @@
+"""`rankloop bench poison`: can fake clicks move a document users never chose?
+
+A clean round of simulated users on the train queries trains and promotes a champion. Then, per case,
+an attacker with `identities` user ids sends `clicks` clicks (each with a long dwell) for one
+irrelevant document per attacked query, a document the champion ranks between 15th and 20th, each
+after a real /rank request, with timestamps backdated by `backdate_s`. The next training runs and is
+gated as the scheduler's would be; the case records where the targets rank in the challenger and in
+the champion afterwards, whether the challenger was promoted, and clean NDCG@10 on the eval split
+(which never feeds training). Every case starts from the clean champion without the previous
+case's labels (purged by the bench as an operator would).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import Progress
+
+from services.config import Settings
+from services.local import infra
+from services.local.bench import settle_labels
+from services.local.progress import ProgressBar
+from services.local.simulate import UserModel, examination_curve, simulate
+from services.local.workers import served_version, spawn, stop, wait_healthy, worker_env
+from services.registry import connect_registry
+from services.schedule.scheduler import retrain
+from services.sdk import RankloopClient
+from services.storage.kafka import read_topic
+from training import beir
+from training.evaluate import evaluate_ranker
+from training.labels.store import ParquetLabelStore, Purge
+from training.ranking.first_stage import Candidate, FirstStage, build_index
+from training.ranking.rank import FIRST_STAGE, candidates_for, rank
+from training.ranking.reranker import Reranker
+from training.registry import MlflowRegistry
+
+console = Console()
+TARGET_POSITIONS = range(15, 21)  # where a target starts: out of the top 10, within reach of the reranker
+
+
+class PoisonTarget(BaseModel):
+    query: str
+    doc_id: str
+    rank_before: int
+    rank_challenger: int | None  # in the model trained on the attack, promoted or not
+    rank_after: int  # in the champion after the case
+
+
+class PoisonCase(BaseModel):
+    identities: int
+    clicks: int
+    accepted: int
+    rejected: dict[str, int]
+    dead_letters: dict[str, int]
+    quarantined_identities: int
+    target_rank_before: int  # the best (lowest) rank of any target
+    target_rank_challenger: int | None
+    target_rank_after: int
+    challenger_version: str | None
+    promoted: bool
+    gate: str
+    clean_ndcg_before: float
+    clean_ndcg_after: float
+    targets: list[PoisonTarget]
+    seconds: dict[str, float]
+
+
+class PoisonChecks(BaseModel):
+    """The issue's targets, computed from the cases that were run (None: no such case)."""
+
+    one_identity_never_in_top_10: bool | None
+    many_identities_never_in_top_3_of_a_promoted_model: bool | None
+    clean_ndcg_within_0_005: bool
+
+
+class PoisonBenchResult(BaseModel):
+    dataset: str
+    train_split: str
+    eval_split: str
+    seed: int
+    clean_sessions: int
+    backdate_s: float
+    burst_limit: int  # stream.burst_limit of the run (0: bursts not detected)
+    clean_champion: str
+    clean_ndcg: float
+    cases: list[PoisonCase]
+    checks: PoisonChecks
+    timings: dict[str, float]
+
+
+def run_poison_bench(
+    s: Settings,
+    identities: list[int],
+    clicks: int,
+    queries: int,
+    sessions: int,
+    backdate_s: float,
+    seed: int,
+    out: Path,
+    train_split: str = "train",
+    eval_split: str = "test",
+) -> PoisonBenchResult:
+    """Runs on its own local infrastructure, which is stopped afterwards, failed or not."""
+    try:
+        return _run(s, identities, clicks, queries, sessions, backdate_s, seed, out, train_split, eval_split)
+    finally:
+        infra.down(s)
+
+
+def _run(
+    s: Settings,
+    identities: list[int],
+    clicks: int,
+    queries: int,
+    sessions: int,
+    backdate_s: float,
+    seed: int,
+    out: Path,
+    train_split: str,
+    eval_split: str,
+) -> PoisonBenchResult:
+    t_all = time.time()
+    infra.up(s)
+    ds = beir.load(s.dataset, s.state_dir / "datasets")
+    with ProgressBar(console) as progress:
+        build_index(ds, s.state_dir, progress=progress)
+    fs = FirstStage.current(s.state_dir)
+    registry = connect_registry(s)
+    labels = ParquetLabelStore(s.label_dir)
+    depth = s.serving.rerank_depth
+    eval_cands = candidates_for(fs, [ds.queries[q] for q in ds.qrels(eval_split)])
+
+    def champion() -> tuple[str, Reranker | None]:
+        v = registry.champion()
+        return (v.version, Reranker(registry.fetch(v), v.version).warm(fs)) if v else (FIRST_STAGE, None)
+
+    def clean_ndcg(reranker: Reranker | None) -> float:
+        return evaluate_ranker(ds, eval_split, eval_cands, reranker, fs.text, depth)["ndcg@10"]
+
+    s.serving = s.serving.model_copy(update={"champion_poll_s": 5.0})
+    procs = {name: spawn(s, name, worker_env(s, RANKLOOP_TORCH_THREADS="1")) for name in ("serve", "stream")}
+    timings: dict[str, float] = {}
+    try:
+        wait_healthy(s, procs)
+        sdk = RankloopClient(s.base_url, deployment=s.deployment)
+        t = time.time()
+        simulate(sdk, ds, train_split, sessions, UserModel(examination_curve(s.clicklog)), seed=seed)
+        settle_labels(labels)
+        clean = retrain(s, fs)
+        console.print(f"clean round: {clean.status} ({clean.message})")
+        if clean.status == "promoted":
+            await_served(s, str(clean.version))
+        clean_version, clean_model = champion()
+        clean_score = clean_ndcg(clean_model)
+        timings["clean_round_s"] = time.time() - t
+        targets = choose_targets(ds, train_split, fs, clean_model, depth, queries, seed)
+        console.print(f"clean champion {clean_version}: {eval_split} NDCG@10 {clean_score:.4f}; targets {targets}")
+        cases = []
+        for n in identities:
+            case = attack_case(
+                s, sdk, registry, labels, fs, targets, n, clicks, backdate_s, clean_model, clean_score, champion, clean_ndcg
+            )
+            cases.append(case)
+            console.print(
+                f"{n} identities, {clicks} clicks: target best rank {case.target_rank_before} -> challenger "
+                f"{case.target_rank_challenger}, champion {case.target_rank_after}; promoted {case.promoted}; "
+                f"clean NDCG@10 {case.clean_ndcg_before:.4f} -> {case.clean_ndcg_after:.4f}"
+            )
+            if registry.champion() and registry.champion().version != clean_version:  # type: ignore[union-attr]
+                registry.promote(clean_version, reason="bench poison: the clean champion back for the next case", actor="bench")
+                await_served(s, clean_version)
+    finally:
+        stop(procs)
+    timings["total_s"] = time.time() - t_all
+    result = PoisonBenchResult(
+        dataset=ds.name,
+        train_split=train_split,
+        eval_split=eval_split,
+        seed=seed,
+        clean_sessions=sessions,
+        backdate_s=backdate_s,
+        burst_limit=s.stream.burst_limit,
+        clean_champion=clean_version,
+        clean_ndcg=round(clean_score, 4),
+        cases=cases,
+        checks=checks(cases),
+        timings={k: round(v, 1) for k, v in timings.items()},
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(result.model_dump_json(indent=2))
+    return result
+
+
+def await_served(s: Settings, version: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while served_version(s) != version and time.time() < deadline:
+        time.sleep(1)
+
+
+def target_rank(
+    query: str, doc_id: str, cands: list[Candidate], reranker: Reranker | None, fs: FirstStage, depth: int
+) -> int | None:
+    ranking = rank(query, cands, reranker, fs.text, depth)
+    return next((i + 1 for i, (d, _) in enumerate(ranking) if d == doc_id), None)
+
+
+def choose_targets(
+    ds: beir.Dataset, split: str, fs: FirstStage, reranker: Reranker | None, depth: int, n: int, seed: int
+) -> dict[str, str]:
+    """query -> an irrelevant doc the champion ranks within TARGET_POSITIONS, for `n` train queries."""
+    qrels = ds.qrels(split)
+    qids = sorted(qrels)
+    random.Random(seed).shuffle(qids)
+    out: dict[str, str] = {}
+    for qid in qids:
+        query = ds.queries[qid]
+        ranking = rank(query, candidates_for(fs, [query])[query], reranker, fs.text, depth)
+        irrelevant = [d for d, _ in ranking[TARGET_POSITIONS.start - 1 : TARGET_POSITIONS.stop - 1] if d not in qrels[qid]]
+        if irrelevant:
+            out[query] = irrelevant[0]
+        if len(out) == n:
+            break
+    return out
+
+
+def dead_letter_codes(s: Settings) -> Counter[str]:
+    return Counter(str(d.get("code")) for d in read_topic(s.kafka.address, s.keys.dead_letters, idle_ms=1500))
+
+
+def attack_case(
+    s: Settings,
+    sdk: RankloopClient,
+    registry: MlflowRegistry,
+    labels: ParquetLabelStore,
+    fs: FirstStage,
+    targets: dict[str, str],
+    n_identities: int,
+    clicks: int,
+    backdate_s: float,
+    clean_model: Reranker | None,
+    clean_score: float,
+    champion: Callable[[], tuple[str, Reranker | None]],
+    clean_ndcg: Callable[[Reranker | None], float],
+) -> PoisonCase:
+    depth = s.serving.rerank_depth
+    cands = candidates_for(fs, list(targets))
+    before = {q: target_rank(q, d, cands[q], clean_model, fs, depth) or 0 for q, d in targets.items()}
+    who = [f"attacker-{n_identities}-{i}" for i in range(n_identities)]
+    dead_before = dead_letter_codes(s)
+    accepted, rejected = 0, Counter[str]()
+    lock = threading.Lock()
+    queries = list(targets)
+    t = time.time()
+
+    def click(i: int) -> None:
+        nonlocal accepted
+        query, user = queries[i % len(queries)], who[i % len(who)]
+        for _ in range(10):  # an explored (shuffled) answer may not show the target: ask again
+            ranked = sdk.rank(query, k=TARGET_POSITIONS.stop + 5, user=user, session=uuid.uuid4().hex)
+            if targets[query] in {it.doc_id for it in ranked.items}:
+                break
+        else:
+            return
+        stamp = time.time() - backdate_s
+        events = [
+            sdk.event(ranked.request_id, targets[query], kind, value).model_copy(update={"timestamp": stamp})
+            for kind, value in (("click", None), ("dwell", 120.0))
+        ]
+        answer = sdk.emit(events)
+        with lock:
+            accepted += sum(1 for e in answer.accepted if e == events[0].event_id)
+            rejected.update(r.code.value for r in answer.rejected if r.event_id == events[0].event_id)
+
+    with Progress(disable=not console.is_terminal) as bar, ThreadPoolExecutor(4) as pool:
+        task = bar.add_task(f"attack: {clicks} clicks from {n_identities} identities", total=clicks)
+        for _ in pool.map(click, range(clicks)):
+            bar.advance(task)
+    settle_labels(labels)
+    t_train = time.time()
+    outcome = retrain(s, fs)
+    challenger = (
+        Reranker(registry.fetch(registry.get(str(outcome.version))), str(outcome.version)).warm(fs) if outcome.version else None
+    )
+    if outcome.status == "promoted":
+        await_served(s, str(outcome.version))
+    _, after_model = champion()
+    rows = [
+        PoisonTarget(
+            query=q,
+            doc_id=d,
+            rank_before=before[q],
+            rank_challenger=target_rank(q, d, cands[q], challenger, fs, depth) if challenger else None,
+            rank_after=target_rank(q, d, cands[q], after_model, fs, depth) or 0,
+        )
+        for q, d in targets.items()
+    ]
+    dead = dead_letter_codes(s) - dead_before
+    quarantined = {p.identity for p in labels.purges() if p.actor == "stream" and p.identity}
+    for user in who:  # the operator's clean-up, so the next case starts from clean labels
+        if f"user:{user}" not in quarantined:
+            labels.purge(
+                Purge(identity=f"user:{user}", reason="bench poison: end of case", actor="bench", at=time.time()), count=False
+            )
+    challenger_ranks = [r.rank_challenger for r in rows if r.rank_challenger is not None]
+    return PoisonCase(
+        identities=n_identities,
+        clicks=clicks,
+        accepted=accepted,
+        rejected=dict(rejected),
+        dead_letters=dict(dead),
+        quarantined_identities=sum(1 for u in who if f"user:{u}" in quarantined),
+        target_rank_before=min(r.rank_before for r in rows),
+        target_rank_challenger=min(challenger_ranks) if challenger_ranks else None,
+        target_rank_after=min(r.rank_after for r in rows),
+        challenger_version=str(outcome.version) if outcome.version else None,
+        promoted=outcome.status == "promoted",
+        gate=outcome.message,
+        clean_ndcg_before=round(clean_score, 4),
+        clean_ndcg_after=round(clean_ndcg(after_model), 4),
+        targets=rows,
+        seconds={"attack": round(t_train - t, 1), "train_and_gate": round(time.time() - t_train, 1)},
+    )
+
+
+def checks(cases: list[PoisonCase]) -> PoisonChecks:
+    one = [c for c in cases if c.identities == 1]
+    many = [c for c in cases if c.identities > 1]
+    return PoisonChecks(
+        one_identity_never_in_top_10=all(min(r for r in (c.target_rank_challenger, c.target_rank_after) if r) > 10 for c in one)
+        if one
+        else None,
+        many_identities_never_in_top_3_of_a_promoted_model=all(not c.promoted or c.target_rank_after > 3 for c in many)
+        if many
+        else None,
+        clean_ndcg_within_0_005=all(abs(c.clean_ndcg_after - c.clean_ndcg_before) <= 0.005 for c in cases),
+    )
