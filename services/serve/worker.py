@@ -100,6 +100,7 @@ class Worker:
         self.serving = Serving(FIRST_STAGE, None, time.time())
         self.last_swap_error: str | None = None
         self.load_failures: dict[str, int] = {}
+        self.retry_after: dict[str, float] = {}  # version -> when a version found broken is tried again
         self.behind_since: float | None = None  # when the registry's champion began to differ from what is served
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -298,6 +299,8 @@ class Worker:
                 self.behind_since = None
                 return False
             self.behind_since = self.behind_since or time.time()
+            if time.time() < self.retry_after.get(current.version, 0.0):
+                return False  # broken and nowhere to roll back to: tried again later, not every poll
             try:
                 folder = self.registry.fetch(current)
             except Exception as e:  # the registry or its store is away: not the version's fault, retried next poll
@@ -315,8 +318,12 @@ class Worker:
                 self.last_swap_error = f"version {current.version}: {e}"
                 log.exception("failed to load model version %s; still serving %s", current.version, self.serving.version)
                 self.load_failures[current.version] = self.load_failures.get(current.version, 0) + 1
-                if self.load_failures[current.version] >= self.s.serving.max_load_failures:
+                failures, limit = self.load_failures[current.version], self.s.serving.max_load_failures
+                if failures >= limit:
                     self._roll_back_broken(current.version, str(e))
+                    # still the champion: back off, doubling up to ten minutes (a fixed file is picked up)
+                    backoff = min(600.0, self.s.serving.champion_poll_s * 2 ** (failures - limit + 1))
+                    self.retry_after[current.version] = time.time() + backoff
                 return False
             self.serving = Serving(current.version, reranker, time.time())
             self.behind_since = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 
@@ -111,6 +112,21 @@ def test_a_champion_that_keeps_failing_to_load_is_tagged_broken_and_rolled_back(
     assert event["action"] == "rolled_back" and event["version"] == good and "automatic" in event["reason"]
     worker.champion_checked = True
     assert not worker.check_champion() and worker.readiness() == (True, None)  # serving the champion again
+
+
+def test_a_broken_champion_with_nothing_to_roll_back_to_is_retried_with_back_off(worker, tiny_model, tmp_path, monkeypatch):
+    registry = worker.registry
+    missing = tmp_path / "missing"
+    registry.promote(registry.add(missing), "broken, and nothing to roll back to")
+    attempts = []
+    load = worker.load_model
+    monkeypatch.setattr(worker, "load_model", lambda *a: attempts.append(1) or load(*a))
+    for _ in range(worker.s.serving.max_load_failures + 5):
+        assert not worker.check_champion()
+    assert len(attempts) == worker.s.serving.max_load_failures  # then it waits, instead of failing every poll
+    shutil.copytree(tiny_model, missing)  # someone fixes the files: picked up once the back-off has passed
+    monkeypatch.setattr(worker, "retry_after", {})
+    assert worker.check_champion() and worker.serving.version == "1"
 
 
 def test_readiness_says_no_while_serving_is_behind_the_champion_beyond_the_grace(worker, tmp_path, monkeypatch):
