@@ -244,7 +244,10 @@ def train_once(
     incumbent = load_incumbent(registry, first_stage)
     examples, selection = choose_examples(slices, candidates, incumbent, cfg)
     if not examples:
-        return TrainOutcome("skipped", "no training query has a positive label yet", labels=slices.labels)
+        why = "no training query has a positive label yet"
+        if selection.get("fresh_queries") == 0 and selection.get("older_queries"):
+            why = "nothing new: no query has a positive label newer than the champion's training data"
+        return TrainOutcome("skipped", why, labels=slices.labels)
 
     with mlflow.start_run(run_name=f"challenger-{time.strftime('%Y%m%d-%H%M%S')}") as run:
         tracking.log_inputs(

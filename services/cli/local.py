@@ -93,6 +93,7 @@ def bench_poison(
     clicks: int = typer.Option(5000, help="fake clicks per case, spread over the identities and queries"),
     queries: int = typer.Option(5, help="attacked train queries, one irrelevant target document each"),
     sessions: int = typer.Option(3000, help="simulated sessions of the clean round"),
+    case_sessions: int = typer.Option(1000, help="simulated sessions alongside each attack"),
     backdate_s: float = typer.Option(240.0, help="how far the attacker backdates its timestamps"),
     seed: int = 0,
     out: Path = typer.Option(Path("poison.json"), help="where the JSON result goes"),
@@ -102,6 +103,6 @@ def bench_poison(
 
     s = bench_settings("bench-poison", dataset, 300)
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    result = run_poison_bench(s, identities, clicks, queries, sessions, backdate_s, seed, out)
+    result = run_poison_bench(s, identities, clicks, queries, sessions, case_sessions, backdate_s, seed, out)
     console.print_json(result.model_dump_json(exclude={"cases": {"__all__": {"targets"}}}))
     console.print(f"written: {out}")

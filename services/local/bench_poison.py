@@ -1,10 +1,11 @@
 """`rankloop bench poison`: can fake clicks move a document users never chose?
 
 A clean round of simulated users on the train queries trains and promotes a champion. Then, per case,
-an attacker with `identities` user ids sends `clicks` clicks (each with a long dwell) for one
-irrelevant document per attacked query, a document the champion ranks between 15th and 20th, each
-after a real /rank request, with timestamps backdated by `backdate_s`. The next training runs and is
-gated as the scheduler's would be; the case records where the targets rank in the challenger and in
+while `case_sessions` more simulated users go on using the service, an attacker with `identities`
+user ids sends `clicks` clicks (each with a long dwell) for one irrelevant document per attacked
+query, a document the champion ranks between 15th and 20th, each after a real /rank request, with
+timestamps backdated by `backdate_s`. The next training runs on all of it and is gated as the
+scheduler's would be; the case records where the targets rank in the challenger and in
 the champion afterwards, whether the challenger was promoted, and clean NDCG@10 on the eval split
 (which never feeds training). Every case starts from the clean champion without the previous
 case's labels (purged by the bench as an operator would).
@@ -88,6 +89,7 @@ class PoisonBenchResult(BaseModel):
     eval_split: str
     seed: int
     clean_sessions: int
+    case_sessions: int  # simulated users alongside each attack
     backdate_s: float
     burst_limit: int  # stream.burst_limit of the run (0: bursts not detected)
     clean_champion: str
@@ -103,6 +105,7 @@ def run_poison_bench(
     clicks: int,
     queries: int,
     sessions: int,
+    case_sessions: int,
     backdate_s: float,
     seed: int,
     out: Path,
@@ -111,7 +114,7 @@ def run_poison_bench(
 ) -> PoisonBenchResult:
     """Runs on its own local infrastructure, which is stopped afterwards, failed or not."""
     try:
-        return _run(s, identities, clicks, queries, sessions, backdate_s, seed, out, train_split, eval_split)
+        return _run(s, identities, clicks, queries, sessions, case_sessions, backdate_s, seed, out, train_split, eval_split)
     finally:
         infra.down(s)
 
@@ -122,6 +125,7 @@ def _run(
     clicks: int,
     queries: int,
     sessions: int,
+    case_sessions: int,
     backdate_s: float,
     seed: int,
     out: Path,
@@ -153,7 +157,8 @@ def _run(
         wait_healthy(s, procs)
         sdk = RankloopClient(s.base_url, deployment=s.deployment)
         t = time.time()
-        simulate(sdk, ds, train_split, sessions, UserModel(examination_curve(s.clicklog)), seed=seed)
+        users = UserModel(examination_curve(s.clicklog))
+        simulate(sdk, ds, train_split, sessions, users, seed=seed)
         settle_labels(labels)
         clean = retrain(s, fs)
         console.print(f"clean round: {clean.status} ({clean.message})")
@@ -165,9 +170,26 @@ def _run(
         targets = choose_targets(ds, train_split, fs, clean_model, depth, queries, seed)
         console.print(f"clean champion {clean_version}: {eval_split} NDCG@10 {clean_score:.4f}; targets {targets}")
         cases = []
-        for n in identities:
+        for i, n in enumerate(identities, start=1):
+
+            def clean_traffic(i: int = i) -> None:
+                simulate(sdk, ds, train_split, case_sessions, users, seed=seed * 1000 + i, progress=False)
+
             case = attack_case(
-                s, sdk, registry, labels, fs, targets, n, clicks, backdate_s, clean_model, clean_score, champion, clean_ndcg
+                s,
+                sdk,
+                registry,
+                labels,
+                fs,
+                targets,
+                n,
+                clicks,
+                backdate_s,
+                clean_model,
+                clean_score,
+                champion,
+                clean_ndcg,
+                clean_traffic,
             )
             cases.append(case)
             console.print(
@@ -187,6 +209,7 @@ def _run(
         eval_split=eval_split,
         seed=seed,
         clean_sessions=sessions,
+        case_sessions=case_sessions,
         backdate_s=backdate_s,
         burst_limit=s.stream.burst_limit,
         clean_champion=clean_version,
@@ -250,6 +273,7 @@ def attack_case(
     clean_score: float,
     champion: Callable[[], tuple[str, Reranker | None]],
     clean_ndcg: Callable[[Reranker | None], float],
+    clean_traffic: Callable[[], None],
 ) -> PoisonCase:
     depth = s.serving.rerank_depth
     cands = candidates_for(fs, list(targets))
@@ -280,10 +304,13 @@ def attack_case(
             accepted += sum(1 for e in answer.accepted if e == events[0].event_id)
             rejected.update(r.code.value for r in answer.rejected if r.event_id == events[0].event_id)
 
+    users = threading.Thread(target=clean_traffic)  # real users go on meanwhile
+    users.start()
     with Progress(disable=not console.is_terminal) as bar, ThreadPoolExecutor(4) as pool:
         task = bar.add_task(f"attack: {clicks} clicks from {n_identities} identities", total=clicks)
         for _ in pool.map(click, range(clicks)):
             bar.advance(task)
+    users.join()
     settle_labels(labels)
     t_train = time.time()
     outcome = retrain(s, fs)
