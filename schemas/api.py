@@ -126,7 +126,7 @@ class Health(BaseModel):
         }
     )
 
-    status: Literal["ready", "starting", "behind"]
+    status: Literal["ready", "starting", "behind", "broken"]
     detail: str | None = Field(None, description="why not ready")
     model_version: str
     index_version: str

@@ -27,7 +27,7 @@ from services.local.workers import served_version, spawn, stop, wait_healthy, wo
 from services.registry import connect_registry
 from services.schedule.scheduler import impression_click_log, retrain
 from services.sdk import RankloopClient
-from training import beir, plots
+from training import beir, plots, self_check
 from training.evaluate import evaluate_designs, evaluate_first_stage_parts, evaluate_ranker
 from training.labels.store import LabelStore, MemoryLabelStore, ParquetLabelStore
 from training.pipeline import TrainOutcome, train_once
@@ -179,6 +179,8 @@ def _run(
 
     baselines = evaluate_first_stage_parts(ds, eval_split, cands[eval_split])
     baselines_train = evaluate_first_stage_parts(ds, train_split, cands[train_split])
+    self_check.check_figures(fs, eval_split, baselines["hybrid"])
+    self_check.check_figures(fs, train_split, baselines_train["hybrid"])
     console.print(f"baselines on {eval_split}: " + ", ".join(f"{k} {v['ndcg@10']:.4f}" for k, v in baselines.items()))
 
     t = time.time()

@@ -21,7 +21,7 @@ from services.registry import connect_registry
 from services.sdk import RankloopClient
 from services.storage.health import status
 from services.storage.kafka import message_count
-from training import beir
+from training import beir, self_check
 from training.evaluate import evaluate_ranker
 from training.labels.store import ParquetLabelStore
 from training.ranking.first_stage import FirstStage, build_index
@@ -44,6 +44,7 @@ def evaluate_versions(s: Settings, fs: FirstStage, ds: beir.Dataset, splits: tup
         cands = candidates_for(fs, [ds.queries[q] for q in ds.qrels(split)])
         for row, (_, rr, _) in zip(out, rows):
             row[split] = evaluate_ranker(ds, split, cands, rr, fs.text, s.serving.rerank_depth)
+        self_check.check_figures(fs, split, out[0][split])  # the first-stage row, against the index's record
     return out
 
 

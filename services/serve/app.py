@@ -40,6 +40,7 @@ from services.config import Settings
 from services.serve.worker import Worker
 from services.storage import open_caches, open_publisher
 from services.storage.health import status
+from training import self_check
 from training.ranking.first_stage import FirstStage
 from training.registry import MlflowRegistry
 
@@ -57,6 +58,9 @@ def build_worker(s: Settings) -> Worker:
     registry = MlflowRegistry.reader(s.tracking_uri, s.keys.model_name, s.versions_dir)
     publisher = open_publisher(s.kafka.address, s.keys.topics(), s.kafka.partitions, s.serving.impression_buffer)
     worker = Worker(s, first_stage, caches, publisher, registry)
+    worker.index_problem = self_check.probe(first_stage)
+    if worker.index_problem:  # answers anyway (what else), but never reports itself ready
+        log.error("%s", worker.index_problem)
     exempt_from_gc()
     return worker
 
@@ -378,7 +382,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         w = state["w"]
         ok, why = w.readiness()
         body = Health(
-            status="ready" if ok else "starting" if not w.champion_checked else "behind",
+            status="ready" if ok else "broken" if w.index_problem else "starting" if not w.champion_checked else "behind",
             detail=why,
             model_version=w.serving.version,
             index_version=w.first_stage.version,

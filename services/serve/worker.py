@@ -95,6 +95,7 @@ class Worker:
         self.metrics = ServingMetrics()
         self.metrics.watch(publisher)
         self.champion_checked = False  # ready only once the registry was asked what to serve
+        self.index_problem: str | None = None  # set when the start-up self-check of the first stage failed
         self._cache_down = False
         self.rng = rng or random.Random()
         self.serving = Serving(FIRST_STAGE, None, time.time())
@@ -358,6 +359,8 @@ class Worker:
     def readiness(self) -> tuple[bool, str | None]:
         """Ready once the registry was asked what to serve and the served version is the champion, or
         has differed from it for less than `serving.swap_grace_s` (a swap takes seconds)."""
+        if self.index_problem:
+            return False, self.index_problem
         if not self.champion_checked:
             return False, "starting: the registry was not asked yet which model to serve"
         if self.behind_since is not None and time.time() - self.behind_since > self.s.serving.swap_grace_s:

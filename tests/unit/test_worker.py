@@ -164,3 +164,9 @@ def test_a_failed_download_is_retried_and_never_counts_toward_broken(worker, tin
     assert "download failed" in worker.last_swap_error
     monkeypatch.setattr(registry, "fetch", fetch)
     assert worker.check_champion() and worker.serving.version == newer
+
+
+def test_a_worker_on_a_broken_index_never_says_ready(worker, monkeypatch):
+    monkeypatch.setattr(worker, "index_problem", "first-stage self-check failed: ...")
+    worker.champion_checked = True
+    assert worker.readiness() == (False, "first-stage self-check failed: ...")

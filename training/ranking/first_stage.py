@@ -86,6 +86,10 @@ def build_index(dataset: Dataset, state_dir: Path, batch_size: int = 32, progres
                 indent=2,
             )
         )
+    if not (folder / "self_check.json").exists():
+        from training import self_check  # it evaluates through training.evaluate, which imports this module
+
+        self_check.record(FirstStage(folder), dataset)
     (root / "CURRENT").write_text(version)
     return folder
 
