@@ -60,6 +60,7 @@ class ImpressionEvent(Event):
     model_version: str = Field(description='registered model version, or "first-stage"')
     index_version: str
     explored: bool = Field(False, description="the top items were shown in a random order (position-bias exploration)")
+    api_key: str | None = Field(None, description="name of the API key that asked for this ranking (set by the server)")
     timestamp: float = Field(default_factory=now, description="unix seconds")
 
 
@@ -87,6 +88,9 @@ class InteractionEvent(Event):
     received_at: float | None = Field(
         None, description="unix seconds when rankloop received it: set by the server, a client's value is replaced"
     )
+    api_key: str | None = Field(
+        None, description="name of the API key that sent it: set by the server, a client's value is replaced"
+    )
 
     @property
     def server_time(self) -> float:
@@ -112,6 +116,9 @@ class LabelledExample(Event):
     index_version: str
     identity: str | None = Field(
         None, description="whose evidence: the impression's user, else its session; none when neither was given"
+    )
+    api_keys: list[str] = Field(
+        default_factory=list, description="names of the API keys behind the request: its ranking's and its events'"
     )
     timestamp: float = Field(default_factory=now)
 

@@ -31,6 +31,7 @@ def _when(value: str | None) -> float | None:
 def purge(
     user: str = typer.Option(None, help="labels of this user"),
     session: str = typer.Option(None, help="labels of this session"),
+    key: str = typer.Option(None, help="labels of requests this API key (by name) ranked or sent events for"),
     since: str = typer.Option(None, help="labels from this time on (server time; unix seconds or ISO)"),
     until: str = typer.Option(None, help="labels up to this time"),
     reason: str = typer.Option(..., help="why, recorded with the purge"),
@@ -43,13 +44,19 @@ def purge(
     if user and session:
         raise InvalidInput("give --user or --session, not both (a label has one identity)")
     identity = f"user:{user}" if user else f"session:{session}" if session else None
-    if identity is None and since is None and until is None:
-        raise InvalidInput("a purge needs --user, --session, --since or --until: it never empties the store")
+    if identity is None and key is None and since is None and until is None:
+        raise InvalidInput("a purge needs --user, --session, --key, --since or --until: it never empties the store")
     s = settings()
     setup_process(s)
     store = ParquetLabelStore(s.label_dir)
     order = Purge(
-        identity=identity, since=_when(since), until=_when(until), reason=reason, actor=f"cli:{getpass.getuser()}", at=time.time()
+        identity=identity,
+        api_key=key,
+        since=_when(since),
+        until=_when(until),
+        reason=reason,
+        actor=f"cli:{getpass.getuser()}",
+        at=time.time(),
     )
     removed = store.purge(order)
     console.print(f"purged {removed} labels ({store.count()} left); recorded in {store.folder / store.PURGES}")
@@ -75,7 +82,7 @@ def purges() -> None:
     def when(t: float | None) -> str:
         return datetime.fromtimestamp(t).isoformat(timespec="seconds") if t is not None else ""
 
-    table = Table("at", "by", "identity", "since", "until", "reason")
+    table = Table("at", "by", "identity", "key", "since", "until", "reason")
     for p in ParquetLabelStore(s.label_dir).purges():
-        table.add_row(when(p.at), p.actor, p.identity or "", when(p.since), when(p.until), p.reason)
+        table.add_row(when(p.at), p.actor, p.identity or "", p.api_key or "", when(p.since), when(p.until), p.reason)
     console.print(table)

@@ -274,17 +274,17 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         "/rank",
         response_model=RankResponse,
         responses={**bad_body, 422: {"description": "invalid request"}, **no_key},
-        dependencies=[Depends(require(Scope.rank)), Depends(limit(s.auth.rank_per_s))],
+        dependencies=[Depends(limit(s.auth.rank_per_s))],
     )
-    def rank(req: RankRequest) -> RankResponse:
-        """Ranked documents for a query; every answer is recorded as an impression."""
-        return state["w"].rank(req)
+    def rank(req: RankRequest, key: ApiKey | None = Depends(require(Scope.rank))) -> RankResponse:
+        """Ranked documents for a query; every answer is recorded as an impression (with the key's name)."""
+        return state["w"].rank(req, key.name if key else None)
 
     @app.post(
         "/events",
         response_model=EventsResponse,
         openapi_extra={"requestBody": EVENTS_BODY},
-        dependencies=[Depends(require(Scope.events_write)), Depends(limit(s.auth.events_per_s))],
+        dependencies=[Depends(limit(s.auth.events_per_s))],
         responses={
             **no_key,
             400: {"model": ErrorBody, "description": "malformed JSON, or not an array of events"},
@@ -293,9 +293,10 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
             503: {"model": ErrorBody, "description": "cannot record durably now (broker or Redis down): retry"},
         },
     )
-    async def events(request: Request) -> JSONResponse:
+    async def events(request: Request, key: ApiKey | None = Depends(require(Scope.events_write))) -> JSONResponse:
         """Interaction events, accepted one by one: the good ones of a batch land even when others
-        are rejected, each rejection with its code and detail."""
+        are rejected, each rejection with its code and detail. Each is stamped with the server's time
+        and the key's name."""
         payload = parse_json(await request.body())
         batch = payload.get("events") if isinstance(payload, dict) else payload
         if not isinstance(batch, list):
@@ -303,7 +304,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         if len(batch) > s.serving.max_batch:
             raise HTTPException(413, f"batch of {len(batch)} events exceeds the limit of {s.serving.max_batch}")
         try:
-            accepted, rejected = await run_in_threadpool(state["w"].ingest, batch)
+            accepted, rejected = await run_in_threadpool(state["w"].ingest, batch, key.name if key else None)
         except DependencyUnavailable as e:
             raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None
         answer = EventsResponse(accepted=accepted, rejected=rejected)

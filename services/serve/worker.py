@@ -119,7 +119,7 @@ class Worker:
         self._cache_set(key, [[c.doc_id, c.bm25, c.dense, c.fused] for c in cands])
         return cands
 
-    def rank(self, req: RankRequest) -> RankResponse:
+    def rank(self, req: RankRequest, api_key: str | None = None) -> RankResponse:
         started = time.perf_counter()
         serving = self.serving  # one reference for the whole request: a swap cannot change it midway
         key = self.keys.results(self.first_stage.version, serving.version, req.k, query_key(req.query))
@@ -158,6 +158,7 @@ class Worker:
             model_version=serving.version,
             index_version=self.first_stage.version,
             explored=explored,
+            api_key=api_key,
         )
         if self.publisher.publish_later(self.keys.impressions, response.request_id, impression):
             self.metrics.impressions.inc()  # handed to the buffer; it reaches the broker when the broker is there
@@ -203,7 +204,7 @@ class Worker:
         return future
 
     # ---- event intake --------------------------------------------------------------------
-    def ingest(self, events: list) -> tuple[list[str], list[Rejection]]:
+    def ingest(self, events: list, api_key: str | None = None) -> tuple[list[str], list[Rejection]]:
         """Validates each event on its own; valid ones are written to the broker (acks=all) before
         the answer, so "accepted" means durable. Duplicates (in the batch or seen before) are rejected;
         an event that was not recorded is forgotten by de-duplication, so a retry is accepted.
@@ -218,7 +219,7 @@ class Worker:
         for i, raw in enumerate(events):
             try:
                 event = InteractionEvent.model_validate(raw)
-                valid.append((i, event.model_copy(update={"received_at": received})))
+                valid.append((i, event.model_copy(update={"received_at": received, "api_key": api_key})))
             except ValidationError as e:
                 event_id = raw.get("event_id") if isinstance(raw, dict) else None
                 rejected.append(

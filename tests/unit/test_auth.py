@@ -131,3 +131,24 @@ def test_a_caller_over_its_rate_gets_429_with_retry_after_and_others_are_not_aff
         r = client.post("/rank", json={"query": "vitamin d"}, headers=bearer(greedy))
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "rate limit" in r.json()["detail"]
         assert client.post("/rank", json={"query": "vitamin d"}, headers=bearer(polite)).status_code == 200
+
+
+def test_impressions_and_events_carry_the_name_of_the_key_that_sent_them(tiny_first_stage, tmp_path, store):
+    import json
+
+    _, app_key = store.create("shop-web", [Scope.rank, Scope.events_write])
+    s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0))
+    worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
+    with TestClient(create_app(s, worker, watch_events=False)) as client:
+        ranked = client.post("/rank", json={"query": "vitamin d"}, headers=bearer(app_key)).json()
+        forged = {
+            "event_id": "e1",
+            "request_id": ranked["request_id"],
+            "doc_id": "d1",
+            "type": "click",
+            "api_key": "someone-else",
+        }
+        assert client.post("/events", json=[forged], headers=bearer(app_key)).status_code == 200
+    [shown] = worker.publisher.on(worker.keys.impressions)
+    [event] = worker.publisher.on(worker.keys.interactions)
+    assert json.loads(shown)["api_key"] == "shop-web" and json.loads(event)["api_key"] == "shop-web"

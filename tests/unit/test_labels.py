@@ -109,6 +109,20 @@ def test_a_purge_takes_an_identitys_labels_out_even_of_redelivered_shards(tmp_pa
     assert store.purge(Purge(since=1006.0, reason="bad hour", actor="cli:test", at=2001.0)) == 2
 
 
+def test_labels_name_the_keys_behind_their_request_and_a_purge_by_key_takes_them_out(tmp_path):
+    from training.labels.store import ParquetLabelStore, Purge
+
+    shown = impression().model_copy(update={"api_key": "web"})
+    click = interaction("d2", "click").model_copy(update={"api_key": "leaked-app"})
+    labels = label_request(shown, [click, interaction("d3", "click")])
+    assert {d: lab.api_keys for d, lab in labels.items()} == {d: ["leaked-app", "web"] for d in ("d1", "d2", "d3")}
+    clean = label_request(impression("r2").model_copy(update={"api_key": "web"}), [interaction("d1", "click", request_id="r2")])
+    store = ParquetLabelStore(tmp_path)
+    store.write([*labels.values(), *clean.values()], partition=0, first=0, last=3)
+    assert store.purge(Purge(api_key="leaked-app", reason="key leaked", actor="cli:test", at=1.0)) == 3
+    assert list(store.read()[0]["request_id"]) == ["r2"]
+
+
 def test_purge_refuses_to_empty_the_store(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

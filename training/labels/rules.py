@@ -71,6 +71,8 @@ def label_request(
         seen.add(ev.event_id)
         by_doc.setdefault(ev.doc_id, []).append(ev)
 
+    named = [impression.api_key, *(e.api_key for evs in by_doc.values() for e in evs)]
+    api_keys = sorted({k for k in named if k is not None})
     positive_positions = [positions[d] for d, evs in by_doc.items() if any(e.type in POSITIVE for e in evs)]
     lowest_positive = max(positive_positions, default=0)
 
@@ -97,11 +99,8 @@ def label_request(
             event_ids=[e.event_id for e in evs],
             model_version=impression.model_version,
             index_version=impression.index_version,
-            identity=f"user:{impression.user}"
-            if impression.user
-            else f"session:{impression.session}"
-            if impression.session
-            else None,
+            identity=identity_of(impression),
+            api_keys=api_keys,
             timestamp=max((e.server_time for e in evs), default=impression.timestamp),  # training slices by it
         )
     return labels

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
@@ -26,6 +27,7 @@ class Purge(BaseModel):
     match. Recorded, not silently applied: who, when and why stay with the store."""
 
     identity: str | None = None  # "user:<id>" or "session:<id>", as on the labels
+    api_key: str | None = None  # the name of a key that ranked or sent events for the label's request
     since: float | None = None  # label time (server time), inclusive
     until: float | None = None
     reason: str
@@ -36,6 +38,9 @@ class Purge(BaseModel):
         hit = pd.Series(True, index=df.index)
         if self.identity is not None:
             hit &= df["identity"] == self.identity if "identity" in df.columns else False
+        if self.api_key is not None:
+            keys = df["api_keys"] if "api_keys" in df.columns else pd.Series([[]] * len(df), index=df.index)
+            hit &= keys.map(lambda ks: isinstance(ks, list | tuple | np.ndarray) and self.api_key in list(ks))
         if self.since is not None:
             hit &= df["timestamp"] >= self.since
         if self.until is not None:
