@@ -99,10 +99,20 @@ def bench_poison(
     out: Path = typer.Option(Path("poison.json"), help="where the JSON result goes"),
 ) -> None:
     """A clean round, then fake clicks from few identities: does the target rise, is it promoted, does quality hold?"""
-    from services.local.bench_poison import run_poison_bench
+    from services.local.bench_poison import PoisonPlan, run_poison_bench
 
     s = bench_settings("bench-poison", dataset, 300)
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    result = run_poison_bench(s, identities, clicks, queries, sessions, case_sessions, backdate_s, seed, out)
+    plan = PoisonPlan(
+        dataset=s.dataset,
+        identities=identities,
+        clicks=clicks,
+        queries=queries,
+        sessions=sessions,
+        case_sessions=case_sessions,
+        backdate_s=backdate_s,
+        seed=seed,
+    )
+    result = run_poison_bench(s, plan, out)
     console.print_json(result.model_dump_json(exclude={"cases": {"__all__": {"targets"}}}))
     console.print(f"written: {out}")

@@ -83,14 +83,23 @@ class PoisonChecks(BaseModel):
     clean_ndcg_within_0_005: bool
 
 
-class PoisonBenchResult(BaseModel):
+class PoisonPlan(BaseModel):
+    """What the benchmark does: the clean traffic, then one attack per entry of `identities`."""
+
     dataset: str
-    train_split: str
-    eval_split: str
-    seed: int
-    clean_sessions: int
-    case_sessions: int  # simulated users alongside each attack
-    backdate_s: float
+    train_split: str = "train"
+    eval_split: str = "test"
+    identities: list[int] = [1, 20]
+    clicks: int = 5000  # per case, spread over the identities and the attacked queries
+    queries: int = 5
+    sessions: int = 3000  # simulated users of the clean round
+    case_sessions: int = 1000  # simulated users alongside each attack
+    backdate_s: float = 240.0
+    seed: int = 0
+
+
+class PoisonBenchResult(BaseModel):
+    plan: PoisonPlan
     burst_limit: int  # stream.burst_limit of the run (0: bursts not detected)
     clean_champion: str
     clean_ndcg: float
@@ -99,39 +108,15 @@ class PoisonBenchResult(BaseModel):
     timings: dict[str, float]
 
 
-def run_poison_bench(
-    s: Settings,
-    identities: list[int],
-    clicks: int,
-    queries: int,
-    sessions: int,
-    case_sessions: int,
-    backdate_s: float,
-    seed: int,
-    out: Path,
-    train_split: str = "train",
-    eval_split: str = "test",
-) -> PoisonBenchResult:
+def run_poison_bench(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
     """Runs on its own local infrastructure, which is stopped afterwards, failed or not."""
     try:
-        return _run(s, identities, clicks, queries, sessions, case_sessions, backdate_s, seed, out, train_split, eval_split)
+        return _run(s, plan, out)
     finally:
         infra.down(s)
 
 
-def _run(
-    s: Settings,
-    identities: list[int],
-    clicks: int,
-    queries: int,
-    sessions: int,
-    case_sessions: int,
-    backdate_s: float,
-    seed: int,
-    out: Path,
-    train_split: str,
-    eval_split: str,
-) -> PoisonBenchResult:
+def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
     t_all = time.time()
     infra.up(s)
     ds = beir.load(s.dataset, s.state_dir / "datasets")
@@ -141,14 +126,14 @@ def _run(
     registry = connect_registry(s)
     labels = ParquetLabelStore(s.label_dir)
     depth = s.serving.rerank_depth
-    eval_cands = candidates_for(fs, [ds.queries[q] for q in ds.qrels(eval_split)])
+    eval_cands = candidates_for(fs, [ds.queries[q] for q in ds.qrels(plan.eval_split)])
 
     def champion() -> tuple[str, Reranker | None]:
         v = registry.champion()
         return (v.version, Reranker(registry.fetch(v), v.version).warm(fs)) if v else (FIRST_STAGE, None)
 
     def clean_ndcg(reranker: Reranker | None) -> float:
-        return evaluate_ranker(ds, eval_split, eval_cands, reranker, fs.text, depth)["ndcg@10"]
+        return evaluate_ranker(ds, plan.eval_split, eval_cands, reranker, fs.text, depth)["ndcg@10"]
 
     s.serving = s.serving.model_copy(update={"champion_poll_s": 5.0})
     procs = {name: spawn(s, name, worker_env(s, RANKLOOP_TORCH_THREADS="1")) for name in ("serve", "stream")}
@@ -158,7 +143,7 @@ def _run(
         sdk = RankloopClient(s.base_url, deployment=s.deployment)
         t = time.time()
         users = UserModel(examination_curve(s.clicklog))
-        simulate(sdk, ds, train_split, sessions, users, seed=seed)
+        simulate(sdk, ds, plan.train_split, plan.sessions, users, seed=plan.seed)
         settle_labels(labels)
         clean = retrain(s, fs)
         console.print(f"clean round: {clean.status} ({clean.message})")
@@ -167,13 +152,13 @@ def _run(
         clean_version, clean_model = champion()
         clean_score = clean_ndcg(clean_model)
         timings["clean_round_s"] = time.time() - t
-        targets = choose_targets(ds, train_split, fs, clean_model, depth, queries, seed)
-        console.print(f"clean champion {clean_version}: {eval_split} NDCG@10 {clean_score:.4f}; targets {targets}")
+        targets = choose_targets(ds, plan.train_split, fs, clean_model, depth, plan.queries, plan.seed)
+        console.print(f"clean champion {clean_version}: {plan.eval_split} NDCG@10 {clean_score:.4f}; targets {targets}")
         cases = []
-        for i, n in enumerate(identities, start=1):
+        for i, n in enumerate(plan.identities, start=1):
 
             def clean_traffic(i: int = i) -> None:
-                simulate(sdk, ds, train_split, case_sessions, users, seed=seed * 1000 + i, progress=False)
+                simulate(sdk, ds, plan.train_split, plan.case_sessions, users, seed=plan.seed * 1000 + i, progress=False)
 
             case = attack_case(
                 s,
@@ -183,8 +168,8 @@ def _run(
                 fs,
                 targets,
                 n,
-                clicks,
-                backdate_s,
+                plan.clicks,
+                plan.backdate_s,
                 clean_model,
                 clean_score,
                 champion,
@@ -193,7 +178,7 @@ def _run(
             )
             cases.append(case)
             console.print(
-                f"{n} identities, {clicks} clicks: target best rank {case.target_rank_before} -> challenger "
+                f"{n} identities, {plan.clicks} clicks: target best rank {case.target_rank_before} -> challenger "
                 f"{case.target_rank_challenger}, champion {case.target_rank_after}; promoted {case.promoted}; "
                 f"clean NDCG@10 {case.clean_ndcg_before:.4f} -> {case.clean_ndcg_after:.4f}"
             )
@@ -204,13 +189,7 @@ def _run(
         stop(procs)
     timings["total_s"] = time.time() - t_all
     result = PoisonBenchResult(
-        dataset=ds.name,
-        train_split=train_split,
-        eval_split=eval_split,
-        seed=seed,
-        clean_sessions=sessions,
-        case_sessions=case_sessions,
-        backdate_s=backdate_s,
+        plan=plan,
         burst_limit=s.stream.burst_limit,
         clean_champion=clean_version,
         clean_ndcg=round(clean_score, 4),
