@@ -80,7 +80,7 @@ class PoisonChecks(BaseModel):
 
     one_identity_never_in_top_10: bool | None
     many_identities_never_in_top_3_of_a_promoted_model: bool | None
-    clean_ndcg_within_0_005: bool
+    clean_ndcg_at_most_0_005_lower: bool  # real users go on during an attack, so clean quality may rise
 
 
 class PoisonPlan(BaseModel):
@@ -347,5 +347,5 @@ def checks(cases: list[PoisonCase]) -> PoisonChecks:
         many_identities_never_in_top_3_of_a_promoted_model=all(not c.promoted or c.target_rank_after > 3 for c in many)
         if many
         else None,
-        clean_ndcg_within_0_005=all(abs(c.clean_ndcg_after - c.clean_ndcg_before) <= 0.005 for c in cases),
+        clean_ndcg_at_most_0_005_lower=all(c.clean_ndcg_after >= c.clean_ndcg_before - 0.005 for c in cases),
     )
