@@ -134,6 +134,15 @@ def start_redis(s: Settings) -> None:
     _wait_port(s.redis.local_port, "redis-server")
 
 
+def _create_mlflow_db(s: Settings) -> None:
+    """Creates (or migrates) the local sqlite tracking database now, in one process: serve and schedule
+    starting together on a fresh state dir both ran MLflow's migrations, and one died of it
+    ("Online migration expected to match one row ... 0 found")."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(s.tracking_uri).search_experiments(max_results=1)
+
+
 def up(s: Settings) -> list[Component]:
     """Starts what is local and not yet running, then creates the topics."""
     s.state_dir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +152,7 @@ def up(s: Settings) -> list[Component]:
         start_redis(s)
     if s.mlflow.local:
         s.artifact_dir.mkdir(parents=True, exist_ok=True)
+        _create_mlflow_db(s)
     create_topics(s.kafka.address, s.keys.topics(), s.kafka.partitions)
     return status(s)
 
