@@ -368,7 +368,8 @@ class Worker:
             behind = time.time() - self.behind_since
             return (
                 False,
-                f"serving {self.serving.version}, not the registry's champion, for {behind:.0f}s: {self.last_swap_error}",
+                f"serving {self.serving.version}, not the registry's champion, for {behind:.0f}s: "
+                f"{self.last_swap_error or 'the champion is still loading'}",
             )
         return True, None
 
