@@ -9,6 +9,12 @@ scheduler's would be; the case records where the targets rank in the challenger 
 the champion afterwards, whether the challenger was promoted, and clean NDCG@10 on the eval split
 (which never feeds training). Every case starts from the clean champion without the previous
 case's labels (purged by the bench as an operator would).
+
+Real users teach the model during the attack too, and that alone moves documents (a target went
+from 15th to 8th in a case whose store held no attack label). So each case also trains a *control*:
+the same training from the same champion on the same labels minus every label of the attack's
+identities, whatever the stream did with them. The attack's effect is the challenger against the
+control, and the checks hold the attack, not the real users, to the issue's targets.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pandas as pd
 from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import Progress
@@ -33,12 +40,13 @@ from services.local.progress import ProgressBar
 from services.local.simulate import UserModel, examination_curve, simulate
 from services.local.workers import served_version, spawn, stop, wait_healthy, worker_env
 from services.registry import connect_registry
-from services.schedule.scheduler import retrain
+from services.schedule.scheduler import estimated_examination, retrain
 from services.sdk import RankloopClient
 from services.storage.kafka import read_topic
 from training import beir
 from training.evaluate import evaluate_ranker
-from training.labels.store import ParquetLabelStore, Purge
+from training.labels.store import Lineage, ParquetLabelStore, Purge, describe
+from training.pipeline import TrainOutcome, train_once
 from training.ranking.first_stage import Candidate, FirstStage, build_index
 from training.ranking.rank import FIRST_STAGE, candidates_for, rank
 from training.ranking.reranker import Reranker
@@ -52,8 +60,14 @@ class PoisonTarget(BaseModel):
     query: str
     doc_id: str
     rank_before: int
+    rank_control: int | None  # in the control: trained without any label of the attack's identities
     rank_challenger: int | None  # in the model trained on the attack, promoted or not
     rank_after: int  # in the champion after the case
+
+    def attack_held_off(self, top: int) -> bool:
+        """The challenger keeps the target out of the top `top`, or no higher than the control has it."""
+        r = self.rank_challenger
+        return r is None or r > top or (self.rank_control is not None and r >= self.rank_control)
 
 
 class PoisonCase(BaseModel):
@@ -64,23 +78,27 @@ class PoisonCase(BaseModel):
     dead_letters: dict[str, int]
     quarantined_identities: int
     target_rank_before: int  # the best (lowest) rank of any target
+    target_rank_control: int | None
     target_rank_challenger: int | None
     target_rank_after: int
     challenger_version: str | None
     promoted: bool
     gate: str
     clean_ndcg_before: float
+    clean_ndcg_control: float | None  # the control's, had it been promoted instead
     clean_ndcg_after: float
     targets: list[PoisonTarget]
     seconds: dict[str, float]
 
 
 class PoisonChecks(BaseModel):
-    """The issue's targets, computed from the cases that were run (None: no such case)."""
+    """The issue's targets, computed from the cases that were run (None: no such case). A target
+    "in the top 10" counts against the attack only where the control does not have it as high."""
 
-    one_identity_never_in_top_10: bool | None
+    one_identity_never_in_top_10: bool | None  # of any challenger, promoted or not
     many_identities_never_in_top_3_of_a_promoted_model: bool | None
-    clean_ndcg_at_most_0_005_lower: bool  # real users go on during an attack, so clean quality may rise
+    clean_ndcg_at_most_0_005_lower: bool  # than before the case; real users go on, so it may rise
+    clean_ndcg_at_most_0_005_below_control: bool
 
 
 class PoisonPlan(BaseModel):
@@ -178,9 +196,9 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
             )
             cases.append(case)
             console.print(
-                f"{n} identities, {plan.clicks} clicks: target best rank {case.target_rank_before} -> challenger "
-                f"{case.target_rank_challenger}, champion {case.target_rank_after}; promoted {case.promoted}; "
-                f"clean NDCG@10 {case.clean_ndcg_before:.4f} -> {case.clean_ndcg_after:.4f}"
+                f"{n} identities, {plan.clicks} clicks: target best rank {case.target_rank_before} -> control "
+                f"{case.target_rank_control}, challenger {case.target_rank_challenger}, champion {case.target_rank_after}; "
+                f"promoted {case.promoted}; clean NDCG@10 {case.clean_ndcg_before:.4f} -> {case.clean_ndcg_after:.4f}"
             )
             if registry.champion() and registry.champion().version != clean_version:  # type: ignore[union-attr]
                 registry.promote(clean_version, reason="bench poison: the clean champion back for the next case", actor="bench")
@@ -291,11 +309,12 @@ def attack_case(
             bar.advance(task)
     users.join()
     settle_labels(labels)
+    t_control = time.time()
+    control = train_control(s, registry, labels, fs, {f"user:{u}" for u in who})
+    control_model = load_version(registry, fs, control)
     t_train = time.time()
     outcome = retrain(s, fs)
-    challenger = (
-        Reranker(registry.fetch(registry.get(str(outcome.version))), str(outcome.version)).warm(fs) if outcome.version else None
-    )
+    challenger = load_version(registry, fs, outcome)
     if outcome.status == "promoted":
         await_served(s, str(outcome.version))
     _, after_model = champion()
@@ -304,6 +323,7 @@ def attack_case(
             query=q,
             doc_id=d,
             rank_before=before[q],
+            rank_control=target_rank(q, d, cands[q], control_model, fs, depth) if control_model else None,
             rank_challenger=target_rank(q, d, cands[q], challenger, fs, depth) if challenger else None,
             rank_after=target_rank(q, d, cands[q], after_model, fs, depth) or 0,
         )
@@ -317,6 +337,7 @@ def attack_case(
                 Purge(identity=f"user:{user}", reason="bench poison: end of case", actor="bench", at=time.time()), count=False
             )
     challenger_ranks = [r.rank_challenger for r in rows if r.rank_challenger is not None]
+    control_ranks = [r.rank_control for r in rows if r.rank_control is not None]
     return PoisonCase(
         identities=n_identities,
         clicks=clicks,
@@ -325,15 +346,21 @@ def attack_case(
         dead_letters=dict(dead),
         quarantined_identities=sum(1 for u in who if f"user:{u}" in quarantined),
         target_rank_before=min(r.rank_before for r in rows),
+        target_rank_control=min(control_ranks) if control_ranks else None,
         target_rank_challenger=min(challenger_ranks) if challenger_ranks else None,
         target_rank_after=min(r.rank_after for r in rows),
         challenger_version=str(outcome.version) if outcome.version else None,
         promoted=outcome.status == "promoted",
         gate=outcome.message,
         clean_ndcg_before=round(clean_score, 4),
+        clean_ndcg_control=round(clean_ndcg(control_model), 4) if control_model else None,
         clean_ndcg_after=round(clean_ndcg(after_model), 4),
         targets=rows,
-        seconds={"attack": round(t_train - t, 1), "train_and_gate": round(time.time() - t_train, 1)},
+        seconds={
+            "attack": round(t_control - t, 1),
+            "control": round(t_train - t_control, 1),
+            "train_and_gate": round(time.time() - t_train, 1),
+        },
     )
 
 
@@ -341,11 +368,53 @@ def checks(cases: list[PoisonCase]) -> PoisonChecks:
     one = [c for c in cases if c.identities == 1]
     many = [c for c in cases if c.identities > 1]
     return PoisonChecks(
-        one_identity_never_in_top_10=all(min(r for r in (c.target_rank_challenger, c.target_rank_after) if r) > 10 for c in one)
-        if one
-        else None,
-        many_identities_never_in_top_3_of_a_promoted_model=all(not c.promoted or c.target_rank_after > 3 for c in many)
+        one_identity_never_in_top_10=all(t.attack_held_off(10) for c in one for t in c.targets) if one else None,
+        many_identities_never_in_top_3_of_a_promoted_model=all(
+            t.attack_held_off(3) for c in many if c.promoted for t in c.targets
+        )
         if many
         else None,
         clean_ndcg_at_most_0_005_lower=all(c.clean_ndcg_after >= c.clean_ndcg_before - 0.005 for c in cases),
+        clean_ndcg_at_most_0_005_below_control=all(
+            c.clean_ndcg_control is None or c.clean_ndcg_after >= c.clean_ndcg_control - 0.005 for c in cases
+        ),
     )
+
+
+class WithoutIdentities:
+    """A label store read as if these identities had never sent anything: the control's labels."""
+
+    def __init__(self, store: ParquetLabelStore, identities: set[str]):
+        self.store, self.identities = store, identities
+
+    def read(self) -> tuple[pd.DataFrame, Lineage]:
+        df, lineage = self.store.read()
+        kept = df[~df["identity"].isin(self.identities)].reset_index(drop=True)
+        return kept, {**lineage, **describe(kept)}
+
+
+def train_control(
+    s: Settings, registry: MlflowRegistry, labels: ParquetLabelStore, fs: FirstStage, identities: set[str]
+) -> TrainOutcome:
+    """The training the scheduler would run from the same champion, on the labels minus the
+    attack's; registered (tagged as the bench's control) but never promoted."""
+    outcome = train_once(
+        registry,
+        WithoutIdentities(labels, identities),  # type: ignore[arg-type]
+        fs,
+        s.state_dir,
+        s.serving.rerank_depth,
+        s.train,
+        s.gate,
+        s.stream.rules,
+        auto_promote=False,
+        examination=estimated_examination(s) if s.train.debias == "ips" else None,
+    )
+    if outcome.version:
+        registry.tag(str(outcome.version), "bench", "poison control: trained without the attack's identities")
+    return outcome
+
+
+def load_version(registry: MlflowRegistry, fs: FirstStage, outcome: TrainOutcome) -> Reranker | None:
+    version = str(outcome.version) if outcome.version else None
+    return Reranker(registry.fetch(registry.get(version)), version).warm(fs) if version else None

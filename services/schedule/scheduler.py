@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,6 +17,7 @@ from services.registry import connect_registry
 from services.storage import Publisher, open_publisher
 from services.storage.health import require
 from services.storage.kafka import read_topic
+from training.labels.rules import identity_of
 from training.labels.store import LabelStore, ParquetLabelStore
 from training.pipeline import TrainOutcome, train_once
 from training.propensity import estimate_examination
@@ -45,12 +47,18 @@ def impression_click_log(s: Settings) -> pd.DataFrame:
     """Every shown (query, doc, position) from the impressions topic, with whether it was clicked
     (from the interactions topic): the log a click model is estimated on."""
     keys = s.keys
-    clicked = {
-        (e.get("request_id"), e.get("doc_id")) for e in read_topic(s.kafka.address, keys.interactions) if e.get("type") == "click"
-    }
+    quarantined = {p.identity for p in ParquetLabelStore(s.label_dir).purges() if p.whole_identity}
+    return click_log(read_topic(s.kafka.address, keys.impressions), read_topic(s.kafka.address, keys.interactions), quarantined)
+
+
+def click_log(impressions: Iterable[dict], interactions: Iterable[dict], quarantined: set[str | None]) -> pd.DataFrame:
+    """Impressions of a quarantined identity are left out: a click burst's fake clicks would
+    otherwise bend the examination curve that debiases everyone's labels."""
+    clicked = {(e.get("request_id"), e.get("doc_id")) for e in interactions if e.get("type") == "click"}
     rows = [
         (imp["query"], it["doc_id"], it["position"], float((imp["request_id"], it["doc_id"]) in clicked))
-        for imp in read_topic(s.kafka.address, keys.impressions)
+        for imp in impressions
+        if identity_of(imp.get("user"), imp.get("session")) not in quarantined
         for it in imp.get("items", [])
     ]
     return pd.DataFrame(rows, columns=["query", "doc_id", "position", "clicked"])

@@ -68,7 +68,7 @@ def create_app(s: Settings) -> faust.App:
     rules, window = s.stream.rules, s.stream.join_window_s
     store = ParquetLabelStore(s.label_dir)
     bursts = ClickBursts(s.stream.burst_limit, s.stream.burst_window_s)
-    quarantined = {p.identity for p in store.purges() if p.identity and (p.api_key, p.since, p.until) == (None, None, None)}
+    quarantined = {p.identity for p in store.purges() if p.whole_identity}
     metrics = StreamMetrics(s.stream.metrics_port)
 
     def load(key: str) -> RequestState | None:

@@ -73,7 +73,7 @@ class ClickBursts:
     def record(self, imp: ImpressionEvent, ev: InteractionEvent, now: float) -> tuple[Burst, bool] | None:
         """Counts one valid positive event: None while within the limit, else the burst and whether
         this identity is reported for the first time in a window."""
-        who = identity_of(imp)
+        who = identity_of(imp.user, imp.session)
         if self.limit <= 0 or who is None or ev.type not in POSITIVE:
             return None
         self._prune(now)

@@ -40,3 +40,19 @@ def test_em_is_not_fooled_by_relevance_sorted_rankings():
     naive_mae = float(np.mean(np.abs(ctr / ctr[0] - np.array(truth))))
     assert est.mae(truth) < naive_mae
     assert est.mae(truth) < 0.05
+
+
+def test_click_log_leaves_out_quarantined_identities():
+    """A click burst's fake clicks (dead-lettered, but still on the interactions topic) must not bend
+    the examination curve: the click model's log skips impressions of a quarantined identity."""
+    from services.schedule.scheduler import click_log
+
+    def impression(rid: str, user: str | None, session: str | None) -> dict:
+        items = [{"doc_id": d, "position": p} for p, d in enumerate(["a", "b", "c"], start=1)]
+        return {"request_id": rid, "query": "q", "user": user, "session": session, "items": items}
+
+    impressions = [impression("r1", "alice", "s1"), impression("r2", "mallory", "s2"), impression("r3", None, "s3")]
+    clicks = [{"request_id": r, "doc_id": "c", "type": "click"} for r in ("r1", "r2", "r3")]
+    log = click_log(impressions, clicks, {"user:mallory", "session:s3"})
+    assert len(log) == 3 and log["clicked"].sum() == 1
+    assert len(click_log(impressions, clicks, set())) == 9

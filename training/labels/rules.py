@@ -43,11 +43,11 @@ T = InteractionType
 POSITIVE = {T.click, T.cite, T.purchase}
 
 
-def identity_of(impression: ImpressionEvent) -> str | None:
+def identity_of(user: str | None, session: str | None) -> str | None:
     """Whose evidence a request's labels are: its user, else its session (capped per identity in training)."""
-    if impression.user:
-        return f"user:{impression.user}"
-    return f"session:{impression.session}" if impression.session else None
+    if user:
+        return f"user:{user}"
+    return f"session:{session}" if session else None
 
 
 def label_request(
@@ -99,7 +99,7 @@ def label_request(
             event_ids=[e.event_id for e in evs],
             model_version=impression.model_version,
             index_version=impression.index_version,
-            identity=identity_of(impression),
+            identity=identity_of(impression.user, impression.session),
             api_keys=api_keys,
             timestamp=max((e.server_time for e in evs), default=impression.timestamp),  # training slices by it
         )

@@ -34,6 +34,11 @@ class Purge(BaseModel):
     actor: str
     at: float
 
+    @property
+    def whole_identity(self) -> bool:
+        """A quarantine: every label of the identity, past and future, whatever key or time."""
+        return self.identity is not None and (self.api_key, self.since, self.until) == (None, None, None)
+
     def matches(self, df: pd.DataFrame) -> pd.Series:
         hit = pd.Series(True, index=df.index)
         if self.identity is not None:
