@@ -19,6 +19,7 @@ from schemas.api import (
 from schemas.errors import DependencyUnavailable, InvalidInput, InvalidState, NotFound, RankloopError, RequestFailed
 from schemas.events import (
     ALL_SCHEMAS,
+    CLOCK_SKEW_S,
     MAX_ID_CHARS,
     MAX_QUERY_CHARS,
     SCHEMA_VERSION,
@@ -36,6 +37,7 @@ from schemas.export import export_json_schemas
 
 __all__ = [
     "ALL_SCHEMAS",
+    "CLOCK_SKEW_S",
     "MAX_ID_CHARS",
     "MAX_QUERY_CHARS",
     "SCHEMA_VERSION",

@@ -37,6 +37,23 @@ def now() -> float:
     return time.time()
 
 
+CLOCK_SKEW_S = 300.0  # how far a client's clock may be off before its timestamps are refused
+LATEST_SECONDS = 1e11  # year 5138: any larger "unix seconds" value is milliseconds or worse
+
+
+def seconds(value: float) -> float:
+    """A unix time in seconds. JavaScript's `Date.now()` gives milliseconds: refused with the fix,
+    since accepting it would only dead-letter the event later as being from the far future."""
+    if value > LATEST_SECONDS:
+        raise ValueError(
+            f"{value:.0f} looks like milliseconds (JavaScript's Date.now()); send unix seconds, e.g. Date.now() / 1000"
+        )
+    return value
+
+
+UnixSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False), AfterValidator(seconds)]
+
+
 class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -82,9 +99,7 @@ class InteractionEvent(Event):
     doc_id: Id
     type: InteractionType
     value: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
-    timestamp: float = Field(
-        default_factory=now, ge=0, allow_inf_nan=False, description="unix seconds, the client's clock (checked, not trusted)"
-    )
+    timestamp: UnixSeconds = Field(default_factory=now, description="unix seconds, the client's clock (checked, not trusted)")
     received_at: float | None = Field(
         None, description="unix seconds when rankloop received it: set by the server, a client's value is replaced"
     )
@@ -96,6 +111,11 @@ class InteractionEvent(Event):
     def server_time(self) -> float:
         """What the join window and training slices go by (the client's clock only if never received)."""
         return self.received_at if self.received_at is not None else self.timestamp
+
+    def future_dated(self) -> str | None:
+        """Why the client's timestamp is too far ahead of the server's receipt to trust, or None."""
+        ahead = self.timestamp - self.server_time
+        return f"timestamp {self.timestamp:.0f} is {ahead:.0f}s in the future" if ahead > CLOCK_SKEW_S else None
 
 
 class LabelledExample(Event):

@@ -218,8 +218,11 @@ class Worker:
         received = time.time()  # the server's clock: what windows and training slices go by
         for i, raw in enumerate(events):
             try:
-                event = InteractionEvent.model_validate(raw)
-                valid.append((i, event.model_copy(update={"received_at": received, "api_key": api_key})))
+                event = InteractionEvent.model_validate(raw).model_copy(update={"received_at": received, "api_key": api_key})
+                if future := event.future_dated():
+                    rejected.append(Rejection(index=i, event_id=event.event_id, code=RejectCode.bad_timestamp, detail=future))
+                    continue
+                valid.append((i, event))
             except ValidationError as e:
                 event_id = raw.get("event_id") if isinstance(raw, dict) else None
                 rejected.append(

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
-from schemas import DeadLetter, ImpressionEvent, InteractionEvent, LabelledExample, RejectCode
+from schemas import CLOCK_SKEW_S, DeadLetter, ImpressionEvent, InteractionEvent, LabelledExample, RejectCode
 from training.labels.rules import POSITIVE, EmittedLabel, LabelRules, changed_labels, identity_of, label_request
 from training.ranking.query import normalise_query
 
@@ -168,8 +168,6 @@ def same_content(a: InteractionEvent, b: InteractionEvent) -> bool:
     return a.model_dump(exclude={"received_at"}) == b.model_dump(exclude={"received_at"})
 
 
-CLOCK_SKEW_S = 300.0  # how far a client's clock may be off before its timestamps are refused
-
 
 def check_against(imp: ImpressionEvent, ev: InteractionEvent, window_s: float) -> tuple[RejectCode, str] | None:
     """Why an interaction cannot count for this impression, or None. Lateness goes by the server's
@@ -183,8 +181,8 @@ def check_against(imp: ImpressionEvent, ev: InteractionEvent, window_s: float) -
         return RejectCode.bad_timestamp, (
             f"timestamp {ev.timestamp:.0f} is {imp.timestamp - ev.timestamp:.0f}s before the impression it follows"
         )
-    if ev.timestamp > ev.server_time + CLOCK_SKEW_S:
-        return RejectCode.bad_timestamp, f"timestamp {ev.timestamp:.0f} is {ev.timestamp - ev.server_time:.0f}s in the future"
+    if future := ev.future_dated():
+        return RejectCode.bad_timestamp, future
     if ev.doc_id not in {it.doc_id for it in imp.items}:
         return RejectCode.doc_not_shown, f"doc_id {ev.doc_id!r} was not shown in request {ev.request_id!r}"
     return None

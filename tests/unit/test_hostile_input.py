@@ -85,3 +85,14 @@ def test_bad_events_are_rejected_one_by_one_and_the_good_ones_land(client):
     assert [rej["index"] for rej in body["rejected"]] == [1, 2, 3, 4, 5]
     assert body["rejected"][0]["event_id"] is None  # not echoed: it cannot be encoded
     assert all(rej["code"] == "invalid_event" and rej["detail"] for rej in body["rejected"])
+
+
+def test_a_millisecond_timestamp_is_a_422_with_the_fix_and_a_future_one_is_refused_at_intake(client):
+    import time
+
+    ms = client.post("/events", json=[event(1, timestamp=time.time() * 1000)])
+    assert ms.status_code == 422
+    assert "milliseconds" in ms.json()["rejected"][0]["detail"] and "Date.now() / 1000" in ms.json()["rejected"][0]["detail"]
+    ahead = client.post("/events", json=[event(2, timestamp=time.time() + 3600), event(3)])
+    assert ahead.status_code == 200 and ahead.json()["accepted"] == ["e3"]
+    assert ahead.json()["rejected"][0]["code"] == "bad_timestamp" and "in the future" in ahead.json()["rejected"][0]["detail"]
