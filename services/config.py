@@ -116,7 +116,10 @@ class RetrainSettings(Group):
     interval_s: float = Field(3600.0, gt=0, description="... or this long passed with at least one")
     check_s: float = Field(15.0, gt=0, description="how often the scheduler checks")
     backoff_s: float = Field(120.0, ge=0, description="first wait after a failed run (doubles per failure)")
-    auto_promote: bool = Field(True, description="promote a challenger that passes the gate")
+    auto_promote: bool = Field(
+        True,
+        description="promote a challenger that passes the gate (off: it waits under the `challenger` alias for `rankloop approve N`)",
+    )
 
 
 class AuthSettings(Group):

@@ -221,11 +221,12 @@ def train_once(
     cfg: TrainConfig | None = None,
     gate: GateConfig | None = None,
     rules: LabelRules | None = None,
-    auto_promote: bool = True,
+    on_pass: Literal["promote", "nominate", "register"] = "promote",
     examination: list[float] | None = None,
     progress: Progress = silent,
 ) -> TrainOutcome:
-    """Trains, gates and registers one challenger; promotes it when it passes and `auto_promote`.
+    """Trains, gates and registers one challenger. One that passes is promoted, or nominated (the
+    `challenger` alias, awaiting `approve`), or only registered (a benchmark's side model).
     `depth` is the serving rerank depth: tuning and the gate rank exactly as serving will."""
     cfg, gate, rules = cfg or TrainConfig(), gate or GateConfig(), rules or LabelRules()
     df, lineage = labels.read()
@@ -296,9 +297,12 @@ def train_once(
     outcome = TrainOutcome(
         "passed" if result.passed else "rejected", result.reason, run.info.run_id, version, result, labels=slices.labels
     )
-    if result.passed and auto_promote:
+    if result.passed and on_pass == "promote":
         outcome.event = registry.promote(version, result.reason, actor="scheduler")
         outcome.status = "promoted"
+    elif result.passed and on_pass == "nominate":
+        registry.nominate(version, result.reason, actor="scheduler")
+        outcome.message += f"; awaiting approval: `rankloop approve {version}`"
     registry.client.set_tag(run.info.run_id, "outcome", outcome.status)
     log.info("%s version %s: %s", outcome.status, version, result.reason)
     return outcome

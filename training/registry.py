@@ -1,4 +1,4 @@
-"""The model registry: registered versions and the `champion` / `previous` aliases.
+"""The model registry: registered versions and the `champion` / `previous` / `challenger` aliases.
 
 It is the single source of truth for which model serves; serving workers watch the `champion`
 alias (and model events for speed). `MlflowRegistry` is the real one; `MemoryRegistry` serves unit
@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from schemas import DependencyUnavailable, InvalidState, ModelEvent, NotFound
 from training.ranking.model_files import META_FILE
 
-CHAMPION, PREVIOUS = "champion", "previous"
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 EXPERIMENT = "rankloop"
 
 
@@ -48,11 +48,29 @@ class ModelRegistry(Protocol):
         """Moves `champion` to `version` (the old one becomes `previous`); who and why are recorded."""
 
     def rollback(self, reason: str, actor: str = "unknown") -> ModelEvent: ...
+    def challenger(self) -> str | None:
+        """The version that passed the gate and awaits approval (with `auto_promote` off)."""
+
+    def nominate(self, version: str, reason: str, actor: str = "unknown") -> None:
+        """Moves `challenger` to `version`: passed the gate, waits for `approve`."""
+
     def versions(self) -> list[ModelVersion]: ...
     def prune(self, keep: set[str]) -> list[str]:
         """Frees local copies of versions that are neither kept nor served."""
 
     def tag(self, version: str, key: str, value: str) -> None: ...
+
+
+def approve(registry: ModelRegistry, version: str, reason: str, actor: str) -> ModelEvent:
+    """Promotes the challenger awaiting approval; refuses any other version, so an approval is
+    always of what the gate passed (`promote` moves any version, deliberately)."""
+    waiting = registry.challenger()
+    if waiting != str(version):
+        raise InvalidState(
+            f"version {version} is not awaiting approval (the challenger is {waiting or 'none'}); "
+            "`rankloop promote` moves any version"
+        )
+    return registry.promote(str(version), f"approved: {reason}", actor)
 
 
 def connect(tracking_uri: str, artifact_dir: Path | None = None, experiment: str = EXPERIMENT) -> MlflowClient:
@@ -126,6 +144,16 @@ class MlflowRegistry:
         except MlflowException:
             return None
 
+    def challenger(self) -> str | None:
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, CHALLENGER).version)
+        except MlflowException:
+            return None
+
+    def nominate(self, version: str, reason: str, actor: str = "unknown") -> None:
+        self.client.set_registered_model_alias(self.name, CHALLENGER, str(version))
+        self._audit(version, "nominated", reason, actor)
+
     def champion(self) -> ModelVersion | None:
         try:
             mv = self.client.get_model_version_by_alias(self.name, CHAMPION)
@@ -167,6 +195,8 @@ class MlflowRegistry:
         if current:
             self.client.set_registered_model_alias(self.name, PREVIOUS, current.version)
         self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
+        if self.challenger() == str(version):
+            self.client.delete_registered_model_alias(self.name, CHALLENGER)
         self._audit(version, "promoted", reason, actor)
         return ModelEvent(
             action="promoted",
@@ -240,6 +270,14 @@ class MemoryRegistry:
     def previous(self) -> str | None:
         return self.aliases.get(PREVIOUS)
 
+    def challenger(self) -> str | None:
+        return self.aliases.get(CHALLENGER)
+
+    def nominate(self, version: str, reason: str, actor: str = "unknown") -> None:
+        self._version(version)
+        self.aliases[CHALLENGER] = version
+        self.tag(version, "nominated_by", actor)
+
     def fetch(self, version: ModelVersion) -> Path:
         return Path(version.source)
 
@@ -251,6 +289,8 @@ class MemoryRegistry:
         if current:
             self.aliases[PREVIOUS] = current
         self.aliases[CHAMPION] = version
+        if self.aliases.get(CHALLENGER) == version:
+            del self.aliases[CHALLENGER]
         self.tag(version, "promoted_by", actor)
         return ModelEvent(
             action="promoted", model_name=self.name, version=version, previous_version=current, reason=reason, actor=actor

@@ -33,6 +33,14 @@ def promote(version: str, reason: str = "manual promotion") -> None:
 
 
 @app.command()
+def approve(version: str, reason: str = "approved on review") -> None:
+    """Promote VERSION, the challenger that passed the gate and awaits approval (`retrain.auto_promote` off)."""
+    from training.registry import approve as approve_challenger
+
+    _registry_change(lambda registry: approve_challenger(registry, version, reason, actor=f"cli:{getpass.getuser()}"))
+
+
+@app.command()
 def rollback(reason: str = "manual rollback") -> None:
     """Put the `previous` version back as champion."""
     _registry_change(lambda registry: registry.rollback(reason, actor=f"cli:{getpass.getuser()}"))

@@ -298,7 +298,7 @@ def retrain_side(
 ) -> TrainOutcome:
     """A training that is never promoted: the skyline and the final learners."""
     return train_once(
-        registry, labels, fs, s.state_dir, depth, s.train, s.gate, s.stream.rules, auto_promote=False, examination=examination
+        registry, labels, fs, s.state_dir, depth, s.train, s.gate, s.stream.rules, on_pass="register", examination=examination
     )
 
 

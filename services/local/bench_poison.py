@@ -407,7 +407,7 @@ def train_control(
         s.train,
         s.gate,
         s.stream.rules,
-        auto_promote=False,
+        on_pass="register",
         examination=estimated_examination(s) if s.train.debias == "ips" else None,
     )
     if outcome.version:

@@ -92,7 +92,7 @@ def retrain(
         s.train,
         s.gate,
         s.stream.rules,
-        s.retrain.auto_promote,
+        "promote" if s.retrain.auto_promote else "nominate",
         curve,
     )
     if outcome.event is not None:

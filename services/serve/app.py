@@ -43,6 +43,7 @@ from services.storage.health import status
 from training import self_check
 from training.ranking.first_stage import FirstStage
 from training.registry import MlflowRegistry
+from training.registry import approve as approve_challenger
 
 log = logging.getLogger("rankloop.serve")
 
@@ -328,7 +329,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         **no_key,
         **bad_body,
         404: {"model": ErrorBody, "description": "no such version"},
-        409: {"model": ErrorBody, "description": "already the champion, or no previous version"},
+        409: {"model": ErrorBody, "description": "already the champion, no previous version, or not awaiting approval"},
         503: {"model": ErrorBody, "description": "the registry cannot be reached"},
     }
 
@@ -360,6 +361,12 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
     def promote(body: PromoteRequest, actor: str = Depends(admin)) -> ModelEvent:
         """Make a version the champion (audited on the version: who, when, why); every worker swaps."""
         return move_model(lambda: state["w"].registry.promote(body.version, body.reason, actor=actor))
+
+    @app.post("/admin/approve", response_model=ModelEvent, responses=admin_errors)
+    def approve(body: PromoteRequest, actor: str = Depends(admin)) -> ModelEvent:
+        """Promote the challenger that passed the gate and awaits approval (`retrain.auto_promote`
+        off); 409 for any other version."""
+        return move_model(lambda: approve_challenger(state["w"].registry, body.version, body.reason, actor=actor))
 
     @app.post("/admin/rollback", response_model=ModelEvent, responses=admin_errors)
     def rollback(body: RollbackRequest, actor: str = Depends(admin)) -> ModelEvent:

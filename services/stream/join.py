@@ -168,7 +168,6 @@ def same_content(a: InteractionEvent, b: InteractionEvent) -> bool:
     return a.model_dump(exclude={"received_at"}) == b.model_dump(exclude={"received_at"})
 
 
-
 def check_against(imp: ImpressionEvent, ev: InteractionEvent, window_s: float) -> tuple[RejectCode, str] | None:
     """Why an interaction cannot count for this impression, or None. Lateness goes by the server's
     clock; the client's timestamp must fall between the impression and its receipt (give or take

@@ -122,6 +122,21 @@ def test_admin_moves_are_audited_and_announced(tiny_first_stage, tiny_model, tmp
     assert [e["action"] for e in events] == ["promoted", "promoted", "rolled_back"]
 
 
+def test_approve_promotes_only_the_challenger_awaiting_approval(tiny_first_stage, tiny_model, tmp_path, store):
+    _, admin = store.create("ops", [Scope.admin])
+    s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0))
+    worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
+    first, second = worker.registry.add(tiny_model), worker.registry.add(tiny_model)
+    worker.registry.nominate(second, "gate passed", actor="scheduler")
+    with TestClient(create_app(s, worker, watch_events=False)) as client:
+        r = client.post("/admin/approve", json={"version": first, "reason": "looks fine"}, headers=bearer(admin))
+        assert r.status_code == 409 and "not awaiting approval (the challenger is 2)" in r.json()["detail"]
+        r = client.post("/admin/approve", json={"version": second, "reason": "looks fine"}, headers=bearer(admin))
+        assert r.status_code == 200 and r.json()["reason"] == "approved: looks fine"
+        assert client.post("/admin/approve", json={"version": second, "reason": "x"}, headers=bearer(admin)).status_code == 409
+    assert worker.registry.champion().version == second and worker.registry.challenger() is None
+
+
 def test_a_caller_over_its_rate_gets_429_with_retry_after_and_others_are_not_affected(tiny_first_stage, tmp_path, store):
     _, greedy = store.create("greedy", [Scope.rank])
     _, polite = store.create("polite", [Scope.rank])

@@ -16,6 +16,7 @@ def test_openapi_documents_every_endpoint_with_models():
         "/events",
         "/model",
         "/admin/promote",
+        "/admin/approve",
         "/admin/rollback",
         "/health/live",
         "/health/ready",

@@ -26,3 +26,27 @@ def test_pruning_keeps_only_the_named_versions(tmp_path):
     assert prune_folders(tmp_path, {"3", "4"}) == ["1", "2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "4"]
     assert prune_folders(tmp_path / "missing", {"1"}) == []
+
+
+def test_mlflow_challenger_alias_awaits_approval_and_is_cleared_by_it(tmp_path):
+    """On a real MLflow registry (sqlite): the `challenger` alias, `approve` and its audit tags."""
+    import mlflow
+    import pytest
+
+    from schemas import InvalidState
+
+    reg = registry.MlflowRegistry.connect(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art", "m", tmp_path / "cache")
+    versions = []
+    for _ in range(2):
+        with mlflow.start_run() as run:
+            mlflow.log_text("{}", "model/rankloop.json")
+        versions.append(reg.register(run.info.run_id))
+    reg.promote(versions[0], "first")
+    reg.nominate(versions[1], "gate passed", actor="scheduler")
+    assert reg.challenger() == versions[1]
+    with pytest.raises(InvalidState):
+        registry.approve(reg, versions[0], "wrong one", actor="cli:me")
+    event = registry.approve(reg, versions[1], "reviewed the card", actor="cli:me")
+    assert event.version == versions[1] and reg.champion().version == versions[1] and reg.challenger() is None
+    tags = reg.client.get_model_version("m", versions[1]).tags
+    assert tags["promoted_reason"] == "approved: reviewed the card" and tags["nominated_by"] == "scheduler"
