@@ -118,7 +118,7 @@ class RetrainSettings(Group):
     backoff_s: float = Field(120.0, ge=0, description="first wait after a failed run (doubles per failure)")
     auto_promote: bool = Field(
         True,
-        description="promote a challenger that passes the gate (off: it waits under the `challenger` alias for `rankloop approve N`)",
+        description="promote a challenger that passes the gate (off: it waits as `challenger` for `rankloop approve N`)",
     )
 
 
