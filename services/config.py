@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,6 +30,7 @@ class Group(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+WINDOW_PATTERN = r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$"  # HH:MM-HH:MM, may wrap past midnight
 PROCESS_VARIABLES = {"RANKLOOP_CONFIG", "RANKLOOP_ONLINE"}  # read by the CLI, not settings
 
 
@@ -107,7 +108,7 @@ class StreamSettings(Group):
         10, ge=0, description="positive events one identity may send for one (query, doc) per burst window; 0: no limit"
     )
     burst_window_s: float = Field(600.0, gt=0, description="the click-burst window")
-    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus metrics of a stream worker on 127.0.0.1; 0: off")
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus metrics of a stream worker (on metrics_host); 0: off")
     rules: LabelRules = LabelRules()
 
 
@@ -116,6 +117,10 @@ class RetrainSettings(Group):
     interval_s: float = Field(3600.0, gt=0, description="... or this long passed with at least one")
     check_s: float = Field(15.0, gt=0, description="how often the scheduler checks")
     backoff_s: float = Field(120.0, ge=0, description="first wait after a failed run (doubles per failure)")
+    windows: list[Annotated[str, Field(pattern=WINDOW_PATTERN)]] = Field(
+        [], description='UTC times trainings may start, e.g. ["22:00-06:00"]; empty: any time'
+    )
+    metrics_port: int = Field(9109, ge=0, le=65535, description="Prometheus metrics of the scheduler (on metrics_host); 0: off")
     auto_promote: bool = Field(
         True,
         description="promote a challenger that passes the gate (off: it waits as `challenger` for `rankloop approve N`)",
@@ -146,6 +151,9 @@ class Settings(BaseSettings):
         description="click-log folder (stats.json, impressions.tsv.gz) for position bias",
     )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per process; unset: one per core")
+    metrics_host: str = Field(
+        "127.0.0.1", description="where the stream and the scheduler serve /metrics; 0.0.0.0 for a scraper in a container"
+    )
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     mlflow: MlflowSettings = MlflowSettings()

@@ -28,6 +28,9 @@ def bench_settings(name: str, dataset: str | None, offset: int) -> Settings:
             "stream": base.stream.model_copy(
                 update={"metrics_port": base.stream.metrics_port + offset if base.stream.metrics_port else 0}
             ),
+            "retrain": base.retrain.model_copy(
+                update={"metrics_port": base.retrain.metrics_port + offset if base.retrain.metrics_port else 0}
+            ),
         }
     )
 

@@ -1,4 +1,4 @@
-"""The three deployed processes: serve, stream, schedule."""
+"""Two of the three deployed processes: serve and stream (`rankloop schedule` is in `schedule.py`)."""
 
 from __future__ import annotations
 
@@ -56,13 +56,3 @@ def stream() -> None:
     faust_app = create_app(s)
     sys.argv = [sys.argv[0], "worker", "-l", "warn", "--without-web"]
     faust_app.main()
-
-
-@app.command()
-def schedule() -> None:
-    """Retrain continuously: on N new labels or on the interval, one run at a time."""
-    from services.schedule.scheduler import Scheduler
-
-    s = settings()
-    setup_process(s)
-    Scheduler(s).run()

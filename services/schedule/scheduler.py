@@ -4,16 +4,24 @@ first. One training at a time across the fleet (a Redis lock); a failed run back
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 import pandas as pd
-from redis.exceptions import LockError
+from mlflow import MlflowClient
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis import Redis
+from redis.exceptions import LockError, RedisError
+from redis.lock import Lock
 
 from services.config import Settings
+from services.observability import serve_metrics
 from services.registry import connect_registry
+from services.schedule import control
+from services.schedule.control import ScheduleStatus
 from services.storage import Publisher, open_publisher
 from services.storage.health import require
 from services.storage.kafka import read_topic
@@ -104,8 +112,57 @@ def retrain(
     return outcome
 
 
+class ScheduleMetrics:
+    """The scheduler's Prometheus endpoint (`retrain.metrics_port`)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        r = CollectorRegistry()
+        self.runs = Counter("rankloop_schedule_runs", "trainings by outcome (failed: raised)", ["outcome"], registry=r)
+        self.last_run = Gauge("rankloop_schedule_last_run_timestamp_seconds", "when the last training ended", registry=r)
+        self.last_duration = Gauge("rankloop_schedule_last_duration_seconds", "how long the last training took", registry=r)
+        self.pending = Gauge("rankloop_schedule_labels_pending", "labels arrived since the last training", registry=r)
+        self.paused = Gauge("rankloop_schedule_paused", "1 while paused by an operator", registry=r)
+        self.in_window = Gauge("rankloop_schedule_in_window", "1 while a training may start (retrain.windows)", registry=r)
+        serve_metrics(r, host, port, "scheduler")
+
+
+class LockKeeper:
+    """Renews the training lock while a training runs, so a long one never loses it to a second
+    scheduler; a lock Redis forgot (a restart) is taken again if it is free."""
+
+    def __init__(self, lock: Lock, ttl_s: float):
+        self.lock, self.ttl_s = lock, ttl_s
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._renew, name="training-lock", daemon=True)
+
+    def __enter__(self) -> LockKeeper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _renew(self) -> None:
+        while not self.done.wait(self.ttl_s / 3):
+            try:
+                self.lock.reacquire()
+            except LockError:
+                try:
+                    lost = not self.lock.acquire(blocking=False)
+                except RedisError as e:
+                    lost = True
+                    log.warning("training lock not renewed: %s", e)
+                if lost:
+                    log.warning("training lock lost and now held elsewhere (Redis restarted?)")
+            except RedisError as e:
+                log.warning("training lock not renewed (Redis away?): %s", e)
+
+
 class Scheduler:
     """The `rankloop schedule` loop; its counters live in Redis so any replica can take over."""
+
+    LOCK_TTL_S = 300.0  # renewed every third of it while a training runs
 
     def __init__(self, s: Settings):
         from redis import Redis
@@ -116,12 +173,14 @@ class Scheduler:
         self.labels = ParquetLabelStore(s.label_dir)
         self.first_stage = FirstStage.current(s.state_dir)
         self.publisher = open_publisher(s.kafka.address)
+        self.client = connect_registry(s).client
+        self.metrics = ScheduleMetrics(s.metrics_host, s.retrain.metrics_port)
 
     def _get(self, field: str, default: float) -> float:
         value = self.redis.hget(self.s.keys.train_state, field)
         return float(value) if value is not None else default
 
-    def _set(self, **fields: float) -> None:
+    def _set(self, **fields: float | str) -> None:
         self.redis.hset(self.s.keys.train_state, mapping=fields)  # type: ignore[arg-type]
 
     def restore_counters(self, now: float) -> None:
@@ -131,9 +190,8 @@ class Scheduler:
             return
         last_labels, last_time = 0.0, now
         try:
-            client = connect_registry(self.s).client
-            experiment = client.get_experiment_by_name(self.s.keys.experiment)
-            runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+            experiment = self.client.get_experiment_by_name(self.s.keys.experiment)
+            runs = self.client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
         except Exception as e:  # MLflow away: start counting from now
             log.warning("could not rebuild the training counters from MLflow: %s", e)
             runs = []
@@ -141,28 +199,46 @@ class Scheduler:
             last_labels = float(runs[0].data.metrics.get("labels", 0.0))
             last_time = (runs[0].info.end_time or runs[0].info.start_time) / 1000
             log.info("training counters rebuilt from MLflow run %s: %d labels", runs[0].info.run_id, last_labels)
+            self._set(last_outcome=runs[0].data.tags.get("outcome", "unknown"), last_run_at=last_time)
         self._set(last_labels=last_labels, last_time=last_time)
+
+    def status(self) -> ScheduleStatus:
+        return schedule_status(self.s, self.redis, self.labels, self.client)
 
     def tick(self) -> TrainOutcome | None:
         now = time.time()
-        if now < self._get("backoff_until", 0):
+        in_window = control.in_windows(self.s.retrain.windows, now)
+        self.metrics.in_window.set(float(in_window))
+        try:
+            pause = control.paused(self.client, self.s.keys.experiment)
+        except Exception as e:  # cannot tell whether an operator paused it: do not train
+            log.warning("not retraining: the pause state cannot be read from MLflow: %s", e)
+            return None
+        self.metrics.paused.set(float(pause is not None))
+        if now < self._get("backoff_until", 0) or pause or not in_window:
             return None
         self.restore_counters(now)
-        decision = should_train(self.labels.count(), int(self._get("last_labels", 0)), self._get("last_time", now), now, self.s)
+        labels_now = self.labels.count()
+        self.metrics.pending.set(max(0, labels_now - int(self._get("last_labels", 0))))
+        decision = should_train(labels_now, int(self._get("last_labels", 0)), self._get("last_time", now), now, self.s)
         if not decision.due:
             log.debug("not retraining: %s", decision.why)
             return None
-        lock = self.redis.lock(self.s.keys.train_lock, timeout=3600, blocking=False)
+        lock = self.redis.lock(self.s.keys.train_lock, timeout=self.LOCK_TTL_S, blocking=False)
         if not lock.acquire(blocking=False):
             log.info("another training holds the lock")
             return None
+        started = time.time()
         try:
             log.info("retraining: %s", decision.why)
-            outcome = retrain(self.s, self.first_stage, self.publisher, self.labels)
+            with LockKeeper(lock, self.LOCK_TTL_S):
+                outcome = retrain(self.s, self.first_stage, self.publisher, self.labels)
+            self._record(started, outcome.status, outcome.message, outcome.version)
             self._set(last_labels=outcome.labels, last_time=time.time(), failures=0)
             log.info("training %s: %s", outcome.status, outcome.message)
             return outcome
-        except Exception:
+        except Exception as e:
+            self._record(started, "failed", str(e), None)
             failures = int(self.redis.hincrby(self.s.keys.train_state, "failures", 1))
             wait = min(self.s.retrain.backoff_s * 2 ** (failures - 1), 6 * 3600)
             self._set(backoff_until=time.time() + wait)
@@ -174,6 +250,19 @@ class Scheduler:
             except LockError as e:  # Redis restarted mid-training and forgot the lock: nothing to release
                 log.warning("training lock was lost while training (Redis restarted?): %s", e)
 
+    def _record(self, started: float, outcome: str, message: str, version: str | None) -> None:
+        ended = time.time()
+        self.metrics.runs.labels(outcome).inc()
+        self.metrics.last_run.set(ended)
+        self.metrics.last_duration.set(ended - started)
+        self._set(
+            last_run_at=ended,
+            last_duration_s=ended - started,
+            last_outcome=outcome,
+            last_message=message[:500],
+            last_version=version or "",
+        )
+
     def run(self) -> None:
         from apscheduler.schedulers.blocking import BlockingScheduler
 
@@ -182,3 +271,39 @@ class Scheduler:
             self.tick, "interval", seconds=self.s.retrain.check_s, max_instances=1, coalesce=True, next_run_time=datetime.now()
         )
         sched.start()
+
+
+def schedule_status(s: Settings, redis: Redis, labels: LabelStore, client: MlflowClient) -> ScheduleStatus:
+    """Everything `rankloop schedule status` shows, read (never guessed) from Redis, MLflow and the labels."""
+    state = {k.decode(): v.decode() for k, v in redis.hgetall(s.keys.train_state).items()}  # type: ignore[union-attr]
+    now = time.time()
+    number = lambda name: float(state[name]) if state.get(name) else None  # noqa: E731
+    labels_now, at_last = labels.count(), int(number("last_labels") or 0)
+    pause = control.paused(client, s.keys.experiment)
+    in_window = control.in_windows(s.retrain.windows, now)
+    backoff = number("backoff_until")
+    if pause:
+        why = f"paused by {pause.by}: {pause.reason} (`rankloop schedule resume`)"
+    elif not in_window:
+        why = f"outside the training windows {', '.join(s.retrain.windows)} (UTC)"
+    elif backoff and backoff > now:
+        why = f"backing off after a failure until {time.strftime('%H:%M:%S', time.gmtime(backoff))} UTC"
+    else:
+        why = should_train(labels_now, at_last, number("last_time") or now, now, s).why
+    return ScheduleStatus(
+        paused=pause,
+        windows=s.retrain.windows,
+        in_window=in_window,
+        training_now=bool(redis.exists(s.keys.train_lock)),
+        labels=labels_now,
+        labels_at_last_run=at_last,
+        labels_pending=max(0, labels_now - at_last),
+        next=why,
+        last_run_at=number("last_run_at"),
+        last_outcome=state.get("last_outcome"),
+        last_message=state.get("last_message"),
+        last_version=state.get("last_version") or None,
+        last_duration_s=number("last_duration_s"),
+        failures_in_a_row=int(number("failures") or 0),
+        backoff_until=backoff,
+    )

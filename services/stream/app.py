@@ -19,10 +19,11 @@ import time
 from collections.abc import AsyncIterator
 
 import faust
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter
 
 from schemas import DeadLetter, LabelledExample
 from services.config import Settings
+from services.observability import serve_metrics
 from services.stream.join import Burst, ClickBursts, RequestState, step, sweep
 from training.labels.store import ParquetLabelStore, Purge
 
@@ -32,16 +33,12 @@ log = logging.getLogger(__name__)
 class StreamMetrics:
     """What a stream worker counts, on its own Prometheus endpoint (`stream.metrics_port`)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, host: str, port: int) -> None:
         self.registry = r = CollectorRegistry()
         self.labels = Counter("rankloop_stream_labels", "labels (revisions) emitted", registry=r)
         self.dead_letters = Counter("rankloop_stream_dead_letters", "dead letters by reason", ["code"], registry=r)
         self.bursts = Counter("rankloop_click_bursts", "identities found sending a click burst (quarantined)", registry=r)
-        if port:
-            try:
-                start_http_server(port, addr="127.0.0.1", registry=r)
-            except OSError as e:  # a second worker on the same machine: it counts, the first one serves
-                log.warning("stream metrics not served on port %d: %s", port, e)
+        serve_metrics(r, host, port, "stream")
 
 
 def create_app(s: Settings) -> faust.App:
@@ -69,7 +66,7 @@ def create_app(s: Settings) -> faust.App:
     store = ParquetLabelStore(s.label_dir)
     bursts = ClickBursts(s.stream.burst_limit, s.stream.burst_window_s)
     quarantined = {p.identity for p in store.purges() if p.whole_identity}
-    metrics = StreamMetrics(s.stream.metrics_port)
+    metrics = StreamMetrics(s.metrics_host, s.stream.metrics_port)
 
     def load(key: str) -> RequestState | None:
         stored = requests.get(key) if key else None

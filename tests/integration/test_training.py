@@ -87,6 +87,41 @@ def test_the_schedulers_counters_are_rebuilt_from_mlflow_when_redis_lost_them(st
     assert abs(scheduler._get("last_time", 0) - run.info.end_time / 1000) < 1
 
 
+def test_an_operator_pauses_the_schedule_and_sees_it_in_status_and_metrics(stack, trained):
+    """Pause is an MLflow experiment tag: a paused scheduler does not train though labels are due;
+    `rankloop schedule status` (a real process) and the scheduler's /metrics say so."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from services.schedule import control
+    from services.schedule.scheduler import Scheduler
+    from tests.conftest import free_port
+
+    s = stack["settings"]
+    registry, _ = trained
+    port = free_port()
+    s = s.model_copy(update={"retrain": s.retrain.model_copy(update={"metrics_port": port, "min_new_labels": 1})})
+    scheduler = Scheduler(s)
+    scheduler.redis.hset(s.keys.train_state, "last_labels", 0)  # so labels are due
+    control.pause(registry.client, s.keys.experiment, by="cli:ops", reason="index rebuild")
+    try:
+        assert scheduler.tick() is None
+        st = scheduler.status()
+        assert st.paused and st.paused.reason == "index rebuild" and st.next.startswith("paused by cli:ops")
+        assert "rankloop_schedule_paused 1.0" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        status_cmd = [sys.executable, "-m", "services", "schedule", "status", "--json"]
+        cli = subprocess.run(status_cmd, env={**os.environ}, capture_output=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr.decode()
+        shown = json.loads(cli.stdout)
+        assert shown["paused"]["by"] == "cli:ops" and shown["labels"] == st.labels > 0
+    finally:
+        assert control.resume(registry.client, s.keys.experiment) is not None
+    assert control.paused(registry.client, s.keys.experiment) is None
+    assert "labels" in scheduler.status().next  # no longer paused: the label rule speaks again
+
+
 def test_promotion_hot_swaps_without_a_failed_request_and_rollback_restores(stack, trained):
     s = stack["settings"]
     registry, outcome = trained

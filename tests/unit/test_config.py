@@ -93,3 +93,17 @@ def test_clients_get_the_local_redis_password_and_displays_do_not(tmp_path):
     remote = Settings(state_dir=tmp_path, redis={"url": "redis://:other@cache:6379/1"})
     assert remote.redis_url == "redis://:other@cache:6379/1"  # a configured URL is used as given
     assert remote.redis.address == "redis://:***@cache:6379/1"  # ... and shown masked
+
+
+def test_training_windows_are_checked_in_utc_and_may_wrap_past_midnight():
+    from datetime import UTC, datetime
+
+    from services.schedule.control import in_windows
+
+    at = lambda hh, mm: datetime(2026, 11, 22, hh, mm, tzinfo=UTC).timestamp()  # noqa: E731
+    assert in_windows([], at(12, 0))
+    assert in_windows(["22:00-06:00"], at(23, 30)) and in_windows(["22:00-06:00"], at(5, 59))
+    assert not in_windows(["22:00-06:00"], at(6, 0)) and not in_windows(["22:00-06:00"], at(12, 0))
+    assert in_windows(["09:00-10:00", "13:00-14:00"], at(13, 15)) and not in_windows(["09:00-10:00"], at(10, 0))
+    with pytest.raises(ValidationError):
+        Settings(retrain={"windows": ["25:00-06:00"]})

@@ -1,0 +1,97 @@
+"""The third deployed process, `rankloop schedule`, and how an operator steers it: status, pause, resume."""
+
+from __future__ import annotations
+
+import getpass
+import time
+
+import typer
+from rich.table import Table
+
+from services.cli.base import app, console, settings, setup_process
+
+schedule_app = typer.Typer(
+    help="Retrain continuously (no subcommand), or look at and steer the schedule.", invoke_without_command=True
+)
+app.add_typer(schedule_app, name="schedule")
+
+
+@schedule_app.callback()
+def schedule(ctx: typer.Context) -> None:
+    """Retrain continuously: on N new labels or on the interval, inside `retrain.windows`, one run at a time."""
+    if ctx.invoked_subcommand:
+        return
+    from services.schedule.scheduler import Scheduler
+
+    s = settings()
+    setup_process(s)
+    Scheduler(s).run()
+
+
+def _client():
+    from services.registry import connect_registry
+
+    s = settings()
+    return s, connect_registry(s).client
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "-"
+
+
+@schedule_app.command("status")
+def status(as_json: bool = typer.Option(False, "--json", help="the status as JSON")) -> None:
+    """Paused or not, windows, the last training and its outcome, labels pending, what the next check will do."""
+    from redis import Redis
+
+    from services.schedule.scheduler import schedule_status
+    from services.storage.health import require
+    from training.labels.store import ParquetLabelStore
+
+    s, client = _client()
+    require(s, "redis", "mlflow")
+    st = schedule_status(s, Redis.from_url(s.redis_url), ParquetLabelStore(s.label_dir), client)
+    if as_json:
+        console.print_json(st.model_dump_json())
+        return
+    t = Table(show_header=False, box=None)
+    p = st.paused
+    t.add_row("state", f"[yellow]paused[/] by {p.by} at {_when(p.at)}: {p.reason}" if p else "running")
+    windows = ", ".join(st.windows) + (" (now inside)" if st.in_window else " (now outside)")
+    t.add_row("windows (UTC)", windows if st.windows else "any time")
+    t.add_row("training now", "yes" if st.training_now else "no")
+    t.add_row("labels", f"{st.labels:,} ({st.labels_pending:,} since the last training)")
+    t.add_row("next check", st.next)
+    t.add_row(
+        "last training",
+        f"{st.last_outcome} at {_when(st.last_run_at)}"
+        + (f" in {st.last_duration_s:.0f}s" if st.last_duration_s else "")
+        + (f", version {st.last_version}" if st.last_version else "")
+        if st.last_outcome
+        else "none yet",
+    )
+    if st.last_message:
+        t.add_row("", st.last_message)
+    if st.failures_in_a_row:
+        t.add_row("failures in a row", f"{st.failures_in_a_row} (backing off until {_when(st.backoff_until)})")
+    console.print(t)
+
+
+@schedule_app.command("pause")
+def pause(reason: str = typer.Option("paused by an operator", help="shown in status and MLflow")) -> None:
+    """No training starts until `rankloop schedule resume` (one already running finishes)."""
+    from services.schedule import control
+
+    s, client = _client()
+    p = control.pause(client, s.keys.experiment, by=f"cli:{getpass.getuser()}", reason=reason)
+    console.print(f"schedule paused by {p.by}: {p.reason}")
+
+
+@schedule_app.command("resume")
+def resume() -> None:
+    """Lift a pause: the next check trains if labels or the interval say so."""
+    from services.schedule import control
+
+    s, client = _client()
+    was = control.resume(client, s.keys.experiment)
+    console.print(f"schedule resumed (was paused by {was.by}: {was.reason})" if was else "schedule was not paused")
