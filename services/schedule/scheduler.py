@@ -128,7 +128,8 @@ class ScheduleMetrics:
 
 class LockKeeper:
     """Renews the training lock while a training runs, so a long one never loses it to a second
-    scheduler; a lock Redis forgot (a restart) is taken again if it is free."""
+    scheduler; a lock Redis forgot (a restart) is taken again if it is free. The lock must be made
+    with `thread_local=False`: the renewing thread needs its token."""
 
     def __init__(self, lock: Lock, ttl_s: float):
         self.lock, self.ttl_s = lock, ttl_s
@@ -224,7 +225,7 @@ class Scheduler:
         if not decision.due:
             log.debug("not retraining: %s", decision.why)
             return None
-        lock = self.redis.lock(self.s.keys.train_lock, timeout=self.LOCK_TTL_S, blocking=False)
+        lock = self.redis.lock(self.s.keys.train_lock, timeout=self.LOCK_TTL_S, blocking=False, thread_local=False)
         if not lock.acquire(blocking=False):
             log.info("another training holds the lock")
             return None

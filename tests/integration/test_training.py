@@ -87,6 +87,21 @@ def test_the_schedulers_counters_are_rebuilt_from_mlflow_when_redis_lost_them(st
     assert abs(scheduler._get("last_time", 0) - run.info.end_time / 1000) < 1
 
 
+def test_the_training_lock_is_renewed_while_a_training_runs(stack):
+    """A training longer than the lock's expiry must not let a second scheduler start one."""
+    from redis import Redis
+
+    from services.schedule.scheduler import LockKeeper
+
+    redis = Redis.from_url(stack["settings"].redis_url)
+    lock = redis.lock("test:lock:renewal", timeout=1.5, blocking=False, thread_local=False)
+    assert lock.acquire(blocking=False)
+    with LockKeeper(lock, 1.5):
+        time.sleep(4)  # more than twice the expiry
+        assert not redis.lock("test:lock:renewal", timeout=1.5, blocking=False).acquire(blocking=False)
+    lock.release()
+
+
 def test_an_operator_pauses_the_schedule_and_sees_it_in_status_and_metrics(stack, trained):
     """Pause is an MLflow experiment tag: a paused scheduler does not train though labels are due;
     `rankloop schedule status` (a real process) and the scheduler's /metrics say so."""
