@@ -30,6 +30,7 @@ from training.labels.feedback import QueryFeedback, aggregate, split_by_time, to
 from training.labels.rules import LabelRules
 from training.labels.store import LabelStore, Lineage
 from training.metrics import per_query, ranking_to_run
+from training.model_card import model_card
 from training.progress import Progress, silent
 from training.ranking.encoder import load_encoder
 from training.ranking.first_stage import Candidate, FirstStage
@@ -99,6 +100,8 @@ class GateReport:
     champion: dict[str, float]  # per-query NDCG@10 on the gate slice
     challenger: dict[str, float]
     result: GateResult
+    champion_order: dict[str, list[str]]  # per query: the judged documents as each model ranks them
+    challenger_order: dict[str, list[str]]
 
 
 @dataclass
@@ -207,9 +210,16 @@ def compare_on_feedback(
     better on SciFact test; on judged documents it found +0.022, p=4e-5 (docs/retraining.md)."""
     queries = [f.query for f in feedback]
     judged = {f.query: [c for c in candidates[f.query] if c.doc_id in f.evidence] for f in feedback}
-    base = _feedback_ndcg(feedback, rank_queries(queries, judged, champion, text, depth))
-    new = _feedback_ndcg(feedback, rank_queries(queries, judged, challenger, text, depth))
-    return GateReport(base, new, decide(base, new, gate.margin, gate.p_value, gate.min_queries))
+    before = rank_queries(queries, judged, champion, text, depth)
+    after = rank_queries(queries, judged, challenger, text, depth)
+    base, new = _feedback_ndcg(feedback, before), _feedback_ndcg(feedback, after)
+    return GateReport(
+        base,
+        new,
+        decide(base, new, gate.margin, gate.p_value, gate.min_queries),
+        {q: [d for d, _ in r] for q, r in before.items()},
+        {q: [d for d, _ in r] for q, r in after.items()},
+    )
 
 
 def train_once(
@@ -252,6 +262,7 @@ def train_once(
 
     with mlflow.start_run(run_name=f"challenger-{time.strftime('%Y%m%d-%H%M%S')}") as run:
         tracking.log_inputs(
+            df,
             registry.name,
             cfg,
             gate,
@@ -287,8 +298,27 @@ def train_once(
             tracking.log_tuning(tuned.grid, tuned.mix, len(memory))
             challenger = draft.with_mix(tuned.mix)  # the same model and matrix, under the tuned mix
             report = compare_on_feedback(incumbent.reranker, challenger, slices.gate, candidates, text, depth, gate)
-            tracking.log_gate(slices.gate, report.champion, report.challenger, report.result, slices.rules)
+            changes = tracking.log_gate(slices.gate, report, slices.rules)
             tracking.log_history(registry.client, registry.name, run.info.run_id, report.result)
+
+            def card(outcome: str) -> str:
+                return model_card(
+                    model_name=registry.name,
+                    outcome=outcome,
+                    gate=report.result,
+                    champion_version=incumbent.version,
+                    lineage=lineage,
+                    examples=len(examples),
+                    selection=selection,
+                    identity_share=slices.top_identity_share,
+                    trained_until=slices.trained_until,
+                    changes=changes,
+                    mix=tuned.mix.as_dict(),
+                    depth=depth,
+                )
+
+            (folder / "README.md").write_text(card("passed the gate" if report.result.passed else "rejected by the gate"))
+            tracking.write_mlmodel(folder)
             mlflow.log_artifacts(str(folder), "model")
         version = registry.register(run.info.run_id)
         registry.tag(version, "gate", report.result.reason)
@@ -304,5 +334,9 @@ def train_once(
         registry.nominate(version, result.reason, actor="scheduler")
         outcome.message += f"; awaiting approval: `rankloop approve {version}`"
     registry.client.set_tag(run.info.run_id, "outcome", outcome.status)
+    final = "awaiting approval" if registry.challenger() == version and outcome.status == "passed" else outcome.status
+    tracking.describe_version(
+        registry.client, registry.name, version, run.info.run_id, final, result, card(f"v{version}, {final}")
+    )
     log.info("%s version %s: %s", outcome.status, version, result.reason)
     return outcome

@@ -24,6 +24,7 @@ from training.ranking.model_files import META_FILE
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 EXPERIMENT = "rankloop"
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def connect(tracking_uri: str, artifact_dir: Path | None = None, experiment: str
     try:
         if client.get_experiment_by_name(experiment) is None:
             location = artifact_dir.resolve().as_uri() if artifact_dir else None
-            client.create_experiment(experiment, artifact_location=location)
+            # opens in MLflow's model-training view, not the GenAI one MLflow 3 picks for an untagged experiment
+            client.create_experiment(experiment, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"})
     except MlflowException as e:
         raise DependencyUnavailable(
             f"MLflow at {tracking_uri} is not usable ({e}); start the local one with `rankloop up` "

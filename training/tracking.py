@@ -4,12 +4,20 @@ lineage, the fit, the mix grid, the gate with its per-query table and plots, the
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import mlflow
+import mlflow.pyfunc
+import pandas as pd
 from mlflow import MlflowClient
+from mlflow.data.pandas_dataset import from_pandas
+from mlflow.entities import Metric
+from mlflow.models import Model, infer_signature
+from mlflow.models.utils import _save_example
 
 from training import plots
 from training.config import GateConfig, TrainConfig
@@ -17,14 +25,27 @@ from training.gate import GateResult
 from training.labels.feedback import QueryFeedback
 from training.labels.rules import LabelRules
 from training.labels.store import Lineage
+from training.model_card import QueryChange, moves
 from training.ranking.query import query_key
 from training.ranking.reranker import Mix
 from training.train import FitStats
 
+EXAMPLE_INPUT = pd.DataFrame(
+    {
+        "query": ["vitamin d and bone density"],
+        "document": ["Vitamin D supplementation in older adults: effects on bone mineral density. A randomised trial ..."],
+    }
+)
+
+if TYPE_CHECKING:
+    from training.pipeline import GateReport
+
 MODEL_NAME_TAG = "rankloop.model_name"
+DATASET_COLUMNS = ("label_id", "revision", "request_id", "query", "doc_id", "position", "grade", "timestamp", "identity")
 
 
 def log_inputs(
+    df: pd.DataFrame,
     model_name: str,
     cfg: TrainConfig,
     gate_cfg: GateConfig,
@@ -46,6 +67,9 @@ def log_inputs(
         }
     )
     mlflow.log_dict(lineage, "lineage.json")
+    columns = [c for c in DATASET_COLUMNS if c in df.columns]
+    source = str(lineage.get("location", "memory"))
+    mlflow.log_input(from_pandas(df[columns], source=source, name="labels"), context="training")
     mlflow.log_dict(rules.model_dump(), "label_rules.json")
     mlflow.log_metrics(
         {"labels": labels, "train_examples": examples, **{f"labels_{k}": v for k, v in lineage.get("by_signal", {}).items()}}
@@ -60,6 +84,13 @@ def log_inputs(
 
 
 def log_fit(stats: FitStats, seconds: float) -> None:
+    """The loss of every optimiser step (a curve in the run's charts), and its first and last."""
+    now = int(time.time() * 1000)
+    run = mlflow.active_run()
+    assert run is not None
+    steps = [Metric("train_loss", loss, now, i) for i, loss in enumerate(stats.losses)]
+    for start in range(0, len(steps), 1000):  # MLflow takes at most 1000 metrics per batch
+        MlflowClient().log_batch(run.info.run_id, metrics=steps[start : start + 1000], synchronous=True)
     mlflow.log_metrics({"train_loss_first": stats.loss_first, "train_loss_last": stats.loss_last, "train_seconds": seconds})
 
 
@@ -69,10 +100,10 @@ def log_tuning(grid: dict[Mix, float], chosen: Mix, memory_queries: int) -> None
     mlflow.log_metric("tune_ndcg10", grid[chosen])
 
 
-def log_gate(
-    feedback: list[QueryFeedback], champion: dict[str, float], challenger: dict[str, float], gate: GateResult, rules: LabelRules
-) -> None:
-    """Gate metrics, the per-query before/after table and plots."""
+def log_gate(feedback: list[QueryFeedback], report: GateReport, rules: LabelRules) -> list[QueryChange]:
+    """Gate metrics, the per-query table sorted by change (with the judged documents that moved) and
+    plots; returns the table, best first, for the model card."""
+    gate = report.result
     mlflow.log_metrics(
         {
             "gate_champion_ndcg10": gate.champion_mean,
@@ -86,26 +117,33 @@ def log_gate(
         }
     )
     mlflow.set_tag("gate_reason", gate.reason)
-    rows: list[dict[str, Any]] = [
-        {
-            "query": fb.query,
-            "champion_ndcg@10": round(champion.get(query_key(fb.query), 0.0), 4),
-            "challenger_ndcg@10": round(challenger.get(query_key(fb.query), 0.0), 4),
-        }
-        for fb in feedback
-    ]
-    for r in rows:
-        r["delta"] = round(r["challenger_ndcg@10"] - r["champion_ndcg@10"], 4)
+    changes = []
+    for fb in feedback:
+        key = query_key(fb.query)
+        up, down = moves(report.champion_order.get(fb.query, []), report.challenger_order.get(fb.query, []))
+        changes.append(
+            QueryChange(fb.query, round(report.champion.get(key, 0.0), 4), round(report.challenger.get(key, 0.0), 4), up, down)
+        )
+    changes.sort(key=lambda c: -c.delta)
     mlflow.log_table(
-        {k: [r[k] for r in rows] for k in ("query", "champion_ndcg@10", "challenger_ndcg@10", "delta")}, "gate_per_query.json"
+        {
+            "query": [c.query for c in changes],
+            "champion_ndcg@10": [c.champion for c in changes],
+            "challenger_ndcg@10": [c.challenger for c in changes],
+            "delta": [c.delta for c in changes],
+            "moved_up": [", ".join(c.moved_up) for c in changes],
+            "moved_down": [", ".join(c.moved_down) for c in changes],
+        },
+        "gate_per_query.json",
     )
     mlflow.log_dict(asdict(gate), "gate.json")
     for name, fig in (
-        ("gate.png", plots.gate_figure(gate, [r["delta"] for r in rows])),
+        ("gate.png", plots.gate_figure(gate, [c.delta for c in changes])),
         ("propensity.png", plots.examination_figure(rules.examination)),
     ):
         mlflow.log_figure(fig, name)
         plt.close(fig)
+    return changes
 
 
 def log_history(client: MlflowClient, model_name: str, run_id: str, gate: GateResult) -> None:
@@ -133,3 +171,22 @@ def log_history(client: MlflowClient, model_name: str, run_id: str, gate: GateRe
         },
         "metric_by_round.json",
     )
+
+
+def write_mlmodel(folder: Path) -> None:
+    """Makes the version folder an MLflow pyfunc model in place (`MLmodel`, signature, input example):
+    serving keeps reading the same files, and MLflow shows the version's inputs and outputs."""
+    model = Model(signature=infer_signature(EXAMPLE_INPUT, [0.42]), metadata={"served_score": "mixed with the first stage"})
+    mlflow.pyfunc.add_to_model(model, loader_module="training.ranking.pyfunc", data=".")
+    _save_example(model, EXAMPLE_INPUT, str(folder))
+    model.save(str(folder / "MLmodel"))
+
+
+def describe_version(
+    client: MlflowClient, model_name: str, version: str, run_id: str, outcome: str, gate: GateResult, card: str
+) -> None:
+    """A run name that says what happened (`v3 · promoted · +0.023 NDCG@10`) and the model card as the
+    run's and the version's description."""
+    client.set_tag(run_id, "mlflow.runName", f"v{version} · {outcome} · {gate.mean_gain:+.3f} NDCG@10")
+    client.set_tag(run_id, "mlflow.note.content", card)
+    client.update_model_version(model_name, version, description=card)

@@ -74,6 +74,33 @@ def test_training_run_is_logged_and_registered_but_not_promoted_without_evidence
     assert "model/model.safetensors" in model_files and "model/rankloop.json" in model_files
 
 
+def test_a_version_is_reviewable_in_mlflow(stack, trained):
+    """What an ML engineer opens: a pyfunc model with a signature, the model card as the version's
+    description and README, a run name with the outcome, the loss per step, the labels as a dataset."""
+    import pandas as pd
+
+    s = stack["settings"]
+    registry, outcome = trained
+    client = registry.client
+    version = client.get_model_version(registry.name, outcome.version)
+    assert "held-out queries" in version.description and "## Biggest wins" in version.description
+    run = client.get_run(outcome.run_id)
+    assert run.info.run_name == f"v{outcome.version} · rejected · {outcome.gate.mean_gain:+.3f} NDCG@10"
+    assert run.data.tags["mlflow.note.content"] == version.description
+    losses = client.get_metric_history(outcome.run_id, "train_loss")
+    assert len(losses) > 2 and [m.step for m in losses] == list(range(len(losses)))
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "labels" and dataset.tags[0].value == "training"
+    experiment = client.get_experiment_by_name(s.keys.experiment)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    folder = registry.fetch(registry.get(outcome.version))
+    assert (folder / "README.md").read_text().startswith(f"# {registry.name}: rejected by the gate")
+    model = mlflow.pyfunc.load_model(str(folder))
+    assert model.metadata.get_input_schema().input_names() == ["query", "document"]
+    scores = model.predict(pd.DataFrame({"query": ["vitamin d", "vitamin d"], "document": ["vitamin d levels", "stock prices"]}))
+    assert scores[0] > scores[1]
+
+
 def test_the_schedulers_counters_are_rebuilt_from_mlflow_when_redis_lost_them(stack, trained):
     from services.schedule.scheduler import Scheduler
 

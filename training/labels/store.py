@@ -139,7 +139,8 @@ class ParquetLabelStore:
             part, lo, hi = m.group(1), int(m.group(2)), int(m.group(3))
             cur = offsets.setdefault(f"p{part}", [lo, hi])
             offsets[f"p{part}"] = [min(cur[0], lo), max(cur[1], hi)]
-        return df, {"shards": len(shards), **describe(df), "offsets": offsets, "purges": len(purges)}
+        lineage = {"location": str(self.folder), "shards": len(shards), **describe(df), "offsets": offsets}
+        return df, {**lineage, "purges": len(purges)}
 
     def count(self) -> int:
         return len(self.read()[0])

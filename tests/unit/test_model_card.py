@@ -1,0 +1,34 @@
+"""The model card: every figure from the run, wins and losses with the documents that moved."""
+
+from __future__ import annotations
+
+from training.gate import GateResult
+from training.model_card import QueryChange, model_card, moves
+
+
+def test_moves_name_the_documents_that_changed_rank_most():
+    up, down = moves(["a", "b", "c", "d"], ["d", "a", "b", "c"])
+    assert up == ["d (4→1)"] and down == ["a (1→2)", "b (2→3)", "c (3→4)"]
+    assert moves(["a", "b"], ["a", "b"]) == ([], [])
+
+
+def test_the_card_states_the_gate_the_labels_and_the_biggest_wins_and_losses():
+    gate = GateResult(True, 0.61, 0.64, 0.03, 0.004, 40, 20, 8, "+0.0300 NDCG@10 on 40 queries (p=0.004)")
+    changes = [
+        QueryChange("vitamin d and bones", 0.5, 0.9, ["d7 (4→1)"], ["d2 (1→2)"]),
+        QueryChange("flat query", 0.7, 0.7, [], []),
+        QueryChange("statins | liver", 0.8, 0.6, [], ["d9 (1→3)"]),
+    ]
+    lineage = {"labels": 9040, "requests": 4000, "queries": 800, "by_grade": {"1": 5000, "-1": 4040}, "shards": 12,
+               "offsets": {"p0": [0, 99]}, "purges": 1, "by_signal": {"click": 5000}}  # fmt: skip
+    card = model_card(
+        model_name="rankloop-reranker", outcome="v3 promoted", gate=gate, champion_version="2", lineage=lineage,
+        examples=1200, selection={"fresh_queries": 300, "replay_queries": 60}, identity_share={"train": 0.031},
+        trained_until=1795300000.0, changes=changes, mix={"alpha": 0.5}, depth=50,
+    )  # fmt: skip
+    assert card.startswith("# rankloop-reranker: v3 promoted")
+    assert "+0.0300 NDCG@10 on 40 queries (p=0.004)" in card and "against v2" in card
+    assert "9,040 labels" in card and "p0 0–99" in card and "1 purges" in card and "train 3.1%" in card
+    wins, losses = card.split("## Biggest wins")[1].split("## Biggest losses")
+    assert "vitamin d and bones" in wins and "d7 (4→1)" in wins and "flat query" not in wins
+    assert "statins / liver" in losses and "+0.400" not in losses  # a | in a query cannot break the table

@@ -1,0 +1,111 @@
+"""The model card of a trained version: what a reviewer reads in MLflow before approving it.
+
+Written into the version folder as README.md (replacing the base model's card, which described a
+different model) and set as the run's and the version's description. Every figure in it comes from
+the run: the gate's result, the labels it read, the per-query table; nothing is restated by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from training.gate import GateResult
+from training.labels.store import Lineage
+
+SHOWN = 5  # wins and losses listed
+
+
+@dataclass(frozen=True)
+class QueryChange:
+    """One gate query: NDCG@10 of both models and the judged documents that moved."""
+
+    query: str
+    champion: float
+    challenger: float
+    moved_up: list[str]  # "doc (5→2)"
+    moved_down: list[str]
+
+    @property
+    def delta(self) -> float:
+        return round(self.challenger - self.champion, 4)
+
+
+def moves(before: list[str], after: list[str], top: int = 3) -> tuple[list[str], list[str]]:
+    """The documents whose rank changed most, up and down, as "doc (old→new)"."""
+    old = {d: i + 1 for i, d in enumerate(before)}
+    shifts = [(old[d] - (i + 1), d, old[d], i + 1) for i, d in enumerate(after) if d in old and old[d] != i + 1]
+    up = [f"{d} ({a}→{b})" for s, d, a, b in sorted(shifts, key=lambda x: -x[0]) if s > 0][:top]
+    down = [f"{d} ({a}→{b})" for s, d, a, b in sorted(shifts, key=lambda x: x[0]) if s < 0][:top]
+    return up, down
+
+
+def _table(rows: list[QueryChange]) -> list[str]:
+    out = ["| query | champion | this model | Δ NDCG@10 | moved up | moved down |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        query = r.query.replace("|", "/")[:80]
+        up, down = ", ".join(r.moved_up) or "-", ", ".join(r.moved_down) or "-"
+        out.append(f"| {query} | {r.champion:.3f} | {r.challenger:.3f} | {r.delta:+.3f} | {up} | {down} |")
+    return out
+
+
+def model_card(
+    *,
+    model_name: str,
+    outcome: str,
+    gate: GateResult,
+    champion_version: str | None,
+    lineage: Lineage,
+    examples: int,
+    selection: dict[str, int],
+    identity_share: dict[str, float],
+    trained_until: float,
+    changes: list[QueryChange],
+    mix: dict[str, Any],
+    depth: int,
+) -> str:
+    """Markdown; `changes` sorted by delta, best first."""
+    champion = f"v{champion_version}" if champion_version else "the first stage (no champion yet)"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(trained_until)) if trained_until else "-"
+    grades = ", ".join(f"{k}: {v:,}" for k, v in sorted(lineage.get("by_grade", {}).items()))
+    signals = ", ".join(f"{k}: {v:,}" for k, v in lineage.get("by_signal", {}).items())
+    offsets = ", ".join(f"{p} {lo}–{hi}" for p, (lo, hi) in sorted(lineage.get("offsets", {}).items())) or "-"
+    shares = ", ".join(f"{k} {v:.1%}" for k, v in identity_share.items())
+    wins = [c for c in changes if c.delta > 0][:SHOWN]
+    losses = [c for c in reversed(changes) if c.delta < 0][:SHOWN]
+    lines = [
+        f"# {model_name}: {outcome}",
+        "",
+        f"**Gate** against {champion} on users' held-out judgements: {gate.reason}",
+        f"({gate.champion_mean:.4f} → {gate.challenger_mean:.4f} NDCG@10, {gate.mean_gain:+.4f}, p={gate.p_value:.2g}, "
+        f"{gate.wins} wins / {gate.losses} losses on {gate.queries} queries).",
+        "",
+        "## What it learned from",
+        "",
+        f"- {lineage.get('labels', 0):,} labels (latest revision of each) from {lineage.get('requests', 0):,} requests on "
+        f"{lineage.get('queries', 0):,} queries; by grade {grades or '-'}; by signal {signals or '-'}.",
+        f"- Label store: {lineage.get('shards', 0)} shards, Kafka offsets {offsets}, {lineage.get('purges', 0)} purges applied "
+        "(`lineage.json`; the labels themselves are the run's `labels` dataset input).",
+        f"- {examples:,} training examples: {selection.get('fresh_queries', 0)} queries with labels newer than "
+        f"{champion}, {selection.get('replay_queries', 0)} older ones replayed; labels up to {when} (server time).",
+        f"- Labels from the 10 most prolific identities: {shares or '-'} (a high share is a flood from a few users).",
+        "",
+        "## Biggest wins",
+        "",
+        *(_table(wins) if wins else ["none"]),
+        "",
+        "## Biggest losses",
+        "",
+        *(_table(losses) if losses else ["none"]),
+        "",
+        "Documents that moved are among those users judged for the query; the full table, sorted by change,"
+        " is `gate_per_query.json`.",
+        "",
+        "## How it ranks",
+        "",
+        f"A bi-encoder fine-tuned from {champion if champion_version else 'all-MiniLM-L6-v2'} on the labels above; serving"
+        f" reranks the first stage's top {depth} with it, mixed as {mix}. As an MLflow pyfunc model it scores"
+        " (query, document) pairs: `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({'query': [...], 'document': [...]}))`.",
+    ]
+    return "\n".join(lines) + "\n"
