@@ -69,6 +69,15 @@ class Keys:
     def rate_bucket(self, identity: str) -> str:
         return f"{self.deployment}:rate:{identity}"
 
+    def activity(self, minute: int) -> str:
+        """Hash of counts in one minute (unix seconds // 60): events, labels, dead:<code>."""
+        return f"{self.deployment}:activity:{minute}"
+
+    @property
+    def recent_dead_letters(self) -> str:
+        """List of the newest dead letters (JSON), capped, for emitters and the status page."""
+        return f"{self.deployment}:dead:recent"
+
     @property
     def train_lock(self) -> str:
         return f"{self.deployment}:lock:train"

@@ -33,6 +33,7 @@ class ModelVersion:
     source: str
     run_id: str | None = None
     aliases: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict, compare=False)  # the audit trail: promoted_by, gate, ...
 
 
 class ModelRegistry(Protocol):
@@ -242,7 +243,10 @@ class MlflowRegistry:
                 aliases.setdefault(str(v), []).append(alias)
         except MlflowException:
             return []
-        out = [ModelVersion(str(m.version), str(m.source), m.run_id, tuple(aliases.get(str(m.version), []))) for m in found]
+        out = [
+            ModelVersion(str(m.version), str(m.source), m.run_id, tuple(aliases.get(str(m.version), [])), dict(m.tags or {}))
+            for m in found
+        ]
         return sorted(out, key=lambda v: int(v.version))
 
 
@@ -264,7 +268,7 @@ class MemoryRegistry:
         if version not in self.folders:
             raise NotFound(f"model {self.name!r} has no version {version}")
         held = tuple(a for a, v in self.aliases.items() if v == version)
-        return ModelVersion(version, str(self.folders[version]), None, held)
+        return ModelVersion(version, str(self.folders[version]), None, held, dict(self.tags.get(version, {})))
 
     def champion(self) -> ModelVersion | None:
         return self._version(self.aliases[CHAMPION]) if CHAMPION in self.aliases else None

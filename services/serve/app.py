@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -37,6 +37,7 @@ from schemas import (
 )
 from services.auth import ApiKey, KeyStore, Scope, digest
 from services.config import Settings
+from services.serve.status import StatusPage, read_activity, read_trainings
 from services.serve.worker import Worker
 from services.storage import open_caches, open_publisher
 from services.storage.health import status
@@ -378,18 +379,10 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         """The process answers (the liveness probe: a failure means restart it)."""
         return Liveness()
 
-    @app.get(
-        "/health/ready",
-        response_model=Health,
-        responses={503: {"model": Health, "description": "starting, or behind the registry's champion"}},
-    )
-    def ready() -> JSONResponse:
-        """Ready once the index is loaded, the registry was asked which model to serve and that model
-        serves (a swap may take `serving.swap_grace_s`). Kafka and Redis are reported but do not gate:
-        ranking works without them."""
+    def health() -> tuple[bool, Health]:
         w = state["w"]
         ok, why = w.readiness()
-        body = Health(
+        return ok, Health(
             status="ready" if ok else "broken" if w.index_problem else "starting" if not w.champion_checked else "behind",
             detail=why,
             model_version=w.serving.version,
@@ -401,6 +394,17 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
             last_swap_error=w.last_swap_error,
             auth="keys" if s.auth.required or keys.enabled else "open",
         )
+
+    @app.get(
+        "/health/ready",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "starting, or behind the registry's champion"}},
+    )
+    def ready() -> JSONResponse:
+        """Ready once the index is loaded, the registry was asked which model to serve and that model
+        serves (a swap may take `serving.swap_grace_s`). Kafka and Redis are reported but do not gate:
+        ranking works without them."""
+        ok, body = health()
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
     app.add_api_route("/health", ready, methods=["GET"], response_model=Health, include_in_schema=False)
@@ -414,6 +418,29 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
     def metrics() -> Response:
         """Prometheus metrics: requests and latency by cache hit, events, swaps, publish failures."""
         return Response(generate_latest(state["w"].metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(
+        "/status",
+        response_class=HTMLResponse,
+        responses={200: {"content": {"text/html": {}}, "description": "the status page"}, **no_key},
+        dependencies=[] if s.auth.metrics_public else [Depends(require(Scope.admin))],
+    )
+    def status_page() -> HTMLResponse:
+        """The status page (HTML): served version and model history, recent trainings with their metric
+        by round, events and labels per minute, dead letters by reason. Open with `auth.metrics_public`."""
+        w = state["w"]
+        page = StatusPage(s.deployment, health()[1].model_dump(), [])
+        try:
+            page.versions = sorted(w.registry.versions(), key=lambda v: -int(v.version))
+            if isinstance(w.registry, MlflowRegistry):
+                page.trainings, page.rounds = read_trainings(w.registry.client, s.keys.experiment)
+        except Exception as e:  # shown on the page, never as an empty history
+            page.problems.append(f"model registry: {e}")
+        try:
+            page.minutes, page.dead_letters = read_activity(w.caches.activity)
+        except Exception as e:
+            page.problems.append(f"activity counts (Redis): {e}")
+        return HTMLResponse(page.render())
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -248,6 +248,7 @@ class Worker:
                 failed.append((i, ev, e))
         self._forget([ev for _, ev, _ in failed])
         self.metrics.events_accepted.inc(len(accepted))
+        self.caches.activity.count({"events": len(accepted)})
         if failed and not accepted:
             self.metrics.events_rejected.labels(RejectCode.not_recorded.value).inc(len(failed))
             raise DependencyUnavailable(f"events cannot be recorded now: Kafka unavailable ({failed[0][2]})")

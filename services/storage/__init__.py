@@ -41,6 +41,22 @@ class RateLimiter(Protocol):
         Raises DependencyUnavailable when the shared store is down."""
 
 
+class Activity(Protocol):
+    """Counts per minute shared by every process and replica (events accepted, labels written, dead
+    letters by reason) and the newest dead letters: what the status page and emitters read. Best
+    effort: a write that fails is logged, never raised, so it cannot fail a request or the stream."""
+
+    def count(self, counts: dict[str, int], at: float | None = None) -> None: ...
+    def minutes(self, last: int, now: float | None = None) -> list[tuple[int, dict[str, int]]]:
+        """(minute, counts) for the `last` minutes up to now, oldest first, zeros included."""
+
+    def dead_letter(self, dead: dict) -> None:
+        """Keeps one dead letter (a `DeadLetter` as JSON-ready dict) among the newest."""
+
+    def dead_letters(self, limit: int = 10_000) -> list[dict]:
+        """The newest dead letters, newest first."""
+
+
 class Publisher(Protocol):
     """Events onto topics (see `kafka.KafkaPublisher`)."""
 
@@ -73,6 +89,7 @@ class Caches:
     seen: SeenEvents
     ping: Ping
     limits: RateLimiter
+    activity: Activity
 
 
 def open_caches(url: str, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Caches:
@@ -86,6 +103,19 @@ def open_caches(url: str, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Caches:
     from services.storage.redis import redis_caches
 
     return redis_caches(Redis.from_url(url), keys, ttl_s, seen_ttl_s)
+
+
+def open_activity(url: str, keys: Keys) -> Activity:
+    """Activity counts for a storage URL (what a process without the serving caches uses)."""
+    if url.startswith("memory://"):
+        from services.storage.memory import MemoryActivity
+
+        return MemoryActivity()
+    from redis import Redis
+
+    from services.storage.redis import RedisActivity
+
+    return RedisActivity(Redis.from_url(url), keys)
 
 
 def open_publisher(url: str, topics: list[str] | None = None, partitions: int = 1, capacity: int = 100_000) -> Publisher:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -104,5 +105,26 @@ class MemoryRateLimiter:
         return wait
 
 
+class MemoryActivity:
+    def __init__(self) -> None:
+        self.by_minute: dict[int, Counter[str]] = {}
+        self.dead: list[dict] = []
+
+    def count(self, counts: dict[str, int], at: float | None = None) -> None:
+        self.by_minute.setdefault(int((at or time.time()) // 60), Counter()).update(counts)
+
+    def minutes(self, last: int, now: float | None = None) -> list[tuple[int, dict[str, int]]]:
+        end = int((now or time.time()) // 60)
+        return [(m, dict(self.by_minute.get(m, {}))) for m in range(end - last + 1, end + 1)]
+
+    def dead_letter(self, dead: dict) -> None:
+        self.dead.insert(0, dead)
+
+    def dead_letters(self, limit: int = 10_000) -> list[dict]:
+        return self.dead[:limit]
+
+
 def memory_caches() -> Caches:
-    return Caches(MemoryRankCache(), MemoryEmbeddingCache(), MemorySeenEvents(), lambda: True, MemoryRateLimiter())
+    return Caches(
+        MemoryRankCache(), MemoryEmbeddingCache(), MemorySeenEvents(), lambda: True, MemoryRateLimiter(), MemoryActivity()
+    )

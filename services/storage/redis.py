@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -110,6 +111,54 @@ class RedisRateLimiter:
             raise DependencyUnavailable(f"redis: {e}") from e
 
 
+class RedisActivity:
+    KEEP_MINUTES = 24 * 60
+    KEEP_DEAD_LETTERS = 10_000
+
+    def __init__(self, redis: Redis, keys: Keys):
+        self.redis, self.keys = redis, keys
+
+    def count(self, counts: dict[str, int], at: float | None = None) -> None:
+        key = self.keys.activity(int((at or time.time()) // 60))
+        pipe = self.redis.pipeline(transaction=False)
+        for field, n in counts.items():
+            if n:
+                pipe.hincrby(key, field, n)
+        pipe.expire(key, self.KEEP_MINUTES * 60)
+        try:
+            pipe.execute()
+        except RedisError as e:
+            log.warning("activity counts not recorded: %s", e)
+
+    def minutes(self, last: int, now: float | None = None) -> list[tuple[int, dict[str, int]]]:
+        end = int((now or time.time()) // 60)
+        span = list(range(end - last + 1, end + 1))
+        pipe = self.redis.pipeline(transaction=False)
+        for minute in span:
+            pipe.hgetall(self.keys.activity(minute))
+        try:
+            rows = pipe.execute()
+        except RedisError as e:
+            raise DependencyUnavailable(f"redis: {e}") from e
+        return [(m, {k.decode(): int(v) for k, v in row.items()}) for m, row in zip(span, rows)]
+
+    def dead_letter(self, dead: dict) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(self.keys.recent_dead_letters, json.dumps(dead))
+        pipe.ltrim(self.keys.recent_dead_letters, 0, self.KEEP_DEAD_LETTERS - 1)
+        try:
+            pipe.execute()
+        except RedisError as e:
+            log.warning("dead letter not kept for readers: %s", e)
+
+    def dead_letters(self, limit: int = 10_000) -> list[dict]:
+        try:
+            raws = self.redis.lrange(self.keys.recent_dead_letters, 0, limit - 1)
+        except RedisError as e:
+            raise DependencyUnavailable(f"redis: {e}") from e
+        return [json.loads(r) for r in raws]  # type: ignore[union-attr]
+
+
 def redis_caches(redis: Redis, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Caches:
     def ping() -> bool:
         try:
@@ -123,4 +172,5 @@ def redis_caches(redis: Redis, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Cache
         RedisSeenEvents(redis, keys, seen_ttl_s),
         ping,
         RedisRateLimiter(redis, keys),
+        RedisActivity(redis, keys),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import faust
@@ -24,10 +25,12 @@ from prometheus_client import CollectorRegistry, Counter
 from schemas import DeadLetter, LabelledExample
 from services.config import Settings
 from services.observability import serve_metrics
+from services.storage import open_activity
 from services.stream.join import Burst, ClickBursts, RequestState, step, sweep
 from training.labels.store import ParquetLabelStore, Purge
 
 log = logging.getLogger(__name__)
+ACTIVITY_FLUSH_S = 2.0
 
 
 class StreamMetrics:
@@ -67,6 +70,8 @@ def create_app(s: Settings) -> faust.App:
     bursts = ClickBursts(s.stream.burst_limit, s.stream.burst_window_s)
     quarantined = {p.identity for p in store.purges() if p.whole_identity}
     metrics = StreamMetrics(s.metrics_host, s.stream.metrics_port)
+    activity = open_activity(s.redis_url, keys)
+    counts: defaultdict[str, int] = defaultdict(int)  # for the status page, written to Redis every ACTIVITY_FLUSH_S
 
     def load(key: str) -> RequestState | None:
         stored = requests.get(key) if key else None
@@ -78,6 +83,8 @@ def create_app(s: Settings) -> faust.App:
         for d in dead:
             await dead_topic.send(key=d.source.encode(), value=d.model_dump_json().encode())
             metrics.dead_letters.labels(d.code.value).inc()
+            counts[f"dead:{d.code.value}"] += 1
+            activity.dead_letter(d.model_dump(mode="json"))
         metrics.labels.inc(len(labels))
 
     def quarantine(burst: Burst) -> None:
@@ -98,6 +105,7 @@ def create_app(s: Settings) -> faust.App:
                 await expire(msg.partition)
                 continue
             kind = "impression" if msg.topic == keys.impressions else "interaction"
+            counts[f"{kind}s"] += 1
             key = (msg.key or b"").decode(errors="replace")
             result = step(load(key), msg.topic, kind, msg.value, rules, window, time.time(), bursts)
             if result.state is not None and key:
@@ -134,5 +142,12 @@ def create_app(s: Settings) -> faust.App:
                 labs = [LabelledExample.model_validate_json(e.message.value) for e in evs]
                 offsets = [e.message.offset for e in evs]
                 store.write(labs, partition, min(offsets), max(offsets))
+                counts["labels"] += len(labs)
+
+    @app.timer(interval=ACTIVITY_FLUSH_S)
+    async def flush_activity() -> None:
+        if counts:
+            activity.count(dict(counts))
+            counts.clear()
 
     return app

@@ -114,6 +114,25 @@ def test_the_schedulers_counters_are_rebuilt_from_mlflow_when_redis_lost_them(st
     assert abs(scheduler._get("last_time", 0) - run.info.end_time / 1000) < 1
 
 
+def test_the_status_page_renders_in_headless_chromium(stack, trained, tmp_path):
+    """The page an operator opens, in a real browser: the served version, the trainings, charts."""
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless browser: install Debian's chromium (apt-get install chromium)")
+    s = stack["settings"]
+    _, outcome = trained
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,1600", f"--user-data-dir={tmp_path}"]
+    dom = subprocess.run([*flags, "--dump-dom", f"{s.base_url}/status"], capture_output=True, timeout=120).stdout.decode()
+    assert f"rankloop · {s.deployment}" in dom and 'id="served"' in dom
+    assert f"v{outcome.version} · rejected" in dom  # the training run, under its new name
+    assert 'id="activity"' in dom and "<rect" in dom  # events per minute drawn
+    shot = tmp_path / "status.png"
+    subprocess.run([*flags, f"--screenshot={shot}", f"{s.base_url}/status"], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+
+
 def test_the_training_lock_is_renewed_while_a_training_runs(stack):
     """A training longer than the lock's expiry must not let a second scheduler start one."""
     from redis import Redis
