@@ -81,6 +81,9 @@ class ServingSettings(Group):
     candidates_k: int = Field(100, ge=1, description="first-stage candidates per query")
     rerank_depth: int = Field(50, ge=1, description="candidates the reranker reorders; the rest keep first-stage order")
     max_batch: int = Field(1000, ge=1, description="events per POST /events")
+    cors_origins: list[str] = Field(
+        [], description='web origins whose pages may call the API from a browser, e.g. ["https://app.example.com"]'
+    )
     max_body_bytes: int = Field(
         4_000_000, ge=1024, description="largest request body; a bigger one is refused (413) before it is read whole"
     )

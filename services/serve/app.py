@@ -1,4 +1,5 @@
-"""The serving worker's HTTP face (FastAPI): POST /rank, POST /events, GET /model, /health, /metrics.
+"""The serving worker's HTTP face (FastAPI): /rank, /events, /model, /admin/*, /dead-letters, /schemas, /status,
+/health, /metrics.
 `build_worker` wires the real storage from the settings; `create_app` takes any worker."""
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from schemas import (
+    ALL_SCHEMAS,
+    MAX_ID_CHARS,
+    DeadLetter,
     DependencyUnavailable,
     ErrorBody,
     EventsResponse,
@@ -180,11 +185,11 @@ bearer = HTTPBearer(auto_error=False, description="an API key from `rankloop key
 Credentials = HTTPAuthorizationCredentials | None
 
 
-def key_checker(keys: KeyStore, required: bool) -> Callable[[Scope], Callable[..., ApiKey | None]]:
-    """`require(scope)`: a route dependency answering 401 without a valid key, 403 without the scope.
+def key_checker(keys: KeyStore, required: bool) -> Callable[..., Callable[..., ApiKey | None]]:
+    """`require(scope, ...)`: a route dependency answering 401 without a valid key, 403 without one of the scopes.
     With no key in the file and `required` off, everything is open (the local default)."""
 
-    def require(scope: Scope) -> Callable[..., ApiKey | None]:
+    def require(*scopes: Scope) -> Callable[..., ApiKey | None]:
         def check(credentials: Credentials = Depends(bearer)) -> ApiKey | None:
             if not (required or keys.enabled):
                 return None
@@ -194,13 +199,32 @@ def key_checker(keys: KeyStore, required: bool) -> Callable[[Scope], Callable[..
             key = keys.verify(credentials.credentials)
             if key is None:
                 raise HTTPException(401, "unknown or revoked API key", headers=challenge)
-            if not key.allows(scope):
-                raise HTTPException(403, f"the key {key.name!r} lacks the {scope.value!r} scope")
+            if not any(key.allows(scope) for scope in scopes):
+                wanted = " or ".join(repr(scope.value) for scope in scopes)
+                raise HTTPException(403, f"the key {key.name!r} lacks the {wanted} scope")
             return key
 
         return check
 
     return require
+
+
+def matches(dead: DeadLetter, request_id: str | None, since: float | None, key_name: str | None) -> bool:
+    """Whether a dead letter is about `request_id`, not older than `since`, and from an event the key
+    `key_name` sent (None: any)."""
+    if since is not None and dead.timestamp < since:
+        return False
+    if request_id is None and key_name is None:
+        return True
+    try:
+        payload = json.loads(dead.payload)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        return False  # unreadable: nothing ties it to a request or a key
+    return (request_id is None or payload.get("request_id") == request_id) and (
+        key_name is None or payload.get("api_key") == key_name
+    )
 
 
 def rate_limiter(state: dict[str, Worker], s: Settings) -> Callable[[float], Callable[..., None]]:
@@ -271,6 +295,14 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         exception_handlers={RequestValidationError: validation_error},
     )
     app.add_middleware(BodyLimit, limit=s.serving.max_body_bytes)
+    if s.serving.cors_origins:  # browsers on these origins may send events and rank (keys still apply)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=s.serving.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=3600,
+        )
 
     @app.post(
         "/rank",
@@ -373,6 +405,43 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
     def rollback(body: RollbackRequest, actor: str = Depends(admin)) -> ModelEvent:
         """Put the previous version back as champion (audited on the version rolled back)."""
         return move_model(lambda: state["w"].registry.rollback(body.reason, actor=actor))
+
+    @app.get("/schemas", responses=no_key, dependencies=[Depends(require(Scope.rank, Scope.events_write))])
+    def schemas() -> dict[str, str]:
+        """The names of the event JSON Schemas an emitter can validate against, with their paths."""
+        return {name: f"/schemas/{name}" for name in ALL_SCHEMAS}
+
+    @app.get(
+        "/schemas/{name}",
+        responses={**no_key, 404: {"model": ErrorBody, "description": "no such schema"}},
+        dependencies=[Depends(require(Scope.rank, Scope.events_write))],
+    )
+    def schema(name: str) -> dict[str, Any]:
+        """One event's JSON Schema (draft 2020-12), as `rankloop schemas` exports it."""
+        if name not in ALL_SCHEMAS:
+            raise HTTPException(404, f"no schema {name!r}; see /schemas")
+        return ALL_SCHEMAS[name].model_json_schema()
+
+    @app.get(
+        "/dead-letters",
+        response_model=list[DeadLetter],
+        responses={**no_key, 503: {"model": ErrorBody, "description": "Redis unavailable"}},
+    )
+    def dead_letters(
+        request_id: Annotated[str | None, Query(max_length=MAX_ID_CHARS)] = None,
+        since: Annotated[float | None, Query(ge=0, description="unix seconds")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        key: ApiKey | None = Depends(require(Scope.events_write)),
+    ) -> list[DeadLetter]:
+        """The newest dead letters (the stream's refusals, each with its code and reason), newest first:
+        an emitter sees what became of its events. A key without `admin` sees only events it sent."""
+        try:
+            found = state["w"].caches.activity.dead_letters()
+        except DependencyUnavailable as e:
+            raise HTTPException(503, str(e)) from None
+        own = None if key is None or Scope.admin in key.scopes else key.name
+        out = [d for d in (DeadLetter.model_validate(d) for d in found) if matches(d, request_id, since, own)]
+        return out[:limit]
 
     @app.get("/health/live", response_model=Liveness)
     def live() -> Liveness:

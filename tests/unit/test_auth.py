@@ -167,3 +167,41 @@ def test_impressions_and_events_carry_the_name_of_the_key_that_sent_them(tiny_fi
     [shown] = worker.publisher.on(worker.keys.impressions)
     [event] = worker.publisher.on(worker.keys.interactions)
     assert json.loads(shown)["api_key"] == "shop-web" and json.loads(event)["api_key"] == "shop-web"
+
+
+def test_an_emitter_reads_its_own_dead_letters_and_an_admin_reads_all(tiny_first_stage, tmp_path, store):
+    import json
+
+    _, web = store.create("web", [Scope.events_write])
+    _, other = store.create("other", [Scope.events_write])
+    _, admin = store.create("ops", [Scope.admin])
+    s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0))
+    worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
+    for i, (key, rid) in enumerate((("web", "r1"), ("web", "r2"), ("other", "r1"))):
+        payload = json.dumps({"event_id": f"e{i}", "request_id": rid, "doc_id": "d", "type": "click", "api_key": key})
+        worker.caches.activity.dead_letter(
+            {"source": "rankloop.interactions", "code": "doc_not_shown", "reason": "x", "payload": payload, "timestamp": 100.0 + i}
+        )
+    with TestClient(create_app(s, worker, watch_events=False)) as client:
+        mine = client.get("/dead-letters", headers=bearer(web)).json()
+        assert [json.loads(d["payload"])["event_id"] for d in mine] == ["e1", "e0"]  # newest first, its own only
+        assert len(client.get("/dead-letters", params={"request_id": "r1"}, headers=bearer(web)).json()) == 1
+        assert len(client.get("/dead-letters", params={"request_id": "r1"}, headers=bearer(admin)).json()) == 2
+        assert len(client.get("/dead-letters", params={"since": 101.5}, headers=bearer(admin)).json()) == 1
+        assert client.get("/dead-letters", headers=bearer(other)).json()[0]["reason"] == "x"
+        assert client.get("/dead-letters").status_code == 401
+
+
+def test_schemas_are_served_and_cors_answers_only_configured_origins(tiny_first_stage, tmp_path):
+    s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0, cors_origins=["https://app.example.com"]))
+    worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
+    with TestClient(create_app(s, worker, watch_events=False)) as client:
+        assert client.get("/schemas").json()["interaction"] == "/schemas/interaction"
+        schema = client.get("/schemas/interaction").json()
+        assert "event_id" in schema["required"] and schema["additionalProperties"] is False
+        assert client.get("/schemas/nope").status_code == 404
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+        ok = client.options("/events", headers={"Origin": "https://app.example.com", **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example.com"
+        other = client.options("/events", headers={"Origin": "https://evil.example", **preflight})
+        assert "access-control-allow-origin" not in other.headers

@@ -22,6 +22,9 @@ def test_openapi_documents_every_endpoint_with_models():
         "/health/ready",
         "/metrics",
         "/status",
+        "/schemas",
+        "/schemas/{name}",
+        "/dead-letters",
     }
     ok = lambda path, method: paths[path][method]["responses"]["200"]["content"]  # noqa: E731
     assert ok("/rank", "post")["application/json"]["schema"]["$ref"].endswith("/RankResponse")
