@@ -4,6 +4,7 @@ Imports nothing heavy: `rankloop --help` must answer in about a second."""
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from typing import Any
 
 import click
@@ -67,3 +68,16 @@ def setup_process(s: Settings, threads: int | None = None) -> None:
 
     logs.configure()
     use_threads(threads or s.torch_threads)
+
+
+def parse_when(value: str | None) -> float | None:
+    """A time option: unix seconds or an ISO date."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            raise InvalidInput(f"{value!r} is neither unix seconds nor an ISO date (2026-11-21T10:00)") from None

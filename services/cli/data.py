@@ -1,4 +1,4 @@
-"""Data chores: index a corpus, simulate users, estimate position bias, export the JSON Schemas."""
+"""Data chores: index a corpus, simulate users, estimate position bias, export the JSON Schemas, read dead letters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from services.cli.base import app, console, settings, setup_process
+from services.cli.base import app, console, parse_when, settings, setup_process
 
 
 @app.command()
@@ -92,3 +92,39 @@ def propensity(
         {"EM estimate": est.examination, "CTR by position (normalised)": DEFAULT_EXAMINATION}, out, "examination by position"
     )
     console.print(f"plot: {out}")
+
+
+@app.command("dead-letters")
+def dead_letters(
+    since: str = typer.Option(None, help="unix seconds or an ISO date (2026-11-21T10:00)"),
+    request_id: str = typer.Option(None, help="only those about this request"),
+    code: str = typer.Option(None, help="only this reject code, e.g. late_event"),
+    limit: int = typer.Option(50, min=1, help="newest N"),
+) -> None:
+    """The stream's dead letters from the broker (all of them, within its retention), newest last."""
+    import json
+    import time
+
+    from services.storage.kafka import read_topic
+
+    s = settings()
+    after = parse_when(since) or 0.0
+    found = []
+    for d in read_topic(s.kafka.address, s.keys.dead_letters, idle_ms=1500):
+        if d.get("timestamp", 0) < after or (code and d.get("code") != code):
+            continue
+        if request_id:
+            try:
+                payload = json.loads(d.get("payload", ""))
+            except ValueError:
+                continue
+            if not isinstance(payload, dict) or payload.get("request_id") != request_id:
+                continue
+        found.append(d)
+    t = Table("when (UTC)", "code", "reason")
+    for d in found[-limit:]:
+        t.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.get("timestamp", 0))), str(d.get("code")), str(d.get("reason"))
+        )
+    console.print(t)
+    console.print(f"{len(found)} dead letters match" + (f"; the newest {limit} shown" if len(found) > limit else ""))

@@ -9,22 +9,10 @@ from datetime import datetime
 import typer
 
 from schemas import InvalidInput
-from services.cli.base import app, console, settings, setup_process
+from services.cli.base import app, console, parse_when, settings, setup_process
 
 labels_app = typer.Typer(help="the label store: purge labels and retrain", no_args_is_help=True)
 app.add_typer(labels_app, name="labels")
-
-
-def _when(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        try:
-            return datetime.fromisoformat(value).timestamp()
-        except ValueError:
-            raise InvalidInput(f"{value!r} is neither unix seconds nor an ISO date (2026-11-21T10:00)") from None
 
 
 @labels_app.command("purge")
@@ -52,8 +40,8 @@ def purge(
     order = Purge(
         identity=identity,
         api_key=key,
-        since=_when(since),
-        until=_when(until),
+        since=parse_when(since),
+        until=parse_when(until),
         reason=reason,
         actor=f"cli:{getpass.getuser()}",
         at=time.time(),

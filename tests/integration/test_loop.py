@@ -99,6 +99,9 @@ def test_unknown_request_id_is_dead_lettered_after_the_window(stack, client):
         what="unknown-request dead letter",
     )
     assert dead[0]["code"] == "unknown_request" and dead[0]["reason"].startswith("unknown request_id")
+    # the emitter sees it over HTTP too (the stream keeps the newest in Redis)
+    mine = httpx.get(f"{s.base_url}/dead-letters", params={"request_id": ev.request_id}).json()
+    assert [d["code"] for d in mine] == ["unknown_request"]
     # the sweep that forgot the request must leave the processor running: new events still label
     ranked = client.rank("exercise and longevity", k=2)
     client.emit([client.event(ranked.request_id, ranked.items[0].doc_id, "click")])
