@@ -3,13 +3,25 @@
     client = RankloopClient("http://127.0.0.1:8000")          # or RankloopClient(kafka="host:9092")
     res = client.rank("what causes scurvy?"); client.click(res, res.items[0].doc_id)
 
+In an application, emit through `client.emitter()`: it never blocks a request, batches, retries what
+was not recorded, and flushes at exit.
+
+    events = client.emitter()
+    events.click(res.request_id, doc_id); events.dwell(res.request_id, doc_id, 42.0)
+
 Light on purpose: it imports the contracts in `schemas` and httpx (kafka-python only for the Kafka
 path), never torch or the ranking code.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
+import queue
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -24,6 +36,8 @@ from schemas import (
     RequestFailed,
 )
 from services.keys import Keys
+
+log = logging.getLogger("rankloop.sdk")
 
 
 class RankloopClient:
@@ -96,7 +110,170 @@ class RankloopClient:
     def click(self, ranked: RankResponse, doc_id: str, **kw: Any) -> EventsResponse:
         return self.emit([self.event(ranked.request_id, doc_id, "click", **kw)])
 
+    def emitter(self, **options: Any) -> EventEmitter:
+        """A background, batching sender on this client (see `EventEmitter` for the options)."""
+        return EventEmitter(self, **options)
+
     def close(self) -> None:
         self.http.close()
         if self.producer is not None:
             self.producer.close()
+
+
+Rejected = Callable[[InteractionEvent, Rejection], None]
+
+
+class EventEmitter:
+    """Sends interaction events without blocking the caller. Events wait in a bounded queue
+    (`capacity`; when it is full `emit` returns False and counts the event in `dropped`); a background
+    thread sends them in batches of up to `batch`, at least every `flush_s`. What was not recorded
+    (connection errors, 429, 5xx, `not_recorded`) is retried with exponential backoff from `backoff_s`
+    (or the server's Retry-After), up to `max_attempts`; then it counts as `failed`. Events the server
+    refuses for a reason (invalid, late, duplicate) count as `rejected`; both go to `on_rejected`. A
+    duplicate on a retry means an earlier attempt was recorded after all: it counts as `sent`.
+    `flush()` waits for everything queued; `close()` flushes and stops, and also runs at exit."""
+
+    def __init__(
+        self,
+        client: RankloopClient,
+        batch: int = 500,
+        flush_s: float = 1.0,
+        capacity: int = 100_000,
+        max_attempts: int = 8,
+        backoff_s: float = 0.5,
+        on_rejected: Rejected | None = None,
+    ):
+        self.client, self.batch, self.flush_s = client, batch, flush_s
+        self.max_attempts, self.backoff_s = max_attempts, backoff_s
+        self.on_rejected = on_rejected or (lambda ev, rej: log.warning("event %s not taken: %s", ev.event_id, rej.detail))
+        self.queue: queue.Queue[InteractionEvent] = queue.Queue(capacity)
+        self.sent = self.rejected = self.failed = self.dropped = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rankloop-emitter", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    # one helper per interaction type
+    def click(self, request_id: str, doc_id: str) -> bool:
+        return self.emit(request_id, doc_id, InteractionType.click)
+
+    def skip(self, request_id: str, doc_id: str) -> bool:
+        return self.emit(request_id, doc_id, InteractionType.skip)
+
+    def dwell(self, request_id: str, doc_id: str, seconds: float) -> bool:
+        return self.emit(request_id, doc_id, InteractionType.dwell, seconds)
+
+    def cite(self, request_id: str, doc_id: str) -> bool:
+        return self.emit(request_id, doc_id, InteractionType.cite)
+
+    def citation_deleted(self, request_id: str, doc_id: str) -> bool:
+        return self.emit(request_id, doc_id, InteractionType.citation_deleted)
+
+    def purchase(self, request_id: str, doc_id: str, amount: float | None = None) -> bool:
+        return self.emit(request_id, doc_id, InteractionType.purchase, amount)
+
+    def return_(self, request_id: str, doc_id: str) -> bool:
+        return self.emit(request_id, doc_id, InteractionType.return_)
+
+    def emit(self, request_id: str, doc_id: str, type: str | InteractionType, value: float | None = None) -> bool:
+        """Queues one event (validated now, so a bad one raises here, in the caller's code)."""
+        return self.send(self.client.event(request_id, doc_id, type, value))
+
+    def send(self, event: InteractionEvent) -> bool:
+        try:
+            self.queue.put_nowait(event)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Waits until every queued event was sent, rejected or given up; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self.queue.unfinished_tasks
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._stop.is_set():
+            return
+        self.flush(timeout)
+        self._stop.set()
+        self._thread.join(timeout=5)
+        atexit.unregister(self.close)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                events = [self.queue.get(timeout=self.flush_s)]
+            except queue.Empty:
+                continue
+            while len(events) < self.batch:
+                try:
+                    events.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._deliver(events)
+            finally:
+                for _ in events:
+                    self.queue.task_done()
+
+    def _deliver(self, events: list[InteractionEvent]) -> None:
+        retried: set[str] = set()
+        for attempt in range(self.max_attempts):
+            events, wait = self._attempt(events, retried)
+            if not events:
+                return
+            retried |= {e.event_id for e in events}
+            if attempt + 1 < self.max_attempts:
+                time.sleep(wait or min(30.0, self.backoff_s * 2**attempt))
+        self.failed += len(events)
+        for ev in events:
+            self.on_rejected(
+                ev, Rejection(index=0, event_id=ev.event_id, code=RejectCode.not_recorded, detail=str(self.last_error))
+            )
+
+    def _give_up(self, events: list[InteractionEvent]) -> None:
+        self.failed += len(events)
+        for ev in events:
+            self.on_rejected(
+                ev, Rejection(index=0, event_id=ev.event_id, code=RejectCode.not_recorded, detail=str(self.last_error))
+            )
+
+    def _attempt(self, events: list[InteractionEvent], retried: set[str]) -> tuple[list[InteractionEvent], float]:
+        """One send: the events to try again, and how long the server asked to wait (0: back off)."""
+        if self.client.producer is not None:
+            answer = self.client.emit(list(events))
+        else:
+            try:
+                r = self.client.http.post("/events", json=[e.model_dump(mode="json") for e in events])
+            except httpx.HTTPError as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                return events, 0.0
+            if r.status_code == 429 or r.status_code >= 500:
+                self.last_error = f"/events answered {r.status_code}: {r.text[:200]}"
+                return events, float(r.headers.get("Retry-After", 0) or 0)
+            if r.status_code not in (200, 422):  # the batch itself is refused (401, 403, 413): retrying cannot help
+                self.last_error = f"/events answered {r.status_code}: {r.text[:200]}"
+                self.failed += len(events)
+                for ev in events:
+                    self.on_rejected(
+                        ev, Rejection(index=0, event_id=ev.event_id, code=RejectCode.not_recorded, detail=self.last_error)
+                    )
+                return [], 0.0
+            answer = EventsResponse.model_validate(r.json())
+        self.sent += len(answer.accepted)
+        again = []
+        for rej in answer.rejected:
+            ev = events[rej.index]
+            if rej.code == RejectCode.not_recorded:
+                self.last_error = rej.detail
+                again.append(ev)
+            elif rej.code == RejectCode.duplicate_event and ev.event_id in retried:
+                self.sent += 1  # an earlier attempt was recorded after all
+            else:
+                self.rejected += 1
+                self.on_rejected(ev, rej)
+        return again, 0.0

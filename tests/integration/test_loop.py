@@ -55,6 +55,20 @@ def test_posted_click_becomes_a_label(stack, client):
     assert by_doc[ranked.items[0].doc_id] == by_doc[ranked.items[1].doc_id] == -1
 
 
+def test_the_background_emitter_delivers_every_helper_event_to_labels(stack, client):
+    s = stack["settings"]
+    ranked = [client.rank(q, k=3) for q in ("insulin resistance", "statins and the liver", "sleep and memory")]
+    events = client.emitter(flush_s=0.2)
+    for r in ranked:
+        events.skip(r.request_id, r.items[0].doc_id)
+        events.click(r.request_id, r.items[1].doc_id)
+        events.dwell(r.request_id, r.items[1].doc_id, 45.0)
+    events.close()
+    assert (events.sent, events.rejected, events.failed, events.dropped) == (9, 0, 0, 0)
+    for r in ranked:
+        wait_for(lambda r=r: r.items[1].doc_id in set(labels_for(s, r.request_id)["doc_id"]), what="label from the emitter")
+
+
 def test_duplicate_event_makes_no_second_label(stack, client):
     s = stack["settings"]
     ranked = client.rank("cancer risk of smoking", k=5)
