@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -154,6 +154,7 @@ class Settings(BaseSettings):
         description="click-log folder (stats.json, impressions.tsv.gz) for position bias",
     )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per process; unset: one per core")
+    log_format: Literal["text", "json"] = Field("text", description="process logs: text lines, or one JSON object per line")
     metrics_host: str = Field(
         "127.0.0.1", description="where the stream and the scheduler serve /metrics; 0.0.0.0 for a scraper in a container"
     )

@@ -4,6 +4,7 @@ Imports nothing heavy: `rankloop --help` must answer in about a second."""
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +45,8 @@ if not os.environ.get("RANKLOOP_ONLINE"):  # models load from local folders; nev
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars in process logs
+if not sys.stderr.isatty():  # a log file, not a terminal: no progress bars (tqdm reads this when imported)
+    os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
@@ -66,7 +69,7 @@ def setup_process(s: Settings, threads: int | None = None) -> None:
     from services import logs
     from training.ranking.encoder import use_threads
 
-    logs.configure()
+    logs.configure(s.log_format)
     use_threads(threads or s.torch_threads)
 
 

@@ -36,7 +36,7 @@ def serve(
     os.environ["RANKLOOP_TORCH_THREADS"] = str(threads)
     from services import logs
 
-    logs.configure()  # the supervisor loads no model: only its workers do
+    logs.configure(s.log_format)  # the supervisor loads no model: only its workers do
     uvicorn.run(
         "services.serve.app:app_from_environment", factory=True, workers=workers, host=host, port=port, log_level="warning"
     )

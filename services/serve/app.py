@@ -88,8 +88,8 @@ def app_from_environment() -> FastAPI:
     from services import logs
     from training.ranking.encoder import use_threads
 
-    logs.configure()
     s = Settings()
+    logs.configure(s.log_format)
     use_threads(s.torch_threads or 1)
     return create_app(s)
 

@@ -107,3 +107,17 @@ def test_training_windows_are_checked_in_utc_and_may_wrap_past_midnight():
     assert in_windows(["09:00-10:00", "13:00-14:00"], at(13, 15)) and not in_windows(["09:00-10:00"], at(10, 0))
     with pytest.raises(ValidationError):
         Settings(retrain={"windows": ["25:00-06:00"]})
+
+
+def test_json_logs_are_one_object_per_line(capsys):
+    import json
+    import logging
+
+    from services import logs
+
+    logs.configure("json")
+    logging.getLogger("rankloop.test").info("promoted version %s", "3")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    record = json.loads(line)
+    assert record["message"] == "promoted version 3" and record["levelname"] == "INFO" and "time" in record
+    logs.configure("text")
