@@ -33,7 +33,12 @@ class ServingMetrics:
         self.cache_errors = Counter("rankloop_cache_errors", "Redis errors (served without cache)", registry=r)
         self.rate_limited = Counter("rankloop_rate_limited", "requests refused with 429", ["path"], registry=r)
         self.explored = Counter("rankloop_explored_requests", "requests shown in a randomised order", registry=r)
-        self.model_version = Gauge("rankloop_model_version", "served model version (0 = first stage)", registry=r)
+        self.served = Gauge("rankloop_served_model", "1 for the model version this worker serves", ["version"], registry=r)
+
+    def serving(self, version: str) -> None:
+        """The served version as a label (`first-stage` before any model), so dashboards group by it."""
+        self.served.clear()
+        self.served.labels(version).set(1)
 
     def watch(self, publisher: Any) -> None:
         """Gauges read from the publisher when /metrics is scraped."""

@@ -99,6 +99,7 @@ class Worker:
         self._cache_down = False
         self.rng = rng or random.Random()
         self.serving = Serving(FIRST_STAGE, None, time.time())
+        self.metrics.serving(FIRST_STAGE)
         self.last_swap_error: str | None = None
         self.load_failures: dict[str, int] = {}
         self.retry_after: dict[str, float] = {}  # version -> when a version found broken is tried again
@@ -335,7 +336,7 @@ class Worker:
             self.behind_since = None
             self._prune(current.version)
             self.metrics.swaps.inc()
-            self.metrics.model_version.set(int(current.version) if current.version.isdigit() else -1)
+            self.metrics.serving(current.version)
             log.info("hot-swapped to model version %s", current.version)
             return True
 

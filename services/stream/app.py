@@ -14,13 +14,14 @@ Every agent is idempotent: a redelivered message finds its event id in the reque
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import faust
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas import DeadLetter, LabelledExample
 from services.config import Settings
@@ -30,7 +31,7 @@ from services.stream.join import Burst, ClickBursts, RequestState, step, sweep
 from training.labels.store import ParquetLabelStore, Purge
 
 log = logging.getLogger(__name__)
-ACTIVITY_FLUSH_S = 2.0
+REPORT_S = 2.0
 
 
 class StreamMetrics:
@@ -38,6 +39,8 @@ class StreamMetrics:
 
     def __init__(self, host: str, port: int) -> None:
         self.registry = r = CollectorRegistry()
+        self.events = Counter("rankloop_stream_events", "messages joined, by topic (rate(): events/s)", ["topic"], registry=r)
+        self.lag = Gauge("rankloop_stream_lag_messages", "messages on its partitions not yet joined", ["topic"], registry=r)
         self.labels = Counter("rankloop_stream_labels", "labels (revisions) emitted", registry=r)
         self.dead_letters = Counter("rankloop_stream_dead_letters", "dead letters by reason", ["code"], registry=r)
         self.bursts = Counter("rankloop_click_bursts", "identities found sending a click burst (quarantined)", registry=r)
@@ -71,7 +74,8 @@ def create_app(s: Settings) -> faust.App:
     quarantined = {p.identity for p in store.purges() if p.whole_identity}
     metrics = StreamMetrics(s.metrics_host, s.stream.metrics_port)
     activity = open_activity(s.redis_url, keys)
-    counts: defaultdict[str, int] = defaultdict(int)  # for the status page, written to Redis every ACTIVITY_FLUSH_S
+    joined: dict[tuple[str, int], int] = {}  # (topic, partition) -> the last offset joined, for the lag
+    counts: defaultdict[str, int] = defaultdict(int)  # for the status page, written to Redis every REPORT_S
 
     def load(key: str) -> RequestState | None:
         stored = requests.get(key) if key else None
@@ -106,6 +110,8 @@ def create_app(s: Settings) -> faust.App:
                 continue
             kind = "impression" if msg.topic == keys.impressions else "interaction"
             counts[f"{kind}s"] += 1
+            metrics.events.labels(msg.topic).inc()
+            joined[(msg.topic, msg.partition)] = msg.offset
             key = (msg.key or b"").decode(errors="replace")
             result = step(load(key), msg.topic, kind, msg.value, rules, window, time.time(), bursts)
             if result.state is not None and key:
@@ -144,10 +150,28 @@ def create_app(s: Settings) -> faust.App:
                 store.write(labs, partition, min(offsets), max(offsets))
                 counts["labels"] += len(labs)
 
-    @app.timer(interval=ACTIVITY_FLUSH_S)
-    async def flush_activity() -> None:
+    async def measure_lag() -> None:
+        """Per input topic: the broker's high-water mark minus what this worker has joined."""
+        consumer, lag = app.consumer, {keys.impressions: 0, keys.interactions: 0}
+        for tp in consumer.assignment():
+            if tp.topic not in lag:
+                continue
+            done = joined.get((tp.topic, tp.partition))
+            try:
+                # nothing joined yet: from the consumer's position (which waits for a fetch, hence the bound)
+                upto = done + 1 if done is not None else (await asyncio.wait_for(consumer.position(tp), 1.0)) or 0
+                lag[tp.topic] += max(0, (consumer.highwater(tp) or 0) - upto)
+            except Exception as e:  # no fetch yet for this partition: nothing known to lag
+                log.debug("lag of %s unknown: %s", tp, e)
+        for topic, n in lag.items():
+            metrics.lag.labels(topic).set(n)
+
+    @app.timer(interval=REPORT_S)
+    async def report() -> None:
+        """Every few seconds: activity counts to Redis (the status page), the lag to Prometheus."""
         if counts:
             activity.count(dict(counts))
             counts.clear()
+        await measure_lag()
 
     return app

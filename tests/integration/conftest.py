@@ -46,6 +46,7 @@ def stack(tmp_path_factory, small_dataset):
         "RANKLOOP_KAFKA__LOCAL_PORT": str(free_port()),
         "RANKLOOP_REDIS__LOCAL_PORT": str(free_port()),
         "RANKLOOP_SERVING__PORT": str(free_port()),
+        "RANKLOOP_STREAM__METRICS_PORT": str(free_port()),
         "RANKLOOP_STREAM__JOIN_WINDOW_S": "20",
         "RANKLOOP_SERVING__CHAMPION_POLL_S": "2",
         "RANKLOOP_DATASET": str(small_dataset),

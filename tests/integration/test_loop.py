@@ -187,3 +187,8 @@ def test_a_click_burst_is_dead_lettered_and_its_identity_quarantined(stack, clie
     df, _ = store.read()
     assert not df["request_id"].isin(request_ids).any()
     assert not (df["identity"] == f"user:{user}").any()
+    # and the stream worker's own metrics say so, with what it joined and how far behind it is
+    stream_metrics = httpx.get(f"http://127.0.0.1:{s.stream.metrics_port}/metrics").text
+    assert 'rankloop_stream_dead_letters_total{code="click_burst"}' in stream_metrics
+    assert f'rankloop_stream_events_total{{topic="{s.keys.interactions}"}}' in stream_metrics
+    assert f'rankloop_stream_lag_messages{{topic="{s.keys.interactions}"}}' in stream_metrics
