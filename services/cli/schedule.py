@@ -49,7 +49,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="the status as JSO
     from training.labels.store import ParquetLabelStore
 
     s, client = _client()
-    require(s, "redis", "mlflow")
+    require(s, "mlflow")  # Redis may be down: the status says so and reads MLflow instead
     st = schedule_status(s, Redis.from_url(s.redis_url), ParquetLabelStore(s.label_dir), client)
     if as_json:
         console.print_json(st.model_dump_json())
@@ -59,7 +59,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="the status as JSO
     t.add_row("state", f"[yellow]paused[/] by {p.by} at {_when(p.at)}: {p.reason}" if p else "running")
     windows = ", ".join(st.windows) + (" (now inside)" if st.in_window else " (now outside)")
     t.add_row("windows (UTC)", windows if st.windows else "any time")
-    t.add_row("training now", "yes" if st.training_now else "no")
+    t.add_row("training now", "unknown" if st.training_now is None else "yes" if st.training_now else "no")
     t.add_row("labels", f"{st.labels:,} ({st.labels_pending:,} since the last training)")
     t.add_row("next check", st.next)
     t.add_row(
@@ -75,6 +75,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="the status as JSO
     if st.failures_in_a_row:
         t.add_row("failures in a row", f"{st.failures_in_a_row} (backing off until {_when(st.backoff_until)})")
     console.print(t)
+    for problem in st.problems:
+        console.print(f"[yellow]{problem}[/]")
 
 
 @schedule_app.command("pause")

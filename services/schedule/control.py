@@ -30,7 +30,7 @@ class ScheduleStatus(BaseModel):
     paused: Pause | None
     windows: list[str]  # UTC; empty: any time
     in_window: bool
-    training_now: bool  # the training lock is held
+    training_now: bool | None  # the training lock is held (None: Redis unreachable)
     labels: int
     labels_at_last_run: int
     labels_pending: int
@@ -42,6 +42,7 @@ class ScheduleStatus(BaseModel):
     last_duration_s: float | None
     failures_in_a_row: int
     backoff_until: float | None
+    problems: list[str] = []  # sources that could not be read
 
 
 def in_windows(windows: list[str], now: float) -> bool:

@@ -275,8 +275,15 @@ class Scheduler:
 
 
 def schedule_status(s: Settings, redis: Redis, labels: LabelStore, client: MlflowClient) -> ScheduleStatus:
-    """Everything `rankloop schedule status` shows, read (never guessed) from Redis, MLflow and the labels."""
-    state = {k.decode(): v.decode() for k, v in redis.hgetall(s.keys.train_state).items()}  # type: ignore[union-attr]
+    """Everything `rankloop schedule status` shows, read (never guessed) from Redis, MLflow and the
+    labels. With Redis away the counters come from the newest MLflow run and `problems` says so."""
+    problems = []
+    try:
+        state = {k.decode(): v.decode() for k, v in redis.hgetall(s.keys.train_state).items()}  # type: ignore[union-attr]
+        training_now: bool | None = bool(redis.exists(s.keys.train_lock))
+    except RedisError as e:
+        problems.append(f"Redis unreachable ({e}): counters from the newest MLflow run, training lock unknown")
+        state, training_now = last_run_state(client, s.keys.experiment), None
     now = time.time()
     number = lambda name: float(state[name]) if state.get(name) else None  # noqa: E731
     labels_now, at_last = labels.count(), int(number("last_labels") or 0)
@@ -295,7 +302,7 @@ def schedule_status(s: Settings, redis: Redis, labels: LabelStore, client: Mlflo
         paused=pause,
         windows=s.retrain.windows,
         in_window=in_window,
-        training_now=bool(redis.exists(s.keys.train_lock)),
+        training_now=training_now,
         labels=labels_now,
         labels_at_last_run=at_last,
         labels_pending=max(0, labels_now - at_last),
@@ -307,4 +314,24 @@ def schedule_status(s: Settings, redis: Redis, labels: LabelStore, client: Mlflo
         last_duration_s=number("last_duration_s"),
         failures_in_a_row=int(number("failures") or 0),
         backoff_until=backoff,
+        problems=problems,
     )
+
+
+def last_run_state(client: MlflowClient, experiment: str) -> dict[str, str]:
+    """The scheduler's counters as the newest training run in MLflow left them."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+    if not runs:
+        return {}
+    run = runs[0]
+    ended = (run.info.end_time or run.info.start_time) / 1000
+    return {
+        "last_labels": str(run.data.metrics.get("labels", 0)),
+        "last_time": str(ended),
+        "last_run_at": str(ended),
+        "last_duration_s": str((ended * 1000 - run.info.start_time) / 1000),
+        "last_outcome": run.data.tags.get("outcome", "unknown"),
+        "last_message": run.data.tags.get("gate_reason", ""),
+        "last_version": "",
+    }

@@ -121,3 +121,22 @@ def test_json_logs_are_one_object_per_line(capsys):
     record = json.loads(line)
     assert record["message"] == "promoted version 3" and record["levelname"] == "INFO" and "time" in record
     logs.configure("text")
+
+
+def test_schedule_status_answers_with_redis_down_from_the_newest_mlflow_run(tmp_path):
+    import mlflow
+    from redis import Redis
+
+    from services.schedule.scheduler import schedule_status
+    from training.labels.store import MemoryLabelStore
+    from training.registry import connect
+
+    s = Settings(state_dir=tmp_path)
+    client = connect(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art", s.keys.experiment)
+    with mlflow.start_run():
+        mlflow.log_metric("labels", 1234)
+        mlflow.set_tags({"outcome": "rejected", "gate_reason": "only 9 held-out queries (< 30)"})
+    down = Redis(port=1, socket_connect_timeout=0.5)
+    st = schedule_status(s, down, MemoryLabelStore([]), client)
+    assert st.training_now is None and "Redis unreachable" in st.problems[0]
+    assert st.last_outcome == "rejected" and st.labels_at_last_run == 1234 and "held-out" in (st.last_message or "")
