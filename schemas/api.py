@@ -139,6 +139,8 @@ class Health(BaseModel):
 
 
 class Liveness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "alive"}]})
+
     status: Literal["alive"] = "alive"
 
 

@@ -146,6 +146,17 @@ class LabelledExample(Event):
 class ModelEvent(Event):
     """Published when the champion changes, so serving workers swap without polling lag."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"schema_version": 1, "action": "promoted", "model_name": "rankloop-reranker", "version": "4",
+                 "previous_version": "3", "reason": "approved: per-query wins look right", "actor": "key:ops",
+                 "timestamp": 1795300000.0}
+            ]
+        },
+    )  # fmt: skip
+
     action: Literal["promoted", "rolled_back"]
     model_name: str
     version: str
@@ -171,6 +182,18 @@ class RejectCode(str, Enum):
 
 class DeadLetter(Event):
     """An input that could not be used, with why; nothing is dropped silently."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"schema_version": 1, "source": "rankloop.interactions", "code": "unknown_request",
+                 "reason": "unknown request_id: no impression within the join window",
+                 "payload": '{"event_id": "e7", "request_id": "never-shown", "doc_id": "d1", "type": "click"}',
+                 "timestamp": 1795236000.0}
+            ]
+        },
+    )  # fmt: skip
 
     source: str = Field(description="topic or endpoint the payload came from")
     code: RejectCode

@@ -406,14 +406,22 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         """Put the previous version back as champion (audited on the version rolled back)."""
         return move_model(lambda: state["w"].registry.rollback(body.reason, actor=actor))
 
-    @app.get("/schemas", responses=no_key, dependencies=[Depends(require(Scope.rank, Scope.events_write))])
+    @app.get(
+        "/schemas",
+        responses={200: {"content": {"application/json": {"example": {"interaction": "/schemas/interaction"}}}}, **no_key},
+        dependencies=[Depends(require(Scope.rank, Scope.events_write))],
+    )
     def schemas() -> dict[str, str]:
         """The names of the event JSON Schemas an emitter can validate against, with their paths."""
         return {name: f"/schemas/{name}" for name in ALL_SCHEMAS}
 
     @app.get(
         "/schemas/{name}",
-        responses={**no_key, 404: {"model": ErrorBody, "description": "no such schema"}},
+        responses={
+            200: {"content": {"application/json": {"example": {"title": "InteractionEvent", "type": "object"}}}},
+            **no_key,
+            404: {"model": ErrorBody, "description": "no such schema"},
+        },
         dependencies=[Depends(require(Scope.rank, Scope.events_write))],
     )
     def schema(name: str) -> dict[str, Any]:
@@ -425,7 +433,11 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
     @app.get(
         "/dead-letters",
         response_model=list[DeadLetter],
-        responses={**no_key, 503: {"model": ErrorBody, "description": "Redis unavailable"}},
+        responses={
+            200: {"content": {"application/json": {"example": DeadLetter.model_json_schema()["examples"]}}},
+            **no_key,
+            503: {"model": ErrorBody, "description": "Redis unavailable"},
+        },
     )
     def dead_letters(
         request_id: Annotated[str | None, Query(max_length=MAX_ID_CHARS)] = None,
@@ -481,7 +493,13 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
     @app.get(
         "/metrics",
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}, **no_key},
+        responses={
+            200: {
+                "content": {CONTENT_TYPE_LATEST: {"example": 'rankloop_rank_requests_total{cache="hit"} 1234.0\n'}},
+                "description": "Prometheus text format",
+            },
+            **no_key,
+        },
         dependencies=[] if s.auth.metrics_public else [Depends(require(Scope.admin))],
     )
     def metrics() -> Response:
@@ -491,7 +509,10 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
     @app.get(
         "/status",
         response_class=HTMLResponse,
-        responses={200: {"content": {"text/html": {}}, "description": "the status page"}, **no_key},
+        responses={
+            200: {"content": {"text/html": {"example": "<!doctype html><html>…</html>"}}, "description": "the status page"},
+            **no_key,
+        },
         dependencies=[] if s.auth.metrics_public else [Depends(require(Scope.admin))],
     )
     def status_page() -> HTMLResponse:

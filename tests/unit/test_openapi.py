@@ -38,3 +38,25 @@ def test_openapi_documents_every_endpoint_with_models():
     assert {"InteractionEvent", "InteractionType", "Rejection", "RejectCode"} <= set(schemas)
     for name in ("RankRequest", "RankResponse", "EventsResponse", "ModelInfo", "Health", "PromoteRequest", "RollbackRequest"):
         assert schemas[name].get("examples"), name
+
+
+def test_every_endpoint_documents_an_example_of_its_answer_and_body():
+    """What an emitter in another language reads first: each request and 200 answer has an example."""
+    spec = create_app(Settings(), worker=MagicMock()).openapi()
+    components = spec["components"]["schemas"]
+
+    def example_in(media: dict) -> bool:
+        if "example" in media or "examples" in media:
+            return True
+        schema = media.get("schema", {})
+        ref = schema.get("$ref") or schema.get("items", {}).get("$ref")
+        return bool(ref) and "examples" in components[ref.split("/")[-1]]
+
+    missing = []
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            body = op.get("requestBody", {}).get("content", {})
+            ok = op["responses"]["200"].get("content", {})
+            if any(not example_in(m) for m in body.values()) or any(not example_in(m) for m in ok.values()):
+                missing.append(f"{method} {path}")
+    assert missing == []
