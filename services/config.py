@@ -99,6 +99,9 @@ class ServingSettings(Group):
         0.1, ge=0.0, le=1.0, description="share of requests shown with a shuffled top (docs/position-bias.md)"
     )
     explore_depth: int = Field(10, ge=2, description="how many top items an explored request shuffles")
+    explore_seed: int | None = Field(
+        None, description="benchmarks: exploration follows from this seed and the request (same traffic, same shuffles)"
+    )
     impression_buffer: int = Field(
         100_000, ge=1, description="impressions held while the broker is away; more are dropped (counted)"
     )

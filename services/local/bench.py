@@ -190,7 +190,7 @@ def _run(
     timings["skyline_s"] = time.time() - t
     console.print(f"skyline (train qrels): {skyline['ndcg@10']:.4f}")
 
-    s.serving = s.serving.model_copy(update={"champion_poll_s": 5.0})
+    s.serving = s.serving.model_copy(update={"champion_poll_s": 5.0, "explore_seed": seed})
     env = worker_env(s, RANKLOOP_TORCH_THREADS="1")
     procs = {name: spawn(s, name, env) for name in ("serve", "stream")}
     round_results: list[BenchRound] = []

@@ -153,7 +153,7 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
     def clean_ndcg(reranker: Reranker | None) -> float:
         return evaluate_ranker(ds, plan.eval_split, eval_cands, reranker, fs.text, depth)["ndcg@10"]
 
-    s.serving = s.serving.model_copy(update={"champion_poll_s": 5.0})
+    s.serving = s.serving.model_copy(update={"champion_poll_s": 5.0, "explore_seed": plan.seed})
     procs = {name: spawn(s, name, worker_env(s, RANKLOOP_TORCH_THREADS="1")) for name in ("serve", "stream")}
     timings: dict[str, float] = {}
     try:

@@ -120,6 +120,13 @@ class Worker:
         self._cache_set(key, [[c.doc_id, c.bm25, c.dense, c.fused] for c in cands])
         return cands
 
+    def _rng_for(self, req: RankRequest) -> random.Random:
+        """With `serving.explore_seed` set, a request's exploration follows from the seed and the request
+        alone, whatever order concurrent requests arrive in: a replayed simulation explores the same
+        requests the same way. Unset (production), one random generator for the process."""
+        seed = self.s.serving.explore_seed
+        return self.rng if seed is None else random.Random(f"{seed}|{req.query}|{req.user}|{req.session}")
+
     def rank(self, req: RankRequest, api_key: str | None = None) -> RankResponse:
         started = time.perf_counter()
         serving = self.serving  # one reference for the whole request: a swap cannot change it midway
@@ -141,7 +148,7 @@ class Worker:
             )
             items = [[doc, score] for doc, score in ranking[: req.k]]
             self._cache_set(key, items)
-        items, explored = explore(items, self.rng, self.s.serving.explore_rate, self.s.serving.explore_depth)
+        items, explored = explore(items, self._rng_for(req), self.s.serving.explore_rate, self.s.serving.explore_depth)
         response = RankResponse(
             request_id=uuid.uuid4().hex,
             model_version=serving.version,

@@ -170,3 +170,18 @@ def test_a_worker_on_a_broken_index_never_says_ready(worker, monkeypatch):
     monkeypatch.setattr(worker, "index_problem", "first-stage self-check failed: ...")
     worker.champion_checked = True
     assert worker.readiness() == (False, "first-stage self-check failed: ...")
+
+
+def test_a_seeded_worker_explores_the_same_requests_the_same_way_whatever_their_order(tiny_first_stage):
+    """Concurrent simulated users reach the server in any order: with `explore_seed` the shuffles must
+    not depend on it, or a benchmark's labels differ run to run."""
+    s = Settings(serving=ServingSettings(explore_rate=0.5, explore_depth=3, rerank_depth=5, candidates_k=8, explore_seed=7))
+    requests = [RankRequest(query=QUERY, k=3, user=f"u{i}", session=f"s{i}") for i in range(30)]
+
+    def orders(reqs):
+        w = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry())
+        return {r.user: [it.doc_id for it in w.rank(r).items] for r in reqs}
+
+    forward, backward = orders(requests), orders(list(reversed(requests)))
+    assert forward == backward
+    assert len({tuple(v) for v in forward.values()}) > 1  # some requests were explored
