@@ -14,6 +14,7 @@ import itertools
 import time
 from pathlib import Path
 
+import httpx
 import mlflow
 from pydantic import BaseModel, Field
 from rich.console import Console
@@ -27,6 +28,7 @@ from services.local.workers import served_version, spawn, stop, wait_healthy, wo
 from services.registry import connect_registry
 from services.schedule.scheduler import impression_click_log, retrain
 from services.sdk import RankloopClient
+from services.storage.kafka import committed_offsets, end_offsets
 from training import beir, plots, self_check
 from training.evaluate import evaluate_designs, evaluate_first_stage_parts, evaluate_ranker
 from training.labels.store import LabelStore, MemoryLabelStore, ParquetLabelStore
@@ -96,17 +98,34 @@ class LoopBenchResult(BaseModel):
     timings: dict[str, float]
 
 
-def settle_labels(labels: ParquetLabelStore, timeout: float = 120.0) -> int:
-    """Waits until the label store stops growing (the stream has caught up)."""
-    last, stable_since, deadline = -1, time.time(), time.time() + timeout
+def settle_labels(s: Settings, labels: ParquetLabelStore, timeout: float = 300.0) -> int:
+    """Waits until the stream has consumed every impression and interaction sent so far (its
+    committed offsets reach the topics' ends) and the label store holds every label it emitted (the
+    store's offsets reach the labels topic's end): a round is cut at an exact point, not after a quiet
+    spell, so how many labels a round trains on does not depend on timing."""
+    keys = s.keys
+    deadline = time.time() + timeout
     while time.time() < deadline:
-        n = labels.count()
-        if n != last:
-            last, stable_since = n, time.time()
-        elif time.time() - stable_since > 4:
-            return n
+        if impressions_buffered(s):  # serving hands impressions over in the background: not yet on a topic
+            time.sleep(0.5)
+            continue
+        inputs = end_offsets(s.kafka.address, [keys.impressions, keys.interactions])
+        done = committed_offsets(s.kafka.address, keys.stream_app)
+        consumed = all(done.get(tp, 0) >= end for tp, end in inputs.items())
+        stored = labels.stored_offsets()
+        written = all(stored.get(p, -1) + 1 >= end for (_, p), end in end_offsets(s.kafka.address, [keys.labels]).items())
+        if consumed and written:
+            return labels.count()
         time.sleep(1)
-    return last
+    raise TimeoutError(f"the stream did not catch up within {timeout:.0f}s (see <state>/run/stream.log)")
+
+
+def impressions_buffered(s: Settings) -> int:
+    """Impressions the serving worker still holds (0 if it cannot be asked)."""
+    try:
+        return int(httpx.get(f"{s.base_url}/health/ready", timeout=5).json().get("impressions_buffered", 0))
+    except (httpx.HTTPError, ValueError):
+        return 0
 
 
 def _qrels_labels(ds: beir.Dataset, split: str, index_version: str) -> list[LabelledExample]:
@@ -203,7 +222,7 @@ def _run(
             t = time.time()
             stats = simulate(sdk, ds, train_split, sessions_per_round, user, seed=seed * 1000 + r)
             events += stats.accepted
-            n_labels = settle_labels(labels)
+            n_labels = settle_labels(s, labels)
             t_train = time.time()
             outcome = retrain(s, fs)
             if outcome.status == "promoted":

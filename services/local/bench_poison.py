@@ -162,7 +162,7 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
         t = time.time()
         users = UserModel(examination_curve(s.clicklog))
         simulate(sdk, ds, plan.train_split, plan.sessions, users, seed=plan.seed)
-        settle_labels(labels)
+        settle_labels(s, labels)
         clean = retrain(s, fs)
         console.print(f"clean round: {clean.status} ({clean.message})")
         if clean.status == "promoted":
@@ -308,7 +308,7 @@ def attack_case(
         for _ in pool.map(click, range(clicks)):
             bar.advance(task)
     users.join()
-    settle_labels(labels)
+    settle_labels(s, labels)
     t_control = time.time()
     control = train_control(s, registry, labels, fs, {f"user:{u}" for u in who})
     control_model = load_version(registry, fs, control)

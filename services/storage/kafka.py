@@ -267,3 +267,25 @@ def message_count(bootstrap: str, topic: str) -> int:
         return int(sum(consumer.end_offsets(parts).values())) if parts else 0
     finally:
         consumer.close()
+
+
+def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> the offset the next message will get."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    try:
+        parts = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or []]
+        return {(tp.topic, tp.partition): int(o) for tp, o in consumer.end_offsets(parts).items()} if parts else {}
+    finally:
+        consumer.close()
+
+
+def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> the offset a consumer group has committed (the next it will read)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        found = admin.list_group_offsets({group: None}).get(group, {})
+        return {(tp.topic, tp.partition): int(getattr(meta, "offset", meta)) for tp, meta in found.items()}
+    finally:
+        admin.close()

@@ -192,3 +192,18 @@ def test_a_click_burst_is_dead_lettered_and_its_identity_quarantined(stack, clie
     assert 'rankloop_stream_dead_letters_total{code="click_burst"}' in stream_metrics
     assert f'rankloop_stream_events_total{{topic="{s.keys.interactions}"}}' in stream_metrics
     assert f'rankloop_stream_lag_messages{{topic="{s.keys.interactions}"}}' in stream_metrics
+
+
+def test_a_round_is_cut_when_the_stream_has_consumed_everything_and_stored_every_label(stack, client):
+    """The benchmarks' exact cut: committed offsets reach the input topics' ends and the store the
+    labels topic's end, so every event sent before the call has its labels on disk."""
+    from services.local.bench import settle_labels
+
+    s = stack["settings"]
+    ranked = [client.rank(q, k=3) for q in ("omega-3 and depression", "aspirin and stroke", "gut flora and obesity")]
+    client.emit([client.event(r.request_id, r.items[2].doc_id, "click") for r in ranked])
+    store = ParquetLabelStore(s.label_dir)
+    settle_labels(s, store, timeout=120)
+    df, _ = store.read()
+    # the click and the two skipped above it, for every request: no label still on its way
+    assert [int(df["request_id"].eq(r.request_id).sum()) for r in ranked] == [3, 3, 3]

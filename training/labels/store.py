@@ -115,6 +115,14 @@ class ParquetLabelStore:
             f.write(purge.model_dump_json() + "\n")
         return before - len(self.read()[0]) if count else 0
 
+    def stored_offsets(self) -> dict[int, int]:
+        """labels-topic partition -> the highest offset stored (from shard names: no read)."""
+        out: dict[int, int] = {}
+        for p in self.shards():
+            if m := SHARD_RE.search(p.name):
+                out[int(m.group(1))] = max(out.get(int(m.group(1)), -1), int(m.group(3)))
+        return out
+
     def shards(self) -> list[Path]:
         return sorted(self.folder.glob("labels-p*.parquet")) if self.folder.exists() else []
 
