@@ -92,3 +92,23 @@ def loop_rounds(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def repeated_rounds(path: Path, title: str, by_seed: dict[int, Sequence[float]], hybrid: float, skyline: float) -> Path:
+    """Benchmark repeated over seeds: every seed's champion by round, their mean, and the band between."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    n = max(len(v) for v in by_seed.values())
+    xs = list(range(n))
+    for seed, values in by_seed.items():
+        ax.plot(range(len(values)), list(values), color="#4c78a8", alpha=0.35, lw=1, label=f"seed {seed}")
+    columns = [[v[i] for v in by_seed.values() if i < len(v)] for i in xs]
+    ax.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], color="#4c78a8", alpha=0.12)
+    ax.plot(xs, [sum(c) / len(c) for c in columns], color="#4c78a8", marker="o", lw=2, label="mean")
+    ax.axhline(hybrid, color="grey", ls="--", label="hybrid first stage (mean)")
+    ax.axhline(skyline, color="green", ls=":", label="skyline (mean)")
+    ax.set_xlabel("round"), ax.set_ylabel("NDCG@10"), ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

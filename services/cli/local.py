@@ -58,6 +58,7 @@ def bench_loop(
     rounds: int = 3,
     seed: int = 0,
     sessions: int = typer.Option(3000, help="simulated sessions per round"),
+    repeat: int = typer.Option(1, min=1, help="run with seeds SEED..SEED+N-1 and report every figure as mean and range"),
     out: Path = typer.Option(Path("loop.json"), help="JSON result; a Markdown summary and plots go beside it"),
 ) -> None:
     """Run the real loop with simulated users on the train split; evaluate every champion on the eval split."""
@@ -65,9 +66,20 @@ def bench_loop(
 
     if train_split == eval_split:
         raise InvalidInput(f"--train-split and --eval-split are both {train_split!r}: the eval split must never feed training")
-    s = bench_settings("bench", dataset, 100)
-    s.state_dir.mkdir(parents=True, exist_ok=True)
-    result = run_loop_bench(s, train_split, eval_split, rounds, seed, sessions, out)
+
+    def one(seed: int, path: Path):
+        s = bench_settings(f"bench-s{seed}", dataset, 100)
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        return run_loop_bench(s, train_split, eval_split, rounds, seed, sessions, path)
+
+    if repeat > 1:
+        from services.local.bench_repeat import run_repeated
+
+        repeated = run_repeated(one, list(range(seed, seed + repeat)), out)
+        console.print_json(repeated.model_dump_json(include={"figures", "checks"}))
+        console.print(f"written: {out}, {out.with_suffix('.md')} and one run per seed beside them")
+        return
+    result = one(seed, out)
     summary = result.model_dump(mode="json", by_alias=True, include={"baselines", "skyline", "final", "checks", "timings"})
     console.print_json(json.dumps(summary))
     console.print(f"written: {out}, {out.with_suffix('.md')}")

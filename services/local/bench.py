@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import mlflow
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 from rich.console import Console
 
 from schemas import LabelledExample
@@ -71,7 +71,10 @@ class PropensityReport(BaseModel):
 class BenchChecks(BaseModel):
     """The issue's targets, computed from the run itself."""
 
-    final_champion_ndcg_at_10: float = Field(serialization_alias="final_champion_ndcg@10")
+    final_champion_ndcg_at_10: float = Field(
+        serialization_alias="final_champion_ndcg@10",
+        validation_alias=AliasChoices("final_champion_ndcg_at_10", "final_champion_ndcg@10"),  # a written result reads back
+    )
     share_of_skyline_lift: float | None
     eval_never_fell_at_a_promotion: bool
     train_queries_never_fell: bool

@@ -1,0 +1,121 @@
+"""`rankloop bench loop --repeat N`: the loop benchmark over N seeds, every headline as its mean and
+range, so a figure quoted in docs is a distribution and not one draw.
+
+Each seed runs on its own fresh local stack (`run_loop_bench`), one after the other; its JSON, Markdown
+and plots go beside the summary as `<out>-s<seed>.*`. The checks read the mean (and the worst run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from statistics import mean
+
+from pydantic import BaseModel
+
+from services.local.bench import LoopBenchResult
+from training import plots
+
+
+class Spread(BaseModel):
+    mean: float
+    min: float
+    max: float
+    values: list[float]  # one per seed, in seed order
+
+
+class RepeatChecks(BaseModel):
+    """The reproducibility issue's targets, on the runs that were made."""
+
+    champion_mean_at_least_0_80: bool
+    every_champion_at_least_0_78: bool
+    share_of_skyline_lift_mean_at_least_0_90: bool | None
+
+
+class RepeatedLoopResult(BaseModel):
+    dataset: str
+    seeds: list[int]
+    runs: list[str]  # the per-seed JSON files
+    figures: dict[str, Spread]
+    checks: RepeatChecks
+
+
+def headline(r: LoopBenchResult) -> dict[str, float]:
+    """The figures docs quote from one run."""
+    out = {
+        "hybrid NDCG@10": r.baselines["hybrid"]["ndcg@10"],
+        "skyline NDCG@10": r.skyline["ndcg@10"],
+        "final champion NDCG@10": r.checks.final_champion_ndcg_at_10,
+        "propensity MAE": r.checks.propensity_mae,
+        "rounds promoted": float(sum(x.promoted for x in r.rounds)),
+    }
+    if r.checks.share_of_skyline_lift is not None:
+        out["share of skyline lift"] = r.checks.share_of_skyline_lift
+    for x in r.rounds:
+        out[f"round {x.round} champion NDCG@10"] = x.eval["ndcg@10"]
+    return out
+
+
+def summarise(results: list[LoopBenchResult], runs: list[Path]) -> RepeatedLoopResult:
+    per_run = [headline(r) for r in results]
+    names = [k for k in per_run[0] if all(k in h for h in per_run)]
+    figures = {
+        k: Spread(mean=round(mean(vs), 4), min=round(min(vs), 4), max=round(max(vs), 4), values=[round(v, 4) for v in vs])
+        for k in names
+        for vs in [[h[k] for h in per_run]]
+    }
+    champion = figures["final champion NDCG@10"]
+    share = figures.get("share of skyline lift")
+    return RepeatedLoopResult(
+        dataset=results[0].dataset,
+        seeds=[r.seed for r in results],
+        runs=[str(p) for p in runs],
+        figures=figures,
+        checks=RepeatChecks(
+            champion_mean_at_least_0_80=champion.mean >= 0.80,
+            every_champion_at_least_0_78=champion.min >= 0.78,
+            share_of_skyline_lift_mean_at_least_0_90=share.mean >= 0.90 if share else None,
+        ),
+    )
+
+
+def run_repeated(run: Callable[[int, Path], LoopBenchResult], seeds: list[int], out: Path) -> RepeatedLoopResult:
+    """`run(seed, out)` is one loop benchmark; the summary goes to `out` with Markdown and a plot."""
+    stem = out.with_suffix("")
+    results, runs = [], []
+    for seed in seeds:
+        path = Path(f"{stem}-s{seed}.json")
+        results.append(run(seed, path))
+        runs.append(path)
+    summary = summarise(results, runs)
+    write(summary, results, out)
+    return summary
+
+
+def write(summary: RepeatedLoopResult, results: list[LoopBenchResult], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(summary.model_dump_json(indent=2))
+    stem = out.with_suffix("")
+    figures = summary.figures
+    plots.repeated_rounds(
+        Path(f"{stem}-rounds.png"),
+        f"{summary.dataset}: champion NDCG@10 by round, {len(results)} seeds",
+        {r.seed: [r.baselines["hybrid"]["ndcg@10"]] + [x.eval["ndcg@10"] for x in r.rounds] for r in results},
+        figures["hybrid NDCG@10"].mean,
+        figures["skyline NDCG@10"].mean,
+    )
+    lines = [
+        f"# Loop benchmark over {len(results)} seeds: {summary.dataset}",
+        "",
+        f"Seeds {', '.join(map(str, summary.seeds))}; each on a fresh stack. Mean and range (min–max).",
+        "",
+        "| figure | mean | range | per seed |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {s.mean:.4f} | {s.min:.4f}–{s.max:.4f} | {', '.join(f'{v:.4f}' for v in s.values)} |"
+        for k, s in figures.items()
+    ]
+    lines += ["", "| check | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary.checks.model_dump().items()]
+    lines += ["", f"![rounds]({Path(f'{stem}-rounds.png').name})"]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
