@@ -320,7 +320,8 @@ def train_once(
             (folder / "README.md").write_text(card("passed the gate" if report.result.passed else "rejected by the gate"))
             tracking.write_mlmodel(folder)
             mlflow.log_artifacts(str(folder), "model")
-        version = registry.register(run.info.run_id)
+        model_id = tracking.log_model_entity(run.info.run_id, registry.name, tuned.mix.as_dict(), report.result)
+        version = registry.register(run.info.run_id, model_id=model_id)
         registry.tag(version, "gate", report.result.reason)
 
     result = report.result

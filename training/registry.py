@@ -179,13 +179,13 @@ class MlflowRegistry:
         process still reading a deleted version's memory-mapped files keeps them until it lets go."""
         return prune_folders(self.cache_dir, keep)
 
-    def register(self, run_id: str, artifact_path: str = "model") -> str:
+    def register(self, run_id: str, artifact_path: str = "model", model_id: str | None = None) -> str:
         try:
             self.client.get_registered_model(self.name)
         except MlflowException:
             self.client.create_registered_model(self.name, description="rankloop reranker (bi-encoder + first-stage mix)")
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        return str(self.client.create_model_version(self.name, source=source, run_id=run_id).version)
+        return str(self.client.create_model_version(self.name, source=source, run_id=run_id, model_id=model_id).version)
 
     def tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.name, str(version), key, value)

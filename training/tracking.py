@@ -15,7 +15,7 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.models import Model, infer_signature
 from mlflow.models.utils import _save_example
 
@@ -190,3 +190,17 @@ def describe_version(
     client.set_tag(run_id, "mlflow.runName", f"v{version} · {outcome} · {gate.mean_gain:+.3f} NDCG@10")
     client.set_tag(run_id, "mlflow.note.content", card)
     client.update_model_version(model_name, version, description=card)
+
+
+def log_model_entity(run_id: str, name: str, mix: dict[str, float], gate: GateResult) -> str:
+    """An MLflow 3 logged model for the run (its files stay the run's `model/` folder, which serving
+    reads), so the run lists it under "Logged models" and the version can point at it."""
+    logged = mlflow.create_external_model(
+        name=name,
+        source_run_id=run_id,
+        model_type="bi-encoder reranker",
+        params={k: str(v) for k, v in mix.items()},
+        tags={"gate": gate.reason, "location": "the run's model/ folder"},
+    )
+    MlflowClient().log_outputs(run_id, [LoggedModelOutput(logged.model_id, 0)])
+    return logged.model_id

@@ -89,6 +89,8 @@ def test_a_version_is_reviewable_in_mlflow(stack, trained):
     assert run.data.tags["mlflow.note.content"] == version.description
     losses = client.get_metric_history(outcome.run_id, "train_loss")
     assert len(losses) > 2 and [m.step for m in losses] == list(range(len(losses)))
+    (logged,) = run.outputs.model_outputs  # listed under the run's "Logged models"
+    assert mlflow.get_logged_model(logged.model_id).source_run_id == outcome.run_id
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "labels" and dataset.tags[0].value == "training"
     experiment = client.get_experiment_by_name(s.keys.experiment)
