@@ -25,6 +25,7 @@ from training.ranking.model_files import META_FILE
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 EXPERIMENT = "rankloop"
 EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # MLflow 3 opens such an experiment in its model-training view, not the GenAI one
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,12 @@ def connect(tracking_uri: str, artifact_dir: Path | None = None, experiment: str
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     try:
-        if client.get_experiment_by_name(experiment) is None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
             location = artifact_dir.resolve().as_uri() if artifact_dir else None
-            # opens in MLflow's model-training view, not the GenAI one MLflow 3 picks for an untagged experiment
-            client.create_experiment(experiment, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"})
+            client.create_experiment(experiment, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        elif EXPERIMENT_KIND not in found.tags:  # made before this tag was set
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     except MlflowException as e:
         raise DependencyUnavailable(
             f"MLflow at {tracking_uri} is not usable ({e}); start the local one with `rankloop up` "
