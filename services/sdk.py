@@ -209,9 +209,10 @@ class EventEmitter:
                 events = [self.queue.get(timeout=self.flush_s)]
             except queue.Empty:
                 continue
-            while len(events) < self.batch:
+            due = time.monotonic() + self.flush_s  # a batch waits at most flush_s for company
+            while len(events) < self.batch and not self._stop.is_set():
                 try:
-                    events.append(self.queue.get_nowait())
+                    events.append(self.queue.get(timeout=max(0.0, due - time.monotonic())))
                 except queue.Empty:
                     break
             try:
