@@ -11,6 +11,7 @@ import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -51,6 +52,7 @@ from training.ranking.first_stage import FirstStage
 from training.registry import MlflowRegistry
 from training.registry import approve as approve_challenger
 
+BROWSER_SDK = Path(__file__).parent / "static" / "rankloop.js"
 log = logging.getLogger("rankloop.serve")
 
 
@@ -454,6 +456,15 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
         own = None if key is None or Scope.admin in key.scopes else key.name
         out = [d for d in (DeadLetter.model_validate(d) for d in found) if matches(d, request_id, since, own)]
         return out[:limit]
+
+    @app.get(
+        "/sdk/rankloop.js",
+        response_class=Response,
+        responses={200: {"content": {"text/javascript": {"example": "function rankloop(base, key) { ... }"}}}},
+    )
+    def browser_sdk() -> Response:
+        """The browser snippet: `rankloop(base, key).click(request_id, doc_id)` and a helper per interaction type."""
+        return Response(BROWSER_SDK.read_text(), media_type="text/javascript")
 
     @app.get("/health/live", response_model=Liveness)
     def live() -> Liveness:

@@ -25,6 +25,7 @@ def test_openapi_documents_every_endpoint_with_models():
         "/schemas",
         "/schemas/{name}",
         "/dead-letters",
+        "/sdk/rankloop.js",
     }
     ok = lambda path, method: paths[path][method]["responses"]["200"]["content"]  # noqa: E731
     assert ok("/rank", "post")["application/json"]["schema"]["$ref"].endswith("/RankResponse")
