@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -84,14 +85,7 @@ def loop_rounds(
     xs = list(range(len(eval_by_round)))
     ax.plot(xs, list(eval_by_round), marker="o", label=eval_label)
     ax.plot(xs, list(train_by_round), marker="s", label=train_label)
-    ax.axhline(hybrid, color="grey", ls="--", label="hybrid first stage")
-    ax.axhline(skyline, color="green", ls=":", label="full-information skyline")
-    ax.set_xlabel("round"), ax.set_ylabel("NDCG@10"), ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _rounds_axes(fig, ax, title, hybrid, skyline, path, "hybrid first stage", "full-information skyline")
 
 
 def repeated_rounds(path: Path, title: str, by_seed: dict[int, Sequence[float]], hybrid: float, skyline: float) -> Path:
@@ -104,8 +98,13 @@ def repeated_rounds(path: Path, title: str, by_seed: dict[int, Sequence[float]],
     columns = [[v[i] for v in by_seed.values() if i < len(v)] for i in xs]
     ax.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], color="#4c78a8", alpha=0.12)
     ax.plot(xs, [sum(c) / len(c) for c in columns], color="#4c78a8", marker="o", lw=2, label="mean")
-    ax.axhline(hybrid, color="grey", ls="--", label="hybrid first stage (mean)")
-    ax.axhline(skyline, color="green", ls=":", label="skyline (mean)")
+    return _rounds_axes(fig, ax, title, hybrid, skyline, path, "hybrid first stage (mean)", "skyline (mean)")
+
+
+def _rounds_axes(fig: Figure, ax: Any, title: str, hybrid: float, skyline: float, path: Path, *labels: str) -> Path:
+    """The references, labels and file of a metric-by-round plot."""
+    ax.axhline(hybrid, color="grey", ls="--", label=labels[0])
+    ax.axhline(skyline, color="green", ls=":", label=labels[1])
     ax.set_xlabel("round"), ax.set_ylabel("NDCG@10"), ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
