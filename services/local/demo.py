@@ -191,6 +191,7 @@ def _report(s: Settings, fs: FirstStage, ds: beir.Dataset, events: int, started:
     )
     console.print(
         f"with --keep-running: the status page at {s.base_url}/status, `rankloop schedule status`, "
-        f"metrics at {s.base_url}/metrics, :{s.stream.metrics_port}/metrics (stream), :{s.retrain.metrics_port}/metrics (schedule)"
+        f"metrics at {s.base_url}/metrics, :{s.stream.metrics_port}/metrics (stream), "
+        f":{s.retrain.metrics_port}/metrics (schedule)"
     )
     console.print(f"done in {time.time() - started:.0f}s")
