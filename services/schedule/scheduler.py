@@ -200,7 +200,12 @@ class Scheduler:
             last_labels = float(runs[0].data.metrics.get("labels", 0.0))
             last_time = (runs[0].info.end_time or runs[0].info.start_time) / 1000
             log.info("training counters rebuilt from MLflow run %s: %d labels", runs[0].info.run_id, last_labels)
-            self._set(last_outcome=runs[0].data.tags.get("outcome", "unknown"), last_run_at=last_time)
+            started = runs[0].info.start_time / 1000
+            self._set(
+                last_outcome=runs[0].data.tags.get("outcome", "unknown"),
+                last_run_at=last_time,
+                last_duration_s=last_time - started,
+            )
         self._set(last_labels=last_labels, last_time=last_time)
 
     def status(self) -> ScheduleStatus:
@@ -219,6 +224,8 @@ class Scheduler:
         if now < self._get("backoff_until", 0) or pause or not in_window:
             return None
         self.restore_counters(now)
+        self.metrics.last_run.set(self._get("last_run_at", 0))  # a restarted scheduler reports the last run too
+        self.metrics.last_duration.set(self._get("last_duration_s", 0))
         labels_now = self.labels.count()
         self.metrics.pending.set(max(0, labels_now - int(self._get("last_labels", 0))))
         decision = should_train(labels_now, int(self._get("last_labels", 0)), self._get("last_time", now), now, self.s)

@@ -60,28 +60,33 @@ def stack(tmp_path_factory, small_dataset):
         os.environ.pop(k, None)
     os.environ.update(env)
     s = Settings()
-    infra.up(s)
-    build_index(beir.load(small_dataset), state)
-    log = open(state / "stream.log", "ab")
-    stream = subprocess.Popen(
-        [sys.executable, "-m", "services", "stream"],
-        env={**os.environ},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    stream = server = None
+    try:  # whatever fails while starting, nothing started is left running (a stream orphaned on a port)
+        infra.up(s)
+        build_index(beir.load(small_dataset), state)
+        log = open(state / "stream.log", "ab")
+        stream = subprocess.Popen(
+            [sys.executable, "-m", "services", "stream"],
+            env={**os.environ},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
-    from services.serve.app import build_worker, create_app
+        from services.serve.app import build_worker, create_app
 
-    worker = build_worker(s)
-    server = serve_in_thread(s, create_app(s, worker))
-    yield {"settings": s, "worker": worker, "state": state, "dataset": small_dataset}
-    server.should_exit = True
-    stream.terminate()
-    stream.wait(timeout=30)
-    infra.down(s)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        worker = build_worker(s)
+        server = serve_in_thread(s, create_app(s, worker))
+        yield {"settings": s, "worker": worker, "state": state, "dataset": small_dataset}
+    finally:
+        if server is not None:
+            server.should_exit = True
+        if stream is not None:
+            stream.terminate()
+            stream.wait(timeout=30)
+        infra.down(s)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
