@@ -109,6 +109,6 @@ def test_the_status_page_shows_activity_and_escapes_what_users_sent(tiny_first_s
         )
         page = client.get("/status")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "last hour: 2 events, 3 labels" in page.text and "no registered version yet" in page.text
+    assert "last hour: 2 events, 3 label rows" in page.text and "no registered version yet" in page.text
     assert "<code>doc_not_shown</code></td><td>1</td>" in page.text
     assert "<script>" not in page.text and "&lt;script&gt;" in page.text
