@@ -166,8 +166,6 @@ class Scheduler:
     LOCK_TTL_S = 300.0  # renewed every third of it while a training runs
 
     def __init__(self, s: Settings):
-        from redis import Redis
-
         require(s, "kafka", "redis", "mlflow")
         self.s = s
         self.redis = Redis.from_url(s.redis_url)
@@ -189,24 +187,14 @@ class Scheduler:
         the newest training run in MLflow, so a lost hash never causes a wasted retrain."""
         if self.redis.hget(self.s.keys.train_state, "last_time") is not None:
             return
-        last_labels, last_time = 0.0, now
         try:
-            experiment = self.client.get_experiment_by_name(self.s.keys.experiment)
-            runs = self.client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+            state = last_run_state(self.client, self.s.keys.experiment)
         except Exception as e:  # MLflow away: start counting from now
             log.warning("could not rebuild the training counters from MLflow: %s", e)
-            runs = []
-        if runs:
-            last_labels = float(runs[0].data.metrics.get("labels", 0.0))
-            last_time = (runs[0].info.end_time or runs[0].info.start_time) / 1000
-            log.info("training counters rebuilt from MLflow run %s: %d labels", runs[0].info.run_id, last_labels)
-            started = runs[0].info.start_time / 1000
-            self._set(
-                last_outcome=runs[0].data.tags.get("outcome", "unknown"),
-                last_run_at=last_time,
-                last_duration_s=last_time - started,
-            )
-        self._set(last_labels=last_labels, last_time=last_time)
+            state = {}
+        if state:
+            log.info("training counters rebuilt from the newest MLflow run: %s labels", state["last_labels"])
+        self._set(**(state or {"last_labels": 0.0, "last_time": now}))
 
     def status(self) -> ScheduleStatus:
         return schedule_status(self.s, self.redis, self.labels, self.client)
