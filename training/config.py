@@ -36,4 +36,6 @@ class GateConfig(BaseModel):
     tune_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share before it that tunes the score mix")
     margin: float = Field(0.005, ge=0.0, description="minimum mean NDCG@10 gain")
     p_value: float = Field(0.05, gt=0.0, le=1.0, description="one-sided Wilcoxon p-value to beat")
-    min_queries: int = Field(30, ge=1, description="held-out queries needed before any verdict")
+    min_queries: int = Field(30, ge=1, description="held-out queries for a per-query verdict; with fewer, requests are compared")
+    min_requests: int = Field(200, ge=1, description="held-out requests for a per-request verdict (few distinct queries)")
+    min_clustered_queries: int = Field(5, ge=2, description="distinct queries those requests must come from")

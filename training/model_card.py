@@ -79,7 +79,8 @@ def model_card(
         "",
         f"**Gate** against {champion} on users' held-out judgements: {gate.reason}",
         f"({gate.champion_mean:.4f} → {gate.challenger_mean:.4f} NDCG@10, {gate.mean_gain:+.4f}, p={gate.p_value:.2g}, "
-        f"{gate.wins} wins / {gate.losses} losses on {gate.queries} queries).",
+        f"{gate.wins} wins / {gate.losses} losses on "
+        + (f"{gate.requests} requests of {gate.queries} queries)." if gate.requests else f"{gate.queries} queries)."),
         "",
         "## What it learned from",
         "",

@@ -25,7 +25,7 @@ from sentence_transformers import SentenceTransformer
 from schemas import ModelEvent
 from training import tracking
 from training.config import GateConfig, TrainConfig
-from training.gate import GateResult, decide
+from training.gate import GateResult, decide, decide_clustered
 from training.labels.feedback import QueryFeedback, aggregate, split_by_time, top_identity_share
 from training.labels.rules import LabelRules
 from training.labels.store import LabelStore, Lineage
@@ -59,6 +59,7 @@ class Slices:
     train: list[QueryFeedback]
     tune: list[QueryFeedback]  # queries with at least one positive
     gate: list[QueryFeedback]  # likewise
+    gate_requests: list[tuple[str, QueryFeedback]]  # the gate slice per request (request_id, its feedback)
     trained_until: float  # newest label timestamp in the train slice
     top_identity_share: dict[str, float]  # per slice: share of labels from its 10 most prolific identities
 
@@ -131,6 +132,12 @@ def make_slices(
     frames = split_by_time(df, gate.tune_fraction, gate.fraction)
     agg = {k: list(aggregate(v, cfg.debias, cfg.max_ips).values()) for k, v in frames.items()}
     train = frames["train"]
+    per_request = [
+        (str(rid), fb)
+        for rid, rows in frames["gate"].groupby("request_id", sort=True)
+        for fb in aggregate(rows, cfg.debias, cfg.max_ips).values()
+        if fb.positives()
+    ]
     return Slices(
         len(df),
         lineage,
@@ -139,6 +146,7 @@ def make_slices(
         agg["train"],
         [fb for fb in agg["tune"] if fb.positives()],
         [fb for fb in agg["gate"] if fb.positives()],
+        per_request,
         float(train["timestamp"].max()) if len(train) else 0.0,
         {k: round(top_identity_share(v), 4) for k, v in frames.items()},
     )
@@ -222,6 +230,75 @@ def compare_on_feedback(
     )
 
 
+def compare_on_requests(
+    champion: Reranker | None,
+    challenger: Reranker,
+    requests: list[tuple[str, QueryFeedback]],
+    candidates: Candidates,
+    text: Text,
+    depth: int,
+    gate: GateConfig,
+) -> GateReport:
+    """The gate for few distinct queries: NDCG@10 of both rankers per held-out request (on the
+    documents judged in that request), decided by a cluster bootstrap over queries. The per-query
+    figures it reports are the means of their requests."""
+    units = []
+    orders: dict[str, tuple[Ranking, Ranking]] = {}  # per query: the first request's two rankings
+    for rid, fb in requests:
+        judged = [c for c in candidates[fb.query] if c.doc_id in fb.evidence]
+        units.append((rid, fb, judged))
+    rankings: dict[str, dict[str, Ranking]] = {"before": {}, "after": {}}
+    seen: dict[tuple[str, tuple[str, ...]], tuple[Ranking, Ranking]] = {}
+    for rid, fb, judged in units:  # requests of one query usually show the same documents: rank those once
+        key = (fb.query, tuple(sorted(c.doc_id for c in judged)))
+        if key not in seen:
+            seen[key] = (rank(fb.query, judged, champion, text, depth), rank(fb.query, judged, challenger, text, depth))
+        rankings["before"][rid], rankings["after"][rid] = seen[key]
+        orders.setdefault(fb.query, seen[key])
+    qrels = {rid: fb.qrels() for rid, fb, _ in units}
+    before = per_query(qrels, ranking_to_run(rankings["before"]), "ndcg@10")
+    after = per_query(qrels, ranking_to_run(rankings["after"]), "ndcg@10")
+    rids = [rid for rid, _, _ in units if rid in before and rid in after]
+    query_of = {rid: fb.query for rid, fb, _ in units}
+    result = decide_clustered(
+        [query_key(query_of[r]) for r in rids],
+        [before[r] for r in rids],
+        [after[r] for r in rids],
+        gate.margin,
+        gate.p_value,
+        gate.min_requests,
+        gate.min_clustered_queries,
+    )
+    by_query: dict[str, tuple[list[float], list[float]]] = {}
+    for r in rids:
+        a, b = by_query.setdefault(query_key(query_of[r]), ([], []))
+        a.append(before[r])
+        b.append(after[r])
+    return GateReport(
+        {q: float(np.mean(a)) for q, (a, _) in by_query.items()},
+        {q: float(np.mean(b)) for q, (_, b) in by_query.items()},
+        result,
+        {q: [d for d, _ in o[0]] for q, o in orders.items()},
+        {q: [d for d, _ in o[1]] for q, o in orders.items()},
+    )
+
+
+def run_gate(
+    champion: Reranker | None,
+    challenger: Reranker,
+    slices: Slices,
+    candidates: Candidates,
+    text: Text,
+    depth: int,
+    gate: GateConfig,
+) -> GateReport:
+    """Per query while there are `gate.min_queries` distinct held-out queries; with fewer, per request
+    clustered by query (a few head queries asked many times still get a verdict)."""
+    if len(slices.gate) >= gate.min_queries:
+        return compare_on_feedback(champion, challenger, slices.gate, candidates, text, depth, gate)
+    return compare_on_requests(champion, challenger, slices.gate_requests, candidates, text, depth, gate)
+
+
 def train_once(
     registry: MlflowRegistry,
     labels: LabelStore,
@@ -297,7 +374,7 @@ def train_once(
             )
             tracking.log_tuning(tuned.grid, tuned.mix, len(memory))
             challenger = draft.with_mix(tuned.mix)  # the same model and matrix, under the tuned mix
-            report = compare_on_feedback(incumbent.reranker, challenger, slices.gate, candidates, text, depth, gate)
+            report = run_gate(incumbent.reranker, challenger, slices, candidates, text, depth, gate)
             changes = tracking.log_gate(slices.gate, report, slices.rules)
             tracking.log_history(registry.client, registry.name, run.info.run_id, report.result)
 

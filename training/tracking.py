@@ -111,6 +111,7 @@ def log_gate(feedback: list[QueryFeedback], report: GateReport, rules: LabelRule
             "gate_gain": gate.mean_gain,
             "gate_p_value": gate.p_value,
             "gate_queries": gate.queries,
+            "gate_requests": gate.requests,
             "gate_wins": gate.wins,
             "gate_losses": gate.losses,
             "gate_passed": float(gate.passed),

@@ -68,3 +68,80 @@ def test_continual_selection_trains_on_fresh_queries_plus_a_replay_sample():
     assert info == {"fresh_queries": 4, "replay_queries": 2, "older_queries": 16}
     everything, _ = select_for_training(feedback, {fb.query for fb in feedback}, TrainConfig())
     assert len(everything) == 20
+
+
+def few_queries_many_requests(gain: float, seed: int, queries: int = 20, per_query: int = 40):
+    """Requests of a few head queries: each query has its own level (requests of one query are
+    alike), the challenger adds `gain` plus noise per request."""
+    rng = np.random.default_rng(seed)
+    clusters, a, b = [], [], []
+    for q in range(queries):
+        level, effect = rng.uniform(0.3, 0.8), gain + rng.normal(0, 0.02)
+        for _ in range(per_query):
+            base = float(np.clip(level + rng.normal(0, 0.15), 0, 1))
+            clusters.append(f"q{q}"), a.append(base), b.append(float(np.clip(base + effect + rng.normal(0, 0.1), 0, 1)))
+    return clusters, a, b
+
+
+def test_the_clustered_gate_promotes_a_real_gain_on_20_queries_and_refuses_noise():
+    from training.gate import decide_clustered
+
+    better = decide_clustered(*few_queries_many_requests(0.03, seed=1), margin=0.005, p_max=0.05, min_units=200, min_clusters=5)
+    assert better.passed and better.requests == 800 and better.queries == 20 and "cluster bootstrap" in better.reason
+    noise = [
+        decide_clustered(*few_queries_many_requests(0.0, seed=s), margin=0.0, p_max=0.05, min_units=200, min_clusters=5).passed
+        for s in range(20)
+    ]
+    assert sum(noise) <= 3  # about 5 % false promotions expected; a per-request test would give far more
+
+
+def test_the_clustered_gate_counts_queries_not_requests_for_its_evidence():
+    """800 requests of only 2 queries are two pieces of evidence: too few clusters, no verdict."""
+    from training.gate import decide_clustered
+
+    clusters, a, b = few_queries_many_requests(0.05, seed=2, queries=2, per_query=400)
+    result = decide_clustered(clusters, a, b, margin=0.005, p_max=0.05, min_units=200, min_clusters=5)
+    assert not result.passed and "of 2 queries" in result.reason
+
+
+def test_with_few_distinct_queries_the_gate_compares_requests_clustered_by_query(tiny_first_stage, tiny_model):
+    """Six head queries asked 40 times each: below min_queries, so the verdict is per request (240 of
+    them, 6 clusters) instead of "only 6 held-out queries"."""
+    import pandas as pd
+
+    from schemas import LabelledExample
+    from training.config import GateConfig
+    from training.labels.rules import LabelRules
+    from training.pipeline import make_slices, run_gate
+    from training.ranking.rank import candidates_for
+    from training.ranking.reranker import Reranker
+
+    queries = [
+        "vitamin d fractures",
+        "statins heart",
+        "smoking lung cancer",
+        "exercise longevity",
+        "sleep memory",
+        "coffee liver",
+    ]
+    answers = ["d1", "d2", "d3", "d4", "d6", "d7"]
+    rows = []
+    for i in range(6 * 40 * 5):  # the newest fifth of the requests is the gate slice: 240 requests
+        q = i % 6
+        for doc, grade in ((answers[q], 1), ("d8", -1)):
+            rows.append(
+                LabelledExample(
+                    label_id=f"r{i}:{doc}", revision=1, request_id=f"r{i}", query=queries[q], doc_id=doc, position=1,
+                    grade=grade, weight=1.0, propensity=1.0, signals=["click" if grade > 0 else "skip"], event_ids=[f"e{i}"],
+                    model_version="first-stage", index_version="x", identity=f"user:u{i}", timestamp=1000.0 + i,
+                ).model_dump()
+            )  # fmt: skip
+    gate = GateConfig(min_queries=30, min_requests=200, min_clustered_queries=5, fraction=0.2, tune_fraction=0.1)
+    slices = make_slices(pd.DataFrame(rows), {}, TrainConfig(), gate, LabelRules())
+    assert len(slices.gate) == 6 and len(slices.gate_requests) == 240
+    candidates = candidates_for(tiny_first_stage, slices.queries())
+    challenger = Reranker(tiny_model, "2").warm(tiny_first_stage)
+    report = run_gate(None, challenger, slices, candidates, tiny_first_stage.text, 8, gate)
+    assert report.result.requests == 240 and report.result.queries == 6
+    assert "requests of 6 queries" in report.result.reason and "only 6 held-out queries" not in report.result.reason
+    assert set(report.champion) == set(report.challenger) and len(report.champion) == 6
