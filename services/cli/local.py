@@ -59,6 +59,7 @@ def bench_loop(
     seed: int = 0,
     sessions: int = typer.Option(3000, help="simulated sessions per round"),
     repeat: int = typer.Option(1, min=1, help="run with seeds SEED..SEED+N-1 and report every figure as mean and range"),
+    train_queries: int = typer.Option(None, min=1, help="head-query mode: users ask only this many train queries"),
     out: Path = typer.Option(Path("loop.json"), help="JSON result; a Markdown summary and plots go beside it"),
 ) -> None:
     """Run the real loop with simulated users on the train split; evaluate every champion on the eval split."""
@@ -70,7 +71,7 @@ def bench_loop(
     def one(seed: int, path: Path):
         s = bench_settings(f"bench-s{seed}", dataset, 100)
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        return run_loop_bench(s, train_split, eval_split, rounds, seed, sessions, path)
+        return run_loop_bench(s, train_split, eval_split, rounds, seed, sessions, path, train_queries)
 
     if repeat > 1:
         from services.local.bench_repeat import run_repeated

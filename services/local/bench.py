@@ -11,6 +11,8 @@ The result is a `LoopBenchResult`, written as JSON with a Markdown summary and p
 from __future__ import annotations
 
 import itertools
+import random
+import shutil
 import time
 from pathlib import Path
 
@@ -79,6 +81,10 @@ class BenchChecks(BaseModel):
     eval_never_fell_at_a_promotion: bool
     train_queries_never_fell: bool
     propensity_mae: float
+    # head-query mode (--train-queries): the seen queries' lift and the unseen ones' change, last champion vs hybrid
+    head_queries_lift: float | None = None
+    unseen_queries_change: float | None = None
+    promoted_within_2_rounds: bool | None = None
 
 
 class LoopBenchResult(BaseModel):
@@ -87,6 +93,7 @@ class LoopBenchResult(BaseModel):
     train_split: str
     seed: int
     sessions_per_round: int
+    train_queries: int | None = None  # head-query mode: simulated users asked only this many train queries
     baselines: dict[str, Metrics]
     baselines_train: dict[str, Metrics]
     skyline: Metrics
@@ -160,17 +167,31 @@ def _qrels_labels(ds: beir.Dataset, split: str, index_version: str) -> list[Labe
 
 
 def run_loop_bench(
-    s: Settings, train_split: str, eval_split: str, rounds: int, seed: int, sessions_per_round: int, out: Path
+    s: Settings,
+    train_split: str,
+    eval_split: str,
+    rounds: int,
+    seed: int,
+    sessions_per_round: int,
+    out: Path,
+    train_queries: int | None = None,
 ) -> LoopBenchResult:
     """Runs the benchmark on its own local infrastructure, which is stopped afterwards, failed or not."""
     try:
-        return _run(s, train_split, eval_split, rounds, seed, sessions_per_round, out)
+        return _run(s, train_split, eval_split, rounds, seed, sessions_per_round, out, train_queries)
     finally:
         infra.down(s)
 
 
 def _run(
-    s: Settings, train_split: str, eval_split: str, rounds: int, seed: int, sessions_per_round: int, out: Path
+    s: Settings,
+    train_split: str,
+    eval_split: str,
+    rounds: int,
+    seed: int,
+    sessions_per_round: int,
+    out: Path,
+    train_queries: int | None,
 ) -> LoopBenchResult:
     timings: dict[str, float] = {}
     t_all = time.time()
@@ -181,6 +202,9 @@ def _run(
         build_index(ds, s.state_dir, progress=progress)
     fs = FirstStage.current(s.state_dir)
     timings["index_s"] = time.time() - t
+    if train_queries:
+        ds, train_split = head_queries(ds, train_split, train_queries, seed, s.state_dir / "head-queries")
+        console.print(f"head-query mode: users ask {train_queries} queries of the train split ({train_split})")
     registry = connect_registry(s)
     depth = s.serving.rerank_depth
     labels = ParquetLabelStore(s.label_dir)
@@ -297,6 +321,7 @@ def _run(
         train_split=train_split,
         seed=seed,
         sessions_per_round=sessions_per_round,
+        train_queries=train_queries,
         baselines=baselines,
         baselines_train=baselines_train,
         skyline=skyline,
@@ -307,7 +332,7 @@ def _run(
         final=final,
         final_train=final_train,
         final_winner_on_train_split=max(final_train, key=lambda k: final_train[k]["ndcg@10"]),
-        checks=checks(baselines, skyline, baselines_train, round_results, propensity),
+        checks=checks(baselines, skyline, baselines_train, round_results, propensity, head_mode=bool(train_queries)),
         timings={k: round(v, 1) for k, v in timings.items()},
     )
     write(result, out)
@@ -330,6 +355,7 @@ def checks(
     baselines_train: dict[str, Metrics],
     rounds: list[BenchRound],
     propensity: PropensityReport,
+    head_mode: bool = False,
 ) -> BenchChecks:
     hybrid = baselines["hybrid"]["ndcg@10"]
     champions = [r for r in rounds if r.model_version != FIRST_STAGE]
@@ -343,7 +369,25 @@ def checks(
         eval_never_fell_at_a_promotion=all(b >= a - 1e-9 for a, b in itertools.pairwise(evals)),
         train_queries_never_fell=all(b >= a - 1e-9 for a, b in itertools.pairwise(trains)),
         propensity_mae=propensity.mae,
+        head_queries_lift=round(trains[-1] - trains[0], 4) if head_mode else None,
+        unseen_queries_change=round(last - hybrid, 4) if head_mode else None,
+        promoted_within_2_rounds=any(r.promoted for r in rounds[:2]) if head_mode else None,
     )
+
+
+def head_queries(ds: beir.Dataset, split: str, n: int, seed: int, folder: Path) -> tuple[beir.Dataset, str]:
+    """`n` queries of `split` (a seeded choice) as a split of their own, `<split>-head<n>`: traffic with
+    few distinct queries, each asked many times. The other splits are copied beside it unchanged."""
+    qrels = ds.qrels(split)
+    qids = sorted(qrels)
+    random.Random(seed).shuffle(qids)
+    name = f"{split}-head{n}"
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    for other in (ds.path / "qrels").glob("*.tsv"):
+        shutil.copyfile(other, folder / "qrels" / other.name)
+    rows = [f"{q}\t{d}\t{g}" for q in sorted(qids[:n]) for d, g in qrels[q].items()]
+    (folder / "qrels" / f"{name}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows) + "\n")
+    return beir.Dataset(name=ds.name, path=folder, corpus=ds.corpus, queries=ds.queries), name
 
 
 def log_to_mlflow(registry: MlflowRegistry, result: LoopBenchResult, out: Path, artifact_dir: Path) -> None:

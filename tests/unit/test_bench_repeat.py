@@ -28,3 +28,21 @@ def test_repeated_runs_report_mean_and_range_and_check_the_mean(tmp_path):
     assert "| final champion NDCG@10 | 0.8100 | 0.7900–0.8300 | 0.7900, 0.8100, 0.8300 |" in md
     assert (tmp_path / "loop-rounds.png").stat().st_size > 5000
     assert json.loads(out.read_text())["seeds"] == [0, 1, 2]
+
+
+def test_head_query_mode_cuts_a_split_of_n_queries_and_keeps_the_others(tmp_path):
+    from services.local.bench import head_queries
+    from training import beir
+
+    root = tmp_path / "ds"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"doc {i}"}) + "\n" for i in range(5))
+    )
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(10)))
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i % 5}\t1\n" for i in range(8)))
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq8\td3\t1\nq9\td4\t1\n")
+    head, split = head_queries(beir.load(root), "train", 3, seed=0, folder=tmp_path / "head")
+    again, _ = head_queries(beir.load(root), "train", 3, seed=0, folder=tmp_path / "head2")
+    assert split == "train-head3" and len(head.qrels(split)) == 3 and head.qrels(split) == again.qrels(split)
+    assert set(head.qrels(split)) <= set(head.qrels("train")) and head.qrels("test") == {"q8": {"d3": 1}, "q9": {"d4": 1}}
