@@ -32,7 +32,14 @@ class GateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    fraction: float = Field(0.2, gt=0.0, lt=1.0, description="most recent share of requests held out for the gate")
+    split: Literal["time", "identity"] = Field(
+        "time",
+        description="time: the latest requests are held out (the production question); identity: a seeded hash of "
+        "the user (else session, else request) picks them, so the same traffic gives the same slices however its "
+        "requests interleaved (benchmarks)",
+    )
+    split_seed: int = Field(0, description="seeds the identity split")
+    fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of requests held out for the gate (the latest, by default)")
     tune_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share before it that tunes the score mix")
     margin: float = Field(0.005, ge=0.0, description="minimum mean NDCG@10 gain")
     p_value: float = Field(0.05, gt=0.0, le=1.0, description="one-sided Wilcoxon p-value to beat")

@@ -26,7 +26,7 @@ from schemas import ModelEvent
 from training import tracking
 from training.config import GateConfig, TrainConfig
 from training.gate import GateResult, decide, decide_clustered
-from training.labels.feedback import QueryFeedback, aggregate, split_by_time, top_identity_share
+from training.labels.feedback import QueryFeedback, aggregate, split_by_identity, split_by_time, top_identity_share
 from training.labels.rules import LabelRules
 from training.labels.store import LabelStore, Lineage
 from training.metrics import per_query, ranking_to_run
@@ -129,7 +129,11 @@ def make_slices(
     if examination is not None:
         rules = rules.model_copy(update={"examination": list(examination)})
         df = df.assign(propensity=[rules.propensity(int(p)) for p in df["position"]])
-    frames = split_by_time(df, gate.tune_fraction, gate.fraction)
+    frames = (
+        split_by_identity(df, gate.tune_fraction, gate.fraction, gate.split_seed)
+        if gate.split == "identity"
+        else split_by_time(df, gate.tune_fraction, gate.fraction)
+    )
     agg = {k: list(aggregate(v, cfg.debias, cfg.max_ips).values()) for k, v in frames.items()}
     train = frames["train"]
     per_request = [

@@ -131,3 +131,25 @@ def test_purge_refuses_to_empty_the_store(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKLOOP_STATE_DIR", str(tmp_path))
     result = CliRunner().invoke(app, ["labels", "purge", "--reason", "oops", "--no-retrain"])
     assert result.exit_code != 0 and "never empties the store" in result.output
+
+
+def test_the_identity_split_depends_on_who_sent_what_not_on_when_it_arrived():
+    import numpy as np
+    import pandas as pd
+
+    from training.labels.feedback import split_by_identity
+
+    rng = np.random.default_rng(0)
+    rows = [
+        {"request_id": f"r{i}", "identity": f"user:u{i % 300}" if i % 7 else None, "timestamp": float(t)}
+        for i, t in enumerate(rng.permutation(2000))
+    ]
+    df = pd.DataFrame(rows)
+    reordered = df.assign(timestamp=rng.permutation(2000).astype(float)).sample(frac=1.0, random_state=1)
+    a, b = split_by_identity(df, 0.15, 0.2, seed=3), split_by_identity(reordered, 0.15, 0.2, seed=3)
+    for part in ("train", "tune", "gate"):
+        assert set(a[part]["request_id"]) == set(b[part]["request_id"])
+    users = [set(a[p]["identity"].dropna()) for p in ("train", "tune", "gate")]
+    assert not (users[0] & users[1]) and not (users[0] & users[2]) and not (users[1] & users[2])
+    assert 0.12 < len(a["gate"]) / len(df) < 0.28
+    assert set(split_by_identity(df, 0.15, 0.2, seed=4)["gate"]["request_id"]) != set(a["gate"]["request_id"])

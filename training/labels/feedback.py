@@ -6,6 +6,7 @@ question: would the challenger have served the latest users better than the cham
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,18 @@ def split_by_time(df: pd.DataFrame, tune_fraction: float, gate_fraction: float) 
     order = list(first_seen.index)
     parts = {"train": order[: n - n_gate - n_tune], "tune": order[n - n_gate - n_tune : n - n_gate], "gate": order[n - n_gate :]}
     return {k: df[df["request_id"].isin(set(v))] for k, v in parts.items()}
+
+
+def split_by_identity(df: pd.DataFrame, tune_fraction: float, gate_fraction: float, seed: int) -> dict[str, pd.DataFrame]:
+    """Splits labels by who sent them (user, else session, else the request), a seeded hash of it
+    deciding the slice: the slices depend on the traffic, not on how its requests interleaved in time,
+    and no identity is in two slices. The fractions hold for identities, about so for requests."""
+    owner = df["identity"].where(df["identity"].map(lambda v: isinstance(v, str)), None) if "identity" in df.columns else None
+    owner = ("request:" + df["request_id"].astype(str)) if owner is None else owner.fillna("request:" + df["request_id"].astype(str))
+    unit = {o: int.from_bytes(hashlib.blake2b(f"{seed}:{o}".encode(), digest_size=8).digest()) / 2**64 for o in owner.unique()}
+    u = owner.map(unit)
+    gate, tune = u >= 1 - gate_fraction, (u >= 1 - gate_fraction - tune_fraction) & (u < 1 - gate_fraction)
+    return {"train": df[~gate & ~tune], "tune": df[tune], "gate": df[gate]}
 
 
 @dataclass
