@@ -110,6 +110,7 @@ class ServingSettings(Group):
 class StreamSettings(Group):
     join_window_s: float = Field(1800.0, gt=0, description="how long an interaction may follow its impression")
     label_flush_s: float = Field(1.0, gt=0, description="longest wait before labels are written to the store")
+    label_batch: int = Field(5000, ge=1, description="most labels written to the store in one transaction")
     burst_limit: int = Field(
         10, ge=0, description="positive events one identity may send for one (query, doc) per burst window; 0: no limit"
     )
@@ -119,7 +120,7 @@ class StreamSettings(Group):
 
 
 class RetrainSettings(Group):
-    min_new_labels: int = Field(2000, ge=1, description="retrain once this many new labels arrived ...")
+    min_new_labels: int = Field(2000, ge=1, description="retrain once this many new label revisions were stored ...")
     interval_s: float = Field(3600.0, gt=0, description="... or this long passed with at least one")
     check_s: float = Field(15.0, gt=0, description="how often the scheduler checks")
     backoff_s: float = Field(120.0, ge=0, description="first wait after a failed run (doubles per failure)")
@@ -131,6 +132,7 @@ class RetrainSettings(Group):
         True,
         description="promote a challenger that passes the gate (off: it waits as `challenger` for `rankloop approve N`)",
     )
+    compact_after_files: int = Field(50, ge=1, description="compact the label store after a training once it has this many files")
 
 
 class AuthSettings(Group):
@@ -152,6 +154,11 @@ class Settings(BaseSettings):
     )
     state_dir: Path = Field(Path(".rankloop"), description="index, label store, local infrastructure, downloaded models")
     dataset: str = Field("../shared/data/scifact", description="BEIR folder indexed and simulated by default")
+    labels_url: str | None = Field(
+        None,
+        description="the label store, a Delta Lake table: a folder or s3://bucket/prefix (credentials and endpoint from "
+        "the AWS_* variables); unset: <state_dir>/labels/<deployment>",
+    )
     clicklog: Path = Field(
         Path("../shared/data/clicklogs/yandex-wscd-2012-sample"),
         description="click-log folder (stats.json, impressions.tsv.gz) for position bias",
@@ -210,8 +217,8 @@ class Settings(BaseSettings):
         return self.mlflow.tracking_uri or f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
 
     @property
-    def label_dir(self) -> Path:
-        return self.state_dir / "labels" / self.deployment
+    def label_store_url(self) -> str:
+        return self.labels_url or str(self.state_dir / "labels" / self.deployment)
 
     @property
     def artifact_dir(self) -> Path:
@@ -250,7 +257,7 @@ class Settings(BaseSettings):
             "kafka": self.kafka.address,
             "redis": self.redis.address,
             "mlflow": self.tracking_uri,
-            "label_store": str(self.label_dir),
+            "label_store": self.label_store_url,
             "model_name": self.keys.model_name,
             "topics": self.keys.topics(),
         }

@@ -70,7 +70,6 @@ def model_card(
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(trained_until)) if trained_until else "-"
     grades = ", ".join(f"{k}: {v:,}" for k, v in sorted(lineage.get("by_grade", {}).items()))
     signals = ", ".join(f"{k}: {v:,}" for k, v in lineage.get("by_signal", {}).items())
-    offsets = ", ".join(f"{p} {lo}–{hi}" for p, (lo, hi) in sorted(lineage.get("offsets", {}).items())) or "-"
     shares = ", ".join(f"{k} {v:.1%}" for k, v in identity_share.items())
     wins = [c for c in changes if c.delta > 0][:SHOWN]
     losses = [c for c in reversed(changes) if c.delta < 0][:SHOWN]
@@ -86,8 +85,9 @@ def model_card(
         "",
         f"- {lineage.get('labels', 0):,} labels (latest revision of each) from {lineage.get('requests', 0):,} requests on "
         f"{lineage.get('queries', 0):,} queries; by grade {grades or '-'}; by signal {signals or '-'}.",
-        f"- Label store: {lineage.get('shards', 0)} shards, Kafka offsets {offsets}, {lineage.get('purges', 0)} purges applied "
-        "(`lineage.json`; the labels themselves are the run's `labels` dataset input).",
+        f"- Label store: {lineage.get('location', 'memory')}, table version {lineage.get('table_version', '-')} "
+        f"(`rankloop labels show --version {lineage.get('table_version', 'N')}` reads it again), "
+        f"{lineage.get('purges', 0)} purges applied (`lineage.json`; the labels are also the run's `labels` dataset input).",
         f"- {examples:,} training examples: {selection.get('fresh_queries', 0)} queries with labels newer than "
         f"{champion}, {selection.get('replay_queries', 0)} older ones replayed; labels up to {when} (server time).",
         f"- Labels from the 10 most prolific identities: {shares or '-'} (a high share is a flood from a few users).",

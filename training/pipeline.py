@@ -339,7 +339,7 @@ def train_once(
         why = "no training query has a positive label yet"
         if selection.get("fresh_queries") == 0 and selection.get("older_queries"):
             why = "nothing new: no query has a positive label newer than the champion's training data"
-        return TrainOutcome("skipped", why, labels=slices.labels)
+        return TrainOutcome("skipped", why, labels=lineage.get("contributions", slices.labels))
 
     with mlflow.start_run(run_name=f"challenger-{time.strftime('%Y%m%d-%H%M%S')}") as run:
         tracking.log_inputs(
@@ -407,7 +407,12 @@ def train_once(
 
     result = report.result
     outcome = TrainOutcome(
-        "passed" if result.passed else "rejected", result.reason, run.info.run_id, version, result, labels=slices.labels
+        "passed" if result.passed else "rejected",
+        result.reason,
+        run.info.run_id,
+        version,
+        result,
+        labels=lineage.get("contributions", slices.labels),
     )
     if result.passed and on_pass == "promote":
         outcome.event = registry.promote(version, result.reason, actor="scheduler")

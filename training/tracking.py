@@ -3,7 +3,6 @@ lineage, the fit, the mix grid, the gate with its per-query table and plots, the
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -69,16 +68,23 @@ def log_inputs(
     mlflow.log_dict(lineage, "lineage.json")
     columns = [c for c in DATASET_COLUMNS if c in df.columns]
     source = str(lineage.get("location", "memory"))
+    if lineage.get("table_version") is not None:  # the exact labels: `rankloop labels show --version N`
+        source = f"{source}@v{lineage['table_version']}"
     mlflow.log_input(from_pandas(df[columns], source=source, name="labels"), context="training")
     mlflow.log_dict(rules.model_dump(), "label_rules.json")
     mlflow.log_metrics(
-        {"labels": labels, "train_examples": examples, **{f"labels_{k}": v for k, v in lineage.get("by_signal", {}).items()}}
+        {
+            "labels": labels,
+            "label_contributions": lineage.get("contributions", labels),  # what the scheduler counts
+            "train_examples": examples,
+            **{f"labels_{k}": v for k, v in lineage.get("by_signal", {}).items()},
+        }
     )
     mlflow.set_tags(
         {
             MODEL_NAME_TAG: model_name,
             "examination": "estimated from our logs" if estimated_curve else "configured",
-            "label_offsets": json.dumps(lineage.get("offsets", {})),
+            "label_table": source,
         }
     )
 

@@ -1,4 +1,4 @@
-"""The label store: take poisoned (or deleted users') labels out of training, then retrain."""
+"""The label store: take poisoned (or deleted users') labels out of training, then retrain; compact it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import typer
 from schemas import InvalidInput
 from services.cli.base import app, console, parse_when, settings, setup_process
 
-labels_app = typer.Typer(help="the label store: purge labels and retrain", no_args_is_help=True)
+labels_app = typer.Typer(help="the label store: purge labels and retrain, compact, describe", no_args_is_help=True)
 app.add_typer(labels_app, name="labels")
 
 
@@ -27,7 +27,8 @@ def purge(
 ) -> None:
     """Takes matching labels out of every later training (recorded in the store with who, when and
     why), then retrains so a model that learned from them is replaced through the gate."""
-    from training.labels.store import ParquetLabelStore, Purge
+    from services.storage import open_labels
+    from training.labels.store import Purge
 
     if user and session:
         raise InvalidInput("give --user or --session, not both (a label has one identity)")
@@ -36,7 +37,7 @@ def purge(
         raise InvalidInput("a purge needs --user, --session, --key, --since or --until: it never empties the store")
     s = settings()
     setup_process(s)
-    store = ParquetLabelStore(s.label_dir)
+    store = open_labels(s.label_store_url)
     order = Purge(
         identity=identity,
         api_key=key,
@@ -47,7 +48,7 @@ def purge(
         at=time.time(),
     )
     removed = store.purge(order)
-    console.print(f"purged {removed} labels ({store.count()} left); recorded in {store.folder / store.PURGES}")
+    console.print(f"purged {removed} labels ({len(store.read()[0])} left); recorded in {store.purges_uri}")
     if retrain and removed:
         from services.schedule.scheduler import retrain as train_now
 
@@ -62,7 +63,7 @@ def purges() -> None:
     """Lists every purge in force: operators' and the stream's click-burst quarantines."""
     from rich.table import Table
 
-    from training.labels.store import ParquetLabelStore
+    from services.storage import open_labels
 
     s = settings()
     setup_process(s)
@@ -71,6 +72,36 @@ def purges() -> None:
         return datetime.fromtimestamp(t).isoformat(timespec="seconds") if t is not None else ""
 
     table = Table("at", "by", "identity", "key", "since", "until", "reason")
-    for p in ParquetLabelStore(s.label_dir).purges():
+    for p in open_labels(s.label_store_url).purges():
         table.add_row(when(p.at), p.actor, p.identity or "", p.api_key or "", when(p.since), when(p.until), p.reason)
     console.print(table)
+
+
+@labels_app.command("compact")
+def compact() -> None:
+    """Rewrites the labels stored so far with the latest revision of each label in few large files,
+    checkpoints the table's log and removes files past the retention (the scheduler also does this
+    after each training)."""
+    from services.storage import open_labels
+
+    s = settings()
+    setup_process(s)
+    store = open_labels(s.label_store_url)
+    t = time.time()
+    done = store.compact()
+    console.print(
+        f"compacted {store.location} in {time.time() - t:.1f}s: {done['files_before']} → {done['files_after']} files, "
+        f"{done['rows_removed']:,} superseded revisions removed, table version {store.version()}"
+    )
+
+
+@labels_app.command("show")
+def show(version: int = typer.Option(None, help="the table as of this version (time travel), e.g. a run's lineage")) -> None:
+    """Counts of the labels now (or at a version): what a training run would read."""
+    from services.storage import open_labels
+
+    s = settings()
+    setup_process(s)
+    store = open_labels(s.label_store_url)
+    _, lineage = store.read(version=version)
+    console.print_json(data={**lineage, "latest_version": store.version()})

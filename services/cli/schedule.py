@@ -45,12 +45,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="the status as JSO
     from redis import Redis
 
     from services.schedule.scheduler import schedule_status
+    from services.storage import open_labels
     from services.storage.health import require
-    from training.labels.store import ParquetLabelStore
 
     s, client = _client()
     require(s, "mlflow")  # Redis may be down: the status says so and reads MLflow instead
-    st = schedule_status(s, Redis.from_url(s.redis_url), ParquetLabelStore(s.label_dir), client)
+    st = schedule_status(s, Redis.from_url(s.redis_url), open_labels(s.label_store_url), client)
     if as_json:
         console.print_json(st.model_dump_json())
         return

@@ -30,10 +30,11 @@ from services.local.workers import served_version, spawn, stop, wait_healthy, wo
 from services.registry import connect_registry
 from services.schedule.scheduler import impression_click_log, retrain
 from services.sdk import RankloopClient
-from services.storage.kafka import committed_offsets, end_offsets
+from services.storage import open_labels
+from services.storage.kafka import committed_offsets, end_offsets, topic_id
 from training import beir, plots, self_check
 from training.evaluate import evaluate_designs, evaluate_first_stage_parts, evaluate_ranker
-from training.labels.store import LabelStore, MemoryLabelStore, ParquetLabelStore
+from training.labels.store import DeltaLabelStore, LabelStore, MemoryLabelStore, label_source
 from training.pipeline import TrainOutcome, train_once
 from training.propensity import estimate_examination, read_click_log
 from training.ranking.first_stage import FirstStage, build_index
@@ -108,7 +109,7 @@ class LoopBenchResult(BaseModel):
     timings: dict[str, float]
 
 
-def settle_labels(s: Settings, labels: ParquetLabelStore, timeout: float = 300.0) -> int:
+def settle_labels(s: Settings, labels: DeltaLabelStore, timeout: float = 300.0) -> int:
     """Waits until the stream has consumed every impression and interaction sent so far (its
     committed offsets reach the topics' ends) and the label store holds every label it emitted (the
     store's offsets reach the labels topic's end): a round is cut at an exact point, not after a quiet
@@ -122,10 +123,14 @@ def settle_labels(s: Settings, labels: ParquetLabelStore, timeout: float = 300.0
         inputs = end_offsets(s.kafka.address, [keys.impressions, keys.interactions])
         done = committed_offsets(s.kafka.address, keys.stream_app)
         consumed = all(done.get(tp, 0) >= end for tp, end in inputs.items())
-        stored = labels.stored_offsets()
-        written = all(stored.get(p, -1) + 1 >= end for (_, p), end in end_offsets(s.kafka.address, [keys.labels]).items())
+        tid = topic_id(s.kafka.address, keys.labels)
+        written = all(
+            (labels.stored_offset(label_source(keys.labels, tid, p)) or -1) + 1 >= end
+            for (_, p), end in end_offsets(s.kafka.address, [keys.labels]).items()
+            if end > 0
+        )
         if consumed and written:
-            return labels.count()
+            return len(labels.read()[0])  # distinct labels, as training reads them
         time.sleep(1)
     raise TimeoutError(f"the stream did not catch up within {timeout:.0f}s (see <state>/run/stream.log)")
 
@@ -207,7 +212,7 @@ def _run(
         console.print(f"head-query mode: users ask {train_queries} queries of the train split ({train_split})")
     registry = connect_registry(s)
     depth = s.serving.rerank_depth
-    labels = ParquetLabelStore(s.label_dir)
+    labels = open_labels(s.label_store_url)
     user = UserModel(examination_curve(s.clicklog))
     cands = {split: candidates_for(fs, [ds.queries[q] for q in ds.qrels(split)]) for split in (eval_split, train_split)}
 

@@ -42,10 +42,11 @@ from services.local.workers import served_version, spawn, stop, wait_healthy, wo
 from services.registry import connect_registry
 from services.schedule.scheduler import estimated_examination, retrain
 from services.sdk import RankloopClient
+from services.storage import open_labels
 from services.storage.kafka import read_topic
 from training import beir
 from training.evaluate import evaluate_ranker
-from training.labels.store import Lineage, ParquetLabelStore, Purge, describe
+from training.labels.store import DeltaLabelStore, Lineage, Purge, describe
 from training.pipeline import TrainOutcome, train_once
 from training.ranking.first_stage import Candidate, FirstStage, build_index
 from training.ranking.rank import FIRST_STAGE, candidates_for, rank
@@ -142,7 +143,7 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
         build_index(ds, s.state_dir, progress=progress)
     fs = FirstStage.current(s.state_dir)
     registry = connect_registry(s)
-    labels = ParquetLabelStore(s.label_dir)
+    labels = open_labels(s.label_store_url)
     depth = s.serving.rerank_depth
     eval_cands = candidates_for(fs, [ds.queries[q] for q in ds.qrels(plan.eval_split)])
 
@@ -260,7 +261,7 @@ def attack_case(
     s: Settings,
     sdk: RankloopClient,
     registry: MlflowRegistry,
-    labels: ParquetLabelStore,
+    labels: DeltaLabelStore,
     fs: FirstStage,
     targets: dict[str, str],
     n_identities: int,
@@ -384,7 +385,7 @@ def checks(cases: list[PoisonCase]) -> PoisonChecks:
 class WithoutIdentities:
     """A label store read as if these identities had never sent anything: the control's labels."""
 
-    def __init__(self, store: ParquetLabelStore, identities: set[str]):
+    def __init__(self, store: DeltaLabelStore, identities: set[str]):
         self.store, self.identities = store, identities
 
     def read(self) -> tuple[pd.DataFrame, Lineage]:
@@ -394,7 +395,7 @@ class WithoutIdentities:
 
 
 def train_control(
-    s: Settings, registry: MlflowRegistry, labels: ParquetLabelStore, fs: FirstStage, identities: set[str]
+    s: Settings, registry: MlflowRegistry, labels: DeltaLabelStore, fs: FirstStage, identities: set[str]
 ) -> TrainOutcome:
     """The training the scheduler would run from the same champion, on the labels minus the
     attack's; registered (tagged as the bench's control) but never promoted."""

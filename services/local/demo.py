@@ -19,11 +19,11 @@ from services.local.simulate import UserModel, examination_curve, simulate
 from services.local.workers import served_version, spawn, stop, wait_healthy, worker_env
 from services.registry import connect_registry
 from services.sdk import RankloopClient
+from services.storage import open_labels
 from services.storage.health import status
 from services.storage.kafka import message_count
 from training import beir, self_check
 from training.evaluate import evaluate_ranker
-from training.labels.store import ParquetLabelStore
 from training.ranking.first_stage import FirstStage, build_index
 from training.ranking.rank import FIRST_STAGE, candidates_for
 from training.ranking.reranker import Reranker
@@ -85,7 +85,7 @@ def run_demo(s: Settings, quick: bool, keep_running: bool) -> None:
         build_index(ds, s.state_dir, progress=progress)
     fs = FirstStage.current(s.state_dir)
     user = UserModel(examination_curve(s.clicklog))
-    labels = ParquetLabelStore(s.label_dir)
+    labels = open_labels(s.label_store_url)
 
     env = worker_env(s)
     # serving gets one torch thread so a training run on the other core never starves it
@@ -110,7 +110,7 @@ def run_demo(s: Settings, quick: bool, keep_running: bool) -> None:
             version = served_version(s)
             console.print(
                 f"round {round_}: {stats.sessions} sessions, {stats.accepted} events accepted "
-                f"({total_events} total), {stored} labels in the store, serving {version}"
+                f"({total_events} total), {stored} label revisions stored, serving {version}"
             )
             if version != start_version:
                 break
@@ -159,7 +159,7 @@ def _print_infra(s: Settings) -> None:
 
 
 def _report(s: Settings, fs: FirstStage, ds: beir.Dataset, events: int, started: float) -> None:
-    df, lineage = ParquetLabelStore(s.label_dir).read()
+    df, lineage = open_labels(s.label_store_url).read()
     console.rule("[bold]report")
     console.print(f"interaction events accepted: {events}")
     console.print(f"labels in the store: {len(df)} (by signal: {lineage.get('by_signal', {})})")

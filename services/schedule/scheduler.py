@@ -22,11 +22,11 @@ from services.observability import serve_metrics
 from services.registry import connect_registry
 from services.schedule import control
 from services.schedule.control import ScheduleStatus
-from services.storage import Publisher, open_publisher
+from services.storage import Publisher, open_labels, open_publisher
 from services.storage.health import require
 from services.storage.kafka import read_topic
 from training.labels.rules import identity_of
-from training.labels.store import LabelStore, ParquetLabelStore
+from training.labels.store import LabelStore
 from training.pipeline import TrainOutcome, train_once
 from training.propensity import estimate_examination
 from training.ranking.first_stage import FirstStage
@@ -55,7 +55,7 @@ def impression_click_log(s: Settings) -> pd.DataFrame:
     """Every shown (query, doc, position) from the impressions topic, with whether it was clicked
     (from the interactions topic): the log a click model is estimated on."""
     keys = s.keys
-    quarantined = {p.identity for p in ParquetLabelStore(s.label_dir).purges() if p.whole_identity}
+    quarantined = {p.identity for p in open_labels(s.label_store_url).purges() if p.whole_identity}
     return click_log(read_topic(s.kafka.address, keys.impressions), read_topic(s.kafka.address, keys.interactions), quarantined)
 
 
@@ -93,7 +93,7 @@ def retrain(
     curve = estimated_examination(s) if s.train.debias == "ips" else None
     outcome = train_once(
         connect_registry(s),
-        labels or ParquetLabelStore(s.label_dir),
+        labels or open_labels(s.label_store_url),
         first_stage or FirstStage.current(s.state_dir),
         s.state_dir,
         s.serving.rerank_depth,
@@ -169,7 +169,7 @@ class Scheduler:
         require(s, "kafka", "redis", "mlflow")
         self.s = s
         self.redis = Redis.from_url(s.redis_url)
-        self.labels = ParquetLabelStore(s.label_dir)
+        self.labels = open_labels(s.label_store_url)
         self.first_stage = FirstStage.current(s.state_dir)
         self.publisher = open_publisher(s.kafka.address)
         self.client = connect_registry(s).client
@@ -232,6 +232,7 @@ class Scheduler:
             self._record(started, outcome.status, outcome.message, outcome.version)
             self._set(last_labels=outcome.labels, last_time=time.time(), failures=0)
             log.info("training %s: %s", outcome.status, outcome.message)
+            self.compact_if_due()
             return outcome
         except Exception as e:
             self._record(started, "failed", str(e), None)
@@ -245,6 +246,18 @@ class Scheduler:
                 lock.release()
             except LockError as e:  # Redis restarted mid-training and forgot the lock: nothing to release
                 log.warning("training lock was lost while training (Redis restarted?): %s", e)
+
+    def compact_if_due(self) -> None:
+        """Many small files (the stream commits every second or so) make every read slower: compact
+        them, still under the training lock so two replicas never compact at once."""
+        files = self.labels.files()
+        if files < self.s.retrain.compact_after_files:
+            return
+        try:
+            done = self.labels.compact()
+            log.info("label store compacted: %s", done)
+        except Exception as e:  # a concurrent commit won: the next training tries again, nothing is lost
+            log.warning("label store compaction failed (retried after the next training): %s", e)
 
     def _record(self, started: float, outcome: str, message: str, version: str | None) -> None:
         ended = time.time()
@@ -322,7 +335,7 @@ def last_run_state(client: MlflowClient, experiment: str) -> dict[str, str]:
     run = runs[0]
     ended = (run.info.end_time or run.info.start_time) / 1000
     return {
-        "last_labels": str(run.data.metrics.get("labels", 0)),
+        "last_labels": str(run.data.metrics.get("label_contributions", run.data.metrics.get("labels", 0))),
         "last_time": str(ended),
         "last_run_at": str(ended),
         "last_duration_s": str((ended * 1000 - run.info.start_time) / 1000),

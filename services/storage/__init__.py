@@ -1,5 +1,6 @@
 """Storage the processes use, behind small protocols chosen by URL (as Gorse does): `redis://…` or
-`memory://` for caches, a Kafka bootstrap address or `memory://` for the event publisher. The real
+`memory://` for caches, a Kafka bootstrap address or `memory://` for the event publisher, a folder or
+`s3://…` for the label store (a Delta Lake table). The real
 implementations are in `redis.py` and `kafka.py`; `memory.py` holds the in-memory ones for unit tests.
 """
 
@@ -7,12 +8,15 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 
 from services.keys import Keys
 from training.ranking.embedding_cache import EmbeddingCache
+
+if TYPE_CHECKING:
+    from training.labels.store import DeltaLabelStore
 
 
 class RankCache(Protocol):
@@ -128,3 +132,10 @@ def open_publisher(url: str, topics: list[str] | None = None, partitions: int = 
     from services.storage.kafka import KafkaPublisher
 
     return KafkaPublisher(url, tuple(topics or ()), partitions, capacity)
+
+
+def open_labels(url: str) -> DeltaLabelStore:
+    """The label store: a Delta Lake table at a folder or an object-store URL (`s3://…`)."""
+    from training.labels.store import DeltaLabelStore
+
+    return DeltaLabelStore(url)

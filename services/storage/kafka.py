@@ -289,3 +289,14 @@ def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
         return {(tp.topic, tp.partition): int(getattr(meta, "offset", meta)) for tp, meta in found.items()}
     finally:
         admin.close()
+
+
+def topic_id(bootstrap: str, topic: str) -> str:
+    """The broker's id of a topic: it changes when the topic is made anew (a memory broker restarted),
+    while its offsets start again at 0."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="rankloop-admin", request_timeout_ms=5000)
+    try:
+        found = admin.describe_topics([topic])
+        return str(found[0].get("topic_id") or "") if found else ""
+    finally:
+        admin.close()

@@ -5,8 +5,9 @@
   one `RequestState` per request in a table and applies `step` to each message.
 - Expiry: a table may only change inside stream iteration, so a timer sends one tick per partition
   to a co-partitioned ticks topic and the join agent applies `sweep` when it reads one.
-- `sink_labels` writes the labels topic to the label store; `take_events` acks (so commits offsets)
-  only after the labels are stored.
+- `sink_labels` writes the labels topic to the label store (a Delta table) in batches; each write
+  records the last offset it covers in the same transaction, so a redelivered batch is skipped:
+  exactly once into the table. `take_events` acks (so commits offsets) only after the labels are stored.
 - A click burst (`ClickBursts`) is dead-lettered and its identity quarantined: a purge recorded in the
   label store, so training never sees its labels (`rankloop labels purges` lists it).
 Every agent is idempotent: a redelivered message finds its event id in the request state.
@@ -26,9 +27,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from schemas import DeadLetter, LabelledExample
 from services.config import Settings
 from services.observability import serve_metrics
-from services.storage import open_activity
+from services.storage import open_activity, open_labels
+from services.storage.kafka import topic_id
 from services.stream.join import Burst, ClickBursts, RequestState, step, sweep
-from training.labels.store import ParquetLabelStore, Purge
+from training.labels.store import Purge, label_source
 
 log = logging.getLogger(__name__)
 REPORT_S = 2.0
@@ -69,7 +71,7 @@ def create_app(s: Settings) -> faust.App:
     dead_topic = app.topic(keys.dead_letters, **raw)
     requests = app.Table(keys.requests_table, default=None, partitions=partitions)
     rules, window = s.stream.rules, s.stream.join_window_s
-    store = ParquetLabelStore(s.label_dir)
+    store = open_labels(s.label_store_url)
     bursts = ClickBursts(s.stream.burst_limit, s.stream.burst_window_s)
     quarantined = {p.identity for p in store.purges() if p.whole_identity}
     metrics = StreamMetrics(s.metrics_host, s.stream.metrics_port)
@@ -138,17 +140,32 @@ def create_app(s: Settings) -> faust.App:
         for partition in range(partitions):
             await ticks.send(value=b"tick", partition=partition)
 
+    topic_ids: dict[str, str] = {}
+
+    def source_of(partition: int, recheck: bool = False) -> str:
+        """The store's name for a labels partition; the topic's id is asked again only when a batch
+        looks already stored (a redelivery, or a broker that forgot its topics)."""
+        if recheck or keys.labels not in topic_ids:
+            topic_ids[keys.labels] = topic_id(s.kafka.address, keys.labels)
+        return label_source(keys.labels, topic_ids[keys.labels], partition)
+
     @app.agent(labels_topic)
     async def sink_labels(stream: AsyncIterator) -> None:
-        async for events in stream.take_events(1000, within=s.stream.label_flush_s):  # type: ignore[attr-defined]
+        async for events in stream.take_events(s.stream.label_batch, within=s.stream.label_flush_s):  # type: ignore[attr-defined]
             by_partition: dict[int, list] = {}
             for ev in events:
                 by_partition.setdefault(ev.message.partition, []).append(ev)
             for partition, evs in by_partition.items():
-                labs = [LabelledExample.model_validate_json(e.message.value) for e in evs]
-                offsets = [e.message.offset for e in evs]
-                store.write(labs, partition, min(offsets), max(offsets))
-                counts["labels"] += len(labs)
+                source = source_of(partition)
+                done = await asyncio.to_thread(store.stored_offset, source)
+                if done is not None and evs[0].message.offset <= done:  # a redelivery, or a topic made anew
+                    source = source_of(partition, recheck=True)
+                    done = await asyncio.to_thread(store.stored_offset, source)
+                fresh = [e for e in evs if done is None or e.message.offset > done]
+                if fresh:
+                    labs = [LabelledExample.model_validate_json(e.message.value) for e in fresh]
+                    await asyncio.to_thread(store.write, labs, source, fresh[-1].message.offset)
+                counts["labels"] += len(fresh)
 
     async def measure_lag() -> None:
         """Per input topic: the broker's high-water mark minus what this worker has joined."""

@@ -10,8 +10,8 @@ import pytest
 from kafka import KafkaProducer
 
 from services.sdk import RankloopClient
+from services.storage import open_labels
 from services.storage.kafka import read_topic
-from training.labels.store import ParquetLabelStore
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def wait_for(predicate, timeout=90.0, every=0.5, what="condition"):
 
 
 def labels_for(s, request_id):
-    df, _ = ParquetLabelStore(s.label_dir).read()
+    df, _ = open_labels(s.label_store_url).read()
     return df[df["request_id"] == request_id]
 
 
@@ -177,7 +177,7 @@ def test_a_click_burst_is_dead_lettered_and_its_identity_quarantined(stack, clie
             continue  # an explored (shuffled) answer without it
         request_ids.append(ranked.request_id)
         assert client.emit([client.event(ranked.request_id, target, "click")]).rejected == []
-    store = ParquetLabelStore(s.label_dir)
+    store = open_labels(s.label_store_url)
     wait_for(lambda: any(p.identity == f"user:{user}" for p in store.purges()), what="quarantine of the bursting user")
     burst = wait_for(
         lambda: [d for d in dead_letters(s) if d["code"] == "click_burst" and any(r in d["payload"] for r in request_ids)][2:],
@@ -202,7 +202,7 @@ def test_a_round_is_cut_when_the_stream_has_consumed_everything_and_stored_every
     s = stack["settings"]
     ranked = [client.rank(q, k=3) for q in ("omega-3 and depression", "aspirin and stroke", "gut flora and obesity")]
     client.emit([client.event(r.request_id, r.items[2].doc_id, "click") for r in ranked])
-    store = ParquetLabelStore(s.label_dir)
+    store = open_labels(s.label_store_url)
     settle_labels(s, store, timeout=120)
     df, _ = store.read()
     # the click and the two skipped above it, for every request: no label still on its way

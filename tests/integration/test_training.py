@@ -14,10 +14,9 @@ from schemas import InvalidState
 from services.local.simulate import UserModel, examination_curve, simulate
 from services.registry import connect_registry
 from services.sdk import RankloopClient
-from services.storage import open_publisher
+from services.storage import open_labels, open_publisher
 from training import beir
 from training.config import TrainConfig
-from training.labels.store import ParquetLabelStore
 from training.pipeline import train_once
 from training.ranking.first_stage import FirstStage
 
@@ -42,7 +41,7 @@ def trained(stack):
     """Simulated users -> events -> stream -> labels -> one real (small) training run."""
     s = stack["settings"]
     ds = beir.load(stack["dataset"])
-    labels = ParquetLabelStore(s.label_dir)
+    labels = open_labels(s.label_store_url)
     before = labels.count()
     user = UserModel(examination_curve(s.clicklog))
     stats = simulate(RankloopClient(s.base_url), ds, "train", 60, user, seed=3, progress=False)

@@ -26,7 +26,7 @@ def test_a_toml_file_is_read_and_env_wins_over_it(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKLOOP_SERVING__PORT", "9002")
     s = Settings()
     assert (s.deployment, s.gate.min_queries, s.serving.port) == ("shop", 12, 9002)
-    assert s.keys.model_name == "shop-reranker" and s.label_dir.name == "shop"
+    assert s.keys.model_name == "shop-reranker" and s.label_store_url.endswith("labels/shop")
 
 
 def test_a_json_file_round_trips_the_settings(tmp_path, monkeypatch):

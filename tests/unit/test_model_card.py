@@ -19,8 +19,8 @@ def test_the_card_states_the_gate_the_labels_and_the_biggest_wins_and_losses():
         QueryChange("flat query", 0.7, 0.7, [], []),
         QueryChange("statins | liver", 0.8, 0.6, [], ["d9 (1→3)"]),
     ]
-    lineage = {"labels": 9040, "requests": 4000, "queries": 800, "by_grade": {"1": 5000, "-1": 4040}, "shards": 12,
-               "offsets": {"p0": [0, 99]}, "purges": 1, "by_signal": {"click": 5000}}  # fmt: skip
+    lineage = {"labels": 9040, "requests": 4000, "queries": 800, "by_grade": {"1": 5000, "-1": 4040}, "table_version": 12,
+               "location": "/data/labels", "purges": 1, "by_signal": {"click": 5000}}  # fmt: skip
     card = model_card(
         model_name="rankloop-reranker", outcome="v3 promoted", gate=gate, champion_version="2", lineage=lineage,
         examples=1200, selection={"fresh_queries": 300, "replay_queries": 60}, identity_share={"train": 0.031},
@@ -28,7 +28,13 @@ def test_the_card_states_the_gate_the_labels_and_the_biggest_wins_and_losses():
     )  # fmt: skip
     assert card.startswith("# rankloop-reranker: v3 promoted")
     assert "+0.0300 NDCG@10 on 40 queries (p=0.004)" in card and "against v2" in card
-    assert "9,040 labels" in card and "p0 0–99" in card and "1 purges" in card and "train 3.1%" in card
+    assert (
+        "9,040 labels" in card
+        and "table version 12" in card
+        and "labels show --version 12" in card
+        and "1 purges" in card
+        and "train 3.1%" in card
+    )
     wins, losses = card.split("## Biggest wins")[1].split("## Biggest losses")
     assert "vitamin d and bones" in wins and "d7 (4→1)" in wins and "flat query" not in wins
     assert "statins / liver" in losses and "+0.400" not in losses  # a | in a query cannot break the table

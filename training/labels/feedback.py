@@ -30,8 +30,10 @@ def split_by_identity(df: pd.DataFrame, tune_fraction: float, gate_fraction: flo
     """Splits labels by who sent them (user, else session, else the request), a seeded hash of it
     deciding the slice: the slices depend on the traffic, not on how its requests interleaved in time,
     and no identity is in two slices. The fractions hold for identities, about so for requests."""
-    owner = df["identity"].where(df["identity"].map(lambda v: isinstance(v, str)), None) if "identity" in df.columns else None
-    owner = ("request:" + df["request_id"].astype(str)) if owner is None else owner.fillna("request:" + df["request_id"].astype(str))
+    fallback = "request:" + df["request_id"].astype(str)
+    owner = (
+        df["identity"].where(df["identity"].map(lambda v: isinstance(v, str)), fallback) if "identity" in df.columns else fallback
+    )
     unit = {o: int.from_bytes(hashlib.blake2b(f"{seed}:{o}".encode(), digest_size=8).digest()) / 2**64 for o in owner.unique()}
     u = owner.map(unit)
     gate, tune = u >= 1 - gate_fraction, (u >= 1 - gate_fraction - tune_fraction) & (u < 1 - gate_fraction)

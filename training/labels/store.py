@@ -1,25 +1,29 @@
 """The durable label store: the stream writes labels, the scheduler counts them, training reads them.
 
-`ParquetLabelStore` keeps one Parquet shard per write, named by topic partition and offset range, so
-a rewrite after a redelivery replaces the same file and the lineage of a training run is a set of
-offset ranges. Reading keeps the highest revision of each `label_id`: a label is never counted twice.
+`DeltaLabelStore` is a Delta Lake table (on local disk, or on object storage by URL): every write is a
+transaction that also records the labels-topic offset it covers, so a redelivered batch is recognised
+and skipped (exactly once); counting is metadata; a training run records the table version it read
+(time travel gives the exact labels back); compaction keeps the latest revision of each `label_id`.
+Purges live beside it in a small table of their own. Reading keeps the highest revision of each
+`label_id`: a label is never counted twice.
 """
 
 from __future__ import annotations
 
-import re
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from schemas import LabelledExample
 
-SHARD_RE = re.compile(r"labels-p(\d+)-(\d+)-(\d+)\.parquet$")
 Lineage = dict[str, Any]
-"""Where a set of labels came from: shards, offset ranges per partition, counts by grade and signal."""
+"""Where a set of labels came from: table and version, offsets per partition, counts by grade and signal."""
 
 
 class Purge(BaseModel):
@@ -60,14 +64,15 @@ def apply_purges(df: pd.DataFrame, purges: list[Purge]) -> pd.DataFrame:
 
 
 class LabelStore(Protocol):
-    def write(self, labels: list[LabelledExample], partition: int, first: int, last: int) -> None:
-        """Stores the labels read from offsets first..last of a labels-topic partition (idempotent)."""
+    def write(self, labels: list[LabelledExample], source: str, last: int) -> bool:
+        """Stores the labels read up to offset `last` of `source` (a labels-topic partition); False,
+        storing nothing, when that offset was already stored (a redelivery)."""
 
     def read(self) -> tuple[pd.DataFrame, Lineage]:
-        """The latest revision of every label, and its lineage."""
+        """The latest revision of every label, and its lineage (with `contributions`: `count()` then)."""
 
     def count(self) -> int:
-        """How many distinct labels there are now."""
+        """Label contributions (revisions) ever stored: grows with every write, never by compaction."""
 
     def purge(self, purge: Purge, count: bool = True) -> int:
         """Takes the matching labels out of every later read (and of labels written later, as a
@@ -96,62 +101,178 @@ def describe(df: pd.DataFrame) -> Lineage:
     }
 
 
-class ParquetLabelStore:
-    """Parquet shards in a folder (local disk or a shared volume)."""
+LABEL_SCHEMA = pa.schema(
+    [
+        ("schema_version", pa.int32()),
+        ("label_id", pa.string()),
+        ("revision", pa.int32()),
+        ("request_id", pa.string()),
+        ("query", pa.string()),
+        ("doc_id", pa.string()),
+        ("position", pa.int32()),
+        ("grade", pa.int32()),
+        ("weight", pa.float64()),
+        ("propensity", pa.float64()),
+        ("signals", pa.list_(pa.string())),
+        ("event_ids", pa.list_(pa.string())),
+        ("model_version", pa.string()),
+        ("index_version", pa.string()),
+        ("identity", pa.string()),
+        ("api_keys", pa.list_(pa.string())),
+        ("timestamp", pa.float64()),
+        ("stored_at", pa.float64()),  # when the store wrote the row: compaction's cut
+    ]
+)
+TRAINING_COLUMNS = [
+    "label_id", "revision", "request_id", "query", "doc_id", "position", "grade", "weight", "propensity",
+    "signals", "identity", "api_keys", "timestamp",
+]  # fmt: skip
+"""What training, its lineage and purges need: a read leaves the rest (event ids, versions) on disk."""
+COMPACTED_AWAY = "rankloop-compacted-away"  # an app transaction: superseded revisions compaction removed, in total
+PURGE_SCHEMA = pa.schema([("purge", pa.string())])
 
-    PURGES = "purges.jsonl"
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+def label_source(topic: str, topic_id: str, partition: int) -> str:
+    """The name under which the store records how far it has stored a labels-topic partition: with the
+    topic's id, so a topic made anew (its offsets from 0 again) is not mistaken for a redelivery."""
+    return f"{topic}@{topic_id}-p{partition}"
 
-    def purges(self) -> list[Purge]:
-        path = self.folder / self.PURGES
-        return [Purge.model_validate_json(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
-    def purge(self, purge: Purge, count: bool = True) -> int:
-        before = len(self.read()[0]) if count else 0
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with (self.folder / self.PURGES).open("a") as f:
-            f.write(purge.model_dump_json() + "\n")
-        return before - len(self.read()[0]) if count else 0
+class DeltaLabelStore:
+    """Labels as a Delta Lake table at `uri`: a folder, or `s3://bucket/prefix` (credentials and
+    endpoint from `storage_options` or the standard AWS_* variables)."""
 
-    def stored_offsets(self) -> dict[int, int]:
-        """labels-topic partition -> the highest offset stored (from shard names: no read)."""
-        out: dict[int, int] = {}
-        for p in self.shards():
-            if m := SHARD_RE.search(p.name):
-                out[int(m.group(1))] = max(out.get(int(m.group(1)), -1), int(m.group(3)))
-        return out
+    def __init__(self, uri: str | Path, storage_options: dict[str, str] | None = None):
+        self.uri = str(uri)
+        self.options = storage_options
+        self.purges_uri = f"{self.uri.rstrip('/')}/_purges"  # "_": Delta's vacuum leaves it alone
+        self._table: Any = None
 
-    def shards(self) -> list[Path]:
-        return sorted(self.folder.glob("labels-p*.parquet")) if self.folder.exists() else []
+    @property
+    def location(self) -> str:
+        return self.uri
 
-    def write(self, labels: list[LabelledExample], partition: int, first: int, last: int) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"labels-p{partition}-{first:012d}-{last:012d}.parquet"
-        tmp = path.with_suffix(".tmp")
-        _frame([lab.model_dump(mode="json") for lab in labels]).to_parquet(tmp, index=False)
-        tmp.replace(path)  # atomic: a reader never sees half a shard
+    def _open(self, version: int | None = None) -> Any:
+        """The table (refreshed to its latest version), or None before the first write."""
+        from deltalake import DeltaTable
 
-    def read(self) -> tuple[pd.DataFrame, Lineage]:
-        shards = self.shards()
-        if not shards:
-            return _frame([]), {"shards": 0, "labels": 0}
-        purges = self.purges()
-        df = apply_purges(latest_revisions(pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True)), purges)
-        offsets: dict[str, list[int]] = {}
-        for p in shards:
-            m = SHARD_RE.search(p.name)
-            if m is None:
-                continue
-            part, lo, hi = m.group(1), int(m.group(2)), int(m.group(3))
-            cur = offsets.setdefault(f"p{part}", [lo, hi])
-            offsets[f"p{part}"] = [min(cur[0], lo), max(cur[1], hi)]
-        lineage = {"location": str(self.folder), "shards": len(shards), **describe(df), "offsets": offsets}
-        return df, {**lineage, "purges": len(purges)}
+        if version is not None:
+            return DeltaTable(self.uri, version=version, storage_options=self.options)
+        if self._table is None:
+            if not DeltaTable.is_deltatable(self.uri, storage_options=self.options):
+                return None
+            self._table = DeltaTable(self.uri, storage_options=self.options)
+        else:
+            self._table.update_incremental()
+        return self._table
+
+    def write(self, labels: list[LabelledExample], source: str, last: int) -> bool:
+        from deltalake import write_deltalake
+        from deltalake.transaction import CommitProperties, Transaction
+
+        table = self._open()
+        done = table.transaction_version(source) if table is not None else None
+        if done is not None and done >= last:
+            return False
+        rows = [lab.model_dump(mode="json") for lab in labels]
+        stored_at = time.time()
+        for row in rows:
+            row["stored_at"] = stored_at
+        data = pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)
+        commit = CommitProperties(app_transactions=[Transaction(source, last)], max_commit_retries=50)
+        write_deltalake(
+            table if table is not None else self.uri,
+            data,
+            mode="append",
+            storage_options=self.options if table is None else None,
+            commit_properties=commit,
+        )
+        return True
+
+    def stored_offset(self, source: str) -> int | None:
+        """The last offset of `source` stored (metadata only), or None."""
+        table = self._open()
+        return table.transaction_version(source) if table is not None else None
+
+    def files(self) -> int:
+        """Data files in the current version (metadata only): compaction is due when there are many."""
+        table = self._open()
+        return len(table.file_uris()) if table is not None else 0
+
+    def version(self) -> int | None:
+        table = self._open()
+        return table.version() if table is not None else None
 
     def count(self) -> int:
-        return len(self.read()[0])
+        """Rows in the table's files (from the log's add actions) plus what compaction removed."""
+        return self._contributions(self._open())
+
+    @staticmethod
+    def _contributions(table: Any) -> int:
+        if table is None:
+            return 0
+        actions = pa.table(table.get_add_actions(flatten=True))  # arro3 -> pyarrow, no copy
+        rows = pc.sum(actions.column("num_records")).as_py() if actions.num_rows else 0
+        return int(rows or 0) + (table.transaction_version(COMPACTED_AWAY) or 0)
+
+    def read(self, version: int | None = None, columns: list[str] | None = None) -> tuple[pd.DataFrame, Lineage]:
+        """The latest revision of every label (at `version`: time travel), purges applied."""
+        table = self._open(version)
+        purges = self.purges()
+        if table is None:
+            return _frame([]), {"location": self.uri, "table_version": None, "labels": 0, "contributions": 0}
+        raw = table.to_pyarrow_table(columns=columns or TRAINING_COLUMNS).to_pandas()
+        df = apply_purges(latest_revisions(raw), purges)
+        lineage = {
+            "location": self.uri,
+            "format": "delta",
+            "table_version": table.version(),
+            "files": len(table.file_uris()),
+            "contributions": self._contributions(table),
+            **describe(df),
+            "purges": len(purges),
+        }
+        return df, lineage
+
+    def compact(self) -> dict[str, int]:
+        """Rewrites the rows stored until now as one file per ~128 MB with only the latest revision
+        of each label, in one transaction (a concurrent append is kept: it lands after the cut);
+        then checkpoints the log and removes files older than the retention (time travel's reach)."""
+        from deltalake import write_deltalake
+        from deltalake.transaction import CommitProperties, Transaction
+
+        table = self._open()
+        if table is None:
+            return {"files_before": 0, "files_after": 0, "rows_removed": 0}
+        files_before = len(table.file_uris())
+        cut = time.time()
+        old = table.to_pyarrow_table(filters=[("stored_at", "<=", cut)])
+        kept = pa.Table.from_pandas(latest_revisions(old.to_pandas()), schema=LABEL_SCHEMA, preserve_index=False)
+        removed = old.num_rows - kept.num_rows
+        total = (table.transaction_version(COMPACTED_AWAY) or 0) + removed  # in the same commit: count() never jumps
+        commit = CommitProperties(app_transactions=[Transaction(COMPACTED_AWAY, total)])
+        write_deltalake(table, kept, mode="overwrite", predicate=f"stored_at <= {cut!r}", commit_properties=commit)
+        table.update_incremental()
+        table.create_checkpoint()
+        table.cleanup_metadata()
+        table.vacuum(dry_run=False)
+        return {"files_before": files_before, "files_after": len(table.file_uris()), "rows_removed": removed}
+
+    def purges(self) -> list[Purge]:
+        from deltalake import DeltaTable
+
+        if not DeltaTable.is_deltatable(self.purges_uri, storage_options=self.options):
+            return []
+        rows = DeltaTable(self.purges_uri, storage_options=self.options).to_pyarrow_table().column("purge").to_pylist()
+        return sorted((Purge.model_validate_json(r) for r in rows), key=lambda p: p.at)
+
+    def purge(self, purge: Purge, count: bool = True) -> int:
+        from deltalake import write_deltalake
+
+        before = len(self.read()[0]) if count else 0
+        row = pa.Table.from_pylist([{"purge": purge.model_dump_json()}], schema=PURGE_SCHEMA)
+        write_deltalake(self.purges_uri, row, mode="append", storage_options=self.options)
+        return before - len(self.read()[0]) if count else 0
 
 
 class MemoryLabelStore:
@@ -166,12 +287,13 @@ class MemoryLabelStore:
         self.purges.append(purge)
         return before - len(self.read()[0]) if count else 0
 
-    def write(self, labels: list[LabelledExample], partition: int, first: int, last: int) -> None:
+    def write(self, labels: list[LabelledExample], source: str, last: int) -> bool:
         self.rows += [lab.model_dump(mode="json") for lab in labels]
+        return True
 
     def read(self) -> tuple[pd.DataFrame, Lineage]:
         df = apply_purges(latest_revisions(_frame(self.rows)), self.purges) if self.rows else _frame([])
-        return df, {"shards": 0, **describe(df), "purges": len(self.purges)}
+        return df, {**describe(df), "contributions": len(self.rows), "purges": len(self.purges)}
 
     def count(self) -> int:
-        return len(self.read()[0])
+        return len(self.rows)
