@@ -178,6 +178,7 @@ class RejectCode(str, Enum):
     doc_not_shown = "doc_not_shown"
     unknown_request = "unknown_request"
     click_burst = "click_burst"
+    no_label = "no_label"
 
 
 class DeadLetter(Event):

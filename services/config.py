@@ -109,6 +109,10 @@ class ServingSettings(Group):
 
 class StreamSettings(Group):
     join_window_s: float = Field(1800.0, gt=0, description="how long an interaction may follow its impression")
+    join_batch: int = Field(
+        2000, ge=1, description="most messages joined in one step (each changed request is stored once per step)"
+    )
+    join_flush_s: float = Field(0.2, gt=0, description="longest wait for a join step to fill")
     label_flush_s: float = Field(1.0, gt=0, description="longest wait before labels are written to the store")
     label_batch: int = Field(5000, ge=1, description="most labels written to the store in one transaction")
     burst_limit: int = Field(

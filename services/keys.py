@@ -24,10 +24,6 @@ class Keys:
         return f"{self.deployment}.interactions"
 
     @property
-    def labels(self) -> str:
-        return f"{self.deployment}.labels"
-
-    @property
     def dead_letters(self) -> str:
         return f"{self.deployment}.dead-letters"
 
@@ -40,7 +36,7 @@ class Keys:
         return f"{self.deployment}.stream-ticks"
 
     def topics(self) -> list[str]:
-        return [self.impressions, self.interactions, self.labels, self.dead_letters, self.model_events, self.stream_ticks]
+        return [self.impressions, self.interactions, self.dead_letters, self.model_events, self.stream_ticks]
 
     @property
     def stream_app(self) -> str:

@@ -102,6 +102,27 @@ def bench_serve(
     console.print(f"written: {out}")
 
 
+@bench_app.command("stream")
+def bench_stream(
+    events: int = typer.Option(300_000, help="interaction events to send (each request also has an impression)"),
+    workers: int = typer.Option(2, min=1, help="stream worker processes"),
+    partitions: int = typer.Option(4, min=1, help="partitions of every topic"),
+    kill_one: bool = typer.Option(False, "--kill-one", help="kill -9 one worker at 40 % of the sending and restart it"),
+    join_window: float = typer.Option(30.0, help="the stream's join window (s): the audit waits two of them at the end"),
+    out: Path = typer.Option(Path("stream.json"), help="where the JSON result goes"),
+) -> None:
+    """Events labelled per second end to end, freshness, and an exactly-once audit (lost, duplicate labels)."""
+    from services.local.bench_stream import run_stream_bench
+
+    s = bench_settings("bench-stream", None, 300)
+    s.kafka = s.kafka.model_copy(update={"partitions": partitions})
+    s.stream = s.stream.model_copy(update={"join_window_s": join_window})
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    result = run_stream_bench(s, events, workers, kill_one, out)
+    console.print_json(result.model_dump_json())
+    console.print(f"written: {out}")
+
+
 @bench_app.command("poison")
 def bench_poison(
     dataset: str = typer.Option(None, help="BEIR folder; default: the `dataset` setting"),

@@ -31,10 +31,10 @@ from services.registry import connect_registry
 from services.schedule.scheduler import impression_click_log, retrain
 from services.sdk import RankloopClient
 from services.storage import open_labels
-from services.storage.kafka import committed_offsets, end_offsets, topic_id
+from services.storage.kafka import committed_offsets, end_offsets
 from training import beir, plots, self_check
 from training.evaluate import evaluate_designs, evaluate_first_stage_parts, evaluate_ranker
-from training.labels.store import DeltaLabelStore, LabelStore, MemoryLabelStore, label_source
+from training.labels.store import DeltaLabelStore, LabelStore, MemoryLabelStore
 from training.pipeline import TrainOutcome, train_once
 from training.propensity import estimate_examination, read_click_log
 from training.ranking.first_stage import FirstStage, build_index
@@ -110,10 +110,10 @@ class LoopBenchResult(BaseModel):
 
 
 def settle_labels(s: Settings, labels: DeltaLabelStore, timeout: float = 300.0) -> int:
-    """Waits until the stream has consumed every impression and interaction sent so far (its
-    committed offsets reach the topics' ends) and the label store holds every label it emitted (the
-    store's offsets reach the labels topic's end): a round is cut at an exact point, not after a quiet
-    spell, so how many labels a round trains on does not depend on timing."""
+    """Waits until the stream has joined every impression and interaction sent so far: its committed
+    offsets reach the topics' ends, and it commits a message only after its labels are in the table.
+    A round is cut at an exact point, not after a quiet spell, so how many labels a round trains on
+    does not depend on timing."""
     keys = s.keys
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -122,14 +122,7 @@ def settle_labels(s: Settings, labels: DeltaLabelStore, timeout: float = 300.0) 
             continue
         inputs = end_offsets(s.kafka.address, [keys.impressions, keys.interactions])
         done = committed_offsets(s.kafka.address, keys.stream_app)
-        consumed = all(done.get(tp, 0) >= end for tp, end in inputs.items())
-        tid = topic_id(s.kafka.address, keys.labels)
-        written = all(
-            (labels.stored_offset(label_source(keys.labels, tid, p)) or -1) + 1 >= end
-            for (_, p), end in end_offsets(s.kafka.address, [keys.labels]).items()
-            if end > 0
-        )
-        if consumed and written:
+        if all(done.get(tp, 0) >= end for tp, end in inputs.items()):
             return len(labels.read()[0])  # distinct labels, as training reads them
         time.sleep(1)
     raise TimeoutError(f"the stream did not catch up within {timeout:.0f}s (see <state>/run/stream.log)")

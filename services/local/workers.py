@@ -32,13 +32,15 @@ def worker_env(s: Settings, **overrides: str) -> dict[str, str]:
     return env
 
 
-def spawn(s: Settings, name: str, env: dict[str, str], args: tuple[str, ...] = ()) -> subprocess.Popen:
-    """Starts `rankloop NAME ARGS`; its log and pid go to <state>/run/ so `rankloop down` can stop it."""
-    log = open(run_dir(s) / f"{name}.log", "ab")
+def spawn(s: Settings, name: str, env: dict[str, str], args: tuple[str, ...] = (), label: str | None = None) -> subprocess.Popen:
+    """Starts `rankloop NAME ARGS`; its log and pid go to <state>/run/<label or name>.* so `rankloop down`
+    can stop it."""
+    label = label or name
+    log = open(run_dir(s) / f"{label}.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services", name, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    (run_dir(s) / f"{name}.pid").write_text(str(proc.pid))
+    (run_dir(s) / f"{label}.pid").write_text(str(proc.pid))
     return proc
 
 

@@ -54,8 +54,8 @@ class Activity(Protocol):
     def minutes(self, last: int, now: float | None = None) -> list[tuple[int, dict[str, int]]]:
         """(minute, counts) for the `last` minutes up to now, oldest first, zeros included."""
 
-    def dead_letter(self, dead: dict) -> None:
-        """Keeps one dead letter (a `DeadLetter` as JSON-ready dict) among the newest."""
+    def keep_dead_letters(self, dead: list[dict]) -> None:
+        """Keeps dead letters (`DeadLetter`s as JSON-ready dicts, oldest first) among the newest."""
 
     def dead_letters(self, limit: int = 10_000) -> list[dict]:
         """The newest dead letters, newest first."""

@@ -117,8 +117,8 @@ class MemoryActivity:
         end = int((now or time.time()) // 60)
         return [(m, dict(self.by_minute.get(m, {}))) for m in range(end - last + 1, end + 1)]
 
-    def dead_letter(self, dead: dict) -> None:
-        self.dead.insert(0, dead)
+    def keep_dead_letters(self, dead: list[dict]) -> None:
+        self.dead[:0] = reversed(dead)
 
     def dead_letters(self, limit: int = 10_000) -> list[dict]:
         return self.dead[:limit]

@@ -142,9 +142,11 @@ class RedisActivity:
             raise DependencyUnavailable(f"redis: {e}") from e
         return [(m, {k.decode(): int(v) for k, v in row.items()}) for m, row in zip(span, rows)]
 
-    def dead_letter(self, dead: dict) -> None:
+    def keep_dead_letters(self, dead: list[dict]) -> None:
+        if not dead:
+            return
         pipe = self.redis.pipeline(transaction=False)
-        pipe.lpush(self.keys.recent_dead_letters, json.dumps(dead))
+        pipe.lpush(self.keys.recent_dead_letters, *(json.dumps(d) for d in dead))
         pipe.ltrim(self.keys.recent_dead_letters, 0, self.KEEP_DEAD_LETTERS - 1)
         try:
             pipe.execute()

@@ -1,27 +1,31 @@
 """The stream processor (faust-streaming): each agent is a short loop around a pure function of
 `join.py`.
 
-- `join_label` reads impressions and interactions (both keyed by request_id, co-partitioned), keeps
-  one `RequestState` per request in a table and applies `step` to each message.
+- `join_label` reads impressions and interactions (both keyed by request_id, co-partitioned) in
+  batches, keeps one `RequestState` per request (live objects, backed by a changelogged table written
+  once per changed request per batch) and applies `step` to each message.
+- Exactly once into the label table: each batch's labels are one Delta transaction that also records,
+  per input partition, the last offset joined. After a crash the messages up to that offset are
+  joined again only to rebuild state; their labels are already stored and are not written twice.
+  Order per batch: dead letters sent, labels committed, table written, offsets acknowledged.
 - Expiry: a table may only change inside stream iteration, so a timer sends one tick per partition
-  to a co-partitioned ticks topic and the join agent applies `sweep` when it reads one.
-- `sink_labels` writes the labels topic to the label store (a Delta table) in batches; each write
-  records the last offset it covers in the same transaction, so a redelivered batch is skipped:
-  exactly once into the table. `take_events` acks (so commits offsets) only after the labels are stored.
+  to a co-partitioned ticks topic and the join agent sweeps the requests that are due (`ExpiryIndex`).
 - A click burst (`ClickBursts`) is dead-lettered and its identity quarantined: a purge recorded in the
   label store, so training never sees its labels (`rankloop labels purges` lists it).
-Every agent is idempotent: a redelivered message finds its event id in the request state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import faust
+from faust.streams import _current_event  # the context variable faust's tables read the partition from
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas import DeadLetter, LabelledExample
@@ -29,11 +33,47 @@ from services.config import Settings
 from services.observability import serve_metrics
 from services.storage import open_activity, open_labels
 from services.storage.kafka import topic_id
-from services.stream.join import Burst, ClickBursts, RequestState, step, sweep
-from training.labels.store import Purge, label_source
+from services.stream.join import Burst, ClickBursts, ExpiryIndex, RequestState, step, sweep
+from training.labels.store import DeltaLabelStore, Purge, label_source
 
 log = logging.getLogger(__name__)
 REPORT_S = 2.0
+
+
+def in_context_of(event: faust.EventT) -> None:
+    """Makes `event` the current one for this task: a table write goes to its partition's changelog.
+    Only the task's context variable: the stream's own `current_event` is what `take_events` records
+    for the next message, and setting it swapped a message for an old one (lost)."""
+    _current_event.set(weakref.ref(event))
+
+
+class StoredOffsets:
+    """How far the label table holds each input partition's labels (from the table's log, cached: only
+    this worker writes its partitions), named with the topic's id so a topic made anew starts at -1."""
+
+    def __init__(self, bootstrap: str, store: DeltaLabelStore):
+        self.bootstrap, self.store = bootstrap, store
+        self.ids: dict[str, str] = {}
+        self.offsets: dict[str, int] = {}
+
+    async def source(self, topic: str, partition: int) -> str:
+        if topic not in self.ids:
+            self.ids[topic] = await asyncio.to_thread(topic_id, self.bootstrap, topic)
+        return label_source(topic, self.ids[topic], partition)
+
+    async def offset(self, source: str) -> int:
+        if source not in self.offsets:
+            found = await asyncio.to_thread(self.store.stored_offset, source)
+            self.offsets[source] = -1 if found is None else found
+        return self.offsets[source]
+
+    def advance(self, positions: dict[str, int]) -> None:
+        self.offsets.update(positions)
+
+    def clear(self) -> None:
+        """After a rebalance: partitions may come from another worker, topics may be new."""
+        self.ids.clear()
+        self.offsets.clear()
 
 
 class StreamMetrics:
@@ -67,7 +107,6 @@ def create_app(s: Settings) -> faust.App:
     raw = dict(key_serializer="raw", value_serializer="raw", partitions=partitions)
     inputs = app.topic(keys.impressions, keys.interactions, keys.stream_ticks, **raw)
     ticks = app.topic(keys.stream_ticks, **raw)
-    labels_topic = app.topic(keys.labels, **raw)
     dead_topic = app.topic(keys.dead_letters, **raw)
     requests = app.Table(keys.requests_table, default=None, partitions=partitions)
     rules, window = s.stream.rules, s.stream.join_window_s
@@ -78,20 +117,24 @@ def create_app(s: Settings) -> faust.App:
     activity = open_activity(s.redis_url, keys)
     joined: dict[tuple[str, int], int] = {}  # (topic, partition) -> the last offset joined, for the lag
     counts: defaultdict[str, int] = defaultdict(int)  # for the status page, written to Redis every REPORT_S
+    live: dict[str, RequestState] = {}  # the states of this worker's requests as objects: no parse per message
+    deadlines = ExpiryIndex()  # when each request may next be forgotten, per partition: no table scan
+    stored = StoredOffsets(s.kafka.address, store)
 
     def load(key: str) -> RequestState | None:
-        stored = requests.get(key) if key else None
-        return RequestState.model_validate(stored) if stored else None
+        if key in live:
+            return live[key]
+        value = requests.get(key) if key else None
+        return RequestState.model_validate(value) if value else None
 
-    async def publish(labels: list[LabelledExample], dead: list[DeadLetter]) -> None:
-        for lab in labels:
-            await labels_topic.send(key=lab.label_id.encode(), value=lab.model_dump_json().encode())
+    async def send_dead(dead: list[DeadLetter]) -> None:
         for d in dead:
             await dead_topic.send(key=d.source.encode(), value=d.model_dump_json().encode())
             metrics.dead_letters.labels(d.code.value).inc()
             counts[f"dead:{d.code.value}"] += 1
-            activity.dead_letter(d.model_dump(mode="json"))
-        metrics.labels.inc(len(labels))
+        if dead:
+            await app.producer.flush()  # sent before the labels commit: a crash repeats them, never loses them
+            activity.keep_dead_letters([d.model_dump(mode="json") for d in dead])
 
     def quarantine(burst: Burst) -> None:
         """Every label of a bursting identity, past and future, leaves training (once per identity)."""
@@ -103,69 +146,121 @@ def create_app(s: Settings) -> faust.App:
         quarantined.add(burst.identity)
         log.warning("%s", reason)
 
+    owning = asyncio.Lock()  # a batch and a rebalance never interleave
+
+    @app.on_partitions_revoked.connect
+    async def forget_live(app: faust.App, revoked: set, **kwargs: object) -> None:
+        """Waits for the batch in hand to be stored; then another worker may own these requests:
+        their state is read from the table again, the stored offsets from the label table."""
+        async with owning:
+            live.clear()
+            deadlines.clear()
+            stored.clear()
+
     @app.agent(inputs)
     async def join_label(stream: AsyncIterator) -> None:
-        async for event in stream.events():  # type: ignore[attr-defined]
+        async for batch in stream.take_events(s.stream.join_batch, within=s.stream.join_flush_s):  # type: ignore[attr-defined]
+            async with owning:
+                await join_batch(batch)
+
+    async def join_batch(batch: list[faust.EventT]) -> None:
+        """Joins a batch of messages: dead letters sent, then its labels stored in one transaction with
+        the offsets they cover, then each changed request written to the table once (and flushed). A message of a
+        partition this worker no longer owns (buffered before a rebalance) is left to its new owner."""
+        owned = app.consumer.assignment()
+        changed: dict[str, tuple[RequestState, faust.EventT]] = {}
+        forgotten: set[str] = set()
+        labels: list[LabelledExample] = []
+        dead: list[DeadLetter] = []
+        positions: dict[str, int] = {}
+        now = time.time()
+        for event in batch:
             msg = event.message
+            if msg.tp not in owned:
+                counts["left_to_new_owner"] += 1
+                continue
             if msg.topic == keys.stream_ticks:
-                await expire(msg.partition)
+                in_context_of(event)  # a delete goes to this partition's changelog
+                dead += expire(msg.partition, now, forgotten)
                 continue
             kind = "impression" if msg.topic == keys.impressions else "interaction"
-            counts[f"{kind}s"] += 1
-            metrics.events.labels(msg.topic).inc()
-            joined[(msg.topic, msg.partition)] = msg.offset
+            source = await stored.source(msg.topic, msg.partition)
+            replayed = msg.offset <= await stored.offset(source)  # its labels are in the table already
             key = (msg.key or b"").decode(errors="replace")
-            result = step(load(key), msg.topic, kind, msg.value, rules, window, time.time(), bursts)
+            # the broker's time of the message: lag in the stream never makes an event late, and a
+            # replay after a restart decides as the first pass did
+            result = step(load(key), msg.topic, kind, msg.value, rules, window, msg.timestamp or now, bursts)
             if result.state is not None and key:
                 result.state.partition = msg.partition
-                requests[key] = result.state.model_dump(mode="json")
+                live[key] = result.state
+                changed[key] = result.state, event
+                forgotten.discard(key)
+                deadlines.push(msg.partition, result.state.forget_after(window), key)
+            joined[(msg.topic, msg.partition)] = msg.offset
+            if replayed:
+                counts["replayed"] += 1
+                continue
+            positions[source] = msg.offset
+            counts[f"{kind}s"] += 1
+            counts["duplicates"] += result.repeated
+            metrics.events.labels(msg.topic).inc()
             for burst in result.bursts:
                 quarantine(burst)
-            await publish(result.labels, result.dead)
+            labels += result.labels
+            dead += result.dead
+        await send_dead(dead)
+        if labels:
+            await store_labels(labels, positions)
+        counts["labels"] += len(labels)
+        metrics.labels.inc(len(labels))
+        for key, (state, last) in changed.items():
+            if key not in forgotten:
+                in_context_of(last)  # the changelog partition: the message's
+                requests[key] = state.model_dump(mode="json")
+        # the table's changelog on the broker before the batch is acknowledged: a worker that takes
+        # these partitions over (after a rebalance or a kill) recovers every state the labels came from
+        await app.producer.flush()
 
-    async def expire(partition: int) -> None:
-        """Runs inside the stream (a table may only change there), for the tick's partition only."""
-        now = time.time()
-        for key, stored in list(requests.items()):
-            if stored is None or stored.get("partition") != partition:
+    async def store_labels(labels: list[LabelledExample], positions: dict[str, int]) -> None:
+        """Retries until stored: acknowledging the batch without its labels would lose them."""
+        for attempt in itertools.count():
+            try:
+                await asyncio.to_thread(store.write, labels, positions)
+                stored.advance(positions)
+                return
+            except Exception as e:
+                log.error("labels not stored (attempt %d), retrying: %s", attempt + 1, e)
+                await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
+
+    def expire(partition: int, now: float, forgotten: set[str]) -> list[DeadLetter]:
+        """Runs inside the stream (a table may only change there), for the tick's partition only:
+        looks only at requests whose deadline passed (the first tick after a start scans once)."""
+        if not deadlines.knows(partition):
+            for key, value in list(requests.items()):
+                if value is not None and value.get("partition") == partition:
+                    deadlines.push(partition, RequestState.model_validate(value).forget_after(window), key)
+            deadlines.mark_known(partition)
+        dead: list[DeadLetter] = []
+        for key in deadlines.due(partition, now):
+            state = load(key)
+            if state is None:
                 continue
-            forget, dead = sweep(RequestState.model_validate(stored), now, window, keys.interactions)
-            await publish([], dead)
+            forget, letters = sweep(state, now, window, keys.interactions, rules)
+            dead += letters
             if forget:
-                del requests[key]
+                live.pop(key, None)
+                forgotten.add(key)
+                if key in requests:
+                    del requests[key]
+            else:
+                deadlines.push(partition, state.forget_after(window), key)
+        return dead
 
     @app.timer(interval=max(1.0, min(10.0, window / 10)), on_leader=True)
     async def tick() -> None:
         """A tick per partition: the join agent sweeps expired requests when it reads one."""
         for partition in range(partitions):
             await ticks.send(value=b"tick", partition=partition)
-
-    topic_ids: dict[str, str] = {}
-
-    def source_of(partition: int, recheck: bool = False) -> str:
-        """The store's name for a labels partition; the topic's id is asked again only when a batch
-        looks already stored (a redelivery, or a broker that forgot its topics)."""
-        if recheck or keys.labels not in topic_ids:
-            topic_ids[keys.labels] = topic_id(s.kafka.address, keys.labels)
-        return label_source(keys.labels, topic_ids[keys.labels], partition)
-
-    @app.agent(labels_topic)
-    async def sink_labels(stream: AsyncIterator) -> None:
-        async for events in stream.take_events(s.stream.label_batch, within=s.stream.label_flush_s):  # type: ignore[attr-defined]
-            by_partition: dict[int, list] = {}
-            for ev in events:
-                by_partition.setdefault(ev.message.partition, []).append(ev)
-            for partition, evs in by_partition.items():
-                source = source_of(partition)
-                done = await asyncio.to_thread(store.stored_offset, source)
-                if done is not None and evs[0].message.offset <= done:  # a redelivery, or a topic made anew
-                    source = source_of(partition, recheck=True)
-                    done = await asyncio.to_thread(store.stored_offset, source)
-                fresh = [e for e in evs if done is None or e.message.offset > done]
-                if fresh:
-                    labs = [LabelledExample.model_validate_json(e.message.value) for e in fresh]
-                    await asyncio.to_thread(store.write, labs, source, fresh[-1].message.offset)
-                counts["labels"] += len(fresh)
 
     async def measure_lag() -> None:
         """Per input topic: the broker's high-water mark minus what this worker has joined."""

@@ -8,6 +8,7 @@ than a person does.
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +32,41 @@ class RequestState(BaseModel):
     first_seen: float
     partition: int | None = None
 
+    def forget_after(self, window_s: float) -> float:
+        """When `sweep` may next forget this request (it checks again then)."""
+        if self.impression is None:
+            return self.first_seen + window_s
+        return self.impression.timestamp + 2 * window_s
+
+
+class ExpiryIndex:
+    """Per partition, request keys by the time they may be forgotten (a heap): a sweep looks at the
+    requests that are due, not at the whole table. Stale entries are harmless: `sweep` decides."""
+
+    def __init__(self) -> None:
+        self.heaps: dict[int, list[tuple[float, str]]] = {}
+        self.known: set[int] = set()
+
+    def push(self, partition: int, at: float, key: str) -> None:
+        heapq.heappush(self.heaps.setdefault(partition, []), (at, key))
+
+    def due(self, partition: int, now: float) -> list[str]:
+        heap, keys = self.heaps.get(partition, []), set()
+        while heap and heap[0][0] <= now:
+            keys.add(heapq.heappop(heap)[1])
+        return sorted(keys)
+
+    def knows(self, partition: int) -> bool:
+        """Whether this partition's requests are indexed (after a start or a rebalance: not yet)."""
+        return partition in self.known
+
+    def mark_known(self, partition: int) -> None:
+        self.known.add(partition)
+
+    def clear(self) -> None:
+        self.heaps.clear()
+        self.known.clear()
+
 
 @dataclass
 class StepResult:
@@ -38,6 +74,7 @@ class StepResult:
     labels: list[LabelledExample] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     bursts: list[Burst] = field(default_factory=list)  # identities that started a burst with this message
+    repeated: bool = False  # a message already applied (redelivered, or resent unchanged): counted, not labelled
 
 
 @dataclass(frozen=True)
@@ -136,7 +173,7 @@ def step(
     if isinstance(ev, ImpressionEvent):
         if state.impression is not None:
             if state.impression == ev:
-                return StepResult(None)  # redelivered after a restart: already applied, not a client's mistake
+                return StepResult(None, repeated=True)  # redelivered after a restart: already applied, not a mistake
             return StepResult(
                 None, dead=[_dead(source, RejectCode.duplicate_impression, "duplicate impression for request_id", payload)]
             )
@@ -151,7 +188,7 @@ def step(
     same_id = [e for e in state.events if e.event_id == ev.event_id]
     if same_id:
         if same_content(same_id[0], ev):
-            return StepResult(None)  # redelivered after a restart (or resent unchanged): already counted
+            return StepResult(None, repeated=True)  # redelivered after a restart (or resent unchanged): already counted
         return StepResult(None, dead=[_dead(source, RejectCode.duplicate_event, "duplicate event_id", payload)])
     if state.impression is not None:
         refused = StepResult(None)
@@ -219,9 +256,10 @@ def _relabel(state: RequestState, rules: LabelRules, result: StepResult) -> Step
     return result
 
 
-def sweep(state: RequestState, now: float, window_s: float, source: str) -> tuple[bool, list[DeadLetter]]:
+def sweep(state: RequestState, now: float, window_s: float, source: str, rules: LabelRules) -> tuple[bool, list[DeadLetter]]:
     """(forget this request?, dead letters). Interactions without an impression after the window
-    are dead-lettered; a joined request is kept one more window so late events are recognised."""
+    are dead-lettered; a joined request is kept one more window so late events are recognised, and
+    when it is forgotten its events that no label used are dead-lettered (nothing vanishes)."""
     if state.impression is None:
         if now - state.first_seen > window_s:
             return True, [
@@ -234,4 +272,16 @@ def sweep(state: RequestState, now: float, window_s: float, source: str) -> tupl
                 for e in state.events
             ]
         return False, []
-    return now - state.impression.timestamp > 2 * window_s, []
+    if now - state.impression.timestamp <= 2 * window_s:
+        return False, []
+    used = {e for lab in label_request(state.impression, state.events, rules).values() for e in lab.event_ids}
+    return True, [
+        _dead(
+            source,
+            RejectCode.no_label,
+            f"no label rule used this {e.type.value} on {e.doc_id!r} (e.g. a dwell without a click)",
+            e.model_dump_json(),
+        )
+        for e in state.events
+        if e.event_id not in used
+    ]

@@ -68,7 +68,8 @@ def test_training_run_is_logged_and_registered_but_not_promoted_without_evidence
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"model", "lineage.json", "gate.png", "gate_per_query.json"} <= artifacts
     lineage = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/lineage.json")
-    assert lineage["labels"] > 0 and "click" in lineage["by_signal"] and lineage["offsets"]
+    assert lineage["labels"] > 0 and "click" in lineage["by_signal"] and lineage["table_version"] >= 0
+    assert run.data.tags["label_table"].endswith(f"@v{lineage['table_version']}")  # the exact labels, by time travel
     model_files = {a.path for a in client.list_artifacts(outcome.run_id, "model")}
     assert "model/model.safetensors" in model_files and "model/rankloop.json" in model_files
 

@@ -180,7 +180,7 @@ def test_an_emitter_reads_its_own_dead_letters_and_an_admin_reads_all(tiny_first
     for i, (key, rid) in enumerate((("web", "r1"), ("web", "r2"), ("other", "r1"))):
         payload = json.dumps({"event_id": f"e{i}", "request_id": rid, "doc_id": "d", "type": "click", "api_key": key})
         dead = {"source": "rankloop.interactions", "code": "doc_not_shown", "reason": "x", "payload": payload}
-        worker.caches.activity.dead_letter({**dead, "timestamp": 100.0 + i})
+        worker.caches.activity.keep_dead_letters([{**dead, "timestamp": 100.0 + i}])
     with TestClient(create_app(s, worker, watch_events=False)) as client:
         mine = client.get("/dead-letters", headers=bearer(web)).json()
         assert [json.loads(d["payload"])["event_id"] for d in mine] == ["e1", "e0"]  # newest first, its own only

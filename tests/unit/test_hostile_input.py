@@ -104,8 +104,8 @@ def test_the_status_page_shows_activity_and_escapes_what_users_sent(tiny_first_s
     with TestClient(create_app(s, worker, watch_events=False)) as client:
         client.post("/events", json=[event(1), event(2)])
         worker.caches.activity.count({"labels": 3, "dead:doc_not_shown": 1})
-        worker.caches.activity.dead_letter(
-            {"code": "doc_not_shown", "reason": "doc_id '<script>alert(1)</script>' was not shown", "timestamp": 1795300000.0}
+        worker.caches.activity.keep_dead_letters(
+            [{"code": "doc_not_shown", "reason": "doc_id '<script>alert(1)</script>' was not shown", "timestamp": 1795300000.0}]
         )
         page = client.get("/status")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -100,10 +100,10 @@ def test_a_purge_takes_an_identitys_labels_out_even_of_labels_written_later(tmp_
 
     store = DeltaLabelStore(tmp_path)
     batch = [label(n, "user:attacker") for n in range(5)] + [label(n, f"user:{n}") for n in range(5, 8)]
-    store.write(batch, "labels-p0", last=7)
+    store.write(batch, {"interactions@t-p0": 7})
     purge = Purge(identity="user:attacker", reason="fake clicks", actor="cli:test", at=2000.0)
     assert store.purge(purge) == 5 and len(store.read()[0]) == 3
-    store.write(batch, "labels-p1", last=7)  # the same labels again, as from another partition
+    store.write(batch, {"interactions@t-p1": 7})  # the same labels again, as from another partition
     df, lineage = store.read()
     assert set(df["identity"]) == {"user:5", "user:6", "user:7"} and lineage["purges"] == 1
     assert store.purge(Purge(since=1006.0, reason="bad hour", actor="cli:test", at=2001.0)) == 2
@@ -118,7 +118,7 @@ def test_labels_name_the_keys_behind_their_request_and_a_purge_by_key_takes_them
     assert {d: lab.api_keys for d, lab in labels.items()} == {d: ["leaked-app", "web"] for d in ("d1", "d2", "d3")}
     clean = label_request(impression("r2").model_copy(update={"api_key": "web"}), [interaction("d1", "click", request_id="r2")])
     store = DeltaLabelStore(tmp_path)
-    store.write([*labels.values(), *clean.values()], "labels-p0", last=3)
+    store.write([*labels.values(), *clean.values()], {"interactions@t-p0": 3})
     assert store.purge(Purge(api_key="leaked-app", reason="key leaked", actor="cli:test", at=1.0)) == 3
     assert list(store.read()[0]["request_id"]) == ["r2"]
 
@@ -169,12 +169,12 @@ def test_delta_store_writes_each_offset_once_and_training_reads_the_latest_revis
     from training.labels.store import DeltaLabelStore
 
     store = DeltaLabelStore(tmp_path / "labels")
-    assert store.count() == 0 and store.read()[0].empty and store.stored_offset("labels-p0") is None
-    assert store.write([_label(n) for n in range(10)], "labels-p0", last=9)
-    assert not store.write([_label(n) for n in range(10)], "labels-p0", last=9)  # redelivered: nothing written
-    assert store.write([_label(n, revision=2, grade=2) for n in range(4)], "labels-p0", last=13)
-    assert store.write([_label(n) for n in range(10, 12)], "labels-p1", last=1)
-    assert store.stored_offset("labels-p0") == 13 and store.stored_offset("labels-p1") == 1
+    assert store.count() == 0 and store.read()[0].empty and store.stored_offset("interactions@t-p0") is None
+    assert store.write([_label(n) for n in range(10)], {"interactions@t-p0": 9})
+    assert not store.write([_label(n) for n in range(10)], {"interactions@t-p0": 9})  # redelivered: nothing written
+    assert store.write([_label(n, revision=2, grade=2) for n in range(4)], {"interactions@t-p0": 13})
+    assert store.write([_label(n) for n in range(10, 12)], {"interactions@t-p1": 1})
+    assert store.stored_offset("interactions@t-p0") == 13 and store.stored_offset("interactions@t-p1") == 1
     df, lineage = store.read()
     assert len(df) == 12 and sorted(df.loc[df["revision"] == 2, "request_id"]) == ["r0", "r1", "r2", "r3"]
     assert store.count() == lineage["contributions"] == 16  # every revision written, from the log alone
@@ -186,7 +186,7 @@ def test_compaction_keeps_the_latest_revisions_the_count_and_the_versions_before
 
     store = DeltaLabelStore(tmp_path / "labels")
     for batch in range(5):
-        store.write([_label(n, revision=batch + 1) for n in range(20)], "labels-p0", last=batch)
+        store.write([_label(n, revision=batch + 1) for n in range(20)], {"impressions@t-p0": batch})
     before, lineage = store.read()
     done = store.compact()
     assert done == {"files_before": 5, "files_after": 1, "rows_removed": 80}
@@ -194,7 +194,7 @@ def test_compaction_keeps_the_latest_revisions_the_count_and_the_versions_before
     cols = ["label_id", "revision", "weight"]
     assert after.sort_values("label_id")[cols].values.tolist() == before.sort_values("label_id")[cols].values.tolist()
     assert store.count() == lineage["contributions"] == 100  # the scheduler's count does not drop
-    assert store.write([_label(99)], "labels-p0", last=5) and store.count() == 101
+    assert store.write([_label(99)], {"interactions@t-p0": 5}) and store.count() == 101
     old, old_lineage = store.read(version=lineage["table_version"])  # time travel: what a run trained on
     assert old_lineage["table_version"] == lineage["table_version"] and len(old) == 20
     assert lineage_after["files"] == 1

@@ -74,17 +74,28 @@ def test_late_event_and_unshown_doc_are_dead_lettered():
 
 def test_sweep_dead_letters_interactions_whose_impression_never_came():
     state, _, _ = feed([("interaction", raw(interaction("d1", "click", request_id="ghost")))], now=1000.0)
-    forget, dead = sweep(state, now=1000.0 + WINDOW / 2, window_s=WINDOW, source="t")
+    forget, dead = sweep(state, now=1000.0 + WINDOW / 2, window_s=WINDOW, source="t", rules=RULES)
     assert not forget and dead == []
-    forget, dead = sweep(state, now=1000.0 + WINDOW + 1, window_s=WINDOW, source="t")
+    forget, dead = sweep(state, now=1000.0 + WINDOW + 1, window_s=WINDOW, source="t", rules=RULES)
     assert forget and len(dead) == 1 and dead[0].code == "unknown_request"
     assert dead[0].reason.startswith("unknown request_id")
 
 
 def test_sweep_forgets_joined_requests_after_two_windows():
     state, _, _ = feed([("impression", raw(impression(timestamp=1000.0)))])
-    assert sweep(state, 1000.0 + WINDOW, WINDOW, "t") == (False, [])
-    assert sweep(state, 1000.0 + 2 * WINDOW + 1, WINDOW, "t") == (True, [])
+    assert sweep(state, 1000.0 + WINDOW, WINDOW, "t", RULES) == (False, [])
+    assert sweep(state, 1000.0 + 2 * WINDOW + 1, WINDOW, "t", RULES) == (True, [])
+
+
+def test_an_event_no_label_used_is_dead_lettered_when_its_request_is_forgotten():
+    dwell = interaction("d5", "dwell", value=90.0, timestamp=1001.0, received_at=1001.0)  # below the click: no label
+    click = interaction("d3", "click", timestamp=1001.0, received_at=1001.0)
+    state, labels, dead = feed(
+        [("impression", raw(impression(timestamp=1000.0))), ("interaction", raw(dwell)), ("interaction", raw(click))]
+    )
+    assert dead == [] and dwell.event_id not in {e for lab in labels for e in lab.event_ids}
+    forget, dead = sweep(state, 1000.0 + 2 * WINDOW + 1, WINDOW, "t", RULES)
+    assert forget and [(d.code, json.loads(d.payload)["event_id"]) for d in dead] == [("no_label", dwell.event_id)]
 
 
 def test_lateness_goes_by_the_server_clock_not_the_clients():

@@ -1,8 +1,8 @@
 """The durable label store: the stream writes labels, the scheduler counts them, training reads them.
 
 `DeltaLabelStore` is a Delta Lake table (on local disk, or on object storage by URL): every write is a
-transaction that also records the labels-topic offset it covers, so a redelivered batch is recognised
-and skipped (exactly once); counting is metadata; a training run records the table version it read
+transaction that also records the input offsets it covers, so a replayed message is recognised and
+its labels not stored again (exactly once); counting is metadata; a training run records the table version it read
 (time travel gives the exact labels back); compaction keeps the latest revision of each `label_id`.
 Purges live beside it in a small table of their own. Reading keeps the highest revision of each
 `label_id`: a label is never counted twice.
@@ -64,9 +64,9 @@ def apply_purges(df: pd.DataFrame, purges: list[Purge]) -> pd.DataFrame:
 
 
 class LabelStore(Protocol):
-    def write(self, labels: list[LabelledExample], source: str, last: int) -> bool:
-        """Stores the labels read up to offset `last` of `source` (a labels-topic partition); False,
-        storing nothing, when that offset was already stored (a redelivery)."""
+    def write(self, labels: list[LabelledExample], positions: dict[str, int]) -> bool:
+        """Stores labels made from input messages up to `positions` (source -> last offset), recording
+        the positions in the same transaction; False, storing nothing, when every one was already."""
 
     def read(self) -> tuple[pd.DataFrame, Lineage]:
         """The latest revision of every label, and its lineage (with `contributions`: `count()` then)."""
@@ -133,8 +133,8 @@ PURGE_SCHEMA = pa.schema([("purge", pa.string())])
 
 
 def label_source(topic: str, topic_id: str, partition: int) -> str:
-    """The name under which the store records how far it has stored a labels-topic partition: with the
-    topic's id, so a topic made anew (its offsets from 0 again) is not mistaken for a redelivery."""
+    """The name under which the store records how far it holds the labels of an input partition: with
+    the topic's id, so a topic made anew (its offsets from 0 again) is not mistaken for a replay."""
     return f"{topic}@{topic_id}-p{partition}"
 
 
@@ -166,20 +166,21 @@ class DeltaLabelStore:
             self._table.update_incremental()
         return self._table
 
-    def write(self, labels: list[LabelledExample], source: str, last: int) -> bool:
+    def write(self, labels: list[LabelledExample], positions: dict[str, int]) -> bool:
         from deltalake import write_deltalake
         from deltalake.transaction import CommitProperties, Transaction
 
         table = self._open()
-        done = table.transaction_version(source) if table is not None else None
-        if done is not None and done >= last:
+        done = {src: table.transaction_version(src) if table is not None else None for src in positions}
+        if all(done[src] is not None and done[src] >= last for src, last in positions.items()):
             return False
         rows = [lab.model_dump(mode="json") for lab in labels]
         stored_at = time.time()
         for row in rows:
             row["stored_at"] = stored_at
         data = pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)
-        commit = CommitProperties(app_transactions=[Transaction(source, last)], max_commit_retries=50)
+        txns = [Transaction(src, last) for src, last in positions.items()]
+        commit = CommitProperties(app_transactions=txns, max_commit_retries=50)
         write_deltalake(
             table if table is not None else self.uri,
             data,
@@ -234,6 +235,11 @@ class DeltaLabelStore:
         }
         return df, lineage
 
+    def raw(self, columns: list[str]) -> pa.Table:
+        """Every row as stored, revisions and all (audits: was anything stored twice?)."""
+        table = self._open()
+        return table.to_pyarrow_table(columns=columns) if table is not None else LABEL_SCHEMA.empty_table().select(columns)
+
     def compact(self) -> dict[str, int]:
         """Rewrites the rows stored until now as one file per ~128 MB with only the latest revision
         of each label, in one transaction (a concurrent append is kept: it lands after the cut);
@@ -287,7 +293,7 @@ class MemoryLabelStore:
         self.purges.append(purge)
         return before - len(self.read()[0]) if count else 0
 
-    def write(self, labels: list[LabelledExample], source: str, last: int) -> bool:
+    def write(self, labels: list[LabelledExample], positions: dict[str, int]) -> bool:
         self.rows += [lab.model_dump(mode="json") for lab in labels]
         return True
 

@@ -1,0 +1,235 @@
+"""`rankloop bench stream`: how many events the stream labels per second, how fresh the labels are, and
+whether every accepted event ends as a label contribution or a dead letter, exactly once, even when a
+worker is killed.
+
+On its own local stack (Tansu, redis-server) with `--workers` stream processes on `kafka.partitions`
+partitions, it sends impressions (as serving publishes them) and their interactions (as the SDK's Kafka
+path sends them: click, dwell, skip; plus resent duplicates, malformed payloads and clicks on documents
+never shown), waits until the stream has consumed everything and stored every label, then audits the
+label table and the dead-letter topic against what it sent. Every figure comes from that audit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+from pydantic import BaseModel
+from rich.console import Console
+
+from services.config import Settings
+from services.local import infra
+from services.local.bench import settle_labels
+from services.local.progress import ProgressBar
+from services.local.workers import spawn, worker_env
+from services.storage import open_activity, open_labels
+from services.storage.kafka import make_producer, read_topic
+
+console = Console()
+INTERACTIONS_PER_REQUEST = 3  # click, dwell on it, skip of another
+
+
+class Freshness(BaseModel):
+    p50: float
+    p95: float
+    p99: float
+
+
+class StreamBenchResult(BaseModel):
+    events: int  # interaction events sent (valid, invalid and resent)
+    impressions: int
+    accepted: int  # acknowledged by the broker
+    labels: int  # distinct labels in the table
+    label_contributions: int  # label revisions stored
+    dead_letters: int
+    duplicates_rejected: int  # resent events the stream recognised (counted, not labelled again)
+    lost: int  # accepted events that are neither in a label nor a dead letter
+    duplicate_labels: int  # (label_id, revision) stored more than once
+    seconds: float  # first send to the last label stored
+    send_seconds: float
+    labelled_per_s: float  # accepted interaction events / seconds
+    messages_per_s: float  # impressions and interactions / seconds
+    freshness_s: Freshness  # event sent -> the label revision it caused is in the table
+    workers: int
+    partitions: int
+    killed_one: bool
+    rss_mb: dict[str, list[float] | float]
+    notes: list[str]
+
+
+def traffic(n_requests: int, seed: int, planted: dict[str, int]) -> Iterator[tuple[str, str, bytes]]:
+    """(topic kind, key, payload) in send order, stamped when made: a request's impression, then its
+    click, dwell and a skip; 1 % of events resent unchanged, 0.5 % malformed, 0.5 % on an unshown doc
+    (counted into `planted`)."""
+    rng = random.Random(seed)
+    for i in range(n_requests):
+        now = time.time()
+        rid = uuid.UUID(int=rng.getrandbits(128)).hex
+        docs = [f"d{rng.randrange(5000)}" for _ in range(10)]
+        impression = {
+            "schema_version": 1, "request_id": rid, "query": f"query {rng.randrange(2000)}", "user": f"u{i % 50_000}",
+            "items": [{"doc_id": d, "position": p + 1, "score": 1.0 / (p + 1)} for p, d in enumerate(docs)],
+            "model_version": "first-stage", "index_version": "bench", "timestamp": now,
+        }  # fmt: skip
+        yield "impression", rid, json.dumps(impression).encode()
+        clicked = rng.randrange(10)
+        acts = [
+            (docs[clicked], "click", None),
+            (docs[clicked], "dwell", 30.0 + rng.random() * 100),
+            (docs[(clicked + 1) % 10], "skip", None),
+        ]
+        for doc, kind, value in acts:
+            event = {"schema_version": 1, "event_id": uuid.UUID(int=rng.getrandbits(128)).hex, "request_id": rid,
+                     "doc_id": doc, "type": kind, "value": value, "timestamp": now}  # fmt: skip
+            roll = rng.random()
+            if roll < 0.005:
+                planted["malformed"] += 1
+                yield "interaction", rid, b'{"event_id": "' + event["event_id"].encode() + b'", "type": '
+                continue
+            if roll < 0.01:
+                event["doc_id"] = "never-shown"
+                planted["unshown"] += 1
+            payload = json.dumps(event).encode()
+            yield "interaction", rid, payload
+            if rng.random() < 0.01:
+                planted["duplicates"] += 1
+                yield "interaction", rid, payload
+
+
+def run_stream_bench(s: Settings, events: int, workers: int, kill_one: bool, out: Path, seed: int = 0) -> StreamBenchResult:
+    keys = s.keys
+    notes: list[str] = []
+    infra.up(s)
+    env = worker_env(s, RANKLOOP_STREAM__METRICS_PORT="0")
+    procs = {f"stream-{i}": spawn(s, "stream", env, label=f"stream-{i}") for i in range(workers)}
+    store = open_labels(s.label_store_url)
+    stream_rss: dict[str, float] = {}
+    killed = False
+    try:
+        planted = {"duplicates": 0, "malformed": 0, "unshown": 0}
+        n_requests = events // INTERACTIONS_PER_REQUEST
+        time.sleep(8)  # the workers join the group and get their partitions
+        producer = make_producer(s.kafka.address, linger_ms=20)
+        topic = {"impression": keys.impressions, "interaction": keys.interactions}
+        sent_at: dict[str, float] = {}
+        futures, kinds = [], []
+        t0 = time.time()
+        what = f"sending {n_requests:,} requests' messages"
+        with ProgressBar(console) as progress:
+            for n, (kind, key, payload) in enumerate(traffic(n_requests, seed, planted)):
+                futures.append(producer.send(topic[kind], key=key.encode(), value=payload))
+                kinds.append(kind)
+                if kind == "interaction" and payload.endswith(b"}"):
+                    sent_at.setdefault(json.loads(payload)["event_id"], time.time())
+                if kill_one and not killed and n >= n_requests * 4 * 0.4:
+                    victim = procs["stream-0"]
+                    stream_rss["stream-0 (killed)"] = _rss_mb(victim.pid)
+                    victim.kill()  # SIGKILL: no shutdown, no commit
+                    victim.wait()
+                    killed = True
+                    procs["stream-0"] = spawn(s, "stream", env, label="stream-0")
+                if n % 2000 == 0:
+                    progress(what, n // 4, n_requests)
+            producer.flush()
+        send_s = time.time() - t0
+        accepted = sum(1 for f in futures if f.succeeded())
+        interactions = kinds.count("interaction")
+        accepted_interactions = sum(1 for f, kind in zip(futures, kinds, strict=True) if f.succeeded() and kind == "interaction")
+        console.print(f"sent {len(kinds):,} messages in {send_s:.1f}s; waiting for the stream to label them")
+        settle_labels(s, store, timeout=1800)
+        done_at = max(store.raw(["stored_at"]).column("stored_at").to_pylist())
+        # joined requests are forgotten two windows after their impression: only then are the events
+        # no label used dead-lettered, which the audit needs
+        time.sleep(max(0.0, t0 + send_s + 2 * s.stream.join_window_s + 15 - time.time()))
+        seconds = done_at - t0
+        for name, p in procs.items():
+            stream_rss[name] = _rss_mb(p.pid)
+        audit = _audit(s, store, sent_at, planted)
+        redis_rss = _rss_mb(_pid_of_redis(s))
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        infra.down(s)
+    if accepted < len(kinds):
+        notes.append(f"{len(kinds) - accepted} sends were not acknowledged by the broker")
+    result = StreamBenchResult(
+        events=interactions,
+        impressions=len(kinds) - interactions,
+        accepted=accepted_interactions,
+        seconds=round(seconds, 2),
+        send_seconds=round(send_s, 2),
+        labelled_per_s=round(accepted_interactions / seconds, 1),
+        messages_per_s=round(accepted / seconds, 1),
+        workers=workers,
+        partitions=s.kafka.partitions,
+        killed_one=killed,
+        rss_mb={"stream": [round(v, 1) for v in stream_rss.values()], "redis": round(redis_rss, 1)},
+        notes=notes,
+        **audit,
+    )
+    out.write_text(result.model_dump_json(indent=2))
+    return result
+
+
+def _audit(s: Settings, store, sent_at: dict[str, float], planted: dict[str, int]) -> dict:
+    """Every accepted event is in a label or a dead letter; no revision stored twice; freshness."""
+    rows = store.raw(["label_id", "revision", "event_ids", "stored_at"]).to_pylist()
+    stored_pairs = {(r["label_id"], r["revision"]) for r in rows}
+    contributed = {e for r in rows for e in r["event_ids"]}
+    fresh = sorted(r["stored_at"] - max(sent_at.get(e, 0.0) for e in r["event_ids"]) for r in rows if r["event_ids"])
+    dead = list(read_topic(s.kafka.address, s.keys.dead_letters, idle_ms=3000))
+    dead_ids = set()
+    for d in dead:
+        try:
+            dead_ids.add(json.loads(d["payload"])["event_id"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a malformed payload: counted below by its reason
+    malformed = sum(1 for d in dead if d.get("code") == "invalid_event")
+    lost = len(set(sent_at) - contributed - dead_ids) + max(0, planted["malformed"] - malformed)
+    counts = _activity_totals(s)
+
+    def q(p: float) -> float:
+        return round(fresh[min(len(fresh) - 1, int(p * len(fresh)))], 3) if fresh else 0.0
+
+    return {
+        "labels": len({r["label_id"] for r in rows}),
+        "label_contributions": len(rows),
+        "dead_letters": len(dead),
+        "duplicates_rejected": counts.get("duplicates", 0),
+        "lost": lost,
+        "duplicate_labels": len(rows) - len(stored_pairs),
+        "freshness_s": Freshness(p50=q(0.5), p95=q(0.95), p99=q(0.99)),
+    }
+
+
+def _activity_totals(s: Settings) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for _, counts in open_activity(s.redis_url, s.keys).minutes(60):
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0) + v
+    return totals
+
+
+def _rss_mb(pid: int | None) -> float:
+    try:
+        return psutil.Process(pid).memory_info().rss / 2**20 if pid else 0.0
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+def _pid_of_redis(s: Settings) -> int | None:
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if "redis-server" in (p.info["name"] or "") and f":{s.redis.local_port}" in " ".join(p.info["cmdline"] or []):
+            return p.pid
+    return None
