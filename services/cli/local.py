@@ -123,6 +123,23 @@ def bench_stream(
     console.print(f"written: {out}")
 
 
+@bench_app.command("labels")
+def bench_labels(
+    labels: int = typer.Option(1_000_000, help="rows written to a fresh label table, in stream-sized commits"),
+    out: Path = typer.Option(Path("labels.json"), help="where the JSON result goes"),
+) -> None:
+    """What counting new labels (the scheduler, every check) and reading them (training) cost on a big table."""
+    import tempfile
+
+    from services.local.bench_stream import measure_count
+
+    with tempfile.TemporaryDirectory() as folder:
+        result = measure_count(Path(folder) / "labels", labels)
+    out.write_text(result.model_dump_json(indent=2))
+    console.print_json(result.model_dump_json())
+    console.print(f"written: {out}")
+
+
 @bench_app.command("poison")
 def bench_poison(
     dataset: str = typer.Option(None, help="BEIR folder; default: the `dataset` setting"),

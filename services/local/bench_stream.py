@@ -233,3 +233,74 @@ def _pid_of_redis(s: Settings) -> int | None:
         if "redis-server" in (p.info["name"] or "") and f":{s.redis.local_port}" in " ".join(p.info["cmdline"] or []):
             return p.pid
     return None
+
+
+class CountCost(BaseModel):
+    """What the scheduler's "how many new labels?" costs on a big table (it runs every check_s)."""
+
+    labels: int
+    commits: int
+    files: int
+    count_ms_first: float  # a new process: the table's log read from its last checkpoint
+    count_ms_next: float  # the scheduler's later checks: only new commits are read (median of 5)
+    count_ms_after_compaction: float
+    files_after_compaction: int
+    read_s: float  # what a training run's read of every label costs (latest revisions, its columns)
+
+
+def measure_count(folder: Path, labels: int = 1_000_000, per_commit: int = 2000) -> CountCost:
+    """Fills a fresh label table with `labels` rows in stream-sized commits, then times `count()`."""
+    from schemas import LabelledExample
+    from training.labels.store import DeltaLabelStore
+
+    store = DeltaLabelStore(folder)
+    commits = labels // per_commit
+    with ProgressBar(console) as progress:
+        for c in range(commits):
+            batch = [
+                LabelledExample(
+                    label_id=f"r{c}-{i}:d{i % 10}",
+                    revision=1,
+                    request_id=f"r{c}-{i}",
+                    query=f"query {i % 997}",
+                    doc_id=f"d{i % 10}",
+                    position=i % 10 + 1,
+                    grade=1 if i % 3 == 0 else -1,
+                    weight=1.0,
+                    propensity=0.5,
+                    signals=["click"],
+                    event_ids=[f"e{c}-{i}"],
+                    model_version="1",
+                    index_version="bench",
+                    identity=f"user:u{i % 5000}",
+                    timestamp=1.8e9 + c,
+                )
+                for i in range(per_commit)
+            ]
+            store.write(batch, {"bench@x-p0": c})
+            progress("filling a label table", c + 1, commits)
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1000
+
+    fresh = DeltaLabelStore(folder)
+    first = timed(fresh.count)
+    store.write(batch[:10], {"bench@x-p0": commits})  # a new commit, as the stream makes between checks
+    nexts = sorted(timed(fresh.count) for _ in range(5))
+    files = fresh.files()
+    t = time.perf_counter()
+    fresh.read()
+    read_s = time.perf_counter() - t
+    fresh.compact()
+    return CountCost(
+        labels=fresh.count(),
+        commits=commits + 1,
+        files=files,
+        count_ms_first=round(first, 1),
+        count_ms_next=round(nexts[2], 1),
+        count_ms_after_compaction=round(timed(DeltaLabelStore(folder).count), 1),
+        files_after_compaction=fresh.files(),
+        read_s=round(read_s, 2),
+    )

@@ -172,7 +172,7 @@ class DeltaLabelStore:
 
         table = self._open()
         done = {src: table.transaction_version(src) if table is not None else None for src in positions}
-        if all(done[src] is not None and done[src] >= last for src, last in positions.items()):
+        if all(stored is not None and stored >= positions[src] for src, stored in done.items()):
             return False
         rows = [lab.model_dump(mode="json") for lab in labels]
         stored_at = time.time()
