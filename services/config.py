@@ -113,8 +113,6 @@ class StreamSettings(Group):
         2000, ge=1, description="most messages joined in one step (each changed request is stored once per step)"
     )
     join_flush_s: float = Field(0.2, gt=0, description="longest wait for a join step to fill")
-    label_flush_s: float = Field(1.0, gt=0, description="longest wait before labels are written to the store")
-    label_batch: int = Field(5000, ge=1, description="most labels written to the store in one transaction")
     burst_limit: int = Field(
         10, ge=0, description="positive events one identity may send for one (query, doc) per burst window; 0: no limit"
     )

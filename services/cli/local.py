@@ -109,6 +109,7 @@ def bench_stream(
     partitions: int = typer.Option(4, min=1, help="partitions of every topic"),
     kill_one: bool = typer.Option(False, "--kill-one", help="kill -9 one worker at 40 % of the sending and restart it"),
     join_window: float = typer.Option(30.0, help="the stream's join window (s): the audit waits two of them at the end"),
+    rate: float = typer.Option(0.0, min=0, help="interaction events per second to send at; 0: as fast as possible"),
     out: Path = typer.Option(Path("stream.json"), help="where the JSON result goes"),
 ) -> None:
     """Events labelled per second end to end, freshness, and an exactly-once audit (lost, duplicate labels)."""
@@ -118,7 +119,7 @@ def bench_stream(
     s.kafka = s.kafka.model_copy(update={"partitions": partitions})
     s.stream = s.stream.model_copy(update={"join_window_s": join_window})
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    result = run_stream_bench(s, events, workers, kill_one, out)
+    result = run_stream_bench(s, events, workers, kill_one, out, rate=rate)
     console.print_json(result.model_dump_json())
     console.print(f"written: {out}")
 

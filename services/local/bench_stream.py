@@ -58,6 +58,7 @@ class StreamBenchResult(BaseModel):
     freshness_s: Freshness  # event sent -> the label revision it caused is in the table
     workers: int
     partitions: int
+    rate: float  # interaction events per second asked for (0: as fast as the producer goes)
     killed_one: bool
     rss_mb: dict[str, list[float] | float]
     notes: list[str]
@@ -102,7 +103,10 @@ def traffic(n_requests: int, seed: int, planted: dict[str, int]) -> Iterator[tup
                 yield "interaction", rid, payload
 
 
-def run_stream_bench(s: Settings, events: int, workers: int, kill_one: bool, out: Path, seed: int = 0) -> StreamBenchResult:
+def run_stream_bench(
+    s: Settings, events: int, workers: int, kill_one: bool, out: Path, seed: int = 0, rate: float = 0.0
+) -> StreamBenchResult:
+    """`rate`: interaction events per second to send at (0: as fast as the producer goes)."""
     keys = s.keys
     notes: list[str] = []
     infra.up(s)
@@ -136,6 +140,8 @@ def run_stream_bench(s: Settings, events: int, workers: int, kill_one: bool, out
                     procs["stream-0"] = spawn(s, "stream", env, label="stream-0")
                 if n % 2000 == 0:
                     progress(what, n // 4, n_requests)
+                if rate and n % 100 == 0:  # paced: freshness at a load the stream sustains
+                    time.sleep(max(0.0, t0 + len(sent_at) / rate - time.time()))
             producer.flush()
         send_s = time.time() - t0
         accepted = sum(1 for f in futures if f.succeeded())
@@ -173,6 +179,7 @@ def run_stream_bench(s: Settings, events: int, workers: int, kill_one: bool, out
         messages_per_s=round(accepted / seconds, 1),
         workers=workers,
         partitions=s.kafka.partitions,
+        rate=rate,
         killed_one=killed,
         rss_mb={"stream": [round(v, 1) for v in stream_rss.values()], "redis": round(redis_rss, 1)},
         notes=notes,

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 
 import faust
 from faust.streams import _current_event  # the context variable faust's tables read the partition from
+from faust.types import TP
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas import DeadLetter, LabelledExample
@@ -116,6 +117,7 @@ def create_app(s: Settings) -> faust.App:
     metrics = StreamMetrics(s.metrics_host, s.stream.metrics_port)
     activity = open_activity(s.redis_url, keys)
     joined: dict[tuple[str, int], int] = {}  # (topic, partition) -> the last offset joined, for the lag
+    clock: dict[int, float] = {}  # partition -> the broker time of the latest message joined in it
     counts: defaultdict[str, int] = defaultdict(int)  # for the status page, written to Redis every REPORT_S
     live: dict[str, RequestState] = {}  # the states of this worker's requests as objects: no parse per message
     deadlines = ExpiryIndex()  # when each request may next be forgotten, per partition: no table scan
@@ -197,6 +199,7 @@ def create_app(s: Settings) -> faust.App:
                 forgotten.discard(key)
                 deadlines.push(msg.partition, result.state.forget_after(window), key)
             joined[(msg.topic, msg.partition)] = msg.offset
+            clock[msg.partition] = max(clock.get(msg.partition, 0.0), msg.timestamp or now)
             if replayed:
                 counts["replayed"] += 1
                 continue
@@ -232,9 +235,22 @@ def create_app(s: Settings) -> faust.App:
                 log.error("labels not stored (attempt %d), retrying: %s", attempt + 1, e)
                 await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
 
+    def stream_time(partition: int, now: float) -> float:
+        """What the sweep calls now: the clock while the partition is caught up, else the time of the
+        latest message joined in it, so a stream that lags never forgets a request its events are
+        still queued for (they would all be dead-lettered as unknown)."""
+        for topic in (keys.impressions, keys.interactions):
+            tp = TP(topic, partition)
+            done = joined.get((topic, partition))
+            highwater = app.consumer.highwater(tp) if tp in app.consumer.assignment() else None
+            if highwater and (done is None or done + 1 < highwater):
+                return clock.get(partition, 0.0)
+        return now
+
     def expire(partition: int, now: float, forgotten: set[str]) -> list[DeadLetter]:
         """Runs inside the stream (a table may only change there), for the tick's partition only:
         looks only at requests whose deadline passed (the first tick after a start scans once)."""
+        now = stream_time(partition, now)
         if not deadlines.knows(partition):
             for key, value in list(requests.items()):
                 if value is not None and value.get("partition") == partition:
