@@ -235,7 +235,6 @@ def _run(
     console.print(f"skyline (train qrels): {skyline['ndcg@10']:.4f}")
 
     s.serving = s.serving.model_copy(update={"champion_poll_s": 5.0, "explore_seed": seed})
-    s.gate = s.gate.model_copy(update={"split": "identity", "split_seed": seed})  # slices independent of timing
     env = worker_env(s, RANKLOOP_TORCH_THREADS="1")
     procs = {name: spawn(s, name, env) for name in ("serve", "stream")}
     round_results: list[BenchRound] = []
