@@ -108,6 +108,7 @@ def bench_stream(
     workers: int = typer.Option(2, min=1, help="stream worker processes"),
     partitions: int = typer.Option(4, min=1, help="partitions of every topic"),
     kill_one: bool = typer.Option(False, "--kill-one", help="kill -9 one worker at 40 % of the sending and restart it"),
+    kill_all: bool = typer.Option(False, "--kill-all", help="kill -9 every worker (the whole stream) at 40 % and restart them"),
     join_window: float = typer.Option(30.0, help="the stream's join window (s): the audit waits two of them at the end"),
     rate: float = typer.Option(0.0, min=0, help="interaction events per second to send at; 0: as fast as possible"),
     out: Path = typer.Option(Path("stream.json"), help="where the JSON result goes"),
@@ -119,7 +120,7 @@ def bench_stream(
     s.kafka = s.kafka.model_copy(update={"partitions": partitions})
     s.stream = s.stream.model_copy(update={"join_window_s": join_window})
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    result = run_stream_bench(s, events, workers, kill_one, out, rate=rate)
+    result = run_stream_bench(s, events, workers, kill_one, out, rate=rate, kill_all=kill_all)
     console.print_json(result.model_dump_json())
     console.print(f"written: {out}")
 

@@ -60,6 +60,7 @@ class StreamBenchResult(BaseModel):
     partitions: int
     rate: float  # interaction events per second asked for (0: as fast as the producer goes)
     killed_one: bool
+    killed_all: bool  # the whole stream killed and restarted
     rss_mb: dict[str, list[float] | float]
     notes: list[str]
 
@@ -104,9 +105,18 @@ def traffic(n_requests: int, seed: int, planted: dict[str, int]) -> Iterator[tup
 
 
 def run_stream_bench(
-    s: Settings, events: int, workers: int, kill_one: bool, out: Path, seed: int = 0, rate: float = 0.0
+    s: Settings,
+    events: int,
+    workers: int,
+    kill_one: bool,
+    out: Path,
+    seed: int = 0,
+    rate: float = 0.0,
+    kill_all: bool = False,
 ) -> StreamBenchResult:
-    """`rate`: interaction events per second to send at (0: as fast as the producer goes)."""
+    """`rate`: interaction events per second to send at (0: as fast as the producer goes). At 40 % of
+    the sending, `kill_one` kills one worker with SIGKILL and `kill_all` every worker (the whole
+    stream), and starts them again."""
     keys = s.keys
     notes: list[str] = []
     infra.up(s)
@@ -131,13 +141,14 @@ def run_stream_bench(
                 kinds.append(kind)
                 if kind == "interaction" and payload.endswith(b"}"):
                     sent_at.setdefault(json.loads(payload)["event_id"], time.time())
-                if kill_one and not killed and n >= n_requests * 4 * 0.4:
-                    victim = procs["stream-0"]
-                    stream_rss["stream-0 (killed)"] = _rss_mb(victim.pid)
-                    victim.kill()  # SIGKILL: no shutdown, no commit
-                    victim.wait()
+                if (kill_one or kill_all) and not killed and n >= n_requests * 4 * 0.4:
+                    for name in list(procs) if kill_all else ["stream-0"]:
+                        stream_rss[f"{name} (killed)"] = _rss_mb(procs[name].pid)
+                        procs[name].kill()  # SIGKILL: no shutdown, no commit
+                        procs[name].wait()
+                    for name in list(procs) if kill_all else ["stream-0"]:
+                        procs[name] = spawn(s, "stream", env, label=name)
                     killed = True
-                    procs["stream-0"] = spawn(s, "stream", env, label="stream-0")
                 if n % 2000 == 0:
                     progress(what, n // 4, n_requests)
                 if rate and n % 100 == 0:  # paced: freshness at a load the stream sustains
@@ -180,7 +191,8 @@ def run_stream_bench(
         workers=workers,
         partitions=s.kafka.partitions,
         rate=rate,
-        killed_one=killed,
+        killed_one=killed and not kill_all,
+        killed_all=killed and kill_all,
         rss_mb={"stream": [round(v, 1) for v in stream_rss.values()], "redis": round(redis_rss, 1)},
         notes=notes,
         **audit,

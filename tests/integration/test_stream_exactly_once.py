@@ -1,14 +1,18 @@
-"""Two stream workers, one killed with SIGKILL mid-run and restarted: every accepted event ends in a
-label or a dead letter, and no (label_id, revision) is stored twice (`rankloop bench stream`'s audit)."""
+"""Two stream workers, one (or both: the whole stream) killed with SIGKILL mid-run and restarted: every
+accepted event ends in a label or a dead letter, and no (label_id, revision) is stored twice
+(`rankloop bench stream`'s audit)."""
 
 from __future__ import annotations
+
+import pytest
 
 from services.config import KafkaSettings, RedisSettings, Settings, StreamSettings
 from services.local.bench_stream import run_stream_bench
 from tests.conftest import free_port
 
 
-def test_killing_one_of_two_stream_workers_loses_nothing_and_stores_nothing_twice(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kill_all", [False, True], ids=["one-worker", "whole-stream"])
+def test_killing_stream_workers_loses_nothing_and_stores_nothing_twice(tmp_path, monkeypatch, kill_all):
     for name in ("MLFLOW_TRACKING_URI", "RANKLOOP_KAFKA__BOOTSTRAP", "RANKLOOP_REDIS__URL", "RANKLOOP_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     s = Settings(
@@ -17,8 +21,8 @@ def test_killing_one_of_two_stream_workers_loses_nothing_and_stores_nothing_twic
         redis=RedisSettings(local_port=free_port()),
         stream=StreamSettings(join_window_s=10.0, metrics_port=0),
     )
-    result = run_stream_bench(s, events=9000, workers=2, kill_one=True, out=tmp_path / "stream.json")
-    assert result.killed_one and result.accepted == result.events
+    result = run_stream_bench(s, events=9000, workers=2, kill_one=not kill_all, kill_all=kill_all, out=tmp_path / "stream.json")
+    assert (result.killed_all if kill_all else result.killed_one) and result.accepted == result.events
     assert result.lost == 0 and result.duplicate_labels == 0
     assert result.label_contributions > result.events  # each click also labels the documents above it
     # planted: 0.5 % malformed and 0.5 % on unshown documents are dead letters, resent copies are counted
