@@ -59,8 +59,10 @@ class Keys:
     def embedding(self, model_version: str, doc_id: str) -> str:
         return f"{self.deployment}:emb:{model_version}:{doc_id}"
 
-    def seen_event(self, event_id: str) -> str:
-        return f"{self.deployment}:event:{event_id}"
+    def seen_events(self, bucket: int) -> str:
+        """A set of 8-byte hashes of the event ids seen in one time bucket. The hash tag keeps every
+        bucket in one cluster slot, so one script checks them all."""
+        return f"{{{self.deployment}:seen}}:{bucket}"
 
     def rate_bucket(self, identity: str) -> str:
         return f"{self.deployment}:rate:{identity}"

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import typer
+from pydantic import BaseModel
 
 from schemas import InvalidInput
 from services.cli.base import app, bench_app, console, settings
@@ -33,6 +34,14 @@ def bench_settings(name: str, dataset: str | None, offset: int) -> Settings:
             ),
         }
     )
+
+
+def _write(result: BaseModel, out: Path, already: bool = False) -> None:
+    """A benchmark's result: to `out` (unless its runner wrote it already) and to the terminal."""
+    if not already:
+        out.write_text(result.model_dump_json(indent=2))
+    console.print_json(result.model_dump_json())
+    console.print(f"written: {out}")
 
 
 @app.command()
@@ -98,8 +107,7 @@ def bench_serve(
     s = bench_settings("bench-serve", dataset, 200)
     s.state_dir.mkdir(parents=True, exist_ok=True)
     result = run_serve_bench(s, out, seconds)
-    console.print_json(result.model_dump_json())
-    console.print(f"written: {out}")
+    _write(result, out, already=True)
 
 
 @bench_app.command("stream")
@@ -121,8 +129,7 @@ def bench_stream(
     s.stream = s.stream.model_copy(update={"join_window_s": join_window})
     s.state_dir.mkdir(parents=True, exist_ok=True)
     result = run_stream_bench(s, events, workers, kill_one, out, rate=rate, kill_all=kill_all)
-    console.print_json(result.model_dump_json())
-    console.print(f"written: {out}")
+    _write(result, out, already=True)
 
 
 @bench_app.command("labels")
@@ -137,9 +144,21 @@ def bench_labels(
 
     with tempfile.TemporaryDirectory() as folder:
         result = measure_count(Path(folder) / "labels", labels)
-    out.write_text(result.model_dump_json(indent=2))
-    console.print_json(result.model_dump_json())
-    console.print(f"written: {out}")
+    _write(result, out)
+
+
+@bench_app.command("dedup")
+def bench_dedup(
+    ids: int = typer.Option(200_000, help="event ids to record"),
+    out: Path = typer.Option(Path("dedup.json"), help="where the JSON result goes"),
+) -> None:
+    """Redis memory per event id of intake de-duplication, former and current scheme."""
+    from services.local.bench_stream import measure_dedup
+
+    s = bench_settings("bench-dedup", None, 400)
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    result = measure_dedup(s, ids)
+    _write(result, out)
 
 
 @bench_app.command("poison")

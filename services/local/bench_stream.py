@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from services.config import Settings
 from services.local import infra
 from services.local.bench import settle_labels
 from services.local.progress import ProgressBar
-from services.local.workers import spawn, worker_env
+from services.local.workers import spawn, stop, worker_env
 from services.storage import open_activity, open_labels
 from services.storage.kafka import make_producer, read_topic
 
@@ -170,13 +169,7 @@ def run_stream_bench(
         audit = _audit(s, store, sent_at, planted)
         redis_rss = _rss_mb(_pid_of_redis(s))
     finally:
-        for p in procs.values():
-            p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         infra.down(s)
     if accepted < len(kinds):
         notes.append(f"{len(kinds) - accepted} sends were not acknowledged by the broker")
@@ -322,4 +315,56 @@ def measure_count(folder: Path, labels: int = 1_000_000, per_commit: int = 2000)
         count_ms_after_compaction=round(timed(DeltaLabelStore(folder).count), 1),
         files_after_compaction=fresh.files(),
         read_s=round(read_s, 2),
+    )
+
+
+class DedupCost(BaseModel):
+    """Redis memory of intake de-duplication: what one event id seen within the TTL costs."""
+
+    ids: int
+    bytes_per_id_key_with_ttl: float  # the former scheme: SET <dep>:event:<id> NX EX
+    bytes_per_id_bucketed_hashes: float  # now: 8-byte hashes in a set per time bucket
+    gb_per_hour_at_3600_per_s_before: float
+    gb_per_hour_at_3600_per_s_now: float
+
+
+def measure_dedup(s: Settings, ids: int = 200_000) -> DedupCost:
+    """Both schemes on the local redis-server, by `used_memory` before and after `ids` sightings."""
+    from redis import Redis
+
+    from services.storage.redis import RedisSeenEvents
+
+    infra.start_redis(s)
+    try:
+        redis = Redis.from_url(s.redis_url)
+        names = [uuid.UUID(int=random.Random(i).getrandbits(128)).hex for i in range(ids)]
+
+        def used() -> int:
+            return int(redis.info("memory")["used_memory"])
+
+        redis.flushdb()
+        before = used()
+        pipe = redis.pipeline(transaction=False)
+        for n, name in enumerate(names):
+            pipe.set(f"{s.deployment}:event:{name}", 1, nx=True, ex=3600)
+            if n % 5000 == 4999:
+                pipe.execute()
+        pipe.execute()
+        per_key = (used() - before) / ids
+        redis.flushdb()
+        before = used()
+        seen = RedisSeenEvents(redis, s.keys, 3600)
+        for name in names:
+            seen.first_sighting(name)
+        per_hash = (used() - before) / ids
+        redis.flushdb()
+    finally:
+        infra.down(s)
+    hourly = 3600 * 3600 / 1e9
+    return DedupCost(
+        ids=ids,
+        bytes_per_id_key_with_ttl=round(per_key, 1),
+        bytes_per_id_bucketed_hashes=round(per_hash, 1),
+        gb_per_hour_at_3600_per_s_before=round(per_key * hourly, 2),
+        gb_per_hour_at_3600_per_s_now=round(per_hash * hourly, 2),
     )
