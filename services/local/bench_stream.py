@@ -131,6 +131,8 @@ def run_stream_bench(
         producer = make_producer(s.kafka.address, linger_ms=20)
         topic = {"impression": keys.impressions, "interaction": keys.interactions}
         sent_at: dict[str, float] = {}
+        ids: list[tuple[int, str, float]] = []  # (send number, event id, when) of well-formed interactions
+        malformed: list[int] = []  # send numbers of the malformed ones
         futures, kinds = [], []
         t0 = time.time()
         what = f"sending {n_requests:,} requests' messages"
@@ -139,7 +141,9 @@ def run_stream_bench(
                 futures.append(producer.send(topic[kind], key=key.encode(), value=payload))
                 kinds.append(kind)
                 if kind == "interaction" and payload.endswith(b"}"):
-                    sent_at.setdefault(json.loads(payload)["event_id"], time.time())
+                    ids.append((len(futures) - 1, json.loads(payload)["event_id"], time.time()))
+                elif kind == "interaction":
+                    malformed.append(len(futures) - 1)
                 if (kill_one or kill_all) and not killed and n >= n_requests * 4 * 0.4:
                     for name in list(procs) if kill_all else ["stream-0"]:
                         stream_rss[f"{name} (killed)"] = _rss_mb(procs[name].pid)
@@ -151,10 +155,14 @@ def run_stream_bench(
                 if n % 2000 == 0:
                     progress(what, n // 4, n_requests)
                 if rate and n % 100 == 0:  # paced: freshness at a load the stream sustains
-                    time.sleep(max(0.0, t0 + len(sent_at) / rate - time.time()))
+                    time.sleep(max(0.0, t0 + len(ids) / rate - time.time()))
             producer.flush()
         send_s = time.time() - t0
         accepted = sum(1 for f in futures if f.succeeded())
+        for n, event_id, at in ids:  # only what the broker acknowledged was accepted
+            if futures[n].succeeded():
+                sent_at.setdefault(event_id, at)
+        planted["malformed"] = sum(1 for n in malformed if futures[n].succeeded())
         interactions = kinds.count("interaction")
         accepted_interactions = sum(1 for f, kind in zip(futures, kinds, strict=True) if f.succeeded() and kind == "interaction")
         console.print(f"sent {len(kinds):,} messages in {send_s:.1f}s; waiting for the stream to label them")

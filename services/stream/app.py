@@ -243,8 +243,8 @@ def create_app(s: Settings) -> faust.App:
             tp = TP(topic, partition)
             done = joined.get((topic, partition))
             highwater = app.consumer.highwater(tp) if tp in app.consumer.assignment() else None
-            if highwater and (done is None or done + 1 < highwater):
-                return clock.get(partition, 0.0)
+            if highwater is None or (highwater and (done is None or done + 1 < highwater)):
+                return clock.get(partition, 0.0)  # lagging, or not known yet (just started): nothing is due
         return now
 
     def expire(partition: int, now: float, forgotten: set[str]) -> list[DeadLetter]:
