@@ -79,7 +79,7 @@ return 1
 
 class RedisSeenEvents:
     """Event ids seen in the last `ttl_s`, as 8-byte hashes in one Redis set per time bucket (a sixth
-    of the TTL wide; a bucket expires whole). About 40 % of the memory of a key with a TTL per id
+    of the TTL wide; a bucket expires whole): 73 bytes per id against 125 for a key with a TTL per id
     (`rankloop bench dedup`); two different ids share a hash once in ~10^19 pairs."""
 
     BUCKETS = 6
