@@ -62,7 +62,7 @@ class Keys:
     def seen_events(self, bucket: int) -> str:
         """A set of 8-byte hashes of the event ids seen in one time bucket. The hash tag keeps every
         bucket in one cluster slot, so one script checks them all."""
-        return f"{{{self.deployment}:seen}}:{bucket}"
+        return f"{self.deployment}:seen:{{{self.deployment}:seen}}:{bucket}"
 
     def rate_bucket(self, identity: str) -> str:
         return f"{self.deployment}:rate:{identity}"

@@ -11,6 +11,7 @@ import mlflow
 import pytest
 
 from schemas import InvalidState
+from services.local.bench import settle_labels
 from services.local.simulate import UserModel, examination_curve, simulate
 from services.registry import connect_registry
 from services.sdk import RankloopClient
@@ -42,11 +43,10 @@ def trained(stack):
     s = stack["settings"]
     ds = beir.load(stack["dataset"])
     labels = open_labels(s.label_store_url)
-    before = labels.count()
     user = UserModel(examination_curve(s.clicklog))
     stats = simulate(RankloopClient(s.base_url), ds, "train", 60, user, seed=3, progress=False)
     assert stats.accepted == stats.events > 0
-    wait_until(lambda: labels.count() >= before + stats.sessions, what="labels from simulated traffic")
+    settle_labels(s, labels, timeout=120)  # every event sent has its labels stored: the same labels each run
     registry = connect_registry(s)
     cfg = TrainConfig(epochs=1, batch_size=8, max_seq_length=64, hard_negatives=1)
     outcome = train_once(registry, labels, FirstStage.current(s.state_dir), s.state_dir, 20, cfg, s.gate, s.stream.rules)

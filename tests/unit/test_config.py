@@ -73,7 +73,7 @@ def test_two_deployments_share_no_name():
             k.train_state,
             k.model_name,
             k.experiment,
-            k.seen_event("e"),
+            k.seen_events(1),
             k.embedding("1", "d"),
             k.results("i", "1", 10, "q"),
             k.candidates("i", 10, "q"),
