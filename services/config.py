@@ -109,6 +109,9 @@ class ServingSettings(Group):
 
 class StreamSettings(Group):
     join_window_s: float = Field(1800.0, gt=0, description="how long an interaction may follow its impression")
+    session_timeout_s: float = Field(
+        6.0, gt=0, description="a worker silent this long is replaced in the consumer group (short for a local broker)"
+    )
     join_batch: int = Field(
         2000, ge=1, description="most messages joined in one step (each changed request is stored once per step)"
     )

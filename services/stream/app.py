@@ -100,7 +100,7 @@ def create_app(s: Settings) -> faust.App:
         datadir=str(s.state_dir / "stream"),
         topic_partitions=partitions,
         topic_allow_declare=True,
-        broker_session_timeout=6,
+        broker_session_timeout=s.stream.session_timeout_s,
         broker_heartbeat_interval=1,
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
