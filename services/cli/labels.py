@@ -90,7 +90,7 @@ def compact() -> None:
     t = time.time()
     done = store.compact()
     console.print(
-        f"compacted {store.location} in {time.time() - t:.1f}s: {done['files_before']} → {done['files_after']} files, "
+        f"compacted {store.uri} in {time.time() - t:.1f}s: {done['files_before']} → {done['files_after']} files, "
         f"{done['rows_removed']:,} superseded revisions removed, table version {store.version()}"
     )
 

@@ -1,3 +1,6 @@
+import pytest
+
+from schemas import InvalidInput
 from tests.factories import impression, interaction
 from training.labels.rules import DEFAULT_EXAMINATION, LabelRules, changed_labels, label_request
 
@@ -197,4 +200,6 @@ def test_compaction_keeps_the_latest_revisions_the_count_and_the_versions_before
     assert store.write([_label(99)], {"interactions@t-p0": 5}) and store.count() == 101
     old, old_lineage = store.read(version=lineage["table_version"])  # time travel: what a run trained on
     assert old_lineage["table_version"] == lineage["table_version"] and len(old) == 20
+    with pytest.raises(InvalidInput, match=r"versions 0\.\.6 \(asked for 99\)"):  # one that never was: a clear error
+        store.read(version=99)
     assert lineage_after["files"] == 1

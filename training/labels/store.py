@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
-from schemas import LabelledExample
+from schemas import InvalidInput, LabelledExample
 
 Lineage = dict[str, Any]
 """Where a set of labels came from: table and version, offsets per partition, counts by grade and signal."""
@@ -140,28 +140,26 @@ def label_source(topic: str, topic_id: str, partition: int) -> str:
 
 class DeltaLabelStore:
     """Labels as a Delta Lake table at `uri`: a folder, or `s3://bucket/prefix` (credentials and
-    endpoint from `storage_options` or the standard AWS_* variables)."""
+    endpoint from the standard AWS_* variables, which deltalake reads itself)."""
 
-    def __init__(self, uri: str | Path, storage_options: dict[str, str] | None = None):
+    def __init__(self, uri: str | Path):
         self.uri = str(uri)
-        self.options = storage_options
         self.purges_uri = f"{self.uri.rstrip('/')}/_purges"  # "_": Delta's vacuum leaves it alone
         self._table: Any = None
-
-    @property
-    def location(self) -> str:
-        return self.uri
 
     def _open(self, version: int | None = None) -> Any:
         """The table (refreshed to its latest version), or None before the first write."""
         from deltalake import DeltaTable
 
         if version is not None:
-            return DeltaTable(self.uri, version=version, storage_options=self.options)
+            latest = self.version()
+            if latest is None or not 0 <= version <= latest:
+                raise InvalidInput(f"the label table has versions 0..{latest} (asked for {version})")
+            return DeltaTable(self.uri, version=version)
         if self._table is None:
-            if not DeltaTable.is_deltatable(self.uri, storage_options=self.options):
+            if not DeltaTable.is_deltatable(self.uri):
                 return None
-            self._table = DeltaTable(self.uri, storage_options=self.options)
+            self._table = DeltaTable(self.uri)
         else:
             self._table.update_incremental()
         return self._table
@@ -185,7 +183,6 @@ class DeltaLabelStore:
             table if table is not None else self.uri,
             data,
             mode="append",
-            storage_options=self.options if table is None else None,
             commit_properties=commit,
         )
         return True
@@ -267,9 +264,9 @@ class DeltaLabelStore:
     def purges(self) -> list[Purge]:
         from deltalake import DeltaTable
 
-        if not DeltaTable.is_deltatable(self.purges_uri, storage_options=self.options):
+        if not DeltaTable.is_deltatable(self.purges_uri):
             return []
-        rows = DeltaTable(self.purges_uri, storage_options=self.options).to_pyarrow_table().column("purge").to_pylist()
+        rows = DeltaTable(self.purges_uri).to_pyarrow_table().column("purge").to_pylist()
         return sorted((Purge.model_validate_json(r) for r in rows), key=lambda p: p.at)
 
     def purge(self, purge: Purge, count: bool = True) -> int:
@@ -277,7 +274,7 @@ class DeltaLabelStore:
 
         before = len(self.read()[0]) if count else 0
         row = pa.Table.from_pylist([{"purge": purge.model_dump_json()}], schema=PURGE_SCHEMA)
-        write_deltalake(self.purges_uri, row, mode="append", storage_options=self.options)
+        write_deltalake(self.purges_uri, row, mode="append")
         return before - len(self.read()[0]) if count else 0
 
 
