@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -25,6 +25,23 @@ class TrainConfig(BaseModel):
     max_examples: int = Field(1500, ge=1, description="bounds a run's time (~9 examples/s/epoch on 2 CPU cores)")
     seed: int = 13
     max_seq_length: int = Field(128, ge=16, description="training length; 4x faster than 256 on CPU, inference uses 256")
+
+
+class InterleaveConfig(BaseModel):
+    """The online stage: team-draft interleaving of challenger and champion on live traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    share: float = Field(0.0, ge=0.0, le=1.0, description="share of requests interleaved while a challenger waits (0: off)")
+    min_sessions: int = Field(100, ge=10, description="sessions before the first look; looks double from here")
+    max_sessions: int = Field(50_000, ge=10, description="sessions after which no significance means no difference")
+    p_value: float = Field(0.05, gt=0.0, le=1.0, description="the rule's false-positive rate over all its looks")
+
+    @model_validator(mode="after")
+    def _max_after_min(self) -> InterleaveConfig:
+        if self.max_sessions < self.min_sessions:
+            raise ValueError("max_sessions must be at least min_sessions")
+        return self
 
 
 class GateConfig(BaseModel):

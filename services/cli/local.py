@@ -191,3 +191,23 @@ def bench_poison(
     result = run_poison_bench(s, plan, out)
     console.print_json(result.model_dump_json(exclude={"cases": {"__all__": {"targets"}}}))
     console.print(f"written: {out}")
+
+
+@bench_app.command("interleave")
+def bench_interleave(
+    dataset: str = typer.Option(None, help="BEIR folder; default: the `dataset` setting"),
+    models: list[Path] = typer.Option([], help="a model folder, or a folder of versions (e.g. a loop bench's `versions/`)"),
+    split: str = typer.Option("test", help="judged queries the simulated users ask"),
+    max_sessions: int = typer.Option(102_400, help="sessions after which a pair is called no different"),
+    spread: float = typer.Option(None, help="how much simulated users differ (0: identical); default: fitted to the click log"),
+    seed: int = 0,
+    out: Path = typer.Option(Path("interleave.json"), help="where the JSON result goes"),
+) -> None:
+    """Interleaving vs A/B on pairs of rankers of known offline difference: verdicts and sessions needed."""
+    from services.local.bench_interleave import run_interleave_bench
+    from training.config import InterleaveConfig
+
+    s = settings()
+    s = s.model_copy(update={"state_dir": s.state_dir / "bench-interleave", "dataset": dataset or s.dataset})
+    cfg = InterleaveConfig(min_sessions=100, max_sessions=max_sessions)
+    _write(run_interleave_bench(s, models, split, seed, cfg, spread), out)

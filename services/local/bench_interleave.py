@@ -1,0 +1,247 @@
+"""`rankloop bench interleave`: how fast and how reliably interleaving finds the better ranker, against
+an A/B split of the same simulated traffic.
+
+Rankers: the first stage (hybrid), its parts (BM25, dense), the model versions given (e.g. a loop
+run's), and deliberately damaged copies of the best (its top result demoted, its top 10 shuffled).
+Every pair gets an offline difference (NDCG@10 on the judged split) and two online experiments on
+the same simulated users (the position-based click model of `simulate`): team-draft interleaving,
+decided by the sign test of `training.interleave`, and an A/B split, decided by Welch's t-test on
+the reciprocal rank of a session's first click; both stop at the same looks with the same threshold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+from rich.progress import Progress
+from scipy.stats import ttest_ind
+
+from services.config import Settings
+from services.local.simulate import UserModel, examination_curve, session_events, session_spread
+from training import beir
+from training.config import InterleaveConfig
+from training.evaluate import evaluate_first_stage_parts
+from training.interleave import Tally, Verdict, decide, look_threshold, looks, session_winner, team_draft
+from training.metrics import per_query, ranking_to_run
+from training.ranking.first_stage import Candidate, FirstStage, build_index, minmax
+from training.ranking.model_files import META_FILE
+from training.ranking.rank import candidates_for, rank
+from training.ranking.reranker import Reranker
+
+SHOWN = 10
+COPY = "first stage (hybrid), a copy"  # the null pair: identical rankers must be called no different
+
+
+class Pair(BaseModel):
+    challenger: str
+    champion: str
+    offline_delta: float  # NDCG@10 on the judged split, challenger - champion
+    verdict: Verdict
+    p_value: float
+    sessions_interleaving: int | None  # sessions at the look that reached significance (None: never)
+    sessions_ab: int | None
+    ab_verdict: Verdict
+    ab_p_value: float
+
+
+class InterleaveBenchResult(BaseModel):
+    dataset: str
+    split: str
+    rankers: dict[str, float]  # NDCG@10 on the split
+    user_spread: float  # variance of the per-session examination multiplier of the simulated users
+    pairs: list[Pair]
+    agreement: float  # share of pairs with |offline_delta| >= 0.01 whose interleaving verdict has its sign
+    agreement_pairs: int
+    sensitivity_ratio: float  # median sessions_ab / sessions_interleaving (A/B never: counted as max_sessions)
+    looks: list[int]
+    look_threshold: float
+    null_pairs_significant: int  # identical rankers declared different (should be 0)
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class Shown:
+    doc_id: str
+    position: int  # 1-based, as `session_events` reads it
+
+
+def part_ranking(cands: list[Candidate], part: str) -> list[str]:
+    score = minmax(np.array([c.bm25 if part == "bm25" else c.dense for c in cands], dtype=np.float32))
+    return [cands[i].doc_id for i in np.argsort(-score, kind="stable")]
+
+
+def model_folders(paths: list[Path]) -> dict[str, Path]:
+    """Model folders by a short name: each path is a model folder or holds some (a registry's versions)."""
+    out: dict[str, Path] = {}
+    for path in paths:
+        found = [path] if (path / META_FILE).exists() else sorted(p.parent for p in path.rglob(META_FILE))
+        for folder in found:
+            name = "/".join(folder.relative_to(path.parent).parts[-3:-1]) if folder != path else folder.name
+            out[name or folder.name] = folder
+    return out
+
+
+DAMAGES = {  # name -> (share of queries damaged, how)
+    "top result demoted to 3rd on 10% of queries": (0.1, "demote"),
+    "top result demoted to 3rd on 30% of queries": (0.3, "demote"),
+    "top 10 shuffled on 10% of queries": (0.1, "shuffle"),
+}
+
+
+def damaged(ranking: list[str], share: float, how: str, rng: random.Random) -> list[str]:
+    """A deliberately worse ranking: on a `share` of queries, the top result moved to 3rd, or the top 10 shuffled."""
+    top = list(ranking[:SHOWN])
+    if rng.random() < share:
+        if how == "demote":
+            top.insert(2, top.pop(0))
+        else:
+            rng.shuffle(top)
+    return top + list(ranking[SHOWN:])
+
+
+def simulate_pair(
+    champion: dict[str, list[str]],
+    challenger: dict[str, list[str]],
+    qrels: dict[str, dict[str, int]],
+    user: UserModel,
+    cfg: InterleaveConfig,
+    seed: int,
+) -> tuple[tuple[Verdict, float, int | None], tuple[Verdict, float, int | None]]:
+    """(verdict, p, sessions to significance) for interleaving and for A/B on the same sessions."""
+    qids = sorted(qrels)
+    schedule = looks(cfg)
+    tally = Tally()
+    arms: dict[str, list[float]] = {"champion": [], "challenger": []}
+    il_result: tuple[Verdict, float, int | None] | None = None
+    ab_result: tuple[Verdict, float, int | None] | None = None
+    for i in range(1, cfg.max_sessions + 1):
+        rng = random.Random(seed * 1_000_003 + i)
+        qid = rng.choice(qids)
+        if il_result is None:
+            mixed = team_draft(champion[qid][:SHOWN], challenger[qid][:SHOWN], SHOWN, rng)
+            clicks = _clicks(rng, user, mixed.doc_ids, qrels[qid])
+            tally.add(session_winner(mixed.teams, clicks))
+        if ab_result is None:
+            arm = "challenger" if i % 2 else "champion"
+            clicks = _clicks(rng, user, (champion if arm == "champion" else challenger)[qid][:SHOWN], qrels[qid])
+            arms[arm].append(1.0 / (1 + min(clicks)) if clicks else 0.0)
+        if i in schedule:
+            if il_result is None:
+                p = tally.p_value()
+                verdict = decide(p, tally.preference(), i, cfg)
+                if verdict is not None:
+                    il_result = (verdict, p, i if verdict != "no difference" else None)
+            if ab_result is None:
+                a, b = np.array(arms["champion"]), np.array(arms["challenger"])
+                p = float(ttest_ind(b, a, equal_var=False).pvalue) if a.std() + b.std() > 0 else 1.0
+                verdict = decide(p, float(b.mean() - a.mean()), i, cfg)
+                if verdict is not None:
+                    ab_result = (verdict, p, i if verdict != "no difference" else None)
+            if il_result is not None and ab_result is not None:
+                break
+    assert il_result is not None and ab_result is not None  # the last look always decides
+    return il_result, ab_result
+
+
+def _clicks(rng: random.Random, user: UserModel, docs: list[str], qrels: dict[str, int]) -> list[int]:
+    """0-based positions the simulated user clicked."""
+    items = [Shown(d, p + 1) for p, d in enumerate(docs)]
+    position = {d: p for p, d in enumerate(docs)}
+    return sorted({position[d] for d, kind, _ in session_events(rng, user, items, qrels) if kind == "click"})
+
+
+def run_interleave_bench(
+    s: Settings,
+    models: list[Path],
+    split: str,
+    seed: int,
+    cfg: InterleaveConfig,
+    spread: float | None = None,
+    progress: bool = True,
+) -> InterleaveBenchResult:
+    """`spread`: how much simulated users differ (None: as much as the real click log's users)."""
+    ds = beir.load(s.dataset, s.state_dir / "datasets")
+    build_index(ds, s.state_dir)
+    fs = FirstStage.current(s.state_dir)
+    qrels = {q: r for q, r in ds.qrels(split).items() if any(v > 0 for v in r.values())}
+    cands = candidates_for(fs, [ds.queries[q] for q in qrels])
+    depth = s.serving.rerank_depth
+    rankings: dict[str, dict[str, list[str]]] = {
+        "first stage (hybrid)": {q: [c.doc_id for c in cands[ds.queries[q]]] for q in qrels},
+        "bm25 only": {q: part_ranking(cands[ds.queries[q]], "bm25") for q in qrels},
+        "dense only": {q: part_ranking(cands[ds.queries[q]], "dense") for q in qrels},
+    }
+    for name, folder in model_folders(models).items():
+        reranker = Reranker(folder, name).warm(fs)
+        rankings[name] = {q: [d for d, _ in rank(ds.queries[q], cands[ds.queries[q]], reranker, fs.text, depth)] for q in qrels}
+
+    def ndcg(r: dict[str, list[str]]) -> dict[str, float]:
+        return per_query(qrels, ranking_to_run({q: [(d, 0.0) for d in docs] for q, docs in r.items()}), "ndcg@10")
+
+    scores = {name: ndcg(r) for name, r in rankings.items()}
+    best = max(scores, key=lambda n: np.mean(list(scores[n].values())))
+    rng = random.Random(seed)
+    for label, (share, how) in DAMAGES.items():
+        name = f"{best}, {label}"
+        rankings[name] = {q: damaged(docs, share, how, rng) for q, docs in sorted(rankings[best].items())}
+        scores[name] = ndcg(rankings[name])
+    rankings[COPY] = rankings["first stage (hybrid)"]
+    scores[COPY] = scores["first stage (hybrid)"]
+    self_check_parts = evaluate_first_stage_parts(ds, split, cands)
+    mean = {n: round(float(np.mean([sc.get(q, 0.0) for q in qrels])), 4) for n, sc in scores.items()}
+    assert abs(mean["first stage (hybrid)"] - self_check_parts["hybrid"]["ndcg@10"]) < 2e-3, "ranking mismatch"
+
+    user = UserModel(examination_curve(s.clicklog), spread=session_spread(s.clicklog) if spread is None else spread)
+    names = list(rankings)
+    pairs_to_run = [(a, b) for a, b in itertools.combinations(names, 2) if COPY not in (a, b)]
+    pairs_to_run.append((COPY, "first stage (hybrid)"))
+    out: list[Pair] = []
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(f"simulating {len(pairs_to_run)} pairs", total=len(pairs_to_run))
+        for k, (champion, challenger) in enumerate(pairs_to_run):
+            (v, p, n), (abv, abp, abn) = simulate_pair(rankings[champion], rankings[challenger], qrels, user, cfg, seed + k)
+            out.append(
+                Pair(
+                    challenger=challenger,
+                    champion=champion,
+                    offline_delta=round(mean[challenger] - mean[champion], 4),
+                    verdict=v,
+                    p_value=p,
+                    sessions_interleaving=n,
+                    sessions_ab=abn,
+                    ab_verdict=abv,
+                    ab_p_value=abp,
+                )
+            )
+            bar.advance(task)
+    judged = [p for p in out if abs(p.offline_delta) >= 0.01]
+    agree = [p for p in judged if p.verdict == ("challenger" if p.offline_delta > 0 else "champion")]
+    ratios = [(p.sessions_ab or cfg.max_sessions) / p.sessions_interleaving for p in out if p.sessions_interleaving]
+    return InterleaveBenchResult(
+        dataset=str(s.dataset),
+        split=split,
+        rankers=mean,
+        user_spread=round(user.spread, 4),
+        pairs=out,
+        agreement=round(len(agree) / len(judged), 4) if judged else 0.0,
+        agreement_pairs=len(judged),
+        sensitivity_ratio=round(statistics.median(ratios), 2) if ratios else 0.0,
+        looks=looks(cfg),
+        look_threshold=look_threshold(cfg),
+        null_pairs_significant=sum(1 for p in out if p.champion == COPY and p.verdict != "no difference"),
+        notes=[
+            f"simulated users: position-based click model, examination from {s.clicklog.name}, scaled per session by a "
+            f"gamma multiplier of variance {user.spread:.3f} (fitted to that log's overdispersion of clicks per session "
+            f"when not given); a session = one query of the split, {SHOWN} results shown",
+            "interleaving: team draft, sign test over sessions one ranker won; A/B: alternate sessions per arm, "
+            "Welch t-test on the reciprocal rank of the first click",
+            f"both stop at the first look in {looks(cfg)} with p < {look_threshold(cfg):.4g}; "
+            "sessions_ab None = not significant by the last look (the ratio then counts max_sessions: a lower bound)",
+        ],
+    )

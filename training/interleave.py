@@ -1,0 +1,127 @@
+"""Team-draft interleaving (Radlinski, Kurup & Joachims, 2008): the online test between the offline
+gate and promotion.
+
+The champion's and the challenger's rankings are merged into one list; each position is credited to
+the ranker ("team") that contributed it, and the user's clicks decide which ranker won the session.
+It is far more sensitive than an A/B split (both rankers are judged by the same user on the same
+query, so user and query variance cancel), and unlike the offline gate it credits a document the
+champion never showed: the challenger put it there, the user clicked it.
+
+The verdict is a two-sided sign test over the sessions one team won, looked at on a doubling schedule
+of session counts; each look tests at `p_value / looks` (Bonferroni), so peeking does not inflate the
+rule's false-positive rate above `p_value`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from scipy.stats import binomtest
+
+from training.config import InterleaveConfig
+
+Team = Literal["champion", "challenger"]
+Verdict = Literal["challenger", "champion", "no difference"]
+
+
+@dataclass(frozen=True)
+class Interleaved:
+    doc_ids: list[str]
+    teams: list[Team]  # who contributed each position
+
+
+def team_draft(champion: Sequence[str], challenger: Sequence[str], k: int, rng: random.Random) -> Interleaved:
+    """Merges two rankings into `k` positions. The team with fewer picks picks next (a coin decides
+    when both have as many); a team picks its best document not already shown."""
+    shown: list[str] = []
+    teams: list[Team] = []
+    seen: set[str] = set()
+    cursor: dict[Team, int] = {"champion": 0, "challenger": 0}
+    ranking: dict[Team, Sequence[str]] = {"champion": champion, "challenger": challenger}
+    picks: dict[Team, int] = {"champion": 0, "challenger": 0}
+    limit = min(k, len(set(champion) | set(challenger)))
+    while len(shown) < limit:
+        if picks["champion"] != picks["challenger"]:
+            team: Team = "champion" if picks["champion"] < picks["challenger"] else "challenger"
+        else:
+            team = "challenger" if rng.random() < 0.5 else "champion"
+        docs, i = ranking[team], cursor[team]
+        while i < len(docs) and docs[i] in seen:
+            i += 1
+        if i == len(docs):  # this team has nothing new left: the other fills the list
+            team = "challenger" if team == "champion" else "champion"
+            docs, i = ranking[team], cursor[team]
+            while i < len(docs) and docs[i] in seen:
+                i += 1
+        cursor[team] = i + 1
+        picks[team] += 1
+        shown.append(docs[i])
+        seen.add(docs[i])
+        teams.append(team)
+    return Interleaved(shown, teams)
+
+
+def session_winner(teams: Sequence[str], clicked: Iterable[int]) -> Team | None:
+    """The team whose positions (0-based) got more clicks in one session; None for a tie or no click."""
+    counts = {"champion": 0, "challenger": 0}
+    for position in set(clicked):
+        if 0 <= position < len(teams):
+            counts[teams[position]] += 1
+    if counts["champion"] == counts["challenger"]:
+        return None
+    return "challenger" if counts["challenger"] > counts["champion"] else "champion"
+
+
+@dataclass
+class Tally:
+    """Sessions of one interleaving experiment, by outcome."""
+
+    challenger: int = 0
+    champion: int = 0
+    ties: int = 0
+
+    @property
+    def sessions(self) -> int:
+        return self.challenger + self.champion + self.ties
+
+    def add(self, winner: Team | None) -> None:
+        if winner is None:
+            self.ties += 1
+        elif winner == "challenger":
+            self.challenger += 1
+        else:
+            self.champion += 1
+
+    def p_value(self) -> float:
+        """Two-sided sign test over the sessions one team won (ties carry no preference)."""
+        decided = self.challenger + self.champion
+        return 1.0 if decided == 0 else float(binomtest(self.challenger, decided, 0.5).pvalue)
+
+    def preference(self) -> float:
+        """(wins - losses) / sessions: the challenger's share of sessions it won, net."""
+        return 0.0 if self.sessions == 0 else (self.challenger - self.champion) / self.sessions
+
+
+def looks(cfg: InterleaveConfig) -> list[int]:
+    """Session counts at which the rule looks: min_sessions, doubling, up to max_sessions."""
+    out, n = [], cfg.min_sessions
+    while n < cfg.max_sessions:
+        out.append(n)
+        n *= 2
+    return [*out, cfg.max_sessions]
+
+
+def look_threshold(cfg: InterleaveConfig) -> float:
+    return cfg.p_value / len(looks(cfg))
+
+
+def decide(p_value: float, preference: float, sessions: int, cfg: InterleaveConfig) -> Verdict | None:
+    """The verdict at a look (None: keep going). Past `max_sessions` without significance: no difference."""
+    if sessions < cfg.min_sessions:
+        return None
+    if p_value < look_threshold(cfg):
+        return "challenger" if preference > 0 else "champion"
+    return "no difference" if sessions >= cfg.max_sessions else None
