@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -49,8 +50,9 @@ def evaluate_first_stage_parts(ds: Dataset, split: str, candidates: dict[str, li
 
 
 DESIGNS: dict[str, Callable[[Mix], Mix]] = {  # the served mix -> the mix of each design
-    "bi-encoder + first stage (no memory)": lambda m: Mix(m.alpha if m.alpha > 0 else 0.5, 0.0, m.tau),
-    "first stage + feedback memory (no bi-encoder)": lambda m: Mix(0.0, m.beta if m.beta > 0 else 0.5, m.tau),
+    "learned first stage (fusion only)": lambda m: replace(m, alpha=0.0, beta=0.0),
+    "bi-encoder + first stage (no memory)": lambda m: replace(m, alpha=m.alpha if m.alpha > 0 else 0.5, beta=0.0),
+    "first stage + feedback memory (no bi-encoder)": lambda m: replace(m, alpha=0.0, beta=m.beta if m.beta > 0 else 0.5),
     "served: bi-encoder + first stage + feedback memory": lambda m: m,
 }
 

@@ -33,7 +33,7 @@ from training.metrics import per_query, ranking_to_run
 from training.model_card import model_card
 from training.progress import Progress, silent
 from training.ranking.encoder import load_encoder
-from training.ranking.first_stage import Candidate, FirstStage
+from training.ranking.first_stage import Candidate, FirstStage, fuse
 from training.ranking.query import normalise_query, query_key
 from training.ranking.rank import FIRST_STAGE, Ranking, candidates_for, rank, rank_queries
 from training.ranking.reranker import Evidence, MemoryEmbeddingCache, Mix, Reranker, save_model_folder, write_meta
@@ -44,6 +44,7 @@ log = logging.getLogger("rankloop.training")
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]  # weight of the model similarity vs the first-stage score
 BETAS = [0.0, 0.25, 0.5, 1.0, 2.0]  # weight of the feedback memory
 TAUS = [0.3, 0.5, 0.7]  # similarity below which a past query's feedback is not borrowed
+FUSIONS = [None, 0.0, 0.25, 0.75, 1.0]  # the first stage's BM25 weight (None: the index's, 0.5 by default)
 Text = Callable[[str], str]
 Candidates = dict[str, list[Candidate]]
 
@@ -192,15 +193,18 @@ def _feedback_ndcg(feedback: list[QueryFeedback], rankings: dict[str, Ranking]) 
 
 
 def tune_mix(reranker: Reranker, feedback: list[QueryFeedback], candidates: Candidates, text: Text, depth: int) -> Tuned:
-    """Mean NDCG@10 on the tune slice for every mix; the head's features are computed once per query."""
-    feats = [(fb, reranker.features(fb.query, candidates[fb.query][:depth], text)) for fb in feedback]
+    """Mean NDCG@10 on the tune slice for every mix, the first stage's fusion included (ties go to the
+    index's own fusion); the head's features are computed once per query and fusion."""
     grid: dict[Mix, float] = {}
-    for a, b, t in itertools.product(ALPHAS, BETAS, TAUS):
-        if b == 0 and t != TAUS[0]:
-            continue  # tau only matters when the memory is used
-        mix = Mix(a, b, t)
-        rankings = {fb.query: rank(fb.query, candidates[fb.query], reranker, text, depth, mix, f) for fb, f in feats}
-        grid[mix] = float(np.mean(list(_feedback_ndcg(feedback, rankings).values()) or [0.0]))
+    for fusion in FUSIONS:
+        heads = {fb.query: candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion) for fb in feedback}
+        feats = [(fb, reranker.features(fb.query, heads[fb.query][:depth], text)) for fb in feedback]
+        for a, b, t in itertools.product(ALPHAS, BETAS, TAUS):
+            if b == 0 and t != TAUS[0]:
+                continue  # tau only matters when the memory is used
+            mix = Mix(a, b, t, fusion)
+            rankings = {fb.query: rank(fb.query, candidates[fb.query], reranker, text, depth, mix, f) for fb, f in feats}
+            grid[mix] = float(np.mean(list(_feedback_ndcg(feedback, rankings).values()) or [0.0]))
     return Tuned(max(grid, key=lambda m: grid[m]), grid)
 
 

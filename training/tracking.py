@@ -101,7 +101,9 @@ def log_fit(stats: FitStats, seconds: float) -> None:
 
 
 def log_tuning(grid: dict[Mix, float], chosen: Mix, memory_queries: int) -> None:
-    mlflow.log_dict({f"alpha={m.alpha} beta={m.beta} tau={m.tau}": v for m, v in grid.items()}, "tune_grid.json")
+    mlflow.log_dict(
+        {f"alpha={m.alpha} beta={m.beta} tau={m.tau} bm25_weight={m.bm25_weight}": v for m, v in grid.items()}, "tune_grid.json"
+    )
     mlflow.log_params({**chosen.as_dict(), "memory_queries": memory_queries})
     mlflow.log_metric("tune_ndcg10", grid[chosen])
 

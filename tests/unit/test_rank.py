@@ -60,3 +60,34 @@ def test_a_version_loads_its_query_memory_from_its_folder_without_encoding(tiny_
     again = module.Reranker(tiny_model, "1")
     assert calls == []
     assert np.allclose(again.memory, expected, atol=1e-5)
+
+
+def test_a_learned_fusion_reorders_the_candidates_and_picks_the_head(tiny_first_stage, tiny_model):
+    """bm25_weight 1: BM25 alone decides which candidates the reranker sees and the tail's order."""
+    from training.ranking.first_stage import fuse
+
+    cands = tiny_first_stage.search(QUERY, 8)
+    bm25_only = fuse(cands, 1.0)
+    assert [c.bm25 for c in bm25_only] == sorted((c.bm25 for c in cands), reverse=True)
+    assert [c.dense for c in fuse(cands, 0.0)] == sorted((c.dense for c in cands), reverse=True)
+    reranker = Reranker(tiny_model, "1")
+    ranking = rank(QUERY, cands, reranker, tiny_first_stage.text, depth=3, mix=Mix(0.0, 0.0, 0.5, 1.0))
+    assert [d for d, _ in ranking] == [c.doc_id for c in bm25_only]
+
+
+def test_tuning_learns_the_fusion_when_one_part_is_better(tiny_first_stage, tiny_model):
+    """Feedback that only BM25's order satisfies makes tuning choose a BM25-heavy fusion over the index's."""
+    from training.labels.feedback import QueryFeedback
+    from training.pipeline import tune_mix
+    from training.ranking.first_stage import Candidate
+
+    # the index's fusion puts d2 (dense) first; BM25 alone puts d3 first, and users want d3
+    parts = {"d2": (0.0, 1.0), "d4": (1.0, 0.8), "d3": (10.0, 0.0), "d5": (6.0, 0.1), "d6": (0.0, 0.5)}
+    cands = [Candidate(d, b, v, 0.5 * b / 10 + 0.5 * v) for d, (b, v) in parts.items()]
+    cands.sort(key=lambda c: -c.fused)
+    assert cands[0].doc_id == "d2"
+    feedback = [QueryFeedback(QUERY, {"d3": 2.0, "d2": -1.0, "d4": -1.0, "d6": -1.0})]
+    tuned = tune_mix(Reranker(tiny_model, "1"), feedback, {QUERY: cands}, tiny_first_stage.text, 8)
+    assert tuned.mix.bm25_weight in (0.75, 1.0)
+    assert tuned.grid[tuned.mix] == 1.0
+    assert max(v for m, v in tuned.grid.items() if m.bm25_weight is None) < 1.0

@@ -46,6 +46,18 @@ def minmax(x: np.ndarray) -> np.ndarray:
     return np.zeros_like(x) if hi - lo < 1e-12 else (x - lo) / (hi - lo)
 
 
+def fuse(candidates: list[Candidate], bm25_weight: float) -> list[Candidate]:
+    """The candidates under another fusion weight, best first (a learned first stage re-orders the
+    cached candidates of the index's fusion; both parts' scores travel with each candidate)."""
+    bm25 = minmax(np.array([c.bm25 for c in candidates], dtype=np.float32))
+    dense = minmax(np.array([c.dense for c in candidates], dtype=np.float32))
+    fused = bm25_weight * bm25 + (1 - bm25_weight) * dense
+    return [
+        Candidate(candidates[i].doc_id, candidates[i].bm25, candidates[i].dense, float(fused[i]))
+        for i in np.argsort(-fused, kind="stable")
+    ]
+
+
 def corpus_version(doc_ids: list[str], texts: list[str], encoder: str) -> str:
     h = hashlib.sha256(encoder.encode())
     for d, t in zip(doc_ids, texts):

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from training.ranking.first_stage import Candidate, FirstStage
+from training.ranking.first_stage import Candidate, FirstStage, fuse
 from training.ranking.reranker import Features, Mix, Reranker
 
 FIRST_STAGE = "first-stage"
@@ -34,11 +34,15 @@ def rank(
     """What a user is shown: the reranker's order of the top `depth` candidates, then the first-stage
     tail. `mix` overrides the model's own (tuning, design comparisons); `features` of the head, when
     already computed, are reused (tuning scores one set of features under many mixes), and so is the
-    reranker's `query_embedding` (serving computes it alongside the first stage)."""
+    reranker's `query_embedding` (serving computes it alongside the first stage). A mix with its own
+    fusion re-orders the candidates first, so it also picks which of them the reranker sees."""
     if reranker is None:
         return first_stage_order(candidates)
+    mix = mix or reranker.mix
+    if mix.bm25_weight is not None:
+        candidates = fuse(candidates, mix.bm25_weight)
     head = features if features is not None else reranker.features(query, candidates[:depth], text, query_embedding)
-    scores = Reranker.combine(head, mix or reranker.mix)
+    scores = Reranker.combine(head, mix)
     order = np.argsort(-scores, kind="stable")
     return [(head.doc_ids[i], float(scores[i])) for i in order] + first_stage_order(candidates[depth:])
 

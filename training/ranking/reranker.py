@@ -38,11 +38,13 @@ Evidence = dict[str, float]
 @dataclass(frozen=True)
 class Mix:
     """score = alpha * model similarity + (1 - alpha) * first stage + beta * tanh(feedback memory);
-    tau is the similarity below which a past query's feedback is not borrowed."""
+    tau is the similarity below which a past query's feedback is not borrowed; bm25_weight is the
+    first stage's fusion, learned per deployment (None: the index's; 0: dense alone; 1: BM25 alone)."""
 
     alpha: float
     beta: float = 0.0
     tau: float = 0.5
+    bm25_weight: float | None = None
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -74,7 +76,13 @@ class Reranker:
         self.folder = Path(folder)
         self.version = version
         self.meta: dict[str, Any] = json.loads((self.folder / META_FILE).read_text())
-        self.mix = Mix(float(self.meta["alpha"]), float(self.meta.get("beta", 0.0)), float(self.meta.get("tau", 0.5)))
+        fusion = self.meta.get("bm25_weight")
+        self.mix = Mix(
+            float(self.meta["alpha"]),
+            float(self.meta.get("beta", 0.0)),
+            float(self.meta.get("tau", 0.5)),
+            None if fusion is None else float(fusion),
+        )
         prior_path = self.folder / PRIOR_FILE
         self.prior: dict[str, Evidence] = json.loads(prior_path.read_text()) if prior_path.exists() else {}
         self.model = load_encoder(self.folder)
