@@ -26,6 +26,26 @@ def index(dataset: str = typer.Option(None, help="BEIR folder (default: the `dat
 
 
 @app.command()
+def variant(
+    kind: str = typer.Argument("keyword-stuffed", help="keyword-stuffed: every document ends with words of random queries"),
+    out: Path = typer.Option(..., help="the new BEIR folder"),
+    dataset: str = typer.Option(None, help="BEIR folder it starts from (default: the `dataset` setting)"),
+    queries_per_doc: int = typer.Option(3, min=1, help="queries whose words stuff each document"),
+    seed: int = 0,
+) -> None:
+    """A harder copy of a dataset, e.g. one where a learned first-stage fusion must beat the fixed one."""
+    from schemas import InvalidInput
+    from training import beir
+    from training.variants import keyword_stuffed
+
+    if kind != "keyword-stuffed":
+        raise InvalidInput(f"unknown variant {kind!r}: the one there is is keyword-stuffed")
+    s = settings()
+    ds = beir.load(dataset or s.dataset, s.state_dir / "datasets")
+    console.print(f"written: {keyword_stuffed(ds, out, queries_per_doc, seed)}")
+
+
+@app.command()
 def simulate(
     dataset: str = typer.Option(None),
     split: str = "train",

@@ -86,6 +86,9 @@ class BenchChecks(BaseModel):
     head_queries_lift: float | None = None
     unseen_queries_change: float | None = None
     promoted_within_2_rounds: bool | None = None
+    # the last champion's first stage alone, under the fusion it learned, vs the better of BM25 and dense alone
+    learned_first_stage_ndcg_at_10: float | None = None
+    learned_first_stage_reaches_best_part: bool | None = None
 
 
 class LoopBenchResult(BaseModel):
@@ -330,7 +333,7 @@ def _run(
         final=final,
         final_train=final_train,
         final_winner_on_train_split=max(final_train, key=lambda k: final_train[k]["ndcg@10"]),
-        checks=checks(baselines, skyline, baselines_train, round_results, propensity, head_mode=bool(train_queries)),
+        checks=checks(baselines, skyline, baselines_train, round_results, propensity, bool(train_queries), designs),
         timings={k: round(v, 1) for k, v in timings.items()},
     )
     write(result, out)
@@ -354,6 +357,7 @@ def checks(
     rounds: list[BenchRound],
     propensity: PropensityReport,
     head_mode: bool = False,
+    designs: dict[str, dict] | None = None,
 ) -> BenchChecks:
     hybrid = baselines["hybrid"]["ndcg@10"]
     champions = [r for r in rounds if r.model_version != FIRST_STAGE]
@@ -361,6 +365,9 @@ def checks(
     sky_lift = skyline["ndcg@10"] - hybrid
     evals = [hybrid] + [r.eval["ndcg@10"] for r in champions]
     trains = [baselines_train["hybrid"]["ndcg@10"]] + [r.train["ndcg@10"] for r in champions]
+    fusion_only = (designs or {}).get("learned first stage (fusion only)")
+    learned = fusion_only["ndcg@10"] if fusion_only else None
+    best_part = max(baselines["bm25"]["ndcg@10"], baselines["dense"]["ndcg@10"])
     return BenchChecks(
         final_champion_ndcg_at_10=last,
         share_of_skyline_lift=round((last - hybrid) / sky_lift, 4) if sky_lift > 0 else None,
@@ -370,6 +377,8 @@ def checks(
         head_queries_lift=round(trains[-1] - trains[0], 4) if head_mode else None,
         unseen_queries_change=round(last - hybrid, 4) if head_mode else None,
         promoted_within_2_rounds=any(r.promoted for r in rounds[:2]) if head_mode else None,
+        learned_first_stage_ndcg_at_10=learned,
+        learned_first_stage_reaches_best_part=None if learned is None else learned >= best_part - 1e-9,
     )
 
 
