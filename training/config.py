@@ -18,7 +18,11 @@ class TrainConfig(BaseModel):
     lr: float = Field(5e-5, gt=0)
     hard_negatives: int = Field(2, ge=0)
     retriever_negatives_from_top: int = Field(20, ge=1)
-    debias: Literal["naive", "ips"] = "naive"
+    debias: Literal["auto", "naive", "ips"] = Field(
+        "auto",
+        description="ips: clicks weighted by 1/examination; auto: fit both, keep the one better on the tune slice's clicks "
+        "(which wins depends on the deployment's traffic)",
+    )
     max_ips: float = Field(5.0, ge=1.0)
     max_weight: float = Field(4.0, gt=0)
     replay_fraction: float = Field(0.5, ge=0.0, description="old queries replayed per new one when warm-starting")

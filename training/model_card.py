@@ -64,6 +64,7 @@ def model_card(
     changes: list[QueryChange],
     mix: dict[str, Any],
     depth: int,
+    debias: dict[str, float] | None = None,
 ) -> str:
     """Markdown; `changes` sorted by delta, best first."""
     champion = f"v{champion_version}" if champion_version else "the first stage (no champion yet)"
@@ -91,6 +92,15 @@ def model_card(
         f"- {examples:,} training examples: {selection.get('fresh_queries', 0)} queries with labels newer than "
         f"{champion}, {selection.get('replay_queries', 0)} older ones replayed; labels up to {when} (server time).",
         f"- Labels from the 10 most prolific identities: {shares or '-'} (a high share is a flood from a few users).",
+        *(
+            [
+                "- Learner chosen on the tune slice's clicks (NDCG@10): "
+                + ", ".join(f"{'debiased' if k == 'ips' else k} {v:.4f}" for k, v in debias.items())
+                + f" → {'debiased' if max(debias, key=lambda k: debias[k]) == 'ips' else 'naive'}."
+            ]
+            if debias
+            else []
+        ),
         "",
         "## Biggest wins",
         "",

@@ -46,6 +46,7 @@ BETAS = [0.0, 0.25, 0.5, 1.0, 2.0]  # weight of the feedback memory
 TAUS = [0.3, 0.5, 0.7]  # similarity below which a past query's feedback is not borrowed
 FUSIONS = [None, 0.0, 0.25, 0.75, 1.0]  # the first stage's BM25 weight (None: the index's, 0.5 by default)
 Text = Callable[[str], str]
+Debias = Literal["naive", "ips"]
 Candidates = dict[str, list[Candidate]]
 
 
@@ -135,12 +136,13 @@ def make_slices(
         if gate.split == "identity"
         else split_by_time(df, gate.tune_fraction, gate.fraction)
     )
-    agg = {k: list(aggregate(v, cfg.debias, cfg.max_ips).values()) for k, v in frames.items()}
+    mode: Debias = "ips" if cfg.debias == "ips" else "naive"  # `auto` slices once per mode (train_once)
+    agg = {k: list(aggregate(v, mode, cfg.max_ips).values()) for k, v in frames.items()}
     train = frames["train"]
     per_request = [
         (str(rid), fb)
         for rid, rows in frames["gate"].groupby("request_id", sort=True)
-        for fb in aggregate(rows, cfg.debias, cfg.max_ips).values()
+        for fb in aggregate(rows, mode, cfg.max_ips).values()
         if fb.positives()
     ]
     return Slices(
@@ -307,6 +309,59 @@ def run_gate(
     return compare_on_requests(champion, challenger, slices.gate_requests, candidates, text, depth, gate)
 
 
+@dataclass
+class Learner:
+    """One debias mode's challenger, fitted and tuned, before the gate."""
+
+    mode: Debias
+    slices: Slices
+    examples: list[Example]
+    selection: dict[str, int]
+    fitted: Fitted
+    folder: Path
+    tuned: Tuned
+    reranker: Reranker  # under the tuned mix
+    held_out: float = 0.0  # NDCG@10 on the tune slice's clicks, the yardstick both modes share
+
+
+def learn(
+    mode: Debias,
+    slices: Slices,
+    incumbent: Incumbent,
+    candidates: Candidates,
+    first_stage: FirstStage,
+    folder: Path,
+    depth: int,
+    cfg: TrainConfig,
+    progress: Progress = silent,
+) -> Learner:
+    """Fits, saves (with its document embeddings, so serving swaps to it warm) and tunes one challenger."""
+    cfg = cfg.model_copy(update={"debias": mode})
+    examples, selection = choose_examples(slices, candidates, incumbent, cfg)
+    fitted = fit_challenger(examples, incumbent, first_stage.text, cfg, progress)
+    save_model_folder(fitted.model, folder, Mix(1.0), slices.memory())
+    draft = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage, progress=progress)
+    tuned = tune_mix(draft, slices.tune, candidates, first_stage.text, depth)
+    write_meta(
+        folder,
+        tuned.mix,
+        extra={
+            "trained_on_labels": slices.labels,
+            "trained_until": slices.trained_until,
+            "warm_start": incumbent.version,
+            "rerank_depth": depth,
+            "debias": mode,
+        },
+    )
+    return Learner(mode, slices, examples, selection, fitted, folder, tuned, draft.with_mix(tuned.mix))
+
+
+def binary(feedback: list[QueryFeedback]) -> list[QueryFeedback]:
+    """The same feedback with every positive as strong as any other: how the naive and the debiased
+    learner are compared (each one's own weights would favour it)."""
+    return [QueryFeedback(fb.query, {d: (1.0 if v > 0 else v) for d, v in fb.evidence.items()}) for fb in feedback]
+
+
 def train_once(
     registry: MlflowRegistry,
     labels: LabelStore,
@@ -327,7 +382,9 @@ def train_once(
     df, lineage = labels.read()
     if df.empty:
         return TrainOutcome("skipped", "no labels yet")
-    slices = make_slices(df, lineage, cfg, gate, rules, examination)
+    modes: list[Debias] = ["naive", "ips"] if cfg.debias == "auto" else [cfg.debias]
+    per_mode = {m: make_slices(df, lineage, cfg.model_copy(update={"debias": m}), gate, rules, examination) for m in modes}
+    slices = per_mode[modes[0]]
     log.info(
         "training on %d labels: %d train / %d tune / %d gate queries with positives",
         slices.labels,
@@ -345,7 +402,17 @@ def train_once(
             why = "nothing new: no query has a positive label newer than the champion's training data"
         return TrainOutcome("skipped", why, labels=lineage.get("contributions", slices.labels))
 
-    with mlflow.start_run(run_name=f"challenger-{time.strftime('%Y%m%d-%H%M%S')}") as run:
+    with (
+        mlflow.start_run(run_name=f"challenger-{time.strftime('%Y%m%d-%H%M%S')}") as run,
+        tempfile.TemporaryDirectory(dir=work_dir) as tmp,
+    ):
+        learners = [learn(m, per_mode[m], incumbent, candidates, first_stage, Path(tmp) / m, depth, cfg, progress) for m in modes]
+        yardstick = binary(per_mode[modes[0]].tune)
+        for learner in learners:  # both modes judged on the same held-out clicks, weighted by neither
+            rankings = rank_queries([fb.query for fb in yardstick], candidates, learner.reranker, text, depth)
+            learner.held_out = float(np.mean(list(_feedback_ndcg(yardstick, rankings).values()) or [0.0]))
+        chosen = max(learners, key=lambda c: c.held_out)  # a tie keeps the first (naive: fewer assumptions)
+        slices, examples, selection, tuned, folder = chosen.slices, chosen.examples, chosen.selection, chosen.tuned, chosen.folder
         tracking.log_inputs(
             df,
             registry.name,
@@ -359,52 +426,36 @@ def train_once(
             incumbent.version or "all-MiniLM-L6-v2",
             examination is not None,
         )
+        tracking.log_debias({c.mode: c.held_out for c in learners}, chosen.mode)
         mlflow.log_metrics({f"{k}_top10_identity_share": v for k, v in slices.top_identity_share.items()})
         mlflow.set_tag("champion_at_start", incumbent.version or FIRST_STAGE)
-        fitted = fit_challenger(examples, incumbent, text, cfg, progress)
-        tracking.log_fit(fitted.stats, fitted.seconds)
+        tracking.log_fit(chosen.fitted.stats, chosen.fitted.seconds)
+        tracking.log_tuning(tuned.grid, tuned.mix, len(slices.memory()))
+        challenger = chosen.reranker
+        report = run_gate(incumbent.reranker, challenger, slices, candidates, text, depth, gate)
+        changes = tracking.log_gate(slices.gate, report, slices.rules)
+        tracking.log_history(registry.client, registry.name, run.info.run_id, report.result)
 
-        memory = slices.memory()
-        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-            folder = save_model_folder(fitted.model, Path(tmp) / "model", Mix(1.0), memory)
-            # the version's document embeddings go with it: serving swaps to it warm, tuning and the gate reuse them
-            draft = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage, progress=progress)
-            tuned = tune_mix(draft, slices.tune, candidates, text, depth)
-            write_meta(
-                folder,
-                tuned.mix,
-                extra={
-                    "trained_on_labels": slices.labels,
-                    "trained_until": slices.trained_until,
-                    "warm_start": incumbent.version,
-                    "rerank_depth": depth,
-                },
+        def card(outcome: str) -> str:
+            return model_card(
+                model_name=registry.name,
+                outcome=outcome,
+                gate=report.result,
+                champion_version=incumbent.version,
+                lineage=lineage,
+                examples=len(examples),
+                selection=selection,
+                identity_share=slices.top_identity_share,
+                trained_until=slices.trained_until,
+                changes=changes,
+                mix=tuned.mix.as_dict(),
+                depth=depth,
+                debias={c.mode: c.held_out for c in learners} if len(learners) > 1 else None,
             )
-            tracking.log_tuning(tuned.grid, tuned.mix, len(memory))
-            challenger = draft.with_mix(tuned.mix)  # the same model and matrix, under the tuned mix
-            report = run_gate(incumbent.reranker, challenger, slices, candidates, text, depth, gate)
-            changes = tracking.log_gate(slices.gate, report, slices.rules)
-            tracking.log_history(registry.client, registry.name, run.info.run_id, report.result)
 
-            def card(outcome: str) -> str:
-                return model_card(
-                    model_name=registry.name,
-                    outcome=outcome,
-                    gate=report.result,
-                    champion_version=incumbent.version,
-                    lineage=lineage,
-                    examples=len(examples),
-                    selection=selection,
-                    identity_share=slices.top_identity_share,
-                    trained_until=slices.trained_until,
-                    changes=changes,
-                    mix=tuned.mix.as_dict(),
-                    depth=depth,
-                )
-
-            (folder / "README.md").write_text(card("passed the gate" if report.result.passed else "rejected by the gate"))
-            tracking.write_mlmodel(folder)
-            mlflow.log_artifacts(str(folder), "model")
+        (folder / "README.md").write_text(card("passed the gate" if report.result.passed else "rejected by the gate"))
+        tracking.write_mlmodel(folder)
+        mlflow.log_artifacts(str(folder), "model")
         model_id = tracking.log_model_entity(run.info.run_id, registry.name, tuned.mix.as_dict(), report.result)
         version = registry.register(run.info.run_id, model_id=model_id)
         registry.tag(version, "gate", report.result.reason)

@@ -89,6 +89,13 @@ def log_inputs(
     )
 
 
+def log_debias(held_out: dict[str, float], chosen: str) -> None:
+    """Which learner the run kept (`train.debias=auto` fits the naive and the debiased one)."""
+    mlflow.log_param("debias_chosen", chosen)
+    if len(held_out) > 1:
+        mlflow.log_metrics({f"tune_clicks_ndcg10_{mode}": v for mode, v in held_out.items()})
+
+
 def log_fit(stats: FitStats, seconds: float) -> None:
     """The loss of every optimiser step (a curve in the run's charts), and its first and last."""
     now = int(time.time() * 1000)

@@ -409,7 +409,7 @@ def train_control(
         s.gate,
         s.stream.rules,
         on_pass="register",
-        examination=estimated_examination(s) if s.train.debias == "ips" else None,
+        examination=estimated_examination(s) if s.train.debias != "naive" else None,
     )
     if outcome.version:
         registry.tag(str(outcome.version), "bench", "poison control: trained without the attack's identities")

@@ -90,7 +90,7 @@ def retrain(
 ) -> TrainOutcome:
     """One training run now (what `rankloop train --once` does); publishes the model event on promotion."""
     require(s, "kafka", "mlflow")
-    curve = estimated_examination(s) if s.train.debias == "ips" else None
+    curve = estimated_examination(s) if s.train.debias != "naive" else None
     outcome = train_once(
         connect_registry(s),
         labels or open_labels(s.label_store_url),

@@ -65,6 +65,9 @@ def test_training_run_is_logged_and_registered_but_not_promoted_without_evidence
     for key in ("gate_champion_ndcg10", "gate_challenger_ndcg10", "gate_p_value", "train_loss_last", "labels"):
         assert key in run.data.metrics
     assert run.data.params["warm_start"] == "all-MiniLM-L6-v2"
+    # train.debias=auto (the default): the naive and the debiased learner both fitted, one kept on held-out clicks
+    held_out = {m: run.data.metrics[f"tune_clicks_ndcg10_{m}"] for m in ("naive", "ips")}
+    assert run.data.params["debias_chosen"] == max(held_out, key=lambda m: (held_out[m], m == "naive"))
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"model", "lineage.json", "gate.png", "gate_per_query.json"} <= artifacts
     lineage = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/lineage.json")
@@ -84,6 +87,7 @@ def test_a_version_is_reviewable_in_mlflow(stack, trained):
     client = registry.client
     version = client.get_model_version(registry.name, outcome.version)
     assert "held-out requests" in version.description and "## Biggest wins" in version.description
+    assert "Learner chosen on the tune slice's clicks" in version.description
     run = client.get_run(outcome.run_id)
     assert run.info.run_name == f"v{outcome.version} · rejected · {outcome.gate.mean_gain:+.3f} NDCG@10"
     assert run.data.tags["mlflow.note.content"] == version.description
