@@ -59,11 +59,15 @@ class Event(BaseModel):
     schema_version: Literal[1] = SCHEMA_VERSION
 
 
+Team = Literal["champion", "challenger"]
+
+
 class ShownItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     doc_id: Id
     position: int = Field(ge=1, description="1-based rank the user saw")
     score: float
+    team: Team | None = Field(None, description="in an interleaved ranking: which model put the document here")
 
 
 class ImpressionEvent(Event):
@@ -77,6 +81,9 @@ class ImpressionEvent(Event):
     model_version: str = Field(description='registered model version, or "first-stage"')
     index_version: str
     explored: bool = Field(False, description="the top items were shown in a random order (position-bias exploration)")
+    challenger_version: str | None = Field(
+        None, description="set when the ranking interleaved this challenger with the champion (`model_version`)"
+    )
     api_key: str | None = Field(None, description="name of the API key that asked for this ranking (set by the server)")
     timestamp: float = Field(default_factory=now, description="unix seconds")
 
@@ -140,6 +147,8 @@ class LabelledExample(Event):
     api_keys: list[str] = Field(
         default_factory=list, description="names of the API keys behind the request: its ranking's and its events'"
     )
+    challenger_version: str | None = Field(None, description="the impression interleaved this challenger with the champion")
+    team: Team | None = Field(None, description="which of the two put the document where it was shown")
     timestamp: float = Field(default_factory=now)
 
 

@@ -20,7 +20,7 @@ from pydantic_settings import (
 )
 
 from services.keys import DEPLOYMENT_PATTERN, Keys
-from training.config import GateConfig, TrainConfig
+from training.config import GateConfig, InterleaveConfig, TrainConfig
 from training.labels.rules import LabelRules
 
 
@@ -182,6 +182,7 @@ class Settings(BaseSettings):
     retrain: RetrainSettings = RetrainSettings()
     train: TrainConfig = TrainConfig()
     gate: GateConfig = GateConfig()
+    interleave: InterleaveConfig = InterleaveConfig()
 
     @classmethod
     def settings_customise_sources(

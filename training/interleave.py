@@ -19,11 +19,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import pandas as pd
 from scipy.stats import binomtest
 
 from training.config import InterleaveConfig
 
 Team = Literal["champion", "challenger"]
+STAGE_TAG, INTERLEAVING = "stage", "interleaving"  # a nominated version's tag: serving interleaves it, the scheduler judges
 Verdict = Literal["challenger", "champion", "no difference"]
 
 
@@ -125,3 +127,52 @@ def decide(p_value: float, preference: float, sessions: int, cfg: InterleaveConf
     if p_value < look_threshold(cfg):
         return "challenger" if preference > 0 else "champion"
     return "no difference" if sessions >= cfg.max_sessions else None
+
+
+def session_outcomes(labels: pd.DataFrame, challenger: str) -> list[Team | None]:
+    """Per request that interleaved `challenger`, in the order users answered, the team its users
+    preferred: more positive labels (a click, cite or purchase not taken back) on the documents one
+    team put there. Read from the label table, so it counts each request once, whatever replays."""
+    if labels.empty or "challenger_version" not in labels.columns:
+        return []
+    rows = labels[labels["challenger_version"] == challenger]
+    out: list[tuple[float, Team | None]] = []
+    for _, req in rows.groupby("request_id", sort=False):
+        liked = req.loc[req["grade"] > 0, "team"]
+        ch, cp = int((liked == "challenger").sum()), int((liked == "champion").sum())
+        out.append((float(req["timestamp"].min()), None if ch == cp else "challenger" if ch > cp else "champion"))
+    return [winner for _, winner in sorted(out, key=lambda t: t[0])]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    sessions: int  # interleaved requests with feedback so far
+    look: int  # the last look reached (0: none yet)
+    tally: Tally  # at that look
+    p_value: float
+    verdict: Verdict | None  # None: keep interleaving
+
+    def describe(self, challenger: str, champion: str) -> str:
+        t = self.tally
+        said = {None: "undecided", "challenger": "challenger better", "champion": "champion better"}
+        return (
+            f"interleaving v{challenger} vs {champion}: {said.get(self.verdict, self.verdict)} after {t.sessions} sessions "
+            f"({t.challenger} won / {t.champion} lost / {t.ties} tied, p={self.p_value:.3g})"
+        )
+
+
+def judge(outcomes: Sequence[Team | None], cfg: InterleaveConfig) -> Judgement:
+    """The stopping rule over the sessions so far: every look reached, in order, until one decides.
+    Recomputed from the start each time, so a scheduler restart or a second replica decides the same."""
+    tally, look, p = Tally(), 0, 1.0
+    for n in looks(cfg):
+        if n > len(outcomes):
+            break
+        tally = Tally()
+        for winner in outcomes[:n]:
+            tally.add(winner)
+        look, p = n, tally.p_value()
+        verdict = decide(p, tally.preference(), n, cfg)
+        if verdict is not None:
+            return Judgement(len(outcomes), look, tally, p, verdict)
+    return Judgement(len(outcomes), look, tally, p, None)

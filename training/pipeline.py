@@ -26,6 +26,7 @@ from schemas import ModelEvent
 from training import tracking
 from training.config import GateConfig, TrainConfig
 from training.gate import GateResult, decide, decide_clustered
+from training.interleave import INTERLEAVING, STAGE_TAG
 from training.labels.feedback import QueryFeedback, aggregate, split_by_identity, split_by_time, top_identity_share
 from training.labels.rules import LabelRules
 from training.labels.store import LabelStore, Lineage
@@ -371,12 +372,13 @@ def train_once(
     cfg: TrainConfig | None = None,
     gate: GateConfig | None = None,
     rules: LabelRules | None = None,
-    on_pass: Literal["promote", "nominate", "register"] = "promote",
+    on_pass: Literal["promote", "interleave", "nominate", "register"] = "promote",
     examination: list[float] | None = None,
     progress: Progress = silent,
 ) -> TrainOutcome:
     """Trains, gates and registers one challenger. One that passes is promoted, or nominated (the
-    `challenger` alias, awaiting `approve`), or only registered (a benchmark's side model).
+    `challenger` alias) for interleaving with the champion on live traffic (`training.interleave`,
+    decided by the scheduler) or awaiting `approve`, or only registered (a benchmark's side model).
     `depth` is the serving rerank depth: tuning and the gate rank exactly as serving will."""
     cfg, gate, rules = cfg or TrainConfig(), gate or GateConfig(), rules or LabelRules()
     df, lineage = labels.read()
@@ -472,11 +474,16 @@ def train_once(
     if result.passed and on_pass == "promote":
         outcome.event = registry.promote(version, result.reason, actor="scheduler")
         outcome.status = "promoted"
+    elif result.passed and on_pass == "interleave":
+        registry.nominate(version, result.reason, actor="scheduler")
+        registry.tag(version, STAGE_TAG, INTERLEAVING)
+        outcome.message += "; interleaving with the champion on live traffic before promotion"
     elif result.passed and on_pass == "nominate":
         registry.nominate(version, result.reason, actor="scheduler")
         outcome.message += f"; awaiting approval: `rankloop approve {version}`"
     registry.client.set_tag(run.info.run_id, "outcome", outcome.status)
-    final = "awaiting approval" if registry.challenger() == version and outcome.status == "passed" else outcome.status
+    waiting = INTERLEAVING if on_pass == "interleave" else "awaiting approval"
+    final = waiting if registry.challenger() == version and outcome.status == "passed" else outcome.status
     tracking.describe_version(
         registry.client, registry.name, version, run.info.run_id, final, result, card(f"v{version}, {final}")
     )

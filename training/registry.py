@@ -55,7 +55,13 @@ class ModelRegistry(Protocol):
         """The version that passed the gate and awaits approval (with `auto_promote` off)."""
 
     def nominate(self, version: str, reason: str, actor: str = "unknown") -> None:
-        """Moves `challenger` to `version`: passed the gate, waits for `approve`."""
+        """Moves `challenger` to `version`: passed the gate, waits for `approve` (or interleaving)."""
+
+    def withdraw(self, version: str, reason: str, actor: str = "unknown") -> None:
+        """Takes `challenger` off `version` (interleaving found it no better), saying why on the version."""
+
+    def get(self, version: str) -> ModelVersion:
+        """One version, with its tags."""
 
     def versions(self) -> list[ModelVersion]: ...
     def prune(self, keep: set[str]) -> list[str]:
@@ -160,6 +166,11 @@ class MlflowRegistry:
         self.client.set_registered_model_alias(self.name, CHALLENGER, str(version))
         self._audit(version, "nominated", reason, actor)
 
+    def withdraw(self, version: str, reason: str, actor: str = "unknown") -> None:
+        if self.challenger() == str(version):
+            self.client.delete_registered_model_alias(self.name, CHALLENGER)
+        self._audit(version, "withdrawn", reason, actor)
+
     def champion(self) -> ModelVersion | None:
         try:
             mv = self.client.get_model_version_by_alias(self.name, CHAMPION)
@@ -172,7 +183,7 @@ class MlflowRegistry:
             mv = self.client.get_model_version(self.name, str(version))
         except MlflowException:
             raise NotFound(f"model {self.name!r} has no version {version}") from None
-        return ModelVersion(str(mv.version), str(mv.source), mv.run_id, tuple(mv.aliases or ()))
+        return ModelVersion(str(mv.version), str(mv.source), mv.run_id, tuple(mv.aliases or ()), dict(mv.tags or {}))
 
     def fetch(self, version: ModelVersion) -> Path:
         return download(version.source, self.cache_dir / version.version)
@@ -286,6 +297,14 @@ class MemoryRegistry:
         self._version(version)
         self.aliases[CHALLENGER] = version
         self.tag(version, "nominated_by", actor)
+
+    def withdraw(self, version: str, reason: str, actor: str = "unknown") -> None:
+        if self.aliases.get(CHALLENGER) == version:
+            del self.aliases[CHALLENGER]
+        self.tag(version, "withdrawn_reason", reason)
+
+    def get(self, version: str) -> ModelVersion:
+        return self._version(version)
 
     def fetch(self, version: ModelVersion) -> Path:
         return Path(version.source)

@@ -22,6 +22,7 @@ from services.observability import serve_metrics
 from services.registry import connect_registry
 from services.schedule import control
 from services.schedule.control import ScheduleStatus
+from services.schedule.interleaving import check_experiment
 from services.storage import Publisher, open_labels, open_publisher
 from services.storage.health import require
 from services.storage.kafka import read_topic
@@ -100,7 +101,7 @@ def retrain(
         s.train,
         s.gate,
         s.stream.rules,
-        "promote" if s.retrain.auto_promote else "nominate",
+        ("interleave" if s.interleave.share > 0 else "promote") if s.retrain.auto_promote else "nominate",
         curve,
     )
     if outcome.event is not None:
@@ -172,7 +173,8 @@ class Scheduler:
         self.labels = open_labels(s.label_store_url)
         self.first_stage = FirstStage.current(s.state_dir)
         self.publisher = open_publisher(s.kafka.address)
-        self.client = connect_registry(s).client
+        self.registry = connect_registry(s)
+        self.client = self.registry.client
         self.metrics = ScheduleMetrics(s.metrics_host, s.retrain.metrics_port)
 
     def _get(self, field: str, default: float) -> float:
@@ -211,6 +213,8 @@ class Scheduler:
         self.metrics.paused.set(float(pause is not None))
         if now < self._get("backoff_until", 0) or pause or not in_window:
             return None
+        if self.s.interleave.share > 0 and self.interleaving_runs():
+            return None  # no new challenger while one is being judged online
         self.restore_counters(now)
         self.metrics.last_run.set(self._get("last_run_at", 0))  # a restarted scheduler reports the last run too
         self.metrics.last_duration.set(self._get("last_duration_s", 0))
@@ -246,6 +250,23 @@ class Scheduler:
                 lock.release()
             except LockError as e:  # Redis restarted mid-training and forgot the lock: nothing to release
                 log.warning("training lock was lost while training (Redis restarted?): %s", e)
+
+    def interleaving_runs(self) -> bool:
+        """Judges the challenger being interleaved (promotes or withdraws it once the rule decides);
+        True while its experiment goes on."""
+        try:
+            experiment = check_experiment(self.registry, self.labels, self.s.interleave, self.client)
+        except Exception as e:  # MLflow or the label store away: judge at the next check, train nothing meanwhile
+            log.warning("could not judge the interleaving experiment: %s", e)
+            return True
+        if experiment is None:
+            return False
+        if experiment.event is not None:
+            self.publisher.publish(self.s.keys.model_events, experiment.event.model_name, experiment.event)
+            self.publisher.flush(timeout=10)
+        if experiment.running:
+            log.debug("%s", experiment.judgement.describe(experiment.challenger, experiment.champion))
+        return experiment.running
 
     def compact_if_due(self) -> None:
         """Many small files (the stream commits every second or so) make every read slower: compact

@@ -40,6 +40,7 @@ from schemas import (
 from services.config import Settings
 from services.serve.metrics import ServingMetrics
 from services.storage import Caches, Publisher
+from training.interleave import INTERLEAVING, STAGE_TAG, Team, team_draft
 from training.ranking.embedding_cache import EmbeddingCache
 from training.ranking.first_stage import Candidate, FirstStage
 from training.ranking.query import query_key
@@ -99,6 +100,7 @@ class Worker:
         self._cache_down = False
         self.rng = rng or random.Random()
         self.serving = Serving(FIRST_STAGE, None, time.time())
+        self.challenger: Serving | None = None  # interleaved with the champion on `interleave.share` of requests
         self.metrics.serving(FIRST_STAGE)
         self.last_swap_error: str | None = None
         self.load_failures: dict[str, int] = {}
@@ -130,25 +132,17 @@ class Worker:
     def rank(self, req: RankRequest, api_key: str | None = None) -> RankResponse:
         started = time.perf_counter()
         serving = self.serving  # one reference for the whole request: a swap cannot change it midway
-        key = self.keys.results(self.first_stage.version, serving.version, req.k, query_key(req.query))
-        items = self._cache_get(key)
-        hit = items is not None
-        if items is None:
-            # the reranker embeds the query on another core while the first stage retrieves: a miss
-            # costs about one query encoding more than a first-stage miss's wall time, not two
-            embedding = self._query_encoder.submit(serving.reranker.embed_query, req.query) if serving.reranker else None
-            candidates = self.candidates(req.query)
-            ranking = rank(
-                req.query,
-                candidates,
-                serving.reranker,
-                self.first_stage.text,
-                self.s.serving.rerank_depth,
-                query_embedding=embedding.result() if embedding else None,
-            )
-            items = [[doc, score] for doc, score in ranking[: req.k]]
-            self._cache_set(key, items)
-        items, explored = explore(items, self._rng_for(req), self.s.serving.explore_rate, self.s.serving.explore_depth)
+        challenger = self.challenger
+        rng = self._rng_for(req)
+        items, hit = self._ranked(serving, req)
+        teams: list[Team] | None = None
+        if challenger is not None and rng.random() < self.s.interleave.share:
+            theirs, hit_too = self._ranked(challenger, req)
+            items, teams = interleaved(items, theirs, req.k, rng)
+            hit, explored = hit and hit_too, False
+            self.metrics.interleaved.inc()
+        else:
+            items, explored = explore(items, rng, self.s.serving.explore_rate, self.s.serving.explore_depth)
         response = RankResponse(
             request_id=uuid.uuid4().hex,
             model_version=serving.version,
@@ -162,10 +156,14 @@ class Worker:
             query=req.query,
             user=req.user,
             session=req.session,
-            items=[ShownItem(doc_id=it.doc_id, position=it.position, score=it.score) for it in response.items],
+            items=[
+                ShownItem(doc_id=it.doc_id, position=it.position, score=it.score, team=teams[i] if teams else None)
+                for i, it in enumerate(response.items)
+            ],
             model_version=serving.version,
             index_version=self.first_stage.version,
             explored=explored,
+            challenger_version=challenger.version if teams and challenger else None,
             api_key=api_key,
         )
         if self.publisher.publish_later(self.keys.impressions, response.request_id, impression):
@@ -175,6 +173,28 @@ class Worker:
         self.metrics.requests.labels(label).inc()
         self.metrics.latency.labels(label).observe(time.perf_counter() - started)
         return response
+
+    def _ranked(self, serving: Serving, req: RankRequest) -> tuple[list[list], bool]:
+        """One model's top `req.k` as [doc, score] rows, from the results cache when it has them."""
+        key = self.keys.results(self.first_stage.version, serving.version, req.k, query_key(req.query))
+        items = self._cache_get(key)
+        if items is not None:
+            return items, True
+        # the reranker embeds the query on another core while the first stage retrieves: a miss
+        # costs about one query encoding more than a first-stage miss's wall time, not two
+        embedding = self._query_encoder.submit(serving.reranker.embed_query, req.query) if serving.reranker else None
+        candidates = self.candidates(req.query)
+        ranking = rank(
+            req.query,
+            candidates,
+            serving.reranker,
+            self.first_stage.text,
+            self.s.serving.rerank_depth,
+            query_embedding=embedding.result() if embedding else None,
+        )
+        items = [[doc, score] for doc, score in ranking[: req.k]]
+        self._cache_set(key, items)
+        return items, False
 
     def _cache_get(self, key: str) -> Any | None:
         try:
@@ -347,6 +367,36 @@ class Worker:
             log.info("hot-swapped to model version %s", current.version)
             return True
 
+    def check_challenger(self) -> None:
+        """Loads the challenger nominated for interleaving (off the request path, warmed like a
+        champion), and lets it go once the scheduler promoted or withdrew it."""
+        if self.s.interleave.share <= 0:
+            return
+        version = self.registry.challenger()
+        mv = self.registry.get(version) if version else None
+        if mv is None or mv.tags.get(STAGE_TAG) != INTERLEAVING or mv.version == self.serving.version:
+            if self.challenger is not None:
+                log.info("interleaving with version %s ended", self.challenger.version)
+            self.challenger = None
+            return
+        if self.challenger is not None and self.challenger.version == mv.version:
+            return
+        try:
+            reranker = self.load_model(self.registry.fetch(mv), mv.version, self.caches.embeddings)
+            reranker.warm(self.first_stage)
+            rank("warm up", self.candidates("warm up")[:8], reranker, self.first_stage.text, 8)
+        except Exception:  # a challenger that cannot load is not interleaved; the champion serves on
+            self.metrics.swap_failures.inc()
+            log.exception("failed to load challenger version %s; not interleaving", mv.version)
+            return
+        self.challenger = Serving(mv.version, reranker, time.time())
+        log.info(
+            "interleaving version %s with %s on %.0f%% of requests",
+            mv.version,
+            self.serving.version,
+            100 * self.s.interleave.share,
+        )
+
     def _roll_back_broken(self, version: str, error: str) -> None:
         """Tags a champion that keeps failing to load as broken and moves the alias back to the
         previous version, with a model event, so no replica stays behind a model none can load."""
@@ -388,8 +438,8 @@ class Worker:
     def _prune(self, serving: str) -> None:
         """Keeps the local copies of the served version and the one a rollback would bring back."""
         try:
-            previous = self.registry.previous()
-            removed = self.registry.prune({serving, *([previous] if previous else [])})
+            keep = {serving, self.registry.previous(), self.registry.challenger()}
+            removed = self.registry.prune({v for v in keep if v})
         except Exception as e:  # housekeeping must never fail a swap
             log.warning("could not prune old model versions: %s", e)
             return
@@ -400,6 +450,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self.check_champion()
+                self.check_challenger()
             except Exception:  # MLflow away: keep serving what is loaded, swap when it is back
                 log.exception("champion check failed")
             self.champion_checked = True
@@ -419,6 +470,14 @@ class Worker:
     @property
     def stopped(self) -> bool:
         return self._stop.is_set()
+
+
+def interleaved(champion: list[list], challenger: list[list], k: int, rng: random.Random) -> tuple[list[list], list[Team]]:
+    """Team-draft interleaving of two [doc, score] lists: the rows shown, and who put each there.
+    A row keeps the score its own team gave it (scores of two models are not comparable)."""
+    mixed = team_draft([d for d, _ in champion], [d for d, _ in challenger], k, rng)
+    score = {"champion": dict(map(tuple, champion)), "challenger": dict(map(tuple, challenger))}
+    return [[d, score[t][d]] for d, t in zip(mixed.doc_ids, mixed.teams)], mixed.teams
 
 
 def explore(items: list, rng: random.Random, rate: float, depth: int) -> tuple[list, bool]:

@@ -79,3 +79,73 @@ def test_users_differ_per_session_only_when_asked():
     scales = [differ.session_scale(random.Random(s)) for s in range(4000)]
     assert abs(sum(scales) / len(scales) - 1.0) < 0.05
     assert abs(sum((x - 1) ** 2 for x in scales) / len(scales) - 0.6) < 0.1
+
+
+def _interleaved_labels(challenger: str, wins: int, losses: int, ties: int) -> list:
+    """One request per session: a click (positive label) on the winning team's document."""
+    from schemas import LabelledExample
+
+    out = []
+    plan = ["challenger"] * wins + ["champion"] * losses + [None] * ties
+    random.Random(0).shuffle(plan)
+    for n, winner in enumerate(plan):
+        for team in ("champion", "challenger"):
+            grade = 1 if team == winner or winner is None else -1
+            out.append(
+                LabelledExample(
+                    label_id=f"{challenger}-r{n}:{team}", revision=1, request_id=f"{challenger}-r{n}", query="q",
+                    doc_id=f"d-{team}", position=1,
+                    grade=grade, weight=1.0, propensity=1.0, signals=["click"], event_ids=[], model_version="1",
+                    index_version="x", challenger_version=challenger, team=team, timestamp=1000.0 + n,
+                )
+            )  # fmt: skip
+    return out
+
+
+def test_session_outcomes_come_from_labels_of_the_challengers_requests_only():
+    from training.interleave import session_outcomes
+    from training.labels.store import MemoryLabelStore
+
+    df, _ = MemoryLabelStore(_interleaved_labels("2", 3, 1, 2) + _interleaved_labels("9", 5, 0, 0)).read()
+    outcomes = session_outcomes(df, "2")
+    assert len(outcomes) == 6
+    assert (outcomes.count("challenger"), outcomes.count("champion"), outcomes.count(None)) == (3, 1, 2)
+
+
+@pytest.mark.parametrize(("wins", "losses", "verdict", "alias"), [(150, 50, "challenger", "champion"), (50, 150, "champion", None)])
+def test_the_scheduler_promotes_or_withdraws_the_challenger_on_the_verdict(wins, losses, verdict, alias):
+    from services.schedule.interleaving import check_experiment
+    from training.interleave import INTERLEAVING, STAGE_TAG
+    from training.labels.store import MemoryLabelStore
+    from training.registry import MemoryRegistry
+
+    registry = MemoryRegistry()
+    registry.promote(registry.add("/v1"), "first")
+    challenger = registry.add("/v2")
+    registry.nominate(challenger, "gate passed")
+    registry.tag(challenger, STAGE_TAG, INTERLEAVING)
+    cfg = InterleaveConfig(min_sessions=100, max_sessions=400)
+    early = check_experiment(registry, MemoryLabelStore(_interleaved_labels(challenger, 30, 30, 10)), cfg)
+    assert early is not None and early.running and registry.challenger() == challenger  # 70 sessions: no look yet
+    decided = check_experiment(registry, MemoryLabelStore(_interleaved_labels(challenger, wins, losses, 0)), cfg)
+    assert decided is not None and decided.judgement.verdict == verdict and decided.judgement.look == 100
+    assert registry.challenger() is None
+    champion = registry.champion()
+    assert champion is not None and (champion.version == challenger) == (alias == "champion")
+    assert (decided.event is not None) == (verdict == "challenger")
+    assert check_experiment(registry, MemoryLabelStore(), cfg) is None  # nothing left to judge
+
+
+def test_labels_of_an_interleaved_request_say_which_team_showed_the_document():
+    from schemas import ImpressionEvent, InteractionEvent, ShownItem
+    from training.labels.rules import label_request
+
+    imp = ImpressionEvent(
+        request_id="r1", query="q", items=[ShownItem(doc_id="a", position=1, score=1.0, team="challenger"),
+        ShownItem(doc_id="b", position=2, score=0.5, team="champion")], model_version="1", index_version="x",
+        challenger_version="2",
+    )  # fmt: skip
+    click = InteractionEvent(event_id="e1", request_id="r1", doc_id="b", type="click")
+    labels = label_request(imp, [click])
+    assert labels["b"].team == "champion" and labels["b"].grade > 0 and labels["b"].challenger_version == "2"
+    assert labels["a"].team == "challenger" and labels["a"].grade < 0  # shown above the click, skipped

@@ -185,3 +185,37 @@ def test_a_seeded_worker_explores_the_same_requests_the_same_way_whatever_their_
     forward, backward = orders(requests), orders(list(reversed(requests)))
     assert forward == backward
     assert len({tuple(v) for v in forward.values()}) > 1  # some requests were explored
+
+
+def test_a_challenger_nominated_for_interleaving_is_shown_team_drafted_with_the_champion(tiny_first_stage, tiny_model):
+    """The first stage is champion, the tiny model (its memory lifts d7) the challenger: with share 1
+    every ranking mixes both, and the impression says which model put each document where."""
+    from services.config import InterleaveConfig
+    from training.interleave import INTERLEAVING, STAGE_TAG
+
+    s = Settings(serving=ServingSettings(explore_rate=0.0, rerank_depth=8, candidates_k=8), interleave=InterleaveConfig(share=1.0))
+    worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
+    version = worker.registry.add(tiny_model)
+    worker.registry.nominate(version, "passed the gate")
+    worker.check_challenger()
+    assert worker.challenger is None  # nominated for a person's approval only: not interleaved
+    worker.registry.tag(version, STAGE_TAG, INTERLEAVING)
+    worker.check_challenger()
+    assert worker.challenger is not None and worker.challenger.version == version
+    teams_seen = set()
+    for n in range(6):
+        res = worker.rank(RankRequest(query=QUERY, k=4, session=f"s{n}"))
+        assert res.model_version == FIRST_STAGE
+        imp = ImpressionEvent.model_validate_json(worker.publisher.on(worker.keys.impressions)[-1])
+        assert imp.challenger_version == version and not imp.explored
+        teams = [it.team for it in imp.items]
+        assert set(teams) <= {"champion", "challenger"} and abs(teams.count("champion") - teams.count("challenger")) <= 1
+        teams_seen.add(teams[0])
+        if "d7" in [it.doc_id for it in imp.items[:1]]:
+            assert teams[0] == "challenger"  # only the challenger ranks d7 first
+    assert teams_seen == {"champion", "challenger"}  # a coin decides who picks first
+    worker.registry.withdraw(version, "no better")
+    worker.check_challenger()
+    assert worker.challenger is None
+    res = worker.rank(RankRequest(query=QUERY, k=4))
+    assert ImpressionEvent.model_validate_json(worker.publisher.on(worker.keys.impressions)[-1]).challenger_version is None

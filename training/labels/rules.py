@@ -63,6 +63,7 @@ def label_request(
     """
     rules = rules or LabelRules()
     positions = {it.doc_id: it.position for it in impression.items}
+    teams = {it.doc_id: it.team for it in impression.items}
     by_doc: dict[str, list[InteractionEvent]] = {}
     seen: set[str] = set()
     for ev in sorted(interactions, key=lambda e: (e.server_time, e.event_id)):
@@ -101,6 +102,8 @@ def label_request(
             index_version=impression.index_version,
             identity=identity_of(impression.user, impression.session),
             api_keys=api_keys,
+            challenger_version=impression.challenger_version,
+            team=teams[doc_id],
             timestamp=max((e.server_time for e in evs), default=impression.timestamp),  # training slices by it
         )
     return labels

@@ -119,15 +119,18 @@ LABEL_SCHEMA = pa.schema(
         ("index_version", pa.string()),
         ("identity", pa.string()),
         ("api_keys", pa.list_(pa.string())),
+        ("challenger_version", pa.string()),  # added later: a table from before gets the columns on its next write
+        ("team", pa.string()),
         ("timestamp", pa.float64()),
         ("stored_at", pa.float64()),  # when the store wrote the row: compaction's cut
     ]
 )
 TRAINING_COLUMNS = [
     "label_id", "revision", "request_id", "query", "doc_id", "position", "grade", "weight", "propensity",
-    "signals", "identity", "api_keys", "timestamp",
+    "signals", "identity", "api_keys", "timestamp", "challenger_version", "team",
 ]  # fmt: skip
-"""What training, its lineage and purges need: a read leaves the rest (event ids, versions) on disk."""
+"""What training, its lineage, purges and the interleaving tally need: a read leaves the rest (event ids,
+versions) on disk."""
 COMPACTED_AWAY = "rankloop-compacted-away"  # an app transaction: superseded revisions compaction removed, in total
 PURGE_SCHEMA = pa.schema([("purge", pa.string())])
 
@@ -183,6 +186,7 @@ class DeltaLabelStore:
             table if table is not None else self.uri,
             data,
             mode="append",
+            schema_mode="merge",
             commit_properties=commit,
         )
         return True
@@ -219,8 +223,10 @@ class DeltaLabelStore:
         purges = self.purges()
         if table is None:
             return _frame([]), {"location": self.uri, "table_version": None, "labels": 0, "contributions": 0}
-        raw = table.to_pyarrow_table(columns=columns or TRAINING_COLUMNS).to_pandas()
-        df = apply_purges(latest_revisions(raw), purges)
+        wanted = columns or TRAINING_COLUMNS
+        present = {f.name for f in table.schema().fields}  # a table written before a column existed lacks it
+        raw = table.to_pyarrow_table(columns=[c for c in wanted if c in present]).to_pandas()
+        df = apply_purges(latest_revisions(raw.reindex(columns=wanted)), purges)
         lineage = {
             "location": self.uri,
             "format": "delta",

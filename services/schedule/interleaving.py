@@ -1,0 +1,82 @@
+"""The online stage: offline gate -> `challenger` alias -> interleaving on live traffic -> `champion`.
+
+Serving interleaves a nominated challenger (tagged `stage=interleaving`) with the champion on
+`interleave.share` of requests; the stream labels those requests with the team that showed each
+document. Here the scheduler reads the tally from the label table, applies the stopping rule of
+`training.interleave`, logs it on the challenger's MLflow run, and promotes or withdraws the version.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from mlflow import MlflowClient
+
+from schemas import ModelEvent
+from training.config import InterleaveConfig
+from training.interleave import INTERLEAVING, STAGE_TAG, Judgement, judge, session_outcomes
+from training.labels.store import LabelStore
+from training.ranking.rank import FIRST_STAGE
+from training.registry import ModelRegistry
+
+log = logging.getLogger("rankloop.schedule")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """The interleaving experiment in progress, and what was decided at this check."""
+
+    challenger: str
+    champion: str
+    judgement: Judgement
+    event: ModelEvent | None  # set when the challenger was promoted
+
+    @property
+    def running(self) -> bool:
+        return self.judgement.verdict is None
+
+
+def check_experiment(
+    registry: ModelRegistry, labels: LabelStore, cfg: InterleaveConfig, client: MlflowClient | None = None
+) -> Experiment | None:
+    """None while no challenger waits for interleaving (none nominated, or one awaiting a person)."""
+    challenger = registry.challenger()
+    if challenger is None or registry.get(challenger).tags.get(STAGE_TAG) != INTERLEAVING:
+        return None
+    champion = registry.champion()
+    champion_name = f"v{champion.version}" if champion else FIRST_STAGE
+    df, _ = labels.read()
+    judgement = judge(session_outcomes(df, challenger), cfg)
+    summary = judgement.describe(challenger, champion_name)
+    run_id = registry.get(challenger).run_id
+    if client is not None and run_id:
+        _log(client, run_id, judgement, summary)
+    event = None
+    if judgement.verdict == "challenger":
+        event = registry.promote(challenger, summary, actor="interleaving")
+        registry.tag(challenger, STAGE_TAG, "promoted by interleaving")
+    elif judgement.verdict is not None:
+        registry.withdraw(challenger, summary, actor="interleaving")
+        registry.tag(challenger, STAGE_TAG, "withdrawn by interleaving")
+    if judgement.verdict is not None:
+        log.info("%s", summary)
+    return Experiment(challenger, champion_name, judgement, event)
+
+
+def _log(client: MlflowClient, run_id: str, j: Judgement, summary: str) -> None:
+    """The tally on the challenger's run at every look (a curve over sessions) and the verdict as a tag."""
+    if j.verdict is None and client.get_run(run_id).data.tags.get("interleave_look") == str(j.look):
+        return  # nothing new since the last check
+    client.set_tag(run_id, "interleave_look", str(j.look))
+    metrics = {
+        "interleave_sessions": j.sessions,
+        "interleave_wins": j.tally.challenger,
+        "interleave_losses": j.tally.champion,
+        "interleave_ties": j.tally.ties,
+        "interleave_p_value": j.p_value,
+    }
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value), step=j.sessions)
+    client.set_tag(run_id, "interleave_verdict", j.verdict or "running")
+    client.set_tag(run_id, "interleave_summary", summary)
