@@ -112,7 +112,9 @@ def test_session_outcomes_come_from_labels_of_the_challengers_requests_only():
     assert (outcomes.count("challenger"), outcomes.count("champion"), outcomes.count(None)) == (3, 1, 2)
 
 
-@pytest.mark.parametrize(("wins", "losses", "verdict", "alias"), [(150, 50, "challenger", "champion"), (50, 150, "champion", None)])
+@pytest.mark.parametrize(
+    ("wins", "losses", "verdict", "alias"), [(150, 50, "challenger", "champion"), (50, 150, "champion", None)]
+)
 def test_the_scheduler_promotes_or_withdraws_the_challenger_on_the_verdict(wins, losses, verdict, alias):
     from services.schedule.interleaving import check_experiment
     from training.interleave import INTERLEAVING, STAGE_TAG

@@ -190,10 +190,11 @@ def test_a_seeded_worker_explores_the_same_requests_the_same_way_whatever_their_
 def test_a_challenger_nominated_for_interleaving_is_shown_team_drafted_with_the_champion(tiny_first_stage, tiny_model):
     """The first stage is champion, the tiny model (its memory lifts d7) the challenger: with share 1
     every ranking mixes both, and the impression says which model put each document where."""
-    from services.config import InterleaveConfig
+    from training.config import InterleaveConfig
     from training.interleave import INTERLEAVING, STAGE_TAG
 
-    s = Settings(serving=ServingSettings(explore_rate=0.0, rerank_depth=8, candidates_k=8), interleave=InterleaveConfig(share=1.0))
+    serving = ServingSettings(explore_rate=0.0, rerank_depth=8, candidates_k=8)
+    s = Settings(serving=serving, interleave=InterleaveConfig(share=1.0))
     worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
     version = worker.registry.add(tiny_model)
     worker.registry.nominate(version, "passed the gate")
