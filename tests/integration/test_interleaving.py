@@ -1,0 +1,76 @@
+"""The online stage on the real broker, stream, label table and MLflow registry: a nominated
+challenger is interleaved with the champion, users' clicks become team-labelled labels, and the
+scheduler's check promotes it on the verdict, logged on its run."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from services.registry import connect_registry
+from services.schedule.interleaving import check_experiment
+from services.sdk import RankloopClient
+from services.storage import open_labels
+from tests.integration.test_loop import wait_for
+from training.config import InterleaveConfig
+from training.interleave import INTERLEAVING, STAGE_TAG
+from training.ranking.encoder import load_encoder
+from training.ranking.reranker import Mix, save_model_folder
+from training.registry import MlflowRegistry
+
+pytestmark = pytest.mark.integration
+QUERY = "vitamin D and bone density"
+
+
+def test_users_clicks_on_the_challengers_documents_promote_it(stack, tmp_path):
+    s, worker = stack["settings"], stack["worker"]
+    client = RankloopClient(s.base_url)
+    first = client.rank(QUERY, k=10)
+    liked = first.items[-1].doc_id  # what the champion ranks 10th: the challenger's memory puts it first
+    folder = save_model_folder(
+        load_encoder(), tmp_path / "model", Mix(alpha=0.5, beta=2.0, tau=0.5), {QUERY.lower(): {liked: 3.0}}
+    )
+    main = connect_registry(s)  # a registered model of its own: the stack's versions stay as other tests expect
+    registry = MlflowRegistry(main.client, f"{main.name}-interleaving-test", s.versions_dir / "interleaving-test")
+    with mlflow.start_run(run_name="interleaving test") as run:
+        mlflow.log_artifacts(str(folder), "model")
+    version = registry.register(run.info.run_id)
+    registry.nominate(version, "passed the gate (test)")
+    registry.tag(version, STAGE_TAG, INTERLEAVING)
+    champion_before = registry.champion()
+
+    saved, saved_registry = worker.s, worker.registry
+    worker.s = saved.model_copy(update={"interleave": InterleaveConfig(share=1.0)})
+    worker.registry = registry
+    try:
+        worker.check_challenger()
+        assert worker.challenger is not None and worker.challenger.version == version
+        requests = []
+        for n in range(12):
+            ranked = client.rank(QUERY, k=10, session=f"interleave-{n}")
+            assert liked in [it.doc_id for it in ranked.items[:2]]  # the challenger's first pick
+            client.emit([client.event(ranked.request_id, liked, "click")])
+            requests.append(ranked.request_id)
+    finally:
+        worker.s, worker.registry = saved, saved_registry
+        worker.challenger = None
+
+    labels = open_labels(s.label_store_url)
+
+    def team_labels():
+        df, _ = labels.read()
+        rows = df[df["request_id"].isin(requests) & (df["doc_id"] == liked)]
+        return [rows] if len(rows) == len(requests) else None
+
+    (rows,) = wait_for(team_labels, what="labels of the interleaved requests")
+    assert set(rows["team"]) == {"challenger"} and set(rows["challenger_version"]) == {version}
+
+    experiment = check_experiment(registry, labels, InterleaveConfig(min_sessions=10, max_sessions=20), registry.client)
+    assert experiment is not None and experiment.judgement.verdict == "challenger"
+    assert experiment.judgement.tally.challenger == 10 and experiment.event is not None
+    champion = registry.champion()
+    assert champion is not None and champion.version == version and registry.challenger() is None
+    assert champion_before is None and experiment.champion == "first-stage"
+    logged = registry.client.get_run(run.info.run_id).data
+    assert logged.tags["interleave_verdict"] == "challenger" and logged.metrics["interleave_wins"] == 10
+    assert registry.get(version).tags["promoted_by"] == "interleaving"
