@@ -20,6 +20,7 @@ from schemas.errors import DependencyUnavailable, InvalidInput, InvalidState, No
 from schemas.events import (
     ALL_SCHEMAS,
     CLOCK_SKEW_S,
+    FIRST_STAGE,
     MAX_ID_CHARS,
     MAX_QUERY_CHARS,
     SCHEMA_VERSION,
@@ -38,6 +39,7 @@ from schemas.export import export_json_schemas
 __all__ = [
     "ALL_SCHEMAS",
     "CLOCK_SKEW_S",
+    "FIRST_STAGE",
     "MAX_ID_CHARS",
     "MAX_QUERY_CHARS",
     "SCHEMA_VERSION",

@@ -86,7 +86,7 @@ class ModelInfo(BaseModel):
                 {
                     "model_version": "3",
                     "index_version": "a1b2c3d4e5f6",
-                    "mix": {"alpha": 0.75, "beta": 0.5, "tau": 0.5},
+                    "mix": {"alpha": 0.75, "beta": 0.5, "tau": 0.5, "bm25_weight": 0.25},
                     "loaded_at": 1793486011.7,
                     "model_name": "rankloop-reranker",
                     "last_swap_error": None,
@@ -98,7 +98,10 @@ class ModelInfo(BaseModel):
 
     model_version: str
     index_version: str
-    mix: dict[str, float] | None = Field(description="the reranker's score mix; null while the first stage serves")
+    mix: dict[str, float | None] | None = Field(
+        description="the reranker's score mix (bm25_weight: its first-stage fusion, null for the index's); "
+        "null while the first stage serves"
+    )
     loaded_at: float
     model_name: str
     last_swap_error: str | None

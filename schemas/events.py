@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION: Literal[1] = 1
+FIRST_STAGE = "first-stage"
+"""The model version name while no model is champion: the first stage alone serves."""
 MAX_QUERY_CHARS = 2000
 MAX_ID_CHARS = 200
 

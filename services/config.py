@@ -138,6 +138,9 @@ class RetrainSettings(Group):
         description="promote a challenger that passes the gate (off: it waits as `challenger` for `rankloop approve N`)",
     )
     compact_after_files: int = Field(50, ge=1, description="compact the label store after a training once it has this many files")
+    online_metrics_s: float = Field(
+        300.0, gt=0, description="how often the online metrics per version (CTR@10, MRR of clicks, ...) go onto MLflow"
+    )
 
 
 class AuthSettings(Group):

@@ -71,6 +71,10 @@ class Keys:
         """Hash of counts in one minute (unix seconds // 60): events, labels, dead:<code>."""
         return f"{self.deployment}:activity:{minute}"
 
+    def online(self, model_version: str) -> str:
+        """Hash of what users did with one model version's rankings (`services.online.OnlineCounts`)."""
+        return f"{self.deployment}:online:{model_version}"
+
     @property
     def recent_dead_letters(self) -> str:
         """List of the newest dead letters (JSON), capped, for emitters and the status page."""

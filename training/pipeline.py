@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from sentence_transformers import SentenceTransformer
 
-from schemas import ModelEvent
+from schemas import FIRST_STAGE, ModelEvent
 from training import tracking
 from training.config import GateConfig, TrainConfig
 from training.gate import GateResult, decide, decide_clustered
@@ -36,7 +36,7 @@ from training.progress import Progress, silent
 from training.ranking.encoder import load_encoder
 from training.ranking.first_stage import Candidate, FirstStage, fuse
 from training.ranking.query import normalise_query, query_key
-from training.ranking.rank import FIRST_STAGE, Ranking, candidates_for, rank, rank_queries
+from training.ranking.rank import Ranking, candidates_for, rank, rank_queries
 from training.ranking.reranker import Evidence, MemoryEmbeddingCache, Mix, Reranker, save_model_folder, write_meta
 from training.registry import MlflowRegistry
 from training.train import Example, FitStats, build_examples, fit, select_for_training

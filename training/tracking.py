@@ -208,7 +208,7 @@ def describe_version(
     client.update_model_version(model_name, version, description=card)
 
 
-def log_model_entity(run_id: str, name: str, mix: dict[str, float], gate: GateResult) -> str:
+def log_model_entity(run_id: str, name: str, mix: dict[str, float | None], gate: GateResult) -> str:
     """An MLflow 3 logged model for the run (its files stay the run's `model/` folder, which serving
     reads), so the run lists it under "Logged models" and the version can point at it."""
     logged = mlflow.create_external_model(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import typer
 from rich.table import Table
 
-from schemas import DependencyUnavailable, InvalidInput, ModelEvent
+from schemas import FIRST_STAGE, DependencyUnavailable, InvalidInput, ModelEvent
 from services.cli.base import app, console, settings, setup_process
 from services.config import Settings
 
@@ -71,9 +71,29 @@ def _registry_change(change: Callable[..., ModelEvent]) -> None:
 
 @app.command()
 def models() -> None:
-    """List registered versions and their aliases."""
+    """List registered versions, their aliases and stage, and what users did with each one's rankings."""
+    from services.online import OnlineMetrics
+    from services.storage import open_activity
+    from training.interleave import STAGE_TAG
+
     s = settings()
-    t = Table("version", "aliases", "run")
-    for v in _registry(s).versions():
-        t.add_row(v.version, ", ".join(v.aliases), v.run_id or "")
+    activity = open_activity(s.redis_url, s.keys)
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    t = Table("version", "aliases", "stage", "requests", "CTR@10", "MRR clicks", "abandoned", "run")
+    for v in [None, *_registry(s).versions()]:
+        name = v.version if v else FIRST_STAGE
+        try:
+            m = OnlineMetrics.of(activity.online(name))
+        except Exception as e:  # Redis away: the registry's part still shows
+            console.print(f"[yellow]online metrics unavailable: {e}[/]")
+            m, activity = OnlineMetrics.of({}), open_activity("memory://", s.keys)
+        if v is None and not m.requests:
+            continue
+        stage = v.tags.get(STAGE_TAG, "") if v else ""
+        aliases = ", ".join(v.aliases) if v else ""
+        row = (str(m.requests), fmt(m.ctr_at_10), fmt(m.mrr_of_clicks), fmt(m.abandonment))
+        t.add_row(name, aliases, stage, *row, v.run_id or "" if v else "")
     console.print(t)

@@ -21,7 +21,7 @@ import mlflow
 from pydantic import AliasChoices, BaseModel, Field
 from rich.console import Console
 
-from schemas import LabelledExample
+from schemas import FIRST_STAGE, LabelledExample
 from services.config import Settings
 from services.local import infra
 from services.local.progress import ProgressBar
@@ -38,7 +38,7 @@ from training.labels.store import DeltaLabelStore, LabelStore, MemoryLabelStore
 from training.pipeline import TrainOutcome, train_once
 from training.propensity import estimate_examination, read_click_log
 from training.ranking.first_stage import FirstStage, build_index
-from training.ranking.rank import FIRST_STAGE, candidates_for
+from training.ranking.rank import candidates_for
 from training.ranking.reranker import Reranker
 from training.registry import MlflowRegistry
 

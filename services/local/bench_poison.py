@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import Progress
 
+from schemas import FIRST_STAGE
 from services.config import Settings
 from services.local import infra
 from services.local.bench import settle_labels
@@ -49,7 +50,7 @@ from training.evaluate import evaluate_ranker
 from training.labels.store import DeltaLabelStore, Lineage, Purge, describe
 from training.pipeline import TrainOutcome, train_once
 from training.ranking.first_stage import Candidate, FirstStage, build_index
-from training.ranking.rank import FIRST_STAGE, candidates_for, rank
+from training.ranking.rank import candidates_for, rank
 from training.ranking.reranker import Reranker
 from training.registry import MlflowRegistry
 

@@ -11,7 +11,7 @@ import uuid
 from rich.console import Console
 from rich.table import Table
 
-from schemas import DependencyUnavailable
+from schemas import FIRST_STAGE, DependencyUnavailable
 from services.config import Settings
 from services.local import infra
 from services.local.progress import ProgressBar
@@ -25,7 +25,7 @@ from services.storage.kafka import message_count
 from training import beir, self_check
 from training.evaluate import evaluate_ranker
 from training.ranking.first_stage import FirstStage, build_index
-from training.ranking.rank import FIRST_STAGE, candidates_for
+from training.ranking.rank import candidates_for
 from training.ranking.reranker import Reranker
 
 console = Console()

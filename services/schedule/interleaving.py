@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 from mlflow import MlflowClient
 
-from schemas import ModelEvent
+from schemas import FIRST_STAGE, ModelEvent
 from training.config import InterleaveConfig
 from training.interleave import INTERLEAVING, STAGE_TAG, Judgement, judge, session_outcomes
 from training.labels.store import LabelStore
-from training.ranking.rank import FIRST_STAGE
 from training.registry import ModelRegistry
 
 log = logging.getLogger("rankloop.schedule")

@@ -19,11 +19,12 @@ from redis.lock import Lock
 
 from services.config import Settings
 from services.observability import serve_metrics
+from services.online import OnlineMetrics
 from services.registry import connect_registry
 from services.schedule import control
 from services.schedule.control import ScheduleStatus
 from services.schedule.interleaving import check_experiment
-from services.storage import Publisher, open_labels, open_publisher
+from services.storage import Publisher, open_activity, open_labels, open_publisher
 from services.storage.health import require
 from services.storage.kafka import read_topic
 from training.labels.rules import identity_of
@@ -176,6 +177,8 @@ class Scheduler:
         self.registry = connect_registry(s)
         self.client = self.registry.client
         self.metrics = ScheduleMetrics(s.metrics_host, s.retrain.metrics_port)
+        self.activity = open_activity(s.redis_url, s.keys)
+        self.online_written = 0.0
 
     def _get(self, field: str, default: float) -> float:
         value = self.redis.hget(self.s.keys.train_state, field)
@@ -201,8 +204,25 @@ class Scheduler:
     def status(self) -> ScheduleStatus:
         return schedule_status(self.s, self.redis, self.labels, self.client)
 
+    def record_online_metrics(self, now: float) -> None:
+        """Every `retrain.online_metrics_s`: what users did with each version's rankings (counted by
+        the stream in Redis) as tags on its MLflow model version, beside the offline gate's figures."""
+        if now - self.online_written < self.s.retrain.online_metrics_s:
+            return
+        self.online_written = now
+        try:
+            for v in self.registry.versions():
+                m = OnlineMetrics.of(self.activity.online(v.version))
+                if m.requests and m.requests != int(float(v.tags.get("online_requests", -1))):
+                    tags = {f"online_{k}": "" if x is None else str(x) for k, x in m.model_dump().items()}
+                    for key, value in tags.items():
+                        self.registry.tag(v.version, key, value)
+        except Exception as e:  # Redis or MLflow away: written at a later check
+            log.warning("online metrics not written to the model versions: %s", e)
+
     def tick(self) -> TrainOutcome | None:
         now = time.time()
+        self.record_online_metrics(now)
         in_window = control.in_windows(self.s.retrain.windows, now)
         self.metrics.in_window.set(float(in_window))
         try:

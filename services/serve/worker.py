@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from schemas import (
+    FIRST_STAGE,
     MAX_ID_CHARS,
     DependencyUnavailable,
     ImpressionEvent,
@@ -44,7 +45,7 @@ from training.interleave import INTERLEAVING, STAGE_TAG, Team, team_draft
 from training.ranking.embedding_cache import EmbeddingCache
 from training.ranking.first_stage import Candidate, FirstStage
 from training.ranking.query import query_key
-from training.ranking.rank import FIRST_STAGE, rank
+from training.ranking.rank import rank
 from training.ranking.reranker import Reranker
 from training.registry import ModelRegistry
 

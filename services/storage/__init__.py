@@ -60,6 +60,12 @@ class Activity(Protocol):
     def dead_letters(self, limit: int = 10_000) -> list[dict]:
         """The newest dead letters, newest first."""
 
+    def count_online(self, counts: dict[str, dict[str, float]]) -> None:
+        """Adds per model version counts of what users did with its rankings (`services.online`)."""
+
+    def online(self, version: str) -> dict[str, float]:
+        """A version's online counts so far."""
+
 
 class Publisher(Protocol):
     """Events onto topics (see `kafka.KafkaPublisher`)."""

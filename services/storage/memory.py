@@ -109,6 +109,14 @@ class MemoryActivity:
     def __init__(self) -> None:
         self.by_minute: dict[int, Counter[str]] = {}
         self.dead: list[dict] = []
+        self.by_version: dict[str, Counter[str]] = {}
+
+    def count_online(self, counts: dict[str, dict[str, float]]) -> None:
+        for version, fields in counts.items():
+            self.by_version.setdefault(version, Counter()).update(fields)
+
+    def online(self, version: str) -> dict[str, float]:
+        return dict(self.by_version.get(version, {}))
 
     def count(self, counts: dict[str, int], at: float | None = None) -> None:
         self.by_minute.setdefault(int((at or time.time()) // 60), Counter()).update(counts)

@@ -174,6 +174,21 @@ class RedisActivity:
             raise DependencyUnavailable(f"redis: {e}") from e
         return [(m, {k.decode(): int(v) for k, v in row.items()}) for m, row in zip(span, rows)]
 
+    def count_online(self, counts: dict[str, dict[str, float]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for version, fields in counts.items():
+            for field, n in fields.items():
+                if n:
+                    pipe.hincrbyfloat(self.keys.online(version), field, n)
+        try:
+            pipe.execute()
+        except RedisError as e:
+            log.warning("online counts not recorded: %s", e)
+
+    def online(self, version: str) -> dict[str, float]:
+        raw = self.redis.hgetall(self.keys.online(version))
+        return {k.decode(): float(v) for k, v in raw.items()}  # type: ignore[union-attr]
+
     def keep_dead_letters(self, dead: list[dict]) -> None:
         if not dead:
             return

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from schemas import DeadLetter, LabelledExample
 from services.config import Settings
 from services.observability import serve_metrics
+from services.online import request_counts
 from services.storage import open_activity, open_labels
 from services.storage.kafka import topic_id
 from services.stream.join import Burst, ClickBursts, ExpiryIndex, RequestState, step, sweep
@@ -87,6 +88,13 @@ class StreamMetrics:
         self.labels = Counter("rankloop_stream_labels", "labels (revisions) emitted", registry=r)
         self.dead_letters = Counter("rankloop_stream_dead_letters", "dead letters by reason", ["code"], registry=r)
         self.bursts = Counter("rankloop_click_bursts", "identities found sending a click burst (quarantined)", registry=r)
+        self.online = Counter(
+            "rankloop_online",
+            "what users did with a model version's rankings, counted when a request is forgotten (services.online): "
+            "requests, clicked_top_k, first_click_rr, abandoned, cites, citations_deleted, purchases, returns",
+            ["version", "count"],
+            registry=r,
+        )
         serve_metrics(r, host, port, "stream")
 
 
@@ -119,6 +127,7 @@ def create_app(s: Settings) -> faust.App:
     joined: dict[tuple[str, int], int] = {}  # (topic, partition) -> the last offset joined, for the lag
     clock: dict[int, float] = {}  # partition -> the broker time of the latest message joined in it
     counts: defaultdict[str, int] = defaultdict(int)  # for the status page, written to Redis every REPORT_S
+    online: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))  # per model version
     live: dict[str, RequestState] = {}  # the states of this worker's requests as objects: no parse per message
     deadlines = ExpiryIndex()  # when each request may next be forgotten, per partition: no table scan
     stored = StoredOffsets(s.kafka.address, store)
@@ -264,6 +273,11 @@ def create_app(s: Settings) -> faust.App:
             forget, letters = sweep(state, now, window, keys.interactions, rules)
             dead += letters
             if forget:
+                if per_version := request_counts(state):  # what users did with the version's ranking
+                    version, seen = per_version
+                    for name, n in seen.items():
+                        online[version][name] += n
+                        metrics.online.labels(version, name).inc(n)
                 live.pop(key, None)
                 forgotten.add(key)
                 if key in requests:
@@ -300,6 +314,9 @@ def create_app(s: Settings) -> faust.App:
         if counts:
             activity.count(dict(counts))
             counts.clear()
+        if online:
+            activity.count_online({version: dict(c) for version, c in online.items()})
+            online.clear()
         await measure_lag()
 
     return app

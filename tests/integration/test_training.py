@@ -120,6 +120,19 @@ def test_the_schedulers_counters_are_rebuilt_from_mlflow_when_redis_lost_them(st
     assert abs(scheduler._get("last_time", 0) - run.info.end_time / 1000) < 1
 
 
+def test_online_metrics_of_a_version_reach_its_mlflow_tags(stack, trained):
+    """What the stream counted in Redis for a version goes onto the model version at the next check."""
+    from services.schedule.scheduler import Scheduler
+
+    s = stack["settings"]
+    registry, outcome = trained
+    scheduler = Scheduler(s)
+    scheduler.activity.count_online({outcome.version: {"requests": 4, "clicked_top_k": 3, "first_click_rr": 2.5, "abandoned": 1}})
+    scheduler.record_online_metrics(time.time())
+    tags = registry.client.get_model_version(registry.name, outcome.version).tags
+    assert float(tags["online_requests"]) >= 4 and tags["online_ctr_at_10"] and tags["online_abandonment"]
+
+
 def test_the_status_page_renders_in_headless_chromium(stack, trained, tmp_path):
     """The page an operator opens, in a real browser: the served version, the trainings, charts."""
     import subprocess

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 
-from schemas import DependencyUnavailable, ImpressionEvent, RankRequest
+from schemas import FIRST_STAGE, DependencyUnavailable, ImpressionEvent, RankRequest
 from services.config import ServingSettings, Settings
 from services.serve.worker import Worker
 from services.storage.memory import MemoryPublisher, memory_caches
-from training.ranking.rank import FIRST_STAGE, rank
+from training.ranking.rank import rank
 from training.registry import MemoryRegistry
 
 QUERY = "does vitamin D prevent fractures"
@@ -220,3 +220,18 @@ def test_a_challenger_nominated_for_interleaving_is_shown_team_drafted_with_the_
     assert worker.challenger is None
     res = worker.rank(RankRequest(query=QUERY, k=4))
     assert ImpressionEvent.model_validate_json(worker.publisher.on(worker.keys.impressions)[-1]).challenger_version is None
+
+
+def test_model_info_shows_a_served_versions_mix_with_its_fusion(tiny_first_stage, tiny_model, tmp_path):
+    """A mix with the index's own fusion has bm25_weight null: /model must still answer (it was a 500)."""
+    from fastapi.testclient import TestClient
+
+    from services.serve.app import create_app
+
+    s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0))
+    worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
+    worker.registry.promote(worker.registry.add(tiny_model), "test")
+    assert worker.check_champion()
+    with TestClient(create_app(s, worker, watch_events=False)) as client:
+        r = client.get("/model")
+    assert r.status_code == 200 and r.json()["mix"] == {"alpha": 0.5, "beta": 2.0, "tau": 0.5, "bm25_weight": None}

@@ -10,9 +10,6 @@ import numpy as np
 from training.ranking.first_stage import Candidate, FirstStage, fuse
 from training.ranking.reranker import Features, Mix, Reranker
 
-FIRST_STAGE = "first-stage"
-"""The version name served while no model is champion."""
-
 Ranking = list[tuple[str, float]]
 """(doc_id, score), best first."""
 

@@ -46,7 +46,7 @@ class Mix:
     tau: float = 0.5
     bm25_weight: float | None = None
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | None]:
         return asdict(self)
 
 
