@@ -154,11 +154,12 @@ class Judgement:
 
     def describe(self, challenger: str, champion: str) -> str:
         t = self.tally
-        said = {None: "undecided", "challenger": "challenger better", "champion": "champion better"}
-        return (
-            f"interleaving v{challenger} vs {champion}: {said.get(self.verdict, self.verdict)} after {t.sessions} sessions "
-            f"({t.challenger} won / {t.champion} lost / {t.ties} tied, p={self.p_value:.3g})"
-        )
+        counts = f"{t.challenger} won / {t.champion} lost / {t.ties} tied, p={self.p_value:.3g}"
+        if self.verdict is None:
+            last = f"at the look of {self.look}: {counts}" if self.look else "no look yet"
+            return f"interleaving v{challenger} vs {champion}: undecided after {self.sessions} sessions ({last})"
+        said = {"challenger": "challenger better", "champion": "champion better", "no difference": "no difference"}
+        return f"interleaving v{challenger} vs {champion}: {said[self.verdict]} after {t.sessions} sessions ({counts})"
 
 
 def judge(outcomes: Sequence[Team | None], cfg: InterleaveConfig) -> Judgement:

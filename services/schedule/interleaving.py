@@ -36,17 +36,26 @@ class Experiment:
         return self.judgement.verdict is None
 
 
-def check_experiment(
-    registry: ModelRegistry, labels: LabelStore, cfg: InterleaveConfig, client: MlflowClient | None = None
-) -> Experiment | None:
-    """None while no challenger waits for interleaving (none nominated, or one awaiting a person)."""
+def current_experiment(registry: ModelRegistry, labels: LabelStore, cfg: InterleaveConfig) -> Experiment | None:
+    """The experiment as it stands, judged but not acted on (what `rankloop schedule status` shows);
+    None while no challenger waits for interleaving (none nominated, or one awaiting a person)."""
     challenger = registry.challenger()
     if challenger is None or registry.get(challenger).tags.get(STAGE_TAG) != INTERLEAVING:
         return None
     champion = registry.champion()
-    champion_name = f"v{champion.version}" if champion else FIRST_STAGE
     df, _ = labels.read()
     judgement = judge(session_outcomes(df, challenger), cfg)
+    return Experiment(challenger, f"v{champion.version}" if champion else FIRST_STAGE, judgement, None)
+
+
+def check_experiment(
+    registry: ModelRegistry, labels: LabelStore, cfg: InterleaveConfig, client: MlflowClient | None = None
+) -> Experiment | None:
+    """The experiment judged and acted on: the challenger promoted or withdrawn once the rule decides."""
+    found = current_experiment(registry, labels, cfg)
+    if found is None:
+        return None
+    challenger, champion_name, judgement = found.challenger, found.champion, found.judgement
     summary = judgement.describe(challenger, champion_name)
     run_id = registry.get(challenger).run_id
     if client is not None and run_id:

@@ -23,7 +23,7 @@ from services.online import OnlineMetrics
 from services.registry import connect_registry
 from services.schedule import control
 from services.schedule.control import ScheduleStatus
-from services.schedule.interleaving import check_experiment
+from services.schedule.interleaving import check_experiment, current_experiment
 from services.storage import Publisher, open_activity, open_labels, open_publisher
 from services.storage.health import require
 from services.storage.kafka import read_topic
@@ -32,6 +32,7 @@ from training.labels.store import LabelStore
 from training.pipeline import TrainOutcome, train_once
 from training.propensity import estimate_examination
 from training.ranking.first_stage import FirstStage
+from training.registry import MlflowRegistry
 
 log = logging.getLogger("rankloop.schedule")
 
@@ -347,6 +348,11 @@ def schedule_status(s: Settings, redis: Redis, labels: LabelStore, client: Mlflo
         why = f"backing off after a failure until {time.strftime('%H:%M:%S', time.gmtime(backoff))} UTC"
     else:
         why = should_train(labels_now, at_last, number("last_time") or now, now, s).why
+    if s.interleave.share > 0 and not pause:
+        registry = MlflowRegistry(client, s.keys.model_name, s.versions_dir)
+        experiment = current_experiment(registry, labels, s.interleave)
+        if experiment is not None:
+            why = experiment.judgement.describe(experiment.challenger, experiment.champion) + "; no training meanwhile"
     return ScheduleStatus(
         paused=pause,
         windows=s.retrain.windows,

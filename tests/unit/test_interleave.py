@@ -151,3 +151,13 @@ def test_labels_of_an_interleaved_request_say_which_team_showed_the_document():
     labels = label_request(imp, [click])
     assert labels["b"].team == "champion" and labels["b"].grade > 0 and labels["b"].challenger_version == "2"
     assert labels["a"].team == "challenger" and labels["a"].grade < 0  # shown above the click, skipped
+
+
+def test_an_undecided_experiment_says_how_far_it_got():
+    from training.interleave import judge
+
+    cfg = InterleaveConfig(min_sessions=100, max_sessions=400)
+    assert "undecided after 60 sessions (no look yet)" in judge(["challenger"] * 60, cfg).describe("3", "v2")
+    j = judge(["challenger", "champion"] * 60, cfg)
+    assert j.verdict is None and j.look == 100
+    assert "undecided after 120 sessions (at the look of 100: 50 won / 50 lost / 0 tied" in j.describe("3", "v2")
