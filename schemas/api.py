@@ -102,6 +102,9 @@ class ModelInfo(BaseModel):
         description="the reranker's score mix (bm25_weight: its first-stage fusion, null for the index's); "
         "null while the first stage serves"
     )
+    unfamiliar_mix: dict[str, float | None] | None = Field(
+        None, description="the mix for queries unlike any users gave feedback on; null: `mix` for every query"
+    )
     loaded_at: float
     model_name: str
     last_swap_error: str | None

@@ -49,7 +49,7 @@ def evaluate_first_stage_parts(ds: Dataset, split: str, candidates: dict[str, li
     return out
 
 
-DESIGNS: dict[str, Callable[[Mix], Mix]] = {  # the served mix -> the mix of each design
+DESIGNS: dict[str, Callable[[Mix], Mix]] = {  # a served mix -> the mix of each design
     "learned first stage (fusion only)": lambda m: replace(m, alpha=0.0, beta=0.0),
     "bi-encoder + first stage (no memory)": lambda m: replace(m, alpha=m.alpha if m.alpha > 0 else 0.5, beta=0.0),
     "first stage + feedback memory (no bi-encoder)": lambda m: replace(m, alpha=0.0, beta=m.beta if m.beta > 0 else 0.5),
@@ -61,9 +61,13 @@ def evaluate_designs(
     ds: Dataset, split: str, candidates: dict[str, list[Candidate]], reranker: Reranker, text: Callable[[str], str], depth: int
 ) -> dict[str, dict]:
     """The served model against its own parts: where does the lift come from? A part the served
-    model switched off is evaluated at weight 0.5; the weights used are recorded."""
+    model switched off is evaluated at weight 0.5; each design applies to the familiar and the
+    unfamiliar mix alike and routes queries as serving does; the weights used are recorded."""
     out = {}
     for name, design in DESIGNS.items():
-        mix = design(reranker.mix)
-        out[name] = {"weights": mix.as_dict(), **evaluate_ranker(ds, split, candidates, reranker, text, depth, mix)}
+        familiar = design(reranker.mix)
+        unfamiliar = design(reranker.unfamiliar_mix) if reranker.unfamiliar_mix else None
+        variant = reranker.with_mix(familiar, unfamiliar)
+        weights = {**familiar.as_dict(), "unfamiliar": unfamiliar.as_dict() if unfamiliar else None}
+        out[name] = {"weights": weights, **evaluate_ranker(ds, split, candidates, variant, text, depth)}
     return out

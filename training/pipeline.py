@@ -37,7 +37,15 @@ from training.ranking.encoder import load_encoder
 from training.ranking.first_stage import Candidate, FirstStage, fuse
 from training.ranking.query import normalise_query, query_key
 from training.ranking.rank import Ranking, candidates_for, rank, rank_queries
-from training.ranking.reranker import Evidence, MemoryEmbeddingCache, Mix, Reranker, save_model_folder, write_meta
+from training.ranking.reranker import (
+    FAMILIAR_AT,
+    Evidence,
+    MemoryEmbeddingCache,
+    Mix,
+    Reranker,
+    save_model_folder,
+    write_meta,
+)
 from training.registry import MlflowRegistry
 from training.train import Example, FitStats, build_examples, fit, select_for_training
 
@@ -97,6 +105,17 @@ class Fitted:
 class Tuned:
     mix: Mix
     grid: dict[Mix, float]
+
+
+@dataclass(frozen=True)
+class TunedMixes:
+    """The familiar mix (queries near ones with feedback) and the unfamiliar one (the rest)."""
+
+    familiar: Tuned
+    unfamiliar: Mix
+    unfamiliar_grid: dict[Mix, float]  # empty when too few unfamiliar tune queries: the safe mix then
+    familiar_queries: int
+    unfamiliar_queries: int
 
 
 @dataclass(frozen=True)
@@ -211,6 +230,29 @@ def tune_mix(reranker: Reranker, feedback: list[QueryFeedback], candidates: Cand
     return Tuned(max(grid, key=lambda m: grid[m]), grid)
 
 
+SAFE_MIX = Mix(0.0)  # the first stage as the index fuses it: what a query no feedback resembles gets untuned
+
+
+def tune_mixes(
+    reranker: Reranker, feedback: list[QueryFeedback], candidates: Candidates, text: Text, depth: int, min_queries: int
+) -> TunedMixes:
+    """Tunes a mix on the tune slice's familiar queries (`FAMILIAR_AT`) and one on its unfamiliar
+    ones; with fewer than `min_queries` unfamiliar ones (a few head queries make all the traffic)
+    nothing says how the model does away from them, and unfamiliar queries get `SAFE_MIX`."""
+    near = {fb.query: reranker.familiarity(reranker.embed_query(fb.query)) >= FAMILIAR_AT for fb in feedback}
+    familiar = [fb for fb in feedback if near[fb.query]]
+    unfamiliar = [fb for fb in feedback if not near[fb.query]]
+    tuned = tune_mix(reranker, familiar or feedback, candidates, text, depth)
+    other = tune_mix(reranker, unfamiliar, candidates, text, depth) if len(unfamiliar) >= min_queries else None
+    return TunedMixes(
+        tuned,
+        other.mix if other else SAFE_MIX,
+        other.grid if other else {},
+        len(familiar),
+        len(unfamiliar),
+    )
+
+
 def compare_on_feedback(
     champion: Reranker | None,
     challenger: Reranker,
@@ -320,8 +362,8 @@ class Learner:
     selection: dict[str, int]
     fitted: Fitted
     folder: Path
-    tuned: Tuned
-    reranker: Reranker  # under the tuned mix
+    mixes: TunedMixes
+    reranker: Reranker  # under the tuned mixes
     held_out: float = 0.0  # NDCG@10 on the tune slice's clicks, the yardstick both modes share
 
 
@@ -334,6 +376,7 @@ def learn(
     folder: Path,
     depth: int,
     cfg: TrainConfig,
+    min_queries: int,
     progress: Progress = silent,
 ) -> Learner:
     """Fits, saves (with its document embeddings, so serving swaps to it warm) and tunes one challenger."""
@@ -342,7 +385,8 @@ def learn(
     fitted = fit_challenger(examples, incumbent, first_stage.text, cfg, progress)
     save_model_folder(fitted.model, folder, Mix(1.0), slices.memory())
     draft = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage, progress=progress)
-    tuned = tune_mix(draft, slices.tune, candidates, first_stage.text, depth)
+    mixes = tune_mixes(draft, slices.tune, candidates, first_stage.text, depth, min_queries)
+    tuned = mixes.familiar
     write_meta(
         folder,
         tuned.mix,
@@ -352,9 +396,11 @@ def learn(
             "warm_start": incumbent.version,
             "rerank_depth": depth,
             "debias": mode,
+            "familiar_at": FAMILIAR_AT,
         },
+        unfamiliar=mixes.unfamiliar,
     )
-    return Learner(mode, slices, examples, selection, fitted, folder, tuned, draft.with_mix(tuned.mix))
+    return Learner(mode, slices, examples, selection, fitted, folder, mixes, draft.with_mix(tuned.mix, mixes.unfamiliar))
 
 
 def binary(feedback: list[QueryFeedback]) -> list[QueryFeedback]:
@@ -408,13 +454,17 @@ def train_once(
         mlflow.start_run(run_name=f"challenger-{time.strftime('%Y%m%d-%H%M%S')}") as run,
         tempfile.TemporaryDirectory(dir=work_dir) as tmp,
     ):
-        learners = [learn(m, per_mode[m], incumbent, candidates, first_stage, Path(tmp) / m, depth, cfg, progress) for m in modes]
+        learners = [
+            learn(m, per_mode[m], incumbent, candidates, first_stage, Path(tmp) / m, depth, cfg, gate.min_queries, progress)
+            for m in modes
+        ]
         yardstick = binary(per_mode[modes[0]].tune)
         for learner in learners:  # both modes judged on the same held-out clicks, weighted by neither
             rankings = rank_queries([fb.query for fb in yardstick], candidates, learner.reranker, text, depth)
             learner.held_out = float(np.mean(list(_feedback_ndcg(yardstick, rankings).values()) or [0.0]))
         chosen = max(learners, key=lambda c: c.held_out)  # a tie keeps the first (naive: fewer assumptions)
-        slices, examples, selection, tuned, folder = chosen.slices, chosen.examples, chosen.selection, chosen.tuned, chosen.folder
+        slices, examples, selection, folder = chosen.slices, chosen.examples, chosen.selection, chosen.folder
+        tuned = chosen.mixes.familiar
         tracking.log_inputs(
             df,
             registry.name,
@@ -432,7 +482,7 @@ def train_once(
         mlflow.log_metrics({f"{k}_top10_identity_share": v for k, v in slices.top_identity_share.items()})
         mlflow.set_tag("champion_at_start", incumbent.version or FIRST_STAGE)
         tracking.log_fit(chosen.fitted.stats, chosen.fitted.seconds)
-        tracking.log_tuning(tuned.grid, tuned.mix, len(slices.memory()))
+        tracking.log_tuning(chosen.mixes, len(slices.memory()))
         challenger = chosen.reranker
         report = run_gate(incumbent.reranker, challenger, slices, candidates, text, depth, gate)
         changes = tracking.log_gate(slices.gate, report, slices.rules)
@@ -450,7 +500,7 @@ def train_once(
                 identity_share=slices.top_identity_share,
                 trained_until=slices.trained_until,
                 changes=changes,
-                mix=tuned.mix.as_dict(),
+                mix={**tuned.mix.as_dict(), "unfamiliar": chosen.mixes.unfamiliar.as_dict()},
                 depth=depth,
                 debias={c.mode: c.held_out for c in learners} if len(learners) > 1 else None,
             )

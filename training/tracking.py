@@ -37,7 +37,7 @@ EXAMPLE_INPUT = pd.DataFrame(
 )
 
 if TYPE_CHECKING:
-    from training.pipeline import GateReport
+    from training.pipeline import GateReport, TunedMixes
 
 MODEL_NAME_TAG = "rankloop.model_name"
 DATASET_COLUMNS = ("label_id", "revision", "request_id", "query", "doc_id", "position", "grade", "timestamp", "identity")
@@ -107,12 +107,28 @@ def log_fit(stats: FitStats, seconds: float) -> None:
     mlflow.log_metrics({"train_loss_first": stats.loss_first, "train_loss_last": stats.loss_last, "train_seconds": seconds})
 
 
-def log_tuning(grid: dict[Mix, float], chosen: Mix, memory_queries: int) -> None:
-    mlflow.log_dict(
-        {f"alpha={m.alpha} beta={m.beta} tau={m.tau} bm25_weight={m.bm25_weight}": v for m, v in grid.items()}, "tune_grid.json"
+def log_tuning(mixes: TunedMixes, memory_queries: int) -> None:
+    """Both grids, both chosen mixes, and how many tune queries each was chosen on."""
+
+    def named(grid: dict[Mix, float]) -> dict[str, float]:
+        return {f"alpha={m.alpha} beta={m.beta} tau={m.tau} bm25_weight={m.bm25_weight}": v for m, v in grid.items()}
+
+    chosen = mixes.familiar.mix
+    mlflow.log_dict({"familiar": named(mixes.familiar.grid), "unfamiliar": named(mixes.unfamiliar_grid)}, "tune_grid.json")
+    mlflow.log_params(
+        {
+            **chosen.as_dict(),
+            **{f"unfamiliar_{k}": v for k, v in mixes.unfamiliar.as_dict().items()},
+            "memory_queries": memory_queries,
+        }
     )
-    mlflow.log_params({**chosen.as_dict(), "memory_queries": memory_queries})
-    mlflow.log_metric("tune_ndcg10", grid[chosen])
+    mlflow.log_metrics(
+        {
+            "tune_ndcg10": mixes.familiar.grid[chosen],
+            "tune_familiar_queries": mixes.familiar_queries,
+            "tune_unfamiliar_queries": mixes.unfamiliar_queries,
+        }
+    )
 
 
 def log_gate(feedback: list[QueryFeedback], report: GateReport, rules: LabelRules) -> list[QueryChange]:

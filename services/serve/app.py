@@ -355,6 +355,7 @@ def create_app(s: Settings, worker: Worker | None = None, watch_events: bool = T
             model_version=sv.version,
             index_version=w.first_stage.version,
             mix=sv.reranker.mix.as_dict() if sv.reranker else None,
+            unfamiliar_mix=sv.reranker.unfamiliar_mix.as_dict() if sv.reranker and sv.reranker.unfamiliar_mix else None,
             loaded_at=sv.loaded_at,
             model_name=s.keys.model_name,
             last_swap_error=w.last_swap_error,

@@ -91,3 +91,34 @@ def test_tuning_learns_the_fusion_when_one_part_is_better(tiny_first_stage, tiny
     assert tuned.mix.bm25_weight in (0.75, 1.0)
     assert tuned.grid[tuned.mix] == 1.0
     assert max(v for m, v in tuned.grid.items() if m.bm25_weight is None) < 1.0
+
+
+def test_a_query_unlike_any_with_feedback_is_served_with_the_unfamiliar_mix(tiny_first_stage, tiny_model):
+    """The memory knows one query; a paraphrase-close query gets the familiar mix (the memory lifts d7),
+    an unrelated one the unfamiliar mix (here the first stage as indexed)."""
+    from training.pipeline import SAFE_MIX
+    from training.ranking.rank import first_stage_order
+
+    reranker = Reranker(tiny_model, "1").with_mix(Mix(0.5, 2.0, 0.5), SAFE_MIX)
+    near, far = QUERY, "how do antibiotics change gut bacteria"
+    assert reranker.familiarity(reranker.embed_query(near)) > 0.95 > reranker.familiarity(reranker.embed_query(far))
+    assert rank(near, tiny_first_stage.search(near, 8), reranker, tiny_first_stage.text, 8)[0][0] == "d7"
+    far_cands = tiny_first_stage.search(far, 8)
+    assert [d for d, _ in rank(far, far_cands, reranker, tiny_first_stage.text, 8)] == [
+        d for d, _ in first_stage_order(far_cands)
+    ]
+
+
+def test_too_few_unfamiliar_tune_queries_leave_them_the_safe_mix(tiny_first_stage, tiny_model):
+    from training.labels.feedback import QueryFeedback
+    from training.pipeline import SAFE_MIX, tune_mixes
+
+    reranker = Reranker(tiny_model, "1")
+    far = "how do antibiotics change gut bacteria"
+    feedback = [QueryFeedback(QUERY, {"d1": 1.0}), QueryFeedback(far, {"d5": 1.0})]
+    cands = {q: tiny_first_stage.search(q, 8) for q in (QUERY, far)}
+    mixes = tune_mixes(reranker, feedback, cands, tiny_first_stage.text, 8, min_queries=2)
+    assert (mixes.familiar_queries, mixes.unfamiliar_queries) == (1, 1)
+    assert mixes.unfamiliar == SAFE_MIX and mixes.unfamiliar_grid == {}
+    tuned = tune_mixes(reranker, feedback, cands, tiny_first_stage.text, 8, min_queries=1)
+    assert tuned.unfamiliar_grid  # enough of them: tuned on them

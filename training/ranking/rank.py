@@ -31,11 +31,14 @@ def rank(
     """What a user is shown: the reranker's order of the top `depth` candidates, then the first-stage
     tail. `mix` overrides the model's own (tuning, design comparisons); `features` of the head, when
     already computed, are reused (tuning scores one set of features under many mixes), and so is the
-    reranker's `query_embedding` (serving computes it alongside the first stage). A mix with its own
-    fusion re-orders the candidates first, so it also picks which of them the reranker sees."""
+    reranker's `query_embedding` (serving computes it alongside the first stage). Without `mix` the
+    version picks its own by the query's familiarity (`Reranker.mix_for`). A mix with its own fusion
+    re-orders the candidates first, so it also picks which of them the reranker sees."""
     if reranker is None:
         return first_stage_order(candidates)
-    mix = mix or reranker.mix
+    if mix is None:
+        query_embedding = query_embedding if query_embedding is not None else reranker.embed_query(query)
+        mix = reranker.mix_for(query_embedding)
     if mix.bm25_weight is not None:
         candidates = fuse(candidates, mix.bm25_weight)
     head = features if features is not None else reranker.features(query, candidates[:depth], text, query_embedding)
