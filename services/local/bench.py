@@ -232,7 +232,8 @@ def _run(
 
     t = time.time()
     sky_registry = side_registry("skyline")
-    sky = retrain_side(sky_registry, MemoryLabelStore(_qrels_labels(ds, train_split, fs.version)), fs, s, depth)
+    naive = s.model_copy(update={"train": s.train.model_copy(update={"debias": "naive"})})  # qrels have no position bias
+    sky = retrain_side(sky_registry, MemoryLabelStore(_qrels_labels(ds, train_split, fs.version)), fs, naive, depth)
     skyline, skyline_train = evaluate(load(sky_registry, str(sky.version)))
     timings["skyline_s"] = time.time() - t
     console.print(f"skyline (train qrels): {skyline['ndcg@10']:.4f}")
