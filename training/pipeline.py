@@ -13,7 +13,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -214,11 +214,18 @@ def _feedback_ndcg(feedback: list[QueryFeedback], rankings: dict[str, Ranking]) 
     return per_query(qrels, run, "ndcg@10")
 
 
-def tune_mix(reranker: Reranker, feedback: list[QueryFeedback], candidates: Candidates, text: Text, depth: int) -> Tuned:
+def tune_mix(
+    reranker: Reranker,
+    feedback: list[QueryFeedback],
+    candidates: Candidates,
+    text: Text,
+    depth: int,
+    fusions: list[float | None] = FUSIONS,
+) -> Tuned:
     """Mean NDCG@10 on the tune slice for every mix, the first stage's fusion included (ties go to the
-    index's own fusion); the head's features are computed once per query and fusion."""
+    first fusion listed); the head's features are computed once per query and fusion."""
     grid: dict[Mix, float] = {}
-    for fusion in FUSIONS:
+    for fusion in fusions:
         heads = {fb.query: candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion) for fb in feedback}
         feats = [(fb, reranker.features(fb.query, heads[fb.query][:depth], text)) for fb in feedback]
         for a, b, t in itertools.product(ALPHAS, BETAS, TAUS):
@@ -230,23 +237,40 @@ def tune_mix(reranker: Reranker, feedback: list[QueryFeedback], candidates: Cand
     return Tuned(max(grid, key=lambda m: grid[m]), grid)
 
 
-SAFE_MIX = Mix(0.0)  # the first stage as the index fuses it: what a query no feedback resembles gets untuned
+def tune_fusion(
+    reranker: Reranker, feedback: list[QueryFeedback], candidates: Candidates, text: Text, depth: int
+) -> float | None:
+    """The BM25 weight under which the first stage *alone* ranks the tune slice best (ties: the
+    index's). Learned on the first stage alone because the feedback memory answers repeated queries
+    whatever the fusion: tuned inside the whole mix, the fusion stayed the index's on a corpus where
+    dense alone beat it by 0.054 (docs/benchmark.md)."""
+    scores = {}
+    for fusion in FUSIONS:
+        mix = Mix(0.0, 0.0, TAUS[0], fusion)
+        rankings = {fb.query: rank(fb.query, candidates[fb.query], reranker, text, depth, mix) for fb in feedback}
+        scores[fusion] = float(np.mean(list(_feedback_ndcg(feedback, rankings).values()) or [0.0]))
+    return max(scores, key=lambda f: scores[f])
+
+
+SAFE_MIX = Mix(0.0)  # the first stage alone: what a query no feedback resembles gets (under the learned fusion)
 
 
 def tune_mixes(
     reranker: Reranker, feedback: list[QueryFeedback], candidates: Candidates, text: Text, depth: int, min_queries: int
 ) -> TunedMixes:
-    """Tunes a mix on the tune slice's familiar queries (`FAMILIAR_AT`) and one on its unfamiliar
-    ones; with fewer than `min_queries` unfamiliar ones (a few head queries make all the traffic)
-    nothing says how the model does away from them, and unfamiliar queries get `SAFE_MIX`."""
+    """Learns the first stage's fusion on the whole tune slice, then tunes a mix on its familiar
+    queries (`FAMILIAR_AT`) and one on its unfamiliar ones; with fewer than `min_queries` unfamiliar
+    ones (a few head queries make all the traffic) nothing says how the model does away from them,
+    and unfamiliar queries get the first stage alone (`SAFE_MIX`, under the learned fusion)."""
+    fusion = tune_fusion(reranker, feedback, candidates, text, depth)
     near = {fb.query: reranker.familiarity(reranker.embed_query(fb.query)) >= FAMILIAR_AT for fb in feedback}
     familiar = [fb for fb in feedback if near[fb.query]]
     unfamiliar = [fb for fb in feedback if not near[fb.query]]
-    tuned = tune_mix(reranker, familiar or feedback, candidates, text, depth)
-    other = tune_mix(reranker, unfamiliar, candidates, text, depth) if len(unfamiliar) >= min_queries else None
+    tuned = tune_mix(reranker, familiar or feedback, candidates, text, depth, [fusion])
+    other = tune_mix(reranker, unfamiliar, candidates, text, depth, [fusion]) if len(unfamiliar) >= min_queries else None
     return TunedMixes(
         tuned,
-        other.mix if other else SAFE_MIX,
+        other.mix if other else replace(SAFE_MIX, bm25_weight=fusion),
         other.grid if other else {},
         len(familiar),
         len(unfamiliar),

@@ -119,6 +119,22 @@ def test_too_few_unfamiliar_tune_queries_leave_them_the_safe_mix(tiny_first_stag
     cands = {q: tiny_first_stage.search(q, 8) for q in (QUERY, far)}
     mixes = tune_mixes(reranker, feedback, cands, tiny_first_stage.text, 8, min_queries=2)
     assert (mixes.familiar_queries, mixes.unfamiliar_queries) == (1, 1)
-    assert mixes.unfamiliar == SAFE_MIX and mixes.unfamiliar_grid == {}
+    assert (mixes.unfamiliar.alpha, mixes.unfamiliar.beta) == (SAFE_MIX.alpha, SAFE_MIX.beta) and mixes.unfamiliar_grid == {}
     tuned = tune_mixes(reranker, feedback, cands, tiny_first_stage.text, 8, min_queries=1)
     assert tuned.unfamiliar_grid  # enough of them: tuned on them
+
+
+def test_the_fusion_is_learned_on_the_first_stage_alone_and_both_mixes_use_it(tiny_first_stage, tiny_model):
+    """The memory of a repeated query answers it under any fusion; the first stage alone still tells
+    which fusion ranks users' choices first, and both mixes (and the safe one) carry it."""
+    from training.labels.feedback import QueryFeedback
+    from training.pipeline import tune_fusion, tune_mixes
+    from training.ranking.first_stage import Candidate
+
+    parts = {"d2": (0.0, 1.0), "d4": (1.0, 0.8), "d3": (10.0, 0.0), "d5": (6.0, 0.1), "d6": (0.0, 0.5)}
+    cands = sorted((Candidate(d, b, v, 0.5 * b / 10 + 0.5 * v) for d, (b, v) in parts.items()), key=lambda c: -c.fused)
+    feedback = [QueryFeedback(QUERY, {"d3": 2.0, "d2": -1.0, "d4": -1.0, "d6": -1.0})]
+    reranker = Reranker(tiny_model, "1")
+    assert tune_fusion(reranker, feedback, {QUERY: cands}, tiny_first_stage.text, 8) in (0.75, 1.0)
+    mixes = tune_mixes(reranker, feedback, {QUERY: cands}, tiny_first_stage.text, 8, min_queries=30)
+    assert mixes.familiar.mix.bm25_weight == mixes.unfamiliar.bm25_weight in (0.75, 1.0)
