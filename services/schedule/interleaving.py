@@ -30,6 +30,7 @@ class Experiment:
     champion: str
     judgement: Judgement
     event: ModelEvent | None  # set when the challenger was promoted
+    run_id: str | None = None  # the challenger's training run, where the tally is logged
 
     @property
     def running(self) -> bool:
@@ -40,12 +41,13 @@ def current_experiment(registry: ModelRegistry, labels: LabelStore, cfg: Interle
     """The experiment as it stands, judged but not acted on (what `rankloop schedule status` shows);
     None while no challenger waits for interleaving (none nominated, or one awaiting a person)."""
     challenger = registry.challenger()
-    if challenger is None or registry.get(challenger).tags.get(STAGE_TAG) != INTERLEAVING:
+    version = registry.get(challenger) if challenger else None
+    if challenger is None or version is None or version.tags.get(STAGE_TAG) != INTERLEAVING:
         return None
     champion = registry.champion()
     df, _ = labels.read()
     judgement = judge(session_outcomes(df, challenger), cfg)
-    return Experiment(challenger, f"v{champion.version}" if champion else FIRST_STAGE, judgement, None)
+    return Experiment(challenger, f"v{champion.version}" if champion else FIRST_STAGE, judgement, None, version.run_id)
 
 
 def check_experiment(
@@ -57,9 +59,8 @@ def check_experiment(
         return None
     challenger, champion_name, judgement = found.challenger, found.champion, found.judgement
     summary = judgement.describe(challenger, champion_name)
-    run_id = registry.get(challenger).run_id
-    if client is not None and run_id:
-        _log(client, run_id, judgement, summary)
+    if client is not None and found.run_id:
+        _log(client, found.run_id, judgement, summary)
     event = None
     if judgement.verdict == "challenger":
         event = registry.promote(challenger, summary, actor="interleaving")
@@ -69,7 +70,7 @@ def check_experiment(
         registry.tag(challenger, STAGE_TAG, "withdrawn by interleaving")
     if judgement.verdict is not None:
         log.info("%s", summary)
-    return Experiment(challenger, champion_name, judgement, event)
+    return Experiment(challenger, champion_name, judgement, event, found.run_id)
 
 
 def _log(client: MlflowClient, run_id: str, j: Judgement, summary: str) -> None:
