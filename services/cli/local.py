@@ -69,6 +69,7 @@ def bench_loop(
     sessions: int = typer.Option(3000, help="simulated sessions per round"),
     repeat: int = typer.Option(1, min=1, help="run with seeds SEED..SEED+N-1 and report every figure as mean and range"),
     train_queries: int = typer.Option(None, min=1, help="head-query mode: users ask only this many train queries"),
+    compare_learners: bool = typer.Option(True, help="end with naive vs debiased learners trained on the final labels"),
     out: Path = typer.Option(Path("loop.json"), help="JSON result; a Markdown summary and plots go beside it"),
 ) -> None:
     """Run the real loop with simulated users on the train split; evaluate every champion on the eval split."""
@@ -80,7 +81,7 @@ def bench_loop(
     def one(seed: int, path: Path):
         s = bench_settings(f"bench-s{seed}", dataset, 100)
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        return run_loop_bench(s, train_split, eval_split, rounds, seed, sessions, path, train_queries)
+        return run_loop_bench(s, train_split, eval_split, rounds, seed, sessions, path, train_queries, compare_learners)
 
     if repeat > 1:
         from services.local.bench_repeat import run_repeated
@@ -92,6 +93,19 @@ def bench_loop(
     result = one(seed, out)
     summary = result.model_dump(mode="json", by_alias=True, include={"baselines", "skyline", "final", "checks", "timings"})
     console.print_json(json.dumps(summary))
+    console.print(f"written: {out}, {out.with_suffix('.md')}")
+
+
+@bench_app.command("loop-summary")
+def bench_loop_summary(
+    runs: list[Path] = typer.Argument(..., help="`bench loop` results, one per seed (e.g. run on separate machines)"),
+    out: Path = typer.Option(Path("loop-repeat.json"), help="summary JSON; Markdown and a plot go beside it"),
+) -> None:
+    """What `bench loop --repeat N` prints, from runs made separately: every figure as mean and range."""
+    from services.local.bench_repeat import summarise_files
+
+    summary = summarise_files(runs, out)
+    console.print_json(summary.model_dump_json(include={"figures", "checks"}))
     console.print(f"written: {out}, {out.with_suffix('.md')}")
 
 

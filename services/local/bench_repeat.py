@@ -13,6 +13,7 @@ from statistics import mean
 
 from pydantic import BaseModel
 
+from schemas.errors import InvalidInput
 from services.local.bench import LoopBenchResult
 from training import plots
 
@@ -89,6 +90,20 @@ def run_repeated(run: Callable[[int, Path], LoopBenchResult], seeds: list[int], 
         runs.append(path)
     summary = summarise(results, runs)
     write(summary, results, out)
+    return summary
+
+
+def summarise_files(runs: list[Path], out: Path) -> RepeatedLoopResult:
+    """The summary of runs made separately (`bench loop --seed K`), which must be of one dataset and setup."""
+    results = [LoopBenchResult.model_validate_json(p.read_text()) for p in runs]
+    setups = {(r.dataset, r.eval_split, r.train_split, r.sessions_per_round, r.train_queries, len(r.rounds)) for r in results}
+    if len(setups) > 1:
+        raise InvalidInput(f"these runs differ in dataset, splits, sessions, train queries or rounds: {sorted(setups)}")
+    if len({r.seed for r in results}) < len(results):
+        raise InvalidInput("two of these runs have the same seed: a spread needs different seeds")
+    results, runs = zip(*sorted(zip(results, runs), key=lambda x: x[0].seed), strict=True)
+    summary = summarise(list(results), list(runs))
+    write(summary, list(results), out)
     return summary
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from schemas.errors import InvalidInput
 from services.local.bench import LoopBenchResult
-from services.local.bench_repeat import run_repeated
+from services.local.bench_repeat import run_repeated, summarise_files
 
 COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "bench" / "scifact-loop.json"
 
@@ -28,6 +31,25 @@ def test_repeated_runs_report_mean_and_range_and_check_the_mean(tmp_path):
     assert "| final champion NDCG@10 | 0.8100 | 0.7900–0.8300 | 0.7900, 0.8100, 0.8300 |" in md
     assert (tmp_path / "loop-rounds.png").stat().st_size > 5000
     assert json.loads(out.read_text())["seeds"] == [0, 1, 2]
+
+
+def test_runs_made_separately_are_summarised_in_seed_order_and_must_share_a_setup(tmp_path):
+    base = LoopBenchResult.model_validate(json.loads(COMMITTED.read_text()))
+    paths = []
+    for seed, final in ((2, 0.83), (0, 0.79), (1, 0.81)):  # given out of order
+        checks = base.checks.model_copy(update={"final_champion_ndcg_at_10": final})
+        path = tmp_path / f"run-{seed}.json"
+        path.write_text(base.model_copy(update={"seed": seed, "checks": checks}).model_dump_json(by_alias=True))
+        paths.append(path)
+    summary = summarise_files(paths, tmp_path / "summary.json")
+    assert summary.seeds == [0, 1, 2] and summary.figures["final champion NDCG@10"].values == [0.79, 0.81, 0.83]
+
+    other = tmp_path / "other.json"
+    other.write_text(base.model_copy(update={"seed": 3, "sessions_per_round": 10}).model_dump_json(by_alias=True))
+    with pytest.raises(InvalidInput, match="differ"):
+        summarise_files([paths[0], other], tmp_path / "bad.json")
+    with pytest.raises(InvalidInput, match="same seed"):
+        summarise_files([paths[0], paths[0]], tmp_path / "bad.json")
 
 
 def test_head_query_mode_cuts_a_split_of_n_queries_and_keeps_the_others(tmp_path):
