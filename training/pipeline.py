@@ -159,11 +159,9 @@ def make_slices(
     mode: Debias = "ips" if cfg.debias == "ips" else "naive"  # `auto` slices once per mode (train_once)
     agg = {k: list(aggregate(v, mode, cfg.max_ips).values()) for k, v in frames.items()}
     train = frames["train"]
+    gate_requests = frames["gate"].groupby("request_id", sort=False)  # in order of arrival (labels are read so)
     per_request = [
-        (str(rid), fb)
-        for rid, rows in frames["gate"].groupby("request_id", sort=True)
-        for fb in aggregate(rows, mode, cfg.max_ips).values()
-        if fb.positives()
+        (str(rid), fb) for rid, rows in gate_requests for fb in aggregate(rows, mode, cfg.max_ips).values() if fb.positives()
     ]
     return Slices(
         len(df),

@@ -252,7 +252,9 @@ def _run(
         events = 0
         for r in range(1, rounds + 1):
             t = time.time()
-            stats = simulate(sdk, ds, train_split, sessions_per_round, user, seed=seed * 1000 + r)
+            # one session at a time: requests reach serving in session order, so the time-ordered
+            # train/tune/gate slices hold the same requests in a re-run with the same seed
+            stats = simulate(sdk, ds, train_split, sessions_per_round, user, seed=seed * 1000 + r, concurrency=1)
             events += stats.accepted
             n_labels = settle_labels(s, labels)
             t_train = time.time()

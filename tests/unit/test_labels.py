@@ -223,3 +223,20 @@ def test_a_table_written_before_the_interleaving_columns_reads_and_takes_new_lab
     assert store.write([new], {"interactions@t-p0": 0})
     df, _ = store.read()
     assert len(df) == 4 and df.loc[df["request_id"] == "r3", "team"].item() == "challenger"
+
+
+def test_a_read_orders_labels_by_time_whatever_order_the_stream_wrote_them_in(tmp_path):
+    """Two partitions' batches interleave differently from run to run; training reads one order, so the
+    same traffic builds the same examples (their order feeds dict order, sampling and float sums)."""
+    from training.labels.feedback import aggregate
+    from training.labels.store import DeltaLabelStore
+
+    labels = [_label(n) for n in range(30)]
+    first, second = DeltaLabelStore(tmp_path / "a"), DeltaLabelStore(tmp_path / "b")
+    first.write(labels[::2], {"impressions@t-p0": 0})
+    first.write(labels[1::2], {"impressions@t-p1": 0})
+    second.write(labels[1::2][::-1], {"impressions@t-p1": 0})
+    second.write(labels[::2][::-1], {"impressions@t-p0": 0})
+    a, b = first.read()[0], second.read()[0]
+    assert a["request_id"].tolist() == b["request_id"].tolist() == [f"r{n}" for n in range(30)]
+    assert list(aggregate(a)) == list(aggregate(b))

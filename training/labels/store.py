@@ -83,8 +83,15 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(LabelledExample.model_fields))
 
 
+CANONICAL_ORDER = ["timestamp", "position", "doc_id"]
+"""How a read orders labels: by when they happened, not by how the stream's partitions and batches
+happened to interleave when writing them, so the same traffic trains the same model."""
+
+
 def latest_revisions(df: pd.DataFrame) -> pd.DataFrame:
-    return df.sort_values("revision", kind="stable").drop_duplicates("label_id", keep="last").reset_index(drop=True)
+    latest = df.sort_values("revision", kind="stable").drop_duplicates("label_id", keep="last")
+    order = [c for c in CANONICAL_ORDER if c in latest.columns]
+    return (latest.sort_values(order, kind="stable") if order else latest).reset_index(drop=True)
 
 
 def describe(df: pd.DataFrame) -> Lineage:
