@@ -32,16 +32,28 @@ Verdict = Literal["challenger", "champion", "no difference"]
 @dataclass(frozen=True)
 class Interleaved:
     doc_ids: list[str]
-    teams: list[Team]  # who contributed each position
+    teams: list[Team | None]  # who contributed each position; None: both rankers put it there
+
+
+def shared_prefix(champion: Sequence[str], challenger: Sequence[str], k: int) -> int:
+    """How many top positions the two rankings fill with the same documents in the same order."""
+    n = 0
+    while n < min(k, len(champion), len(challenger)) and champion[n] == challenger[n]:
+        n += 1
+    return n
 
 
 def team_draft(champion: Sequence[str], challenger: Sequence[str], k: int, rng: random.Random) -> Interleaved:
-    """Merges two rankings into `k` positions. The team with fewer picks picks next (a coin decides
-    when both have as many); a team picks its best document not already shown."""
-    shown: list[str] = []
-    teams: list[Team] = []
-    seen: set[str] = set()
-    cursor: dict[Team, int] = {"champion": 0, "challenger": 0}
+    """Merges two rankings into `k` positions. Where both rank the same documents in the same order at
+    the top, those are shown as they are and credited to neither: a click there says nothing about which
+    ranker is better, and a coin-flipped credit would only add noise (most clicks land at the top).
+    Below that, the team with fewer picks picks next (a coin decides when both have as many); a team
+    picks its best document not already shown."""
+    common = shared_prefix(champion, challenger, k)
+    shown: list[str] = list(champion[:common])
+    teams: list[Team | None] = [None] * common
+    seen: set[str] = set(shown)
+    cursor: dict[Team, int] = {"champion": common, "challenger": common}
     ranking: dict[Team, Sequence[str]] = {"champion": champion, "challenger": challenger}
     picks: dict[Team, int] = {"champion": 0, "challenger": 0}
     limit = min(k, len(set(champion) | set(challenger)))
@@ -66,11 +78,12 @@ def team_draft(champion: Sequence[str], challenger: Sequence[str], k: int, rng: 
     return Interleaved(shown, teams)
 
 
-def session_winner(teams: Sequence[str], clicked: Iterable[int]) -> Team | None:
-    """The team whose positions (0-based) got more clicks in one session; None for a tie or no click."""
+def session_winner(teams: Sequence[str | None], clicked: Iterable[int]) -> Team | None:
+    """The team whose positions (0-based) got more clicks in one session; None for a tie or no click.
+    Clicks on positions neither team owns (the shared top) do not count."""
     counts = {"champion": 0, "challenger": 0}
     for position in set(clicked):
-        if 0 <= position < len(teams):
+        if 0 <= position < len(teams) and teams[position] is not None:
             counts[teams[position]] += 1
     if counts["champion"] == counts["challenger"]:
         return None
@@ -129,13 +142,16 @@ def decide(p_value: float, preference: float, sessions: int, cfg: InterleaveConf
     return "no difference" if sessions >= cfg.max_sessions else None
 
 
-def session_outcomes(labels: pd.DataFrame, challenger: str) -> list[Team | None]:
-    """Per request that interleaved `challenger`, in the order users answered, the team its users
-    preferred: more positive labels (a click, cite or purchase not taken back) on the documents one
-    team put there. Read from the label table, so it counts each request once, whatever replays."""
+def session_outcomes(labels: pd.DataFrame, challenger: str, champion: str | None = None) -> list[Team | None]:
+    """Per request that interleaved `challenger` (with `champion`, when given: sessions against a
+    champion since rolled back or replaced do not vote), in the order users answered, the team its
+    users preferred: more positive labels (a click, cite or purchase not taken back) on the documents
+    one team put there. Read from the label table, so it counts each request once, whatever replays."""
     if labels.empty or "challenger_version" not in labels.columns:
         return []
     rows = labels[labels["challenger_version"] == challenger]
+    if champion is not None and "model_version" in rows.columns:
+        rows = rows[rows["model_version"] == champion]
     out: list[tuple[float, Team | None]] = []
     for _, req in rows.groupby("request_id", sort=False):
         liked = req.loc[req["grade"] > 0, "team"]

@@ -46,7 +46,7 @@ def current_experiment(registry: ModelRegistry, labels: LabelStore, cfg: Interle
         return None
     champion = registry.champion()
     df, _ = labels.read()
-    judgement = judge(session_outcomes(df, challenger), cfg)
+    judgement = judge(session_outcomes(df, challenger, champion.version if champion else FIRST_STAGE), cfg)
     return Experiment(challenger, f"v{champion.version}" if champion else FIRST_STAGE, judgement, None, version.run_id)
 
 

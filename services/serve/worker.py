@@ -136,7 +136,7 @@ class Worker:
         challenger = self.challenger
         rng = self._rng_for(req)
         items, hit = self._ranked(serving, req)
-        teams: list[Team] | None = None
+        teams: list[Team | None] | None = None
         if challenger is not None and rng.random() < self.s.interleave.share:
             theirs, hit_too = self._ranked(challenger, req)
             items, teams = interleaved(items, theirs, req.k, rng)
@@ -473,12 +473,13 @@ class Worker:
         return self._stop.is_set()
 
 
-def interleaved(champion: list[list], challenger: list[list], k: int, rng: random.Random) -> tuple[list[list], list[Team]]:
-    """Team-draft interleaving of two [doc, score] lists: the rows shown, and who put each there.
-    A row keeps the score its own team gave it (scores of two models are not comparable)."""
+def interleaved(champion: list[list], challenger: list[list], k: int, rng: random.Random) -> tuple[list[list], list[Team | None]]:
+    """Team-draft interleaving of two [doc, score] lists: the rows shown, and who put each there (None:
+    the shared top both put there). A row keeps the score its own team gave it (scores of two models are
+    not comparable); a shared row the champion's."""
     mixed = team_draft([d for d, _ in champion], [d for d, _ in challenger], k, rng)
     score = {"champion": dict(map(tuple, champion)), "challenger": dict(map(tuple, challenger))}
-    return [[d, score[t][d]] for d, t in zip(mixed.doc_ids, mixed.teams)], mixed.teams
+    return [[d, score[t or "champion"][d]] for d, t in zip(mixed.doc_ids, mixed.teams)], mixed.teams
 
 
 def explore(items: list, rng: random.Random, rate: float, depth: int) -> tuple[list, bool]:

@@ -29,6 +29,17 @@ def test_team_draft_fills_from_the_other_team_when_one_runs_out():
     assert sorted(mixed.doc_ids) == ["a", "b", "c", "d"]
 
 
+def test_the_top_both_rankers_share_is_shown_as_is_and_credited_to_neither():
+    """A click there cannot tell the rankers apart; crediting it to a coin-flipped team only adds noise."""
+    for seed in range(20):
+        mixed = team_draft(list("abcdef"), list("abdcfe"), 6, random.Random(seed))
+        assert mixed.doc_ids[:2] == ["a", "b"] and mixed.teams[:2] == [None, None]
+        assert None not in mixed.teams[2:] and sorted(mixed.doc_ids[2:]) == list("cdef")
+        assert session_winner(mixed.teams, [0, 1]) is None  # clicks on the shared top only: a tie
+    same = team_draft(list("abc"), list("abc"), 3, random.Random(0))
+    assert same.doc_ids == list("abc") and same.teams == [None, None, None]
+
+
 def test_session_winner_counts_clicks_per_team():
     teams = ["champion", "challenger", "champion", "challenger"]
     assert session_winner(teams, [1, 3]) == "challenger"
@@ -59,11 +70,12 @@ def test_identical_rankers_are_rarely_called_different():
     sampling error of 200 experiments allowed), however often it looks."""
     cfg = InterleaveConfig(min_sessions=100, max_sessions=800)
     ranking = [f"d{i}" for i in range(10)]
+    swapped = [d for i in range(0, 10, 2) for d in (ranking[i + 1], ranking[i])]  # as good: clicks follow position only
     wrong = 0
     for seed in range(200):
         rng, tally = random.Random(seed), Tally()
         for n in range(1, cfg.max_sessions + 1):
-            mixed = team_draft(ranking, ranking, 10, rng)
+            mixed = team_draft(ranking, swapped, 10, rng)
             tally.add(session_winner(mixed.teams, [p for p in range(10) if rng.random() < 0.3 / (p + 1)]))
             verdict = decide(tally.p_value(), tally.preference(), n, cfg) if n in looks(cfg) else None
             if verdict is not None:
@@ -81,7 +93,7 @@ def test_users_differ_per_session_only_when_asked():
     assert abs(sum((x - 1) ** 2 for x in scales) / len(scales) - 0.6) < 0.1
 
 
-def _interleaved_labels(challenger: str, wins: int, losses: int, ties: int) -> list:
+def _interleaved_labels(challenger: str, wins: int, losses: int, ties: int, champion: str = "1") -> list:
     """One request per session: a click (positive label) on the winning team's document."""
     from schemas import LabelledExample
 
@@ -95,7 +107,7 @@ def _interleaved_labels(challenger: str, wins: int, losses: int, ties: int) -> l
                 LabelledExample(
                     label_id=f"{challenger}-r{n}:{team}", revision=1, request_id=f"{challenger}-r{n}", query="q",
                     doc_id=f"d-{team}", position=1,
-                    grade=grade, weight=1.0, propensity=1.0, signals=["click"], event_ids=[], model_version="1",
+                    grade=grade, weight=1.0, propensity=1.0, signals=["click"], event_ids=[], model_version=champion,
                     index_version="x", challenger_version=challenger, team=team, timestamp=1000.0 + n,
                 )
             )  # fmt: skip
@@ -110,6 +122,21 @@ def test_session_outcomes_come_from_labels_of_the_challengers_requests_only():
     outcomes = session_outcomes(df, "2")
     assert len(outcomes) == 6
     assert (outcomes.count("challenger"), outcomes.count("champion"), outcomes.count(None)) == (3, 1, 2)
+
+
+def test_sessions_against_an_earlier_champion_do_not_vote():
+    """A rollback mid-experiment changes what the challenger is compared with: only sessions against
+    the champion now serving count."""
+    from training.interleave import session_outcomes
+    from training.labels.store import MemoryLabelStore
+
+    labels = _interleaved_labels("3", 0, 40, 0, champion="1") + _interleaved_labels("3", 7, 2, 1, champion="2")
+    for n, label in enumerate(labels[80:]):  # distinct requests for the second champion's sessions
+        labels[80 + n] = label.model_copy(update={"request_id": f"{label.request_id}b", "label_id": f"{label.label_id}b"})
+    df, _ = MemoryLabelStore(labels).read()
+    outcomes = session_outcomes(df, "3", champion="2")
+    assert (outcomes.count("challenger"), outcomes.count("champion"), outcomes.count(None)) == (7, 2, 1)
+    assert len(session_outcomes(df, "3")) == 50
 
 
 @pytest.mark.parametrize(

@@ -134,10 +134,10 @@ LABEL_SCHEMA = pa.schema(
 )
 TRAINING_COLUMNS = [
     "label_id", "revision", "request_id", "query", "doc_id", "position", "grade", "weight", "propensity",
-    "signals", "identity", "api_keys", "timestamp", "challenger_version", "team",
+    "signals", "identity", "api_keys", "timestamp", "model_version", "challenger_version", "team",
 ]  # fmt: skip
 """What training, its lineage, purges and the interleaving tally need: a read leaves the rest (event ids,
-versions) on disk."""
+the index version) on disk."""
 COMPACTED_AWAY = "rankloop-compacted-away"  # an app transaction: superseded revisions compaction removed, in total
 PURGE_SCHEMA = pa.schema([("purge", pa.string())])
 
