@@ -4,6 +4,7 @@ lineage, the fit, the mix grid, the gate with its per-query table and plots, the
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,7 +71,10 @@ def log_inputs(
     source = str(lineage.get("location", "memory"))
     if lineage.get("table_version") is not None:  # the exact labels: `rankloop labels show --version N`
         source = f"{source}@v{lineage['table_version']}"
-    mlflow.log_input(from_pandas(df[columns], source=source, name="labels"), context="training")
+    with warnings.catch_warnings():  # two notes that do not apply to a label table (read by `labels show`, not served)
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")  # none missing
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        mlflow.log_input(from_pandas(df[columns], source=source, name="labels"), context="training")
     mlflow.log_dict(rules.model_dump(), "label_rules.json")
     mlflow.log_metrics(
         {
