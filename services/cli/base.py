@@ -4,6 +4,7 @@ Imports nothing heavy: `rankloop --help` must answer in about a second."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from datetime import datetime
 from typing import Any
@@ -40,6 +41,18 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks that print and save figures.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """`kill` (SIGTERM) ends the command through its `finally` blocks, as Ctrl-C does: a benchmark or the
+    demo then stops the workers, broker and Redis it started instead of leaving them running."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
+@bench_app.callback()
+def _bench() -> None:
+    stop_cleanly_on_sigterm()
+
 
 if not os.environ.get("RANKLOOP_ONLINE"):  # models load from local folders; never wait on a hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,7 +10,7 @@ import typer
 from pydantic import BaseModel
 
 from schemas import InvalidInput
-from services.cli.base import app, bench_app, console, settings
+from services.cli.base import app, bench_app, console, settings, stop_cleanly_on_sigterm
 from services.config import KafkaSettings, MlflowSettings, RedisSettings, Settings
 
 
@@ -53,6 +53,7 @@ def demo(
     """The whole loop on local infrastructure, until a trained challenger is promoted and hot-swapped in."""
     from services.local.demo import run_demo
 
+    stop_cleanly_on_sigterm()
     s = settings()
     if dataset:
         s.dataset = dataset

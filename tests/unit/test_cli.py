@@ -73,3 +73,29 @@ def test_serve_with_workers_runs_one_process_per_worker_from_the_same_settings(m
     from services.config import Settings
 
     assert Settings().deployment == "shop" and Settings().torch_threads == 1  # what each worker will read
+
+
+def test_sigterm_ends_a_command_through_its_finally_blocks(tmp_path):
+    """A killed benchmark or demo still stops the workers, broker and Redis it started."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "cleaned-up"
+    script = (
+        "import time\n"
+        "from services.cli.base import stop_cleanly_on_sigterm\n"
+        "stop_cleanly_on_sigterm()\n"
+        "try:\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        f"    open({str(marker)!r}, 'w').write('yes')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    started = time.time()
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM and time.time() - started < 30
+    assert marker.read_text() == "yes"
