@@ -83,8 +83,9 @@ def session_winner(teams: Sequence[str | None], clicked: Iterable[int]) -> Team 
     Clicks on positions neither team owns (the shared top) do not count."""
     counts = {"champion": 0, "challenger": 0}
     for position in set(clicked):
-        if 0 <= position < len(teams) and teams[position] is not None:
-            counts[teams[position]] += 1
+        team = teams[position] if 0 <= position < len(teams) else None
+        if team is not None:
+            counts[team] += 1
     if counts["champion"] == counts["challenger"]:
         return None
     return "challenger" if counts["challenger"] > counts["champion"] else "champion"
