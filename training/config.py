@@ -28,6 +28,13 @@ class TrainConfig(BaseModel):
     replay_fraction: float = Field(0.5, ge=0.0, description="old queries replayed per new one when warm-starting")
     max_examples: int = Field(1500, ge=1, description="bounds a run's time (~9 examples/s/epoch on 2 CPU cores)")
     seed: int = 13
+    probe_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="share of the train slice's queries kept out of fine-tuning (not out of the feedback memory) "
+        "when the tune slice has too few queries training never saw: the unfamiliar mix is tuned on them as unseen",
+    )
     max_seq_length: int = Field(128, ge=16, description="training length; 4x faster than 256 on CPU, inference uses 256")
 
 

@@ -8,12 +8,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +74,7 @@ class Slices:
     gate_requests: list[tuple[str, QueryFeedback]]  # the gate slice per request (request_id, its feedback)
     trained_until: float  # newest label timestamp in the train slice
     top_identity_share: dict[str, float]  # per slice: share of labels from its 10 most prolific identities
+    probe: list[QueryFeedback] = field(default_factory=list)  # train queries kept out of fine-tuning (`probe_queries`)
 
     def queries(self) -> list[str]:
         return [fb.query for fbs in (self.train, self.tune, self.gate) for fb in fbs]
@@ -116,6 +118,7 @@ class TunedMixes:
     unfamiliar_grid: dict[Mix, float]  # empty when too few unfamiliar tune queries: the safe mix then
     familiar_queries: int
     unfamiliar_queries: int
+    probe_queries: int = 0  # train queries not fine-tuned on, tuned on as unseen beside the unfamiliar ones
 
 
 @dataclass(frozen=True)
@@ -163,18 +166,43 @@ def make_slices(
     per_request = [
         (str(rid), fb) for rid, rows in gate_requests for fb in aggregate(rows, mode, cfg.max_ips).values() if fb.positives()
     ]
+    tune = [fb for fb in agg["tune"] if fb.positives()]
     return Slices(
         len(df),
         lineage,
         rules,
         train,
         agg["train"],
-        [fb for fb in agg["tune"] if fb.positives()],
+        tune,
         [fb for fb in agg["gate"] if fb.positives()],
         per_request,
         float(train["timestamp"].max()) if len(train) else 0.0,
         {k: round(top_identity_share(v), 4) for k, v in frames.items()},
+        probe_queries(agg["train"], tune, cfg.probe_fraction, gate.min_queries, f"{cfg.seed}:{len(df)}"),
     )
+
+
+def probe_queries(
+    train: list[QueryFeedback], tune: list[QueryFeedback], fraction: float, min_queries: int, seed: str
+) -> list[QueryFeedback]:
+    """Train queries to keep out of fine-tuning, so the tune slice can say how the model does on queries
+    it never saw (the unfamiliar mix). Needed when the tune slice has fewer than `min_queries` queries
+    the train slice lacks (users repeat the same queries); none when `fraction` of the train queries is
+    fewer than that (head traffic: too few to measure, unfamiliar queries get the first stage). A seeded
+    hash of the query and the label count picks them, so each round probes others. They stay in the
+    feedback memory: only the model does without them."""
+    trained = {fb.query for fb in train}
+    if fraction <= 0 or sum(fb.query not in trained for fb in tune) >= min_queries:
+        return []
+    candidates = [fb for fb in train if fb.positives()]
+    n = round(fraction * len(candidates))
+    if n < min_queries:
+        return []
+
+    def draw(fb: QueryFeedback) -> bytes:
+        return hashlib.blake2b(f"{seed}:{fb.query}".encode(), digest_size=8).digest()
+
+    return sorted(candidates, key=draw)[:n]
 
 
 def load_incumbent(registry: MlflowRegistry, first_stage: FirstStage) -> Incumbent:
@@ -192,8 +220,9 @@ def choose_examples(
     """Queries with labels the champion has not seen plus a replay sample of older ones, as examples."""
     train = slices.train_frame
     fresh = {normalise_query(q) for q in train.loc[train["timestamp"] > incumbent.seen_until, "query"]}
-    chosen, selection = select_for_training(slices.train, fresh, cfg)
-    return build_examples(chosen, candidates, cfg), selection
+    probes = {fb.query for fb in slices.probe}
+    chosen, selection = select_for_training([fb for fb in slices.train if fb.query not in probes], fresh, cfg)
+    return build_examples(chosen, candidates, cfg), selection | {"probe_queries": len(probes)}
 
 
 def fit_challenger(
@@ -219,13 +248,15 @@ def tune_mix(
     text: Text,
     depth: int,
     fusions: list[float | None] = FUSIONS,
+    unseen: frozenset[str] = frozenset(),
 ) -> Tuned:
     """Mean NDCG@10 on the tune slice for every mix, the first stage's fusion included (ties go to the
-    first fusion listed); the head's features are computed once per query and fusion."""
+    first fusion listed); the head's features are computed once per query and fusion. `unseen` queries
+    are ranked as if the feedback memory knew nothing near them (probe queries)."""
     grid: dict[Mix, float] = {}
     for fusion in fusions:
         heads = {fb.query: candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion) for fb in feedback}
-        feats = [(fb, reranker.features(fb.query, heads[fb.query][:depth], text)) for fb in feedback]
+        feats = [(fb, reranker.features(fb.query, heads[fb.query][:depth], text, unseen=fb.query in unseen)) for fb in feedback]
         for a, b, t in itertools.product(ALPHAS, BETAS, TAUS):
             if b == 0 and t != TAUS[0]:
                 continue  # tau only matters when the memory is used
@@ -254,24 +285,35 @@ SAFE_MIX = Mix(0.0)  # the first stage alone: what a query no feedback resembles
 
 
 def tune_mixes(
-    reranker: Reranker, feedback: list[QueryFeedback], candidates: Candidates, text: Text, depth: int, min_queries: int
+    reranker: Reranker,
+    feedback: list[QueryFeedback],
+    candidates: Candidates,
+    text: Text,
+    depth: int,
+    min_queries: int,
+    probe: list[QueryFeedback] | None = None,
 ) -> TunedMixes:
     """Learns the first stage's fusion on the whole tune slice, then tunes a mix on its familiar
-    queries (`FAMILIAR_AT`) and one on its unfamiliar ones; with fewer than `min_queries` unfamiliar
-    ones (a few head queries make all the traffic) nothing says how the model does away from them,
-    and unfamiliar queries get the first stage alone (`SAFE_MIX`, under the learned fusion)."""
+    queries (`FAMILIAR_AT`) and one on its unfamiliar ones, joined by the `probe` queries (train queries
+    the model was not fine-tuned on, ranked as if the memory knew nothing near them) when too few.
+    With fewer than `min_queries` of both (a few head queries make all the traffic) nothing says how the
+    model does away from them, and unfamiliar queries get the first stage alone (`SAFE_MIX`, under the
+    learned fusion)."""
     fusion = tune_fusion(reranker, feedback, candidates, text, depth)
     near = {fb.query: reranker.familiarity(reranker.embed_query(fb.query)) >= FAMILIAR_AT for fb in feedback}
     familiar = [fb for fb in feedback if near[fb.query]]
     unfamiliar = [fb for fb in feedback if not near[fb.query]]
+    probe = (probe or []) if len(unfamiliar) < min_queries else []
+    pool, unseen = unfamiliar + probe, frozenset(fb.query for fb in probe)
     tuned = tune_mix(reranker, familiar or feedback, candidates, text, depth, [fusion])
-    other = tune_mix(reranker, unfamiliar, candidates, text, depth, [fusion]) if len(unfamiliar) >= min_queries else None
+    other = tune_mix(reranker, pool, candidates, text, depth, [fusion], unseen) if len(pool) >= min_queries else None
     return TunedMixes(
         tuned,
         other.mix if other else replace(SAFE_MIX, bm25_weight=fusion),
         other.grid if other else {},
         len(familiar),
         len(unfamiliar),
+        len(probe),
     )
 
 
@@ -407,7 +449,7 @@ def learn(
     fitted = fit_challenger(examples, incumbent, first_stage.text, cfg, progress)
     save_model_folder(fitted.model, folder, Mix(1.0), slices.memory())
     draft = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage, progress=progress)
-    mixes = tune_mixes(draft, slices.tune, candidates, first_stage.text, depth, min_queries)
+    mixes = tune_mixes(draft, slices.tune, candidates, first_stage.text, depth, min_queries, slices.probe)
     tuned = mixes.familiar
     write_meta(
         folder,

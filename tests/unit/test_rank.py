@@ -138,3 +138,38 @@ def test_the_fusion_is_learned_on_the_first_stage_alone_and_both_mixes_use_it(ti
     assert tune_fusion(reranker, feedback, {QUERY: cands}, tiny_first_stage.text, 8) in (0.75, 1.0)
     mixes = tune_mixes(reranker, feedback, {QUERY: cands}, tiny_first_stage.text, 8, min_queries=30)
     assert mixes.familiar.mix.bm25_weight == mixes.unfamiliar.bm25_weight in (0.75, 1.0)
+
+
+def test_probe_queries_are_kept_out_of_training_only_when_the_tune_slice_needs_them():
+    """Users repeating their queries leave the tune slice no query training never saw; a share of the
+    train queries is then held out of fine-tuning so the unfamiliar mix is measured, not guessed."""
+    from training.labels.feedback import QueryFeedback
+    from training.pipeline import probe_queries
+
+    train = [QueryFeedback(f"q{i}", {"d1": 1.0}) for i in range(400)]
+    repeated = train[:50]
+    probes = probe_queries(train, repeated, 0.1, 30, "13:1000")
+    assert len(probes) == 40 and {fb.query for fb in probes} <= {fb.query for fb in train}
+    assert probes == probe_queries(train, repeated, 0.1, 30, "13:1000")  # seeded
+    assert probes != probe_queries(train, repeated, 0.1, 30, "13:2000")  # another round, others
+    fresh = [QueryFeedback(f"new{i}", {"d1": 1.0}) for i in range(30)]
+    assert probe_queries(train, repeated + fresh, 0.1, 30, "13:1000") == []  # the tune slice has its own
+    assert probe_queries(train[:200], repeated, 0.1, 30, "13:1000") == []  # 20 < 30: head traffic, too few
+    assert probe_queries(train, repeated, 0.0, 30, "13:1000") == []  # switched off
+
+
+def test_probe_queries_tune_the_unfamiliar_mix_as_if_unseen(tiny_first_stage, tiny_model):
+    from training.labels.feedback import QueryFeedback
+    from training.pipeline import tune_mixes
+
+    reranker = Reranker(tiny_model, "1")
+    known = reranker.features(QUERY, tiny_first_stage.search(QUERY, 8), tiny_first_stage.text)
+    unseen = reranker.features(QUERY, tiny_first_stage.search(QUERY, 8), tiny_first_stage.text, unseen=True)
+    assert known.neighbours.max() > 0.95 and (unseen.neighbours < 0.7).all()  # its own feedback is not borrowed
+
+    far = "how do antibiotics change gut bacteria"
+    feedback = [QueryFeedback(QUERY, {"d1": 1.0}), QueryFeedback(far, {"d5": 1.0})]
+    cands = {q: tiny_first_stage.search(q, 8) for q in (QUERY, far)}
+    probe = [QueryFeedback(QUERY, {"d7": 1.0})]
+    mixes = tune_mixes(reranker, feedback, cands, tiny_first_stage.text, 8, min_queries=2, probe=probe)
+    assert (mixes.unfamiliar_queries, mixes.probe_queries) == (1, 1) and mixes.unfamiliar_grid  # 1 + 1 reach 2

@@ -147,17 +147,25 @@ class Reranker:
         return encode(self.model, [normalise_query(query)])[0]
 
     def features(
-        self, query: str, candidates: list[Candidate], text: Callable[[str], str], query_embedding: np.ndarray | None = None
+        self,
+        query: str,
+        candidates: list[Candidate],
+        text: Callable[[str], str],
+        query_embedding: np.ndarray | None = None,
+        unseen: bool = False,
     ) -> Features:
         """`query_embedding`, when given, is `embed_query(query)` computed already (serving computes it
-        while the first stage retrieves)."""
+        while the first stage retrieves). `unseen`: as if the memory knew nothing within `FAMILIAR_AT` of
+        the query (how tuning asks what a held-out query would get were it new)."""
         q = query_embedding if query_embedding is not None else self.embed_query(query)
         doc_ids = [c.doc_id for c in candidates]
         sims = self.doc_embeddings(doc_ids, text) @ q if doc_ids else np.zeros(0, dtype=np.float32)
         first = minmax(np.array([c.fused for c in candidates], dtype=np.float32))
         if self.memory_queries:
             near = self.memory @ q
-            top = np.argsort(-near)[:MEMORY_NEIGHBOURS]
+            if unseen:
+                near = np.where(near >= FAMILIAR_AT, -np.inf, near)
+            top = [i for i in np.argsort(-near)[:MEMORY_NEIGHBOURS] if np.isfinite(near[i])]
             neighbours, evidence = near[top], [self.prior[self.memory_queries[i]] for i in top]
         else:
             neighbours, evidence = np.zeros(0), []
