@@ -178,31 +178,29 @@ def make_slices(
         per_request,
         float(train["timestamp"].max()) if len(train) else 0.0,
         {k: round(top_identity_share(v), 4) for k, v in frames.items()},
-        probe_queries(agg["train"], tune, cfg.probe_fraction, gate.min_queries, f"{cfg.seed}:{len(df)}"),
+        probe_queries(agg["train"], tune, cfg.probe_fraction, gate.min_queries, cfg.seed),
     )
 
 
 def probe_queries(
-    train: list[QueryFeedback], tune: list[QueryFeedback], fraction: float, min_queries: int, seed: str
+    train: list[QueryFeedback], tune: list[QueryFeedback], fraction: float, min_queries: int, seed: int
 ) -> list[QueryFeedback]:
     """Train queries to keep out of fine-tuning, so the tune slice can say how the model does on queries
     it never saw (the unfamiliar mix). Needed when the tune slice has fewer than `min_queries` queries
-    the train slice lacks (users repeat the same queries); none when `fraction` of the train queries is
-    fewer than that (head traffic: too few to measure, unfamiliar queries get the first stage). A seeded
-    hash of the query and the label count picks them, so each round probes others. They stay in the
-    feedback memory: only the model does without them."""
+    the train slice lacks (users repeat the same queries); none when fewer than that many are drawn
+    (head traffic: too few to measure, unfamiliar queries get the first stage). A seeded hash of the
+    query draws about `fraction` of them, the same ones every round, so a model warm-started from the
+    last champion never saw them either. They stay in the feedback memory: only the model does without."""
     trained = {fb.query for fb in train}
     if fraction <= 0 or sum(fb.query not in trained for fb in tune) >= min_queries:
         return []
-    candidates = [fb for fb in train if fb.positives()]
-    n = round(fraction * len(candidates))
-    if n < min_queries:
-        return []
 
-    def draw(fb: QueryFeedback) -> bytes:
-        return hashlib.blake2b(f"{seed}:{fb.query}".encode(), digest_size=8).digest()
+    def drawn(fb: QueryFeedback) -> bool:
+        digest = hashlib.blake2b(f"{seed}:{fb.query}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest) / 2**64 < fraction
 
-    return sorted(candidates, key=draw)[:n]
+    probes = [fb for fb in train if fb.positives() and drawn(fb)]
+    return probes if len(probes) >= min_queries else []
 
 
 def load_incumbent(registry: MlflowRegistry, first_stage: FirstStage) -> Incumbent:

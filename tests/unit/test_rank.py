@@ -148,14 +148,15 @@ def test_probe_queries_are_kept_out_of_training_only_when_the_tune_slice_needs_t
 
     train = [QueryFeedback(f"q{i}", {"d1": 1.0}) for i in range(400)]
     repeated = train[:50]
-    probes = probe_queries(train, repeated, 0.1, 30, "13:1000")
-    assert len(probes) == 40 and {fb.query for fb in probes} <= {fb.query for fb in train}
-    assert probes == probe_queries(train, repeated, 0.1, 30, "13:1000")  # seeded
-    assert probes != probe_queries(train, repeated, 0.1, 30, "13:2000")  # another round, others
+    probes = probe_queries(train, repeated, 0.1, 30, 13)
+    assert 30 <= len(probes) <= 55 and {fb.query for fb in probes} <= {fb.query for fb in train}
+    later = probe_queries(train + [QueryFeedback(f"n{i}", {"d1": 1.0}) for i in range(100)], repeated, 0.1, 30, 13)
+    assert {fb.query for fb in probes} <= {fb.query for fb in later}  # the same ones next round: never trained on
+    assert probes != probe_queries(train, repeated, 0.1, 30, 14)  # another seed, others
     fresh = [QueryFeedback(f"new{i}", {"d1": 1.0}) for i in range(30)]
-    assert probe_queries(train, repeated + fresh, 0.1, 30, "13:1000") == []  # the tune slice has its own
-    assert probe_queries(train[:200], repeated, 0.1, 30, "13:1000") == []  # 20 < 30: head traffic, too few
-    assert probe_queries(train, repeated, 0.0, 30, "13:1000") == []  # switched off
+    assert probe_queries(train, repeated + fresh, 0.1, 30, 13) == []  # the tune slice has its own
+    assert probe_queries(train[:200], repeated, 0.1, 30, 13) == []  # about 20 < 30: head traffic, too few
+    assert probe_queries(train, repeated, 0.0, 30, 13) == []  # switched off
 
 
 def test_probe_queries_tune_the_unfamiliar_mix_as_if_unseen(tiny_first_stage, tiny_model):
