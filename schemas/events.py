@@ -69,7 +69,9 @@ class ShownItem(BaseModel):
     doc_id: Id
     position: int = Field(ge=1, description="1-based rank the user saw")
     score: float
-    team: Team | None = Field(None, description="in an interleaved ranking: which model put the document here")
+    team: Team | None = Field(
+        None, description="in an interleaved ranking: which model put the document here (none: the top both share)"
+    )
 
 
 class ImpressionEvent(Event):
@@ -150,7 +152,7 @@ class LabelledExample(Event):
         default_factory=list, description="names of the API keys behind the request: its ranking's and its events'"
     )
     challenger_version: str | None = Field(None, description="the impression interleaved this challenger with the champion")
-    team: Team | None = Field(None, description="which of the two put the document where it was shown")
+    team: Team | None = Field(None, description="which of the two put the document where it was shown (none: the top both share)")
     timestamp: float = Field(default_factory=now)
 
 
