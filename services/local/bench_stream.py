@@ -49,6 +49,8 @@ class StreamBenchResult(BaseModel):
     dead_letters: int
     duplicates_rejected: int  # resent events the stream recognised (counted, not labelled again)
     lost: int  # accepted events that are neither in a label nor a dead letter
+    lost_examples: list[str] = []  # a few of them (event ids, or "malformed"), to look for in the workers' logs
+    dead_letters_by_code: dict[str, int] = {}
     duplicate_labels: int  # (label_id, revision) stored more than once
     seconds: float  # first send to the last label stored
     send_seconds: float
@@ -216,7 +218,11 @@ def _audit(s: Settings, store, sent_at: dict[str, float], planted: dict[str, int
         except (ValueError, KeyError, TypeError):
             continue  # a malformed payload: counted below by its reason
     malformed = sum(1 for d in dead if d.get("code") == "invalid_event")
-    lost = len(set(sent_at) - contributed - dead_ids) + max(0, planted["malformed"] - malformed)
+    missing = sorted(set(sent_at) - contributed - dead_ids)
+    malformed_missing = max(0, planted["malformed"] - malformed)
+    by_code: dict[str, int] = {}
+    for d in dead:
+        by_code[str(d.get("code"))] = by_code.get(str(d.get("code")), 0) + 1
     counts = _activity_totals(s)
 
     def q(p: float) -> float:
@@ -227,7 +233,9 @@ def _audit(s: Settings, store, sent_at: dict[str, float], planted: dict[str, int
         "label_contributions": len(rows),
         "dead_letters": len(dead),
         "duplicates_rejected": counts.get("duplicates", 0),
-        "lost": lost,
+        "lost": len(missing) + malformed_missing,
+        "lost_examples": missing[:10] + ["malformed"] * min(malformed_missing, 3),
+        "dead_letters_by_code": dict(sorted(by_code.items())),
         "duplicate_labels": len(rows) - len(stored_pairs),
         "freshness_s": Freshness(p50=q(0.5), p95=q(0.95), p99=q(0.99)),
     }

@@ -6,7 +6,9 @@
   once per changed request per batch) and applies `step` to each message.
 - Exactly once into the label table: each batch's labels are one Delta transaction that also records,
   per input partition, the last offset joined. After a crash the messages up to that offset are
-  joined again only to rebuild state; their labels are already stored and are not written twice.
+  joined again to rebuild state; their labels are written only if missing (the replay may read the
+  two topics in another order than the first pass: a label it makes may be one the first pass never
+  made, and a revision names one content either way). Dead letters are at least once.
   Order per batch: dead letters sent, labels committed, table written, offsets acknowledged.
 - Expiry: a table may only change inside stream iteration, so a timer sends one tick per partition
   to a co-partitioned ticks topic and the join agent sweeps the requests that are due (`ExpiryIndex`).
@@ -29,7 +31,7 @@ from faust.streams import _current_event  # the context variable faust's tables 
 from faust.types import TP
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from schemas import DeadLetter, LabelledExample
+from schemas import CLOCK_SKEW_S, DeadLetter, LabelledExample
 from services.config import Settings
 from services.observability import serve_metrics
 from services.online import request_counts
@@ -167,6 +169,7 @@ def create_app(s: Settings) -> faust.App:
             live.clear()
             deadlines.clear()
             stored.clear()
+            joined.clear()  # how far a partition is joined: from its committed offset when it comes back
 
     @app.agent(inputs)
     async def join_label(stream: AsyncIterator) -> None:
@@ -182,6 +185,7 @@ def create_app(s: Settings) -> faust.App:
         changed: dict[str, tuple[RequestState, faust.EventT]] = {}
         forgotten: set[str] = set()
         labels: list[LabelledExample] = []
+        replay_labels: list[LabelledExample] = []  # from messages joined before a crash: stored unless already
         dead: list[DeadLetter] = []
         positions: dict[str, int] = {}
         now = time.time()
@@ -209,8 +213,10 @@ def create_app(s: Settings) -> faust.App:
                 deadlines.push(msg.partition, result.state.forget_after(window), key)
             joined[(msg.topic, msg.partition)] = msg.offset
             clock[msg.partition] = max(clock.get(msg.partition, 0.0), msg.timestamp or now)
+            dead += result.dead
             if replayed:
                 counts["replayed"] += 1
+                replay_labels += result.labels
                 continue
             positions[source] = msg.offset
             counts[f"{kind}s"] += 1
@@ -219,10 +225,9 @@ def create_app(s: Settings) -> faust.App:
             for burst in result.bursts:
                 quarantine(burst)
             labels += result.labels
-            dead += result.dead
         await send_dead(dead)
-        if labels:
-            await store_labels(labels, positions)
+        if labels or replay_labels:
+            labels = await store_labels(labels, replay_labels, positions)
         counts["labels"] += len(labels)
         metrics.labels.inc(len(labels))
         for key, (state, last) in changed.items():
@@ -233,16 +238,35 @@ def create_app(s: Settings) -> faust.App:
         # these partitions over (after a rebalance or a kill) recovers every state the labels came from
         await app.producer.flush()
 
-    async def store_labels(labels: list[LabelledExample], positions: dict[str, int]) -> None:
-        """Retries until stored: acknowledging the batch without its labels would lose them."""
+    async def store_labels(
+        labels: list[LabelledExample], replay_labels: list[LabelledExample], positions: dict[str, int]
+    ) -> list[LabelledExample]:
+        """Retries until stored (acknowledging the batch without its labels would lose them); returns
+        what it wrote: `labels` and the replay's labels that were missing."""
         for attempt in itertools.count():
             try:
-                await asyncio.to_thread(store.write, labels, positions)
+                missing = await asyncio.to_thread(not_stored, replay_labels)
+                await asyncio.to_thread(store.write, labels + missing, positions)
                 stored.advance(positions)
-                return
+                return labels + missing
             except Exception as e:
                 log.error("labels not stored (attempt %d), retrying: %s", attempt + 1, e)
                 await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
+
+    def not_stored(replay_labels: list[LabelledExample]) -> list[LabelledExample]:
+        """The labels of replayed messages the table lacks (this worker alone writes its partitions'
+        labels: the read cannot race a write). A label's rows are never older than its impression."""
+        if not replay_labels:
+            return []
+        since = min(lab.timestamp for lab in replay_labels) - window - CLOCK_SKEW_S
+        have = store.stored_revisions(replay_labels, since)
+        return [lab for lab in replay_labels if (lab.label_id, lab.revision) not in have]
+
+    def resumed_from(tp: TP) -> int | None:
+        """The last offset done before this worker took `tp`: its committed offset (faust's record of
+        it) minus one. A partition nothing new arrives on after a restart is caught up, not lagging."""
+        committed = app.consumer._committed_offset.get(tp)  # faust reads it from the broker on assignment
+        return committed - 1 if committed else None
 
     def stream_time(partition: int, now: float) -> float:
         """What the sweep calls now: the clock while the partition is caught up, else the time of the
@@ -250,7 +274,7 @@ def create_app(s: Settings) -> faust.App:
         still queued for (they would all be dead-lettered as unknown)."""
         for topic in (keys.impressions, keys.interactions):
             tp = TP(topic, partition)
-            done = joined.get((topic, partition))
+            done = joined.get((topic, partition), resumed_from(tp))
             highwater = app.consumer.highwater(tp) if tp in app.consumer.assignment() else None
             if highwater is None or (highwater and (done is None or done + 1 < highwater)):
                 return clock.get(partition, 0.0)  # lagging, or not known yet (just started): nothing is due

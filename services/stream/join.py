@@ -252,7 +252,8 @@ def _admit(
 def _relabel(state: RequestState, rules: LabelRules, result: StepResult) -> StepResult:
     """The labels of the request's admitted interactions that changed since last emitted."""
     assert state.impression is not None
-    result.labels, state.emitted = changed_labels(label_request(state.impression, state.events, rules), state.emitted)
+    labels = label_request(state.impression, state.events, rules)
+    result.labels, state.emitted = changed_labels(labels, state.emitted, revision=len(state.events))
     return result
 
 

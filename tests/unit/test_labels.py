@@ -62,12 +62,14 @@ def test_propensity_follows_the_examination_curve_and_is_clipped():
 
 def test_changed_labels_emits_revisions_only_when_something_changed():
     imp = impression()
-    first, emitted = changed_labels(label_request(imp, [interaction("d2", "purchase", event_id="p")]), {})
+    first, emitted = changed_labels(label_request(imp, [interaction("d2", "purchase", event_id="p")]), {}, revision=1)
     assert sorted((lab.doc_id, lab.revision) for lab in first) == [("d1", 1), ("d2", 1)]
-    again, emitted = changed_labels(label_request(imp, [interaction("d2", "purchase", event_id="p")]), emitted)
+    again, emitted = changed_labels(label_request(imp, [interaction("d2", "purchase", event_id="p")]), emitted, revision=1)
     assert again == []
     returned, emitted = changed_labels(
-        label_request(imp, [interaction("d2", "purchase", event_id="p"), interaction("d2", "return", event_id="r")]), emitted
+        label_request(imp, [interaction("d2", "purchase", event_id="p"), interaction("d2", "return", event_id="r")]),
+        emitted,
+        revision=2,
     )
     assert [(lab.doc_id, lab.revision, lab.grade) for lab in returned] == [("d2", 2, -2)]
     assert emitted["d2"].revision == 2 and emitted["d1"].revision == 1
@@ -240,3 +242,15 @@ def test_a_read_orders_labels_by_time_whatever_order_the_stream_wrote_them_in(tm
     a, b = first.read()[0], second.read()[0]
     assert a["request_id"].tolist() == b["request_id"].tolist() == [f"r{n}" for n in range(30)]
     assert list(aggregate(a)) == list(aggregate(b))
+
+
+def test_the_store_says_which_revisions_it_holds_so_a_replay_writes_only_what_is_missing(tmp_path):
+    from training.labels.store import DeltaLabelStore
+
+    store = DeltaLabelStore(tmp_path / "labels")
+    assert store.stored_revisions([_label(0)], since=0.0) == set()
+    assert store.write([_label(n) for n in range(3)] + [_label(1, revision=2)], {"interactions@t-p0": 5})
+    asked = [_label(1), _label(1, revision=2), _label(1, revision=3), _label(7)]
+    assert store.stored_revisions(asked, since=0.0) == {("r1:d1", 1), ("r1:d1", 2)}
+    # a replay-only batch (no new offsets) is written, not mistaken for one already stored
+    assert store.write([_label(7)], {}) and store.stored_revisions([_label(7)], since=0.0) == {("r7:d1", 1)}

@@ -3,6 +3,9 @@
 The stream processor calls `label_request` each time a new interaction for a request arrives and
 emits only the labels that changed (as a new revision of the same `label_id`), so the rules can look
 at the whole request (e.g. "shown above the lowest click") while staying incremental and idempotent.
+A revision is the number of the request's interactions it was computed from, so (label_id, revision)
+names one content whichever order the impression and its interactions were read in (a replay after a
+crash may interleave the two topics differently from the first pass).
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ def _grade(evs: Sequence[InteractionEvent], rules: LabelRules) -> tuple[int, flo
 
 
 class EmittedLabel(BaseModel):
-    """What the stream last emitted for one (request, doc): the next change is revision + 1."""
+    """What the stream last emitted for one (request, doc)."""
 
     revision: int
     grade: int
@@ -138,16 +141,16 @@ class EmittedLabel(BaseModel):
 
 
 def changed_labels(
-    new: dict[str, LabelledExample], emitted: Mapping[str, EmittedLabel]
+    new: dict[str, LabelledExample], emitted: Mapping[str, EmittedLabel], revision: int
 ) -> tuple[list[LabelledExample], dict[str, EmittedLabel]]:
-    """Labels that differ from what was already emitted, as their next revision, and the updated
-    emitted map (the caller stores it, so a replay of the same events yields nothing new)."""
+    """Labels that differ from what was already emitted, as `revision` (the count of interactions
+    they were computed from: it grows with every change), and the updated emitted map (the caller
+    stores it, so a replay of the same events yields nothing new)."""
     out, after = [], dict(emitted)
     for doc_id, label in new.items():
         prev = emitted.get(doc_id)
         if prev is not None and prev.same_as(label):
             continue
-        revision = (prev.revision if prev else 0) + 1
         after[doc_id] = EmittedLabel(revision=revision, grade=label.grade, weight=label.weight, signals=label.signals)
         out.append(label.model_copy(update={"revision": revision}))
     return out, after

@@ -68,6 +68,9 @@ class LabelStore(Protocol):
         """Stores labels made from input messages up to `positions` (source -> last offset), recording
         the positions in the same transaction; False, storing nothing, when every one was already."""
 
+    def stored_revisions(self, labels: list[LabelledExample], since: float) -> set[tuple[str, int]]:
+        """Which of `labels` are stored already, as (label_id, revision), looking at rows from `since`."""
+
     def read(self) -> tuple[pd.DataFrame, Lineage]:
         """The latest revision of every label, and its lineage (with `contributions`: `count()` then)."""
 
@@ -180,7 +183,7 @@ class DeltaLabelStore:
 
         table = self._open()
         done = {src: table.transaction_version(src) if table is not None else None for src in positions}
-        if all(stored is not None and stored >= positions[src] for src, stored in done.items()):
+        if positions and all(stored is not None and stored >= positions[src] for src, stored in done.items()):
             return False
         rows = [lab.model_dump(mode="json") for lab in labels]
         stored_at = time.time()
@@ -197,6 +200,18 @@ class DeltaLabelStore:
             commit_properties=commit,
         )
         return True
+
+    def stored_revisions(self, labels: list[LabelledExample], since: float) -> set[tuple[str, int]]:
+        """Which of `labels` are stored already, as (label_id, revision): a replay's labels are written
+        only if missing. Rows stored before `since` (a label's timestamp) are skipped by file stats."""
+        table = self._open()
+        if table is None or not labels:
+            return set()
+        ids = sorted({lab.label_id for lab in labels})
+        found = table.to_pyarrow_table(
+            columns=["label_id", "revision"], filters=[("timestamp", ">=", since), ("label_id", "in", ids)]
+        ).to_pylist()
+        return {(r["label_id"], r["revision"]) for r in found}
 
     def stored_offset(self, source: str) -> int | None:
         """The last offset of `source` stored (metadata only), or None."""
@@ -306,6 +321,10 @@ class MemoryLabelStore:
     def write(self, labels: list[LabelledExample], positions: dict[str, int]) -> bool:
         self.rows += [lab.model_dump(mode="json") for lab in labels]
         return True
+
+    def stored_revisions(self, labels: list[LabelledExample], since: float) -> set[tuple[str, int]]:
+        ids = {lab.label_id for lab in labels}
+        return {(r["label_id"], r["revision"]) for r in self.rows if r["label_id"] in ids}
 
     def read(self) -> tuple[pd.DataFrame, Lineage]:
         df = apply_purges(latest_revisions(_frame(self.rows)), self.purges) if self.rows else _frame([])
