@@ -127,7 +127,8 @@ def create_app(s: Settings) -> faust.App:
     metrics = StreamMetrics(s.metrics_host, s.stream.metrics_port)
     activity = open_activity(s.redis_url, keys)
     joined: dict[tuple[str, int], int] = {}  # (topic, partition) -> the last offset joined, for the lag
-    clock: dict[int, float] = {}  # partition -> the broker time of the latest message joined in it
+    ends: dict[TP, int] = {}  # the broker's end offset of each input partition, asked every REPORT_S
+    clock: dict[tuple[str, int], float] = {}  # (topic, partition) -> the broker time of the latest message joined
     counts: defaultdict[str, int] = defaultdict(int)  # for the status page, written to Redis every REPORT_S
     online: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))  # per model version
     live: dict[str, RequestState] = {}  # the states of this worker's requests as objects: no parse per message
@@ -212,7 +213,7 @@ def create_app(s: Settings) -> faust.App:
                 forgotten.discard(key)
                 deadlines.push(msg.partition, result.state.forget_after(window), key)
             joined[(msg.topic, msg.partition)] = msg.offset
-            clock[msg.partition] = max(clock.get(msg.partition, 0.0), msg.timestamp or now)
+            clock[(msg.topic, msg.partition)] = max(clock.get((msg.topic, msg.partition), 0.0), msg.timestamp or now)
             dead += result.dead
             if replayed:
                 counts["replayed"] += 1
@@ -269,16 +270,18 @@ def create_app(s: Settings) -> faust.App:
         return committed - 1 if committed else None
 
     def stream_time(partition: int, now: float) -> float:
-        """What the sweep calls now: the clock while the partition is caught up, else the time of the
-        latest message joined in it, so a stream that lags never forgets a request its events are
-        still queued for (they would all be dead-lettered as unknown)."""
+        """What the sweep calls now: the clock while the partition's two topics are caught up, else the
+        time of the latest message joined from the one that lags most, so a stream that lags never
+        forgets a request whose events (or impression) are still queued: they would be dead-lettered
+        as unknown. (A watermark: the minimum over the inputs.)"""
+        times = [now]
         for topic in (keys.impressions, keys.interactions):
             tp = TP(topic, partition)
             done = joined.get((topic, partition), resumed_from(tp))
-            highwater = app.consumer.highwater(tp) if tp in app.consumer.assignment() else None
-            if highwater is None or (highwater and (done is None or done + 1 < highwater)):
-                return clock.get(partition, 0.0)  # lagging, or not known yet (just started): nothing is due
-        return now
+            end = highwater(tp)
+            if end is None or (end and (done is None or done + 1 < end)):
+                times.append(clock.get((topic, partition), 0.0))  # lagging, or not known yet: nothing is due
+        return min(times)
 
     def expire(partition: int, now: float, forgotten: set[str]) -> list[DeadLetter]:
         """Runs inside the stream (a table may only change there), for the tick's partition only:
@@ -316,17 +319,30 @@ def create_app(s: Settings) -> faust.App:
         for partition in range(partitions):
             await ticks.send(value=b"tick", partition=partition)
 
+    def highwater(tp: TP) -> int | None:
+        """The end of `tp` on the broker as last seen: by the consumer's latest fetch of it, or by the
+        offsets asked for every REPORT_S (a fetch of a partition with a full buffer waits: it goes stale)."""
+        if tp not in app.consumer.assignment():
+            return None
+        fetched = app.consumer.highwater(tp)
+        return max(fetched or 0, ends.get(tp, 0)) if fetched is not None or tp in ends else None
+
     async def measure_lag() -> None:
         """Per input topic: the broker's high-water mark minus what this worker has joined."""
         consumer, lag = app.consumer, {keys.impressions: 0, keys.interactions: 0}
-        for tp in consumer.assignment():
-            if tp.topic not in lag:
-                continue
-            done = joined.get((tp.topic, tp.partition))
+        inputs = [tp for tp in consumer.assignment() if tp.topic in lag]
+        try:
+            fresh = await asyncio.wait_for(consumer.highwaters(*inputs), REPORT_S)
+            ends.clear()
+            ends.update(fresh)
+        except Exception as e:  # the broker did not answer in time: the fetches' marks only
+            log.debug("end offsets unknown: %s", e)
+        for tp in inputs:
+            done = joined.get((tp.topic, tp.partition), resumed_from(tp))
             try:
                 # nothing joined yet: from the consumer's position (which waits for a fetch, hence the bound)
                 upto = done + 1 if done is not None else (await asyncio.wait_for(consumer.position(tp), 1.0)) or 0
-                lag[tp.topic] += max(0, (consumer.highwater(tp) or 0) - upto)
+                lag[tp.topic] += max(0, (highwater(tp) or 0) - upto)
             except Exception as e:  # no fetch yet for this partition: nothing known to lag
                 log.debug("lag of %s unknown: %s", tp, e)
         for topic, n in lag.items():
