@@ -15,6 +15,7 @@ import json
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,9 +221,7 @@ def _audit(s: Settings, store, sent_at: dict[str, float], planted: dict[str, int
     malformed = sum(1 for d in dead if d.get("code") == "invalid_event")
     missing = sorted(set(sent_at) - contributed - dead_ids)
     malformed_missing = max(0, planted["malformed"] - malformed)
-    by_code: dict[str, int] = {}
-    for d in dead:
-        by_code[str(d.get("code"))] = by_code.get(str(d.get("code")), 0) + 1
+    by_code = Counter(str(d.get("code")) for d in dead)
     counts = _activity_totals(s)
 
     def q(p: float) -> float:
