@@ -7,6 +7,11 @@ Every pair gets an offline difference (NDCG@10 on the judged split) and two onli
 the same simulated users (the position-based click model of `simulate`): team-draft interleaving,
 decided by the sign test of `training.interleave`, and an A/B split, decided by Welch's t-test on
 the reciprocal rank of a session's first click; both stop at the same looks with the same threshold.
+
+How many sessions each design needs is measured twice: where the sequential rule stopped (one draw,
+on a doubling grid, so a pair's ratio is a power of 2), and as the sample size each test needs to
+reach p < 0.05 with 80 % power, from the per-session mean and variance of `ESTIMATE_SESSIONS`
+sessions per design (the usual measure of an online metric's sensitivity; not quantized).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 from rich.progress import Progress
-from scipy.stats import ttest_ind
+from scipy.stats import norm, ttest_ind
 
 from services.config import Settings
 from services.local.simulate import UserModel, examination_curve, session_events, session_spread
@@ -35,6 +40,8 @@ from training.ranking.rank import candidates_for, rank
 from training.ranking.reranker import Reranker
 
 SHOWN = 10
+ESTIMATE_SESSIONS = 40_000  # sessions per design and pair behind the sample-size estimate
+ALPHA, POWER = 0.05, 0.8  # the sample-size estimate: two-sided p < ALPHA, reached with probability POWER
 COPY = "first stage (hybrid), a copy"  # the null pair: identical rankers must be called no different
 
 
@@ -48,6 +55,8 @@ class Pair(BaseModel):
     sessions_ab: int | None
     ab_verdict: Verdict
     ab_p_value: float
+    sessions_interleaving_estimated: int | None  # sessions the sign test needs (p < ALPHA, POWER); None: no preference
+    sessions_ab_estimated: int | None  # the same for the A/B split's Welch test
 
 
 class InterleaveBenchResult(BaseModel):
@@ -58,7 +67,9 @@ class InterleaveBenchResult(BaseModel):
     pairs: list[Pair]
     agreement: float  # share of pairs with |offline_delta| >= 0.01 whose interleaving verdict has its sign
     agreement_pairs: int
-    sensitivity_ratio: float  # median sessions_ab / sessions_interleaving (A/B never: counted as max_sessions)
+    sensitivity_ratio: float  # median sessions_ab_estimated / sessions_interleaving_estimated, pairs |offline_delta| >= 0.01
+    sensitivity_ratio_quartiles: tuple[float, float]
+    sensitivity_ratio_sequential: float  # median sessions_ab / sessions_interleaving (A/B never: max_sessions)
     looks: list[int]
     look_threshold: float
     null_pairs_significant: int  # identical rankers declared different (should be 0)
@@ -149,6 +160,52 @@ def simulate_pair(
     return il_result, ab_result
 
 
+def sessions_needed_sign(outcomes: np.ndarray) -> int | None:
+    """Sessions a two-sided sign test needs to reach p < ALPHA with probability POWER, for sessions
+    like `outcomes` (+1: the challenger won, -1: the champion won, 0: a tie). Normal approximation:
+    wins − losses over n sessions has mean n·μ and variance n·(q − μ²) (q: share decided), and the
+    test's threshold is z·√(n·q)."""
+    mu, decided = float(outcomes.mean()), float(np.mean(outcomes != 0))
+    if mu == 0:
+        return None
+    z_alpha, z_power = norm.ppf(1 - ALPHA / 2), norm.ppf(POWER)
+    return round(((z_alpha * decided**0.5 + z_power * (decided - mu * mu) ** 0.5) / mu) ** 2)
+
+
+def sessions_needed_welch(champion: np.ndarray, challenger: np.ndarray) -> int | None:
+    """Sessions (both arms together, split evenly) a two-sided test of the difference in means needs to
+    reach p < ALPHA with probability POWER, for per-session values like these."""
+    delta = float(challenger.mean() - champion.mean())
+    if delta == 0:
+        return None
+    spread = float(champion.var(ddof=1) + challenger.var(ddof=1))
+    return round(2 * spread * (norm.ppf(1 - ALPHA / 2) + norm.ppf(POWER)) ** 2 / delta**2)
+
+
+def estimate_pair(
+    champion: dict[str, list[str]],
+    challenger: dict[str, list[str]],
+    qrels: dict[str, dict[str, int]],
+    user: UserModel,
+    seed: int,
+    sessions: int = ESTIMATE_SESSIONS,
+) -> tuple[int | None, int | None]:
+    """Sessions interleaving and A/B need (p < ALPHA, POWER), from `sessions` simulated sessions each."""
+    qids = sorted(qrels)
+    wins = np.zeros(sessions)
+    arms: dict[str, list[float]] = {"champion": [], "challenger": []}
+    for i in range(sessions):
+        rng = random.Random(f"estimate {seed} {i}")
+        qid = rng.choice(qids)
+        mixed = team_draft(champion[qid][:SHOWN], challenger[qid][:SHOWN], SHOWN, rng)
+        winner = session_winner(mixed.teams, _clicks(rng, user, mixed.doc_ids, qrels[qid]))
+        wins[i] = 0 if winner is None else (1 if winner == "challenger" else -1)
+        for arm, ranking in (("champion", champion), ("challenger", challenger)):
+            clicks = _clicks(rng, user, ranking[qid][:SHOWN], qrels[qid])
+            arms[arm].append(1.0 / (1 + min(clicks)) if clicks else 0.0)
+    return sessions_needed_sign(wins), sessions_needed_welch(np.array(arms["champion"]), np.array(arms["challenger"]))
+
+
 def _clicks(rng: random.Random, user: UserModel, docs: list[str], qrels: dict[str, int]) -> list[int]:
     """0-based positions the simulated user clicked."""
     items = [Shown(d, p + 1) for p, d in enumerate(docs)]
@@ -206,6 +263,7 @@ def run_interleave_bench(
         task = bar.add_task(f"simulating {len(pairs_to_run)} pairs", total=len(pairs_to_run))
         for k, (champion, challenger) in enumerate(pairs_to_run):
             (v, p, n), (abv, abp, abn) = simulate_pair(rankings[champion], rankings[challenger], qrels, user, cfg, seed + k)
+            il_needed, ab_needed = estimate_pair(rankings[champion], rankings[challenger], qrels, user, seed + k)
             out.append(
                 Pair(
                     challenger=challenger,
@@ -217,12 +275,20 @@ def run_interleave_bench(
                     sessions_ab=abn,
                     ab_verdict=abv,
                     ab_p_value=abp,
+                    sessions_interleaving_estimated=il_needed,
+                    sessions_ab_estimated=ab_needed,
                 )
             )
             bar.advance(task)
     judged = [p for p in out if abs(p.offline_delta) >= 0.01]
     agree = [p for p in judged if p.verdict == ("challenger" if p.offline_delta > 0 else "champion")]
-    ratios = [(p.sessions_ab or cfg.max_sessions) / p.sessions_interleaving for p in out if p.sessions_interleaving]
+    sequential = [(p.sessions_ab or cfg.max_sessions) / p.sessions_interleaving for p in out if p.sessions_interleaving]
+    ratios = [
+        p.sessions_ab_estimated / p.sessions_interleaving_estimated
+        for p in judged
+        if p.sessions_ab_estimated and p.sessions_interleaving_estimated
+    ]
+    quartiles = np.percentile(ratios, [25, 75]) if ratios else np.zeros(2)
     return InterleaveBenchResult(
         dataset=str(s.dataset),
         split=split,
@@ -232,6 +298,8 @@ def run_interleave_bench(
         agreement=round(len(agree) / len(judged), 4) if judged else 0.0,
         agreement_pairs=len(judged),
         sensitivity_ratio=round(statistics.median(ratios), 2) if ratios else 0.0,
+        sensitivity_ratio_quartiles=(round(float(quartiles[0]), 2), round(float(quartiles[1]), 2)),
+        sensitivity_ratio_sequential=round(statistics.median(sequential), 2) if sequential else 0.0,
         looks=looks(cfg),
         look_threshold=look_threshold(cfg),
         null_pairs_significant=sum(1 for p in out if p.champion == COPY and p.verdict != "no difference"),
@@ -242,6 +310,9 @@ def run_interleave_bench(
             "interleaving: team draft, sign test over sessions one ranker won; A/B: alternate sessions per arm, "
             "Welch t-test on the reciprocal rank of the first click",
             f"both stop at the first look in {looks(cfg)} with p < {look_threshold(cfg):.4g}; "
-            "sessions_ab None = not significant by the last look (the ratio then counts max_sessions: a lower bound)",
+            "sessions_ab None = not significant by the last look (the sequential ratio then counts max_sessions: a lower bound)",
+            f"sessions_*_estimated: sessions each test needs to reach p < {ALPHA} with {POWER:.0%} power (normal "
+            f"approximation), from the per-session mean and variance of {ESTIMATE_SESSIONS:,} sessions per design; "
+            "sensitivity_ratio: their median ratio over the pairs with |offline_delta| >= 0.01",
         ],
     )

@@ -1,5 +1,6 @@
 import random
 
+import numpy as np
 import pytest
 
 from services.local.simulate import UserModel
@@ -188,3 +189,32 @@ def test_an_undecided_experiment_says_how_far_it_got():
     j = judge(["challenger", "champion"] * 60, cfg)
     assert j.verdict is None and j.look == 100
     assert "undecided after 120 sessions (at the look of 100: 50 won / 50 lost / 0 tied" in j.describe("3", "v2")
+
+
+def test_the_estimated_sessions_reach_significance_with_the_promised_power():
+    """The bench's sample-size estimates: run each test on as many sessions as estimated, many times
+    over; about POWER of those experiments reach p < ALPHA."""
+    from scipy.stats import binomtest, ttest_ind
+
+    from services.local.bench_interleave import ALPHA, POWER, sessions_needed_sign, sessions_needed_welch
+
+    rng = np.random.default_rng(0)
+    outcomes = rng.choice([1, -1, 0], p=[0.3, 0.2, 0.5], size=200_000)
+    n = sessions_needed_sign(outcomes)
+    assert n is not None and 300 < n < 500
+    hits = 0
+    for _ in range(1000):
+        sample = rng.choice([1, -1, 0], p=[0.3, 0.2, 0.5], size=n)
+        wins, losses = int(np.sum(sample == 1)), int(np.sum(sample == -1))
+        hits += binomtest(wins, wins + losses, 0.5).pvalue < ALPHA
+    assert abs(hits / 1000 - POWER) < 0.05
+
+    champion, challenger = rng.exponential(0.5, 200_000), rng.exponential(0.55, 200_000)
+    n = sessions_needed_welch(champion, challenger)
+    assert n is not None
+    hits = sum(
+        ttest_ind(rng.exponential(0.55, n // 2), rng.exponential(0.5, n // 2), equal_var=False).pvalue < ALPHA
+        for _ in range(1000)
+    )
+    assert abs(hits / 1000 - POWER) < 0.05
+    assert sessions_needed_sign(np.zeros(10)) is None
