@@ -32,7 +32,7 @@ from services.local.simulate import UserModel, examination_curve, session_events
 from training import beir
 from training.config import InterleaveConfig
 from training.evaluate import evaluate_first_stage_parts
-from training.interleave import Tally, Verdict, decide, look_threshold, looks, session_winner, team_draft
+from training.interleave import Tally, Team, Verdict, decide, look_threshold, looks, session_winner, team_draft
 from training.metrics import per_query, ranking_to_run
 from training.ranking.first_stage import Candidate, FirstStage, build_index, minmax
 from training.ranking.model_files import META_FILE
@@ -135,13 +135,10 @@ def simulate_pair(
         rng = random.Random(seed * 1_000_003 + i)
         qid = rng.choice(qids)
         if il_result is None:
-            mixed = team_draft(champion[qid][:SHOWN], challenger[qid][:SHOWN], SHOWN, rng)
-            clicks = _clicks(rng, user, mixed.doc_ids, qrels[qid])
-            tally.add(session_winner(mixed.teams, clicks))
+            tally.add(interleaved_winner(champion[qid], challenger[qid], qrels[qid], user, rng))
         if ab_result is None:
             arm = "challenger" if i % 2 else "champion"
-            clicks = _clicks(rng, user, (champion if arm == "champion" else challenger)[qid][:SHOWN], qrels[qid])
-            arms[arm].append(1.0 / (1 + min(clicks)) if clicks else 0.0)
+            arms[arm].append(first_click_rr((champion if arm == "champion" else challenger)[qid], qrels[qid], user, rng))
         if i in schedule:
             if il_result is None:
                 p = tally.p_value()
@@ -197,13 +194,25 @@ def estimate_pair(
     for i in range(sessions):
         rng = random.Random(f"estimate {seed} {i}")
         qid = rng.choice(qids)
-        mixed = team_draft(champion[qid][:SHOWN], challenger[qid][:SHOWN], SHOWN, rng)
-        winner = session_winner(mixed.teams, _clicks(rng, user, mixed.doc_ids, qrels[qid]))
+        winner = interleaved_winner(champion[qid], challenger[qid], qrels[qid], user, rng)
         wins[i] = 0 if winner is None else (1 if winner == "challenger" else -1)
         for arm, ranking in (("champion", champion), ("challenger", challenger)):
-            clicks = _clicks(rng, user, ranking[qid][:SHOWN], qrels[qid])
-            arms[arm].append(1.0 / (1 + min(clicks)) if clicks else 0.0)
+            arms[arm].append(first_click_rr(ranking[qid], qrels[qid], user, rng))
     return sessions_needed_sign(wins), sessions_needed_welch(np.array(arms["champion"]), np.array(arms["challenger"]))
+
+
+def interleaved_winner(
+    champion: list[str], challenger: list[str], qrels: dict[str, int], user: UserModel, rng: random.Random
+) -> Team | None:
+    """One interleaving session on one query: the team the simulated user's clicks favoured."""
+    mixed = team_draft(champion[:SHOWN], challenger[:SHOWN], SHOWN, rng)
+    return session_winner(mixed.teams, _clicks(rng, user, mixed.doc_ids, qrels))
+
+
+def first_click_rr(ranking: list[str], qrels: dict[str, int], user: UserModel, rng: random.Random) -> float:
+    """One A/B session on one query: the reciprocal rank of the first click (0: no click)."""
+    clicks = _clicks(rng, user, ranking[:SHOWN], qrels)
+    return 1.0 / (1 + min(clicks)) if clicks else 0.0
 
 
 def _clicks(rng: random.Random, user: UserModel, docs: list[str], qrels: dict[str, int]) -> list[int]:
