@@ -19,7 +19,7 @@ from training.ranking.rank import candidates_for
 
 FILE = "self_check.json"
 PROBES = 32
-MIN_AGREEMENT = 0.9  # share of the recorded top 10 found again (bf16 encoding may swap a close pair)
+MIN_AGREEMENT = 0.9  # share of the recorded top 10 found again (bf16 or thread-count rounding may swap a close pair)
 TOLERANCE = 0.002  # how far a recomputed figure may be from the recorded one
 SPLITS = ("train", "dev", "test")
 FIGURES = ("ndcg@10", "recall@100")

@@ -17,6 +17,7 @@ from torch import nn
 from training.config import TrainConfig
 from training.labels.feedback import QueryFeedback
 from training.progress import Progress, silent
+from training.ranking.encoder import cpu_autocast
 from training.ranking.first_stage import Candidate
 
 
@@ -99,7 +100,7 @@ class FitStats:
 def fit(
     model: SentenceTransformer, examples: list[Example], text: Callable[[str], str], cfg: TrainConfig, progress: Progress = silent
 ) -> FitStats:
-    """Trains in place: fp32 master weights, bf16 autocast forward, AdamW with linear warm-up."""
+    """Trains in place: fp32 master weights, bf16 autocast forward where the CPU has bf16, AdamW with linear warm-up."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.max_seq_length = cfg.max_seq_length
@@ -117,7 +118,7 @@ def fit(
             docs = [text(e.positive) for e in batch]
             docs += [text(n) for e in batch for n in e.negatives]
             weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with cpu_autocast():
                 loss = loss_fn([e.query for e in batch], docs, weights)
             opt.zero_grad()
             loss.backward()
