@@ -280,6 +280,8 @@ def test_a_champion_no_worker_can_load_makes_health_not_ready_then_is_tagged_bro
 
     monkeypatch.setattr(s.serving, "max_load_failures", 3)
     wait_until(lambda: registry.champion().version == good, what="automatic rollback")
+    # the alias moves first, then the rollback's audit tags are written
+    wait_until(lambda: "rolled_back_by" in registry.client.get_model_version(registry.name, broken).tags, what="audit tags")
     tags = registry.client.get_model_version(registry.name, broken).tags
     assert "failed to load" in tags["broken"] and tags["rolled_back_by"] == "serving"
     wait_until(lambda: httpx.get(f"{s.base_url}/health/ready").status_code == 200, what="ready again")
