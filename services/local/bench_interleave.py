@@ -6,7 +6,9 @@ run's), and deliberately damaged copies of the best (its top result demoted, its
 Every pair gets an offline difference (NDCG@10 on the judged split) and two online experiments on
 the same simulated users (the position-based click model of `simulate`): team-draft interleaving,
 decided by the sign test of `training.interleave`, and an A/B split, decided by Welch's t-test on
-the reciprocal rank of a session's first click; both stop at the same looks with the same threshold.
+the reciprocal rank of a session's first liked document; both stop at the same looks with the same
+threshold. Both read a session as the scheduler does: a document counts when the label rules grade
+its reactions positive (a click, cite or purchase not taken back by a deleted citation or a return).
 
 How many sessions each design needs is measured twice: where the sequential rule stopped (one draw,
 on a doubling grid, so a pair's ratio is a power of 2), and as the sample size each test needs to
@@ -27,12 +29,14 @@ from pydantic import BaseModel
 from rich.progress import Progress
 from scipy.stats import norm, ttest_ind
 
+from schemas import InteractionType
 from services.config import Settings
 from services.local.simulate import UserModel, examination_curve, session_events, session_spread
 from training import beir
 from training.config import InterleaveConfig
 from training.evaluate import evaluate_first_stage_parts
 from training.interleave import Tally, Team, Verdict, decide, look_threshold, looks, session_winner, team_draft
+from training.labels.rules import LabelRules, grade_of
 from training.metrics import per_query, ranking_to_run
 from training.ranking.first_stage import Candidate, FirstStage, build_index, minmax
 from training.ranking.model_files import META_FILE
@@ -121,6 +125,7 @@ def simulate_pair(
     challenger: dict[str, list[str]],
     qrels: dict[str, dict[str, int]],
     user: UserModel,
+    rules: LabelRules,
     cfg: InterleaveConfig,
     seed: int,
 ) -> tuple[tuple[Verdict, float, int | None], tuple[Verdict, float, int | None]]:
@@ -135,10 +140,10 @@ def simulate_pair(
         rng = random.Random(seed * 1_000_003 + i)
         qid = rng.choice(qids)
         if il_result is None:
-            tally.add(interleaved_winner(champion[qid], challenger[qid], qrels[qid], user, rng))
+            tally.add(interleaved_winner(champion[qid], challenger[qid], qrels[qid], user, rng, rules))
         if ab_result is None:
             arm = "challenger" if i % 2 else "champion"
-            arms[arm].append(first_click_rr((champion if arm == "champion" else challenger)[qid], qrels[qid], user, rng))
+            arms[arm].append(first_liked_rr((champion if arm == "champion" else challenger)[qid], qrels[qid], user, rng, rules))
         if i in schedule:
             if il_result is None:
                 p = tally.p_value()
@@ -184,6 +189,7 @@ def estimate_pair(
     challenger: dict[str, list[str]],
     qrels: dict[str, dict[str, int]],
     user: UserModel,
+    rules: LabelRules,
     seed: int,
     sessions: int = ESTIMATE_SESSIONS,
 ) -> tuple[int | None, int | None]:
@@ -194,32 +200,40 @@ def estimate_pair(
     for i in range(sessions):
         rng = random.Random(f"estimate {seed} {i}")
         qid = rng.choice(qids)
-        winner = interleaved_winner(champion[qid], challenger[qid], qrels[qid], user, rng)
+        winner = interleaved_winner(champion[qid], challenger[qid], qrels[qid], user, rng, rules)
         wins[i] = 0 if winner is None else (1 if winner == "challenger" else -1)
         for arm, ranking in (("champion", champion), ("challenger", challenger)):
-            arms[arm].append(first_click_rr(ranking[qid], qrels[qid], user, rng))
+            arms[arm].append(first_liked_rr(ranking[qid], qrels[qid], user, rng, rules))
     return sessions_needed_sign(wins), sessions_needed_welch(np.array(arms["champion"]), np.array(arms["challenger"]))
 
 
 def interleaved_winner(
-    champion: list[str], challenger: list[str], qrels: dict[str, int], user: UserModel, rng: random.Random
+    champion: list[str], challenger: list[str], qrels: dict[str, int], user: UserModel, rng: random.Random, rules: LabelRules
 ) -> Team | None:
-    """One interleaving session on one query: the team the simulated user's clicks favoured."""
+    """One interleaving session on one query: the team whose documents the user's reactions earned more
+    positive labels, as the scheduler credits it (`session_outcomes`)."""
     mixed = team_draft(champion[:SHOWN], challenger[:SHOWN], SHOWN, rng)
-    return session_winner(mixed.teams, _clicks(rng, user, mixed.doc_ids, qrels))
+    return session_winner(mixed.teams, _liked(rng, user, mixed.doc_ids, qrels, rules))
 
 
-def first_click_rr(ranking: list[str], qrels: dict[str, int], user: UserModel, rng: random.Random) -> float:
-    """One A/B session on one query: the reciprocal rank of the first click (0: no click)."""
-    clicks = _clicks(rng, user, ranking[:SHOWN], qrels)
-    return 1.0 / (1 + min(clicks)) if clicks else 0.0
+def first_liked_rr(ranking: list[str], qrels: dict[str, int], user: UserModel, rng: random.Random, rules: LabelRules) -> float:
+    """One A/B session on one query: the reciprocal rank of the first document the label rules grade
+    positive (0: none), the same evidence interleaving is credited with."""
+    liked = _liked(rng, user, ranking[:SHOWN], qrels, rules)
+    return 1.0 / (1 + min(liked)) if liked else 0.0
 
 
-def _clicks(rng: random.Random, user: UserModel, docs: list[str], qrels: dict[str, int]) -> list[int]:
-    """0-based positions the simulated user clicked."""
-    items = [Shown(d, p + 1) for p, d in enumerate(docs)]
+def _liked(rng: random.Random, user: UserModel, docs: list[str], qrels: dict[str, int], rules: LabelRules) -> list[int]:
+    """0-based positions whose reactions the label rules grade positive (a click, cite or purchase not
+    taken back by a deleted citation or a return)."""
+    reactions: dict[str, tuple[set[InteractionType], float]] = {}
+    for doc, kind, value in session_events(rng, user, [Shown(d, p + 1) for p, d in enumerate(docs)], qrels):
+        types, dwell = reactions.get(doc, (set(), 0.0))
+        types.add(InteractionType(kind))
+        reactions[doc] = (types, max(dwell, value or 0.0) if kind == "dwell" else dwell)
     position = {d: p for p, d in enumerate(docs)}
-    return sorted({position[d] for d, kind, _ in session_events(rng, user, items, qrels) if kind == "click"})
+    graded = {d: grade_of(types, dwell, rules) for d, (types, dwell) in reactions.items()}
+    return sorted(position[d] for d, g in graded.items() if g is not None and g[0] > 0)
 
 
 def run_interleave_bench(
@@ -271,8 +285,10 @@ def run_interleave_bench(
     with Progress(disable=not progress) as bar:
         task = bar.add_task(f"simulating {len(pairs_to_run)} pairs", total=len(pairs_to_run))
         for k, (champion, challenger) in enumerate(pairs_to_run):
-            (v, p, n), (abv, abp, abn) = simulate_pair(rankings[champion], rankings[challenger], qrels, user, cfg, seed + k)
-            il_needed, ab_needed = estimate_pair(rankings[champion], rankings[challenger], qrels, user, seed + k)
+            (v, p, n), (abv, abp, abn) = simulate_pair(
+                rankings[champion], rankings[challenger], qrels, user, s.stream.rules, cfg, seed + k
+            )
+            il_needed, ab_needed = estimate_pair(rankings[champion], rankings[challenger], qrels, user, s.stream.rules, seed + k)
             out.append(
                 Pair(
                     challenger=challenger,
@@ -317,7 +333,8 @@ def run_interleave_bench(
             f"gamma multiplier of variance {user.spread:.3f} (fitted to that log's overdispersion of clicks per session "
             f"when not given); a session = one query of the split, {SHOWN} results shown",
             "interleaving: team draft, sign test over sessions one ranker won; A/B: alternate sessions per arm, "
-            "Welch t-test on the reciprocal rank of the first click",
+            "Welch t-test on the reciprocal rank of the first liked document; both count a document the label rules "
+            "grade positive (a click, cite or purchase not taken back), as the scheduler does",
             f"both stop at the first look in {looks(cfg)} with p < {look_threshold(cfg):.4g}; "
             "sessions_ab None = not significant by the last look (the sequential ratio then counts max_sessions: a lower bound)",
             f"sessions_*_estimated: sessions each test needs to reach p < {ALPHA} with {POWER:.0%} power (normal "

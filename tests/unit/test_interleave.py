@@ -218,3 +218,19 @@ def test_the_estimated_sessions_reach_significance_with_the_promised_power():
     )
     assert abs(hits / 1000 - POWER) < 0.05
     assert sessions_needed_sign(np.zeros(10)) is None
+
+
+def test_the_bench_credits_an_interleaved_session_as_the_scheduler_does():
+    """A click taken back (a deleted citation, a return) is a negative label, so it does not vote:
+    the champion's three irrelevant documents are clicked and returned, the challenger's one relevant
+    document is clicked and kept; counting raw clicks would call the champion better."""
+    from services.local.bench_interleave import interleaved_winner
+    from training.labels.rules import LabelRules
+
+    every_click_regretted = UserModel(
+        [1.0] * 10, attract_relevant=1.0, attract_irrelevant=1.0, p_cite_relevant=0.0, p_reject_irrelevant=1.0
+    )
+    winner = interleaved_winner(
+        ["x1", "x2", "x3"], ["relevant"], {"relevant": 1}, every_click_regretted, random.Random(0), LabelRules()
+    )
+    assert winner == "challenger"

@@ -113,15 +113,20 @@ def label_request(
 
 
 def _grade(evs: Sequence[InteractionEvent], rules: LabelRules) -> tuple[int, float, list[str]] | None:
-    types = {e.type for e in evs}
+    dwell = max((e.value or 0.0 for e in evs if e.type is T.dwell), default=0.0)
+    return grade_of({e.type for e in evs}, dwell, rules)
+
+
+def grade_of(types: set[InteractionType], dwell_s: float, rules: LabelRules) -> tuple[int, float, list[str]] | None:
+    """(grade, weight, signals) of one shown document from the kinds of its interactions and its longest
+    dwell; None: no evidence. Also how an interleaved session is credited (a grade > 0 is a vote)."""
     signals = sorted(t.value for t in types)
     if T.citation_deleted in types or T.return_ in types:
         return -2, rules.strong_negative_weight, signals
     if T.cite in types or T.purchase in types:
         return 2, rules.strong_positive_weight, signals
     if T.click in types:
-        dwell = max((e.value or 0.0 for e in evs if e.type is T.dwell), default=0.0)
-        long = dwell >= rules.dwell_threshold_s
+        long = dwell_s >= rules.dwell_threshold_s
         return 1, rules.long_dwell_weight if long else rules.click_weight, signals
     if T.skip in types:
         return -1, rules.skip_weight, signals
