@@ -48,7 +48,13 @@ def team_draft(champion: Sequence[str], challenger: Sequence[str], k: int, rng: 
     the top, those are shown as they are and credited to neither: a click there says nothing about which
     ranker is better, and a coin-flipped credit would only add noise (most clicks land at the top).
     Below that, the team with fewer picks picks next (a coin decides when both have as many); a team
-    picks its best document not already shown."""
+    picks its best document not already shown.
+
+    A document both teams would have picked at a coin toss is credited to neither either, and so is the
+    next one when both teams would have picked that too. Either coin outcome puts that document in the
+    same place under the same documents, so its credit is a coin flip with the same chance of a click
+    both ways: dropping it keeps every team's expected credit and removes noise (the exact average over
+    the coin outcomes that show the same list, where both picks of a round coincide)."""
     common = shared_prefix(champion, challenger, k)
     shown: list[str] = list(champion[:common])
     teams: list[Team | None] = [None] * common
@@ -57,25 +63,33 @@ def team_draft(champion: Sequence[str], challenger: Sequence[str], k: int, rng: 
     ranking: dict[Team, Sequence[str]] = {"champion": champion, "challenger": challenger}
     picks: dict[Team, int] = {"champion": 0, "challenger": 0}
     limit = min(k, len(set(champion) | set(challenger)))
+    round_shared = False  # the coin toss of this round picked a document both teams wanted
     while len(shown) < limit:
-        if picks["champion"] != picks["challenger"]:
-            team: Team = "champion" if picks["champion"] < picks["challenger"] else "challenger"
+        toss = picks["champion"] == picks["challenger"]
+        if toss:
+            team: Team = "challenger" if rng.random() < 0.5 else "champion"
         else:
-            team = "challenger" if rng.random() < 0.5 else "champion"
-        docs, i = ranking[team], cursor[team]
-        while i < len(docs) and docs[i] in seen:
-            i += 1
-        if i == len(docs):  # this team has nothing new left: the other fills the list
+            team = "champion" if picks["champion"] < picks["challenger"] else "challenger"
+        best = {t: _next_unshown(ranking[t], cursor[t], seen) for t in ranking}
+        wanted = {ranking[t][i] for t, i in best.items() if i < len(ranking[t])}
+        both_want = len(wanted) == 1 and all(i < len(ranking[t]) for t, i in best.items())
+        if best[team] == len(ranking[team]):  # this team has nothing new left: the other fills the list
             team = "challenger" if team == "champion" else "champion"
-            docs, i = ranking[team], cursor[team]
-            while i < len(docs) and docs[i] in seen:
-                i += 1
+        if toss:
+            round_shared = both_want
+        i = best[team]
         cursor[team] = i + 1
         picks[team] += 1
-        shown.append(docs[i])
-        seen.add(docs[i])
-        teams.append(team)
+        shown.append(ranking[team][i])
+        seen.add(ranking[team][i])
+        teams.append(None if both_want and round_shared else team)
     return Interleaved(shown, teams)
+
+
+def _next_unshown(docs: Sequence[str], i: int, seen: set[str]) -> int:
+    while i < len(docs) and docs[i] in seen:
+        i += 1
+    return i
 
 
 def session_winner(teams: Sequence[str | None], clicked: Iterable[int]) -> Team | None:

@@ -13,7 +13,8 @@ its reactions positive (a click, cite or purchase not taken back by a deleted ci
 How many sessions each design needs is measured twice: where the sequential rule stopped (one draw,
 on a doubling grid, so a pair's ratio is a power of 2), and as the sample size each test needs to
 reach p < 0.05 with 80 % power, from the per-session mean and variance of `ESTIMATE_SESSIONS`
-sessions per design (the usual measure of an online metric's sensitivity; not quantized).
+sessions per design (the usual measure of an online metric's sensitivity; not quantized); the A/B
+arms of an estimate session share the user's random draws (common random numbers).
 """
 
 from __future__ import annotations
@@ -193,7 +194,10 @@ def estimate_pair(
     seed: int,
     sessions: int = ESTIMATE_SESSIONS,
 ) -> tuple[int | None, int | None]:
-    """Sessions interleaving and A/B need (p < ALPHA, POWER), from `sessions` simulated sessions each."""
+    """Sessions interleaving and A/B need (p < ALPHA, POWER), from `sessions` simulated sessions each.
+    Both A/B arms of a session replay the same user with the same random draws (common random numbers):
+    the A/B difference is then measured precisely, while each arm keeps the variance it has in a real
+    split. With independent draws the estimate of a small difference is mostly noise."""
     qids = sorted(qrels)
     wins = np.zeros(sessions)
     arms: dict[str, list[float]] = {"champion": [], "challenger": []}
@@ -202,8 +206,11 @@ def estimate_pair(
         qid = rng.choice(qids)
         winner = interleaved_winner(champion[qid], challenger[qid], qrels[qid], user, rng, rules)
         wins[i] = 0 if winner is None else (1 if winner == "challenger" else -1)
+        user_draws = random.Random(f"estimate a/b {seed} {i}").getstate()
         for arm, ranking in (("champion", champion), ("challenger", challenger)):
-            arms[arm].append(first_liked_rr(ranking[qid], qrels[qid], user, rng, rules))
+            same_user = random.Random()
+            same_user.setstate(user_draws)
+            arms[arm].append(first_liked_rr(ranking[qid], qrels[qid], user, same_user, rules))
     return sessions_needed_sign(wins), sessions_needed_welch(np.array(arms["champion"]), np.array(arms["challenger"]))
 
 
@@ -332,13 +339,16 @@ def run_interleave_bench(
             f"simulated users: position-based click model, examination from {s.clicklog.name}, scaled per session by a "
             f"gamma multiplier of variance {user.spread:.3f} (fitted to that log's overdispersion of clicks per session "
             f"when not given); a session = one query of the split, {SHOWN} results shown",
-            "interleaving: team draft, sign test over sessions one ranker won; A/B: alternate sessions per arm, "
+            "interleaving: team draft (a document both rankers would show at that place credited to neither), sign "
+            "test over sessions one ranker won; A/B: alternate sessions per arm, "
             "Welch t-test on the reciprocal rank of the first liked document; both count a document the label rules "
             "grade positive (a click, cite or purchase not taken back), as the scheduler does",
             f"both stop at the first look in {looks(cfg)} with p < {look_threshold(cfg):.4g}; "
             "sessions_ab None = not significant by the last look (the sequential ratio then counts max_sessions: a lower bound)",
             f"sessions_*_estimated: sessions each test needs to reach p < {ALPHA} with {POWER:.0%} power (normal "
-            f"approximation), from the per-session mean and variance of {ESTIMATE_SESSIONS:,} sessions per design; "
+            f"approximation), from the per-session mean and variance of {ESTIMATE_SESSIONS:,} sessions per design "
+            "(the two A/B arms of a session replay the same user's random draws, so their difference is measured "
+            "precisely; each arm keeps its own variance); "
             "sensitivity_ratio: their median ratio over the pairs with |offline_delta| >= 0.01",
         ],
     )

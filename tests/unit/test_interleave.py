@@ -1,3 +1,4 @@
+import itertools
 import random
 
 import numpy as np
@@ -5,17 +6,87 @@ import pytest
 
 from services.local.simulate import UserModel
 from training.config import InterleaveConfig
-from training.interleave import Tally, decide, look_threshold, looks, session_winner, team_draft
+from training.interleave import Interleaved, Tally, decide, look_threshold, looks, session_winner, shared_prefix, team_draft
 
 
 def test_team_draft_alternates_picks_and_never_repeats_a_document():
     for seed in range(50):
         mixed = team_draft(list("abcdef"), list("bcaxyz"), 6, random.Random(seed))
         assert len(set(mixed.doc_ids)) == 6
-        counts = [mixed.teams[: i + 1].count("challenger") - mixed.teams[: i + 1].count("champion") for i in range(6)]
-        assert all(abs(c) <= 1 for c in counts)  # after every pair of picks the teams are level
-        for doc, team in zip(mixed.doc_ids, mixed.teams):  # a team only shows what it ranks
-            assert doc in ("abcdef" if team == "champion" else "bcaxyz")
+        assert set(mixed.teams[:2]) == {"champion", "challenger"}  # one pick each in the first round
+        for doc, team in zip(mixed.doc_ids, mixed.teams):  # a team is only credited with what it ranks
+            assert team is None or doc in ("abcdef" if team == "champion" else "bcaxyz")
+
+
+def test_a_document_both_teams_would_pick_at_the_toss_is_credited_to_neither():
+    """Below the first round both rank c, d, e, f alike: whichever team the coin picks shows the same list."""
+    for seed in range(20):
+        mixed = team_draft(list("abcdef"), list("bacdef"), 6, random.Random(seed))
+        assert sorted(mixed.doc_ids[:2]) == ["a", "b"] and mixed.doc_ids[2:] == list("cdef")
+        assert mixed.teams[mixed.doc_ids.index("a")] == "champion" and mixed.teams[mixed.doc_ids.index("b")] == "challenger"
+        assert mixed.teams[2:] == [None] * 4
+    mixed = team_draft(list("abcx"), list("bacy"), 4, random.Random(0))  # c wanted by both, then x vs y
+    assert mixed.teams[2] is None and mixed.teams[3] is not None
+
+
+def _expected_credit(champion: list[str], challenger: list[str], k: int, attraction: dict[str, float], credit) -> float:
+    """Challenger minus champion clicks expected over every coin outcome, for users who examine position
+    p with chance 1/(p+1) and click what they examine with the document's attraction."""
+
+    class Coins:
+        def __init__(self, bits: tuple[int, ...]) -> None:
+            self.bits = iter(bits)
+
+        def random(self) -> float:
+            return 0.25 if next(self.bits) else 0.75
+
+    total, outcomes = 0.0, list(itertools.product((0, 1), repeat=k))
+    for bits in outcomes:
+        mixed = credit(champion, challenger, k, Coins(bits))
+        for p, (doc, team) in enumerate(zip(mixed.doc_ids, mixed.teams)):
+            sign = {"challenger": 1, "champion": -1, None: 0}[team]
+            total += sign * attraction[doc] / (p + 1)
+    return total / len(outcomes)
+
+
+def _textbook_team_draft(champion: list[str], challenger: list[str], k: int, rng) -> Interleaved:
+    """Radlinski et al. (2008), every position credited to the team that picked it, below the top both
+    share (shown as is, credited to neither)."""
+    common = shared_prefix(champion, challenger, k)
+    shown: list[str] = champion[:common]
+    teams: list[str | None] = [None] * common
+    while len(shown) < k:
+        n_cp, n_ch = teams.count("champion"), teams.count("challenger")
+        if n_cp == n_ch:
+            team = "challenger" if rng.random() < 0.5 else "champion"
+        else:
+            team = "champion" if n_cp < n_ch else "challenger"
+        docs = [d for d in (champion if team == "champion" else challenger) if d not in shown]
+        if not docs:
+            team = "challenger" if team == "champion" else "champion"
+            docs = [d for d in (champion if team == "champion" else challenger) if d not in shown]
+        shown.append(docs[0])
+        teams.append(team)
+    return Interleaved(shown, teams)
+
+
+def test_crediting_neither_keeps_each_teams_expected_credit():
+    """The credit dropped at a shared pick is a coin flip: textbook team draft expects the same difference
+    between the teams for any users, and none for users who click by position alone."""
+    rng = random.Random(7)
+    pool = [f"d{i}" for i in range(9)]
+    for _ in range(40):
+        champion = rng.sample(pool, 6)
+        challenger = champion[:]
+        for _ in range(rng.randrange(4)):  # similar rankings: a few swaps and a newcomer
+            i, j = rng.randrange(6), rng.randrange(6)
+            challenger[i], challenger[j] = challenger[j], challenger[i]
+        if rng.random() < 0.5:
+            challenger[rng.randrange(6)] = next(d for d in pool if d not in champion)
+        attraction = {d: rng.random() for d in pool}
+        ours = _expected_credit(champion, challenger, 6, attraction, team_draft)
+        assert ours == pytest.approx(_expected_credit(champion, challenger, 6, attraction, _textbook_team_draft), abs=1e-9)
+        assert _expected_credit(champion, challenger, 6, dict.fromkeys(pool, 0.5), team_draft) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_team_draft_shows_a_document_only_the_challenger_ranks():
