@@ -210,7 +210,7 @@ def test_a_challenger_nominated_for_interleaving_is_shown_team_drafted_with_the_
         imp = ImpressionEvent.model_validate_json(worker.publisher.on(worker.keys.impressions)[-1])
         assert imp.challenger_version == version and not imp.explored
         teams = [it.team for it in imp.items]
-        assert set(teams) <= {"champion", "challenger"} and abs(teams.count("champion") - teams.count("challenger")) <= 1
+        assert set(teams) <= {"champion", "challenger", None}  # None: a document both would have shown there
         teams_seen.add(teams[0])
         if "d7" in [it.doc_id for it in imp.items[:1]]:
             assert teams[0] == "challenger"  # only the challenger ranks d7 first
