@@ -134,6 +134,7 @@ def bench_stream(
     kill_all: bool = typer.Option(False, "--kill-all", help="kill -9 every worker (the whole stream) at 40 % and restart them"),
     join_window: float = typer.Option(30.0, help="the stream's join window (s): the audit waits two of them at the end"),
     rate: float = typer.Option(0.0, min=0, help="interaction events per second to send at; 0: as fast as possible"),
+    http_share: float = typer.Option(0.5, min=0, max=1, help="share of requests whose events go through POST /events"),
     out: Path = typer.Option(Path("stream.json"), help="where the JSON result goes"),
 ) -> None:
     """Events labelled per second end to end, freshness, and an exactly-once audit (lost, duplicate labels)."""
@@ -143,7 +144,7 @@ def bench_stream(
     s.kafka = s.kafka.model_copy(update={"partitions": partitions})
     s.stream = s.stream.model_copy(update={"join_window_s": join_window})
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    result = run_stream_bench(s, events, workers, kill_one, out, rate=rate, kill_all=kill_all)
+    result = run_stream_bench(s, events, workers, kill_one, out, rate=rate, kill_all=kill_all, http_share=http_share)
     _write(result, out, already=True)
 
 

@@ -3,22 +3,27 @@ whether every accepted event ends as a label contribution or a dead letter, exac
 worker is killed.
 
 On its own local stack (Tansu, redis-server) with `--workers` stream processes on `kafka.partitions`
-partitions, it sends impressions (as serving publishes them) and their interactions (as the SDK's Kafka
-path sends them: click, dwell, skip; plus resent duplicates, malformed payloads and clicks on documents
-never shown), waits until the stream has consumed everything and stored every label, then audits the
-label table and the dead-letter topic against what it sent. Every figure comes from that audit.
+partitions, it sends impressions (as serving publishes them) and their interactions (click, dwell,
+skip; plus resent duplicates, malformed payloads and clicks on documents never shown): a `http_share`
+of the requests' interactions as applications post them (`POST /events` of a serving worker, in
+batches), the rest as the SDK's Kafka path sends them. It waits until the stream has consumed
+everything and stored every label, then audits the label table and the dead-letter topic against what
+was accepted. Every figure comes from that audit.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import psutil
 from pydantic import BaseModel
 from rich.console import Console
@@ -27,12 +32,16 @@ from services.config import Settings
 from services.local import infra
 from services.local.bench import settle_labels
 from services.local.progress import ProgressBar
-from services.local.workers import spawn, stop, worker_env
+from services.local.workers import spawn, stop, wait_healthy, worker_env
 from services.storage import open_activity, open_labels
 from services.storage.kafka import make_producer, read_topic
+from training import beir
+from training.ranking.first_stage import build_index
 
 console = Console()
 INTERACTIONS_PER_REQUEST = 3  # click, dwell on it, skip of another
+HTTP_BATCH = 500  # events per POST /events
+HTTP_SENDERS = 4  # batches in flight at once, as several application servers would post
 
 
 class Freshness(BaseModel):
@@ -44,7 +53,11 @@ class Freshness(BaseModel):
 class StreamBenchResult(BaseModel):
     events: int  # interaction events sent (valid, invalid and resent)
     impressions: int
-    accepted: int  # acknowledged by the broker
+    accepted: int  # interactions acknowledged by the broker, or accepted by POST /events
+    http_share: float  # share of requests whose interactions went through POST /events
+    http_events: int  # interaction events posted
+    http_accepted: int
+    http_rejected: dict[str, int] = {}  # refused at intake (the client is told), by code
     labels: int  # distinct labels in the table
     label_contributions: int  # label revisions stored
     dead_letters: int
@@ -67,10 +80,11 @@ class StreamBenchResult(BaseModel):
     notes: list[str]
 
 
-def traffic(n_requests: int, seed: int, planted: dict[str, int]) -> Iterator[tuple[str, str, bytes]]:
-    """(topic kind, key, payload) in send order, stamped when made: a request's impression, then its
-    click, dwell and a skip; 1 % of events resent unchanged, 0.5 % malformed, 0.5 % on an unshown doc
-    (counted into `planted`)."""
+def traffic(n_requests: int, seed: int, planted: dict[str, int], http_share: float = 0.0) -> Iterator[tuple[str, str, bytes]]:
+    """(route, key, payload) in send order, stamped when made: a request's impression, then its click,
+    dwell and a skip; 1 % of events resent unchanged, 0.5 % malformed, 0.5 % on an unshown doc (counted
+    into `planted` when they go to Kafka). Route: "impression", "interaction" (Kafka) or "http" (a
+    `http_share` of the requests; a malformed one is an event missing its type, which JSON can carry)."""
     rng = random.Random(seed)
     for i in range(n_requests):
         now = time.time()
@@ -82,6 +96,7 @@ def traffic(n_requests: int, seed: int, planted: dict[str, int]) -> Iterator[tup
             "model_version": "first-stage", "index_version": "bench", "timestamp": now,
         }  # fmt: skip
         yield "impression", rid, json.dumps(impression).encode()
+        route = "http" if rng.random() < http_share else "interaction"
         clicked = rng.randrange(10)
         acts = [
             (docs[clicked], "click", None),
@@ -93,17 +108,78 @@ def traffic(n_requests: int, seed: int, planted: dict[str, int]) -> Iterator[tup
                      "doc_id": doc, "type": kind, "value": value, "timestamp": now}  # fmt: skip
             roll = rng.random()
             if roll < 0.005:
+                if route == "http":
+                    yield route, rid, json.dumps({k: v for k, v in event.items() if k != "type"}).encode()
+                    continue
                 planted["malformed"] += 1
-                yield "interaction", rid, b'{"event_id": "' + event["event_id"].encode() + b'", "type": '
+                yield route, rid, b'{"event_id": "' + event["event_id"].encode() + b'", "type": '
                 continue
             if roll < 0.01:
                 event["doc_id"] = "never-shown"
                 planted["unshown"] += 1
             payload = json.dumps(event).encode()
-            yield "interaction", rid, payload
+            yield route, rid, payload
             if rng.random() < 0.01:
                 planted["duplicates"] += 1
-                yield "interaction", rid, payload
+                yield route, rid, payload
+
+
+def start_intake(s: Settings) -> subprocess.Popen:
+    """A serving worker for `POST /events`, on a one-document index (it ranks nothing here), with no
+    per-key limit on batches."""
+    corpus = s.state_dir / "intake-corpus"
+    (corpus / "qrels").mkdir(parents=True, exist_ok=True)
+    (corpus / "corpus.jsonl").write_text(json.dumps({"_id": "d0", "title": "intake", "text": "events only"}) + "\n")
+    (corpus / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": "events"}) + "\n")
+    (corpus / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
+    build_index(beir.load(corpus), s.state_dir)
+    proc = spawn(s, "serve", worker_env(s, RANKLOOP_AUTH__EVENTS_PER_S="0"), ("--workers", "1"))
+    wait_healthy(s, {"serve": proc})
+    return proc
+
+
+class IntakeClient:
+    """Posts batches of events from a few threads; what each answer accepted is stamped with the time
+    its batch was sent (freshness counts from there)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.client = httpx.Client(base_url=base_url, timeout=60)
+        self.pool = ThreadPoolExecutor(HTTP_SENDERS)
+        self.futures: list[Future] = []
+        self.batch: list[bytes] = []
+        self.posted = 0
+
+    def add(self, payload: bytes) -> None:
+        self.batch.append(payload)
+        self.posted += 1
+        if len(self.batch) >= HTTP_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch:
+            body, self.batch = b"[" + b",".join(self.batch) + b"]", []
+            self.futures.append(self.pool.submit(self._post, body))
+
+    def _post(self, body: bytes) -> tuple[float, int, dict]:
+        at = time.time()
+        r = self.client.post("/events", content=body, headers={"Content-Type": "application/json"})
+        return at, r.status_code, r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+
+    def results(self) -> tuple[dict[str, float], Counter]:
+        """(accepted event id -> when sent, rejections by code; a failed batch counts as "http <status>")."""
+        self.flush()
+        accepted: dict[str, float] = {}
+        rejected: Counter = Counter()
+        for f in self.futures:
+            at, status, answer = f.result()
+            for event_id in answer.get("accepted", []):
+                accepted.setdefault(event_id, at)
+            rejected.update(r["code"] for r in answer.get("rejected", []))
+            if status >= 500 or not answer:
+                rejected[f"http {status}"] += 1
+        self.pool.shutdown()
+        self.client.close()
+        return accepted, rejected
 
 
 def run_stream_bench(
@@ -115,13 +191,16 @@ def run_stream_bench(
     seed: int = 0,
     rate: float = 0.0,
     kill_all: bool = False,
+    http_share: float = 0.0,
 ) -> StreamBenchResult:
     """`rate`: interaction events per second to send at (0: as fast as the producer goes). At 40 % of
     the sending, `kill_one` kills one worker with SIGKILL and `kill_all` every worker (the whole
-    stream), and starts them again."""
+    stream), and starts them again. `http_share`: share of requests whose interactions are posted to a
+    serving worker's `POST /events` instead of sent to Kafka."""
     keys = s.keys
     notes: list[str] = []
     infra.up(s)
+    intake = {"serve": start_intake(s)} if http_share > 0 else {}
     env = worker_env(s, RANKLOOP_STREAM__METRICS_PORT="0")
     procs = {f"stream-{i}": spawn(s, "stream", env, label=f"stream-{i}") for i in range(workers)}
     store = open_labels(s.label_store_url)
@@ -132,6 +211,7 @@ def run_stream_bench(
         n_requests = events // INTERACTIONS_PER_REQUEST
         time.sleep(8)  # the workers join the group and get their partitions
         producer = make_producer(s.kafka.address, linger_ms=20)
+        poster = IntakeClient(s.base_url)
         topic = {"impression": keys.impressions, "interaction": keys.interactions}
         sent_at: dict[str, float] = {}
         ids: list[tuple[int, str, float]] = []  # (send number, event id, when) of well-formed interactions
@@ -140,7 +220,10 @@ def run_stream_bench(
         t0 = time.time()
         what = f"sending {n_requests:,} requests' messages"
         with ProgressBar(console) as progress:
-            for n, (kind, key, payload) in enumerate(traffic(n_requests, seed, planted)):
+            for n, (kind, key, payload) in enumerate(traffic(n_requests, seed, planted, http_share)):
+                if kind == "http":
+                    poster.add(payload)
+                    continue
                 futures.append(producer.send(topic[kind], key=key.encode(), value=payload))
                 kinds.append(kind)
                 if kind == "interaction" and payload.endswith(b"}"):
@@ -160,15 +243,22 @@ def run_stream_bench(
                 if rate and n % 100 == 0:  # paced: freshness at a load the stream sustains
                     time.sleep(max(0.0, t0 + len(ids) / rate - time.time()))
             producer.flush()
+            http_accepted, http_rejected = poster.results()
         send_s = time.time() - t0
         accepted = sum(1 for f in futures if f.succeeded())
         for n, event_id, at in ids:  # only what the broker acknowledged was accepted
             if futures[n].succeeded():
                 sent_at.setdefault(event_id, at)
+        for event_id, at in http_accepted.items():  # and what POST /events answered as accepted
+            sent_at.setdefault(event_id, at)
         planted["malformed"] = sum(1 for n in malformed if futures[n].succeeded())
-        interactions = kinds.count("interaction")
+        interactions = kinds.count("interaction") + poster.posted
         accepted_interactions = sum(1 for f, kind in zip(futures, kinds, strict=True) if f.succeeded() and kind == "interaction")
-        console.print(f"sent {len(kinds):,} messages in {send_s:.1f}s; waiting for the stream to label them")
+        accepted_interactions += len(http_accepted)
+        console.print(
+            f"sent {len(kinds):,} messages to Kafka and posted {poster.posted:,} events in {send_s:.1f}s; "
+            "waiting for the stream to label them"
+        )
         settle_labels(s, store, timeout=1800)
         done_at = max(store.raw(["stored_at"]).column("stored_at").to_pylist())
         # joined requests are forgotten two windows after their impression: only then are the events
@@ -180,18 +270,22 @@ def run_stream_bench(
         audit = _audit(s, store, sent_at, planted)
         redis_rss = _rss_mb(_pid_of_redis(s))
     finally:
-        stop(procs)
+        stop({**procs, **intake})
         infra.down(s)
     if accepted < len(kinds):
         notes.append(f"{len(kinds) - accepted} sends were not acknowledged by the broker")
     result = StreamBenchResult(
         events=interactions,
-        impressions=len(kinds) - interactions,
+        impressions=kinds.count("impression"),
         accepted=accepted_interactions,
+        http_share=http_share,
+        http_events=poster.posted,
+        http_accepted=len(http_accepted),
+        http_rejected=dict(sorted(http_rejected.items())),
         seconds=round(seconds, 2),
         send_seconds=round(send_s, 2),
         labelled_per_s=round(accepted_interactions / seconds, 1),
-        messages_per_s=round(accepted / seconds, 1),
+        messages_per_s=round((accepted + len(http_accepted)) / seconds, 1),
         workers=workers,
         partitions=s.kafka.partitions,
         rate=rate,
