@@ -119,7 +119,8 @@ def create_app(s: Settings) -> faust.App:
     inputs = app.topic(keys.impressions, keys.interactions, keys.stream_ticks, **raw)
     ticks = app.topic(keys.stream_ticks, **raw)
     dead_topic = app.topic(keys.dead_letters, **raw)
-    requests = app.Table(keys.requests_table, default=None, partitions=partitions)
+    # values are a state's JSON, made and read by pydantic (in Rust) rather than as a dict through faust's json codec
+    requests = app.Table(keys.requests_table, default=None, partitions=partitions, value_type=bytes)
     rules, window = s.stream.rules, s.stream.join_window_s
     store = open_labels(s.label_store_url)
     bursts = ClickBursts(s.stream.burst_limit, s.stream.burst_window_s)
@@ -139,7 +140,7 @@ def create_app(s: Settings) -> faust.App:
         if key in live:
             return live[key]
         value = requests.get(key) if key else None
-        return RequestState.model_validate(value) if value else None
+        return RequestState.model_validate_json(value) if value else None
 
     async def send_dead(dead: list[DeadLetter]) -> None:
         for d in dead:
@@ -234,7 +235,7 @@ def create_app(s: Settings) -> faust.App:
         for key, (state, last) in changed.items():
             if key not in forgotten:
                 in_context_of(last)  # the changelog partition: the message's
-                requests[key] = state.model_dump(mode="json")
+                requests[key] = state.model_dump_json().encode()
         # the table's changelog on the broker before the batch is acknowledged: a worker that takes
         # these partitions over (after a rebalance or a kill) recovers every state the labels came from
         await app.producer.flush()
@@ -291,8 +292,9 @@ def create_app(s: Settings) -> faust.App:
         now = stream_time(partition, now)
         if not deadlines.knows(partition):
             for key, value in list(requests.items()):
-                if value is not None and value.get("partition") == partition:
-                    deadlines.push(partition, RequestState.model_validate(value).forget_after(window), key)
+                state = RequestState.model_validate_json(value) if value else None
+                if state is not None and state.partition == partition:
+                    deadlines.push(partition, state.forget_after(window), key)
             deadlines.mark_known(partition)
         dead: list[DeadLetter] = []
         for key in deadlines.due(partition, now):

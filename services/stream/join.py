@@ -9,7 +9,6 @@ than a person does.
 from __future__ import annotations
 
 import heapq
-import json
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -162,9 +161,8 @@ def step(
     state = state.model_copy() if state else RequestState(first_seen=now)
     ev: ImpressionEvent | InteractionEvent
     try:
-        data = json.loads(raw)
-        ev = ImpressionEvent.model_validate(data) if kind == "impression" else InteractionEvent.model_validate(data)
-    except (ValueError, ValidationError) as e:
+        ev = ImpressionEvent.model_validate_json(raw) if kind == "impression" else InteractionEvent.model_validate_json(raw)
+    except ValidationError as e:
         return StepResult(None, dead=[_invalid(source, raw, e)])
 
     payload = raw.decode(errors="replace")
@@ -252,8 +250,9 @@ def _admit(
 def _relabel(state: RequestState, rules: LabelRules, result: StepResult) -> StepResult:
     """The labels of the request's admitted interactions that changed since last emitted."""
     assert state.impression is not None
-    labels = label_request(state.impression, state.events, rules)
-    result.labels, state.emitted = changed_labels(labels, state.emitted, revision=len(state.events))
+    revision = len(state.events)
+    labels = label_request(state.impression, state.events, rules, unless=state.emitted, revision=revision)
+    result.labels, state.emitted = changed_labels(labels, state.emitted, revision)
     return result
 
 

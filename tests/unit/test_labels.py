@@ -75,6 +75,16 @@ def test_changed_labels_emits_revisions_only_when_something_changed():
     assert emitted["d2"].revision == 2 and emitted["d1"].revision == 1
 
 
+def test_label_request_skips_what_was_emitted_unchanged_and_stamps_the_rest_with_the_revision():
+    imp = impression()
+    events = [interaction("d2", "purchase", event_id="p")]
+    _, emitted = changed_labels(label_request(imp, events), {}, revision=1)
+    events.append(interaction("d2", "return", event_id="r"))
+    only_changed = label_request(imp, events, unless=emitted, revision=2)
+    assert {doc: (lab.revision, lab.grade) for doc, lab in only_changed.items()} == {"d2": (2, -2)}
+    assert changed_labels(only_changed, emitted, revision=2)[0] == changed_labels(label_request(imp, events), emitted, 2)[0]
+
+
 def test_one_identity_weighs_like_one_however_many_clicks_it_sends():
     import pandas as pd
 

@@ -57,8 +57,12 @@ def label_request(
     impression: ImpressionEvent,
     interactions: Iterable[InteractionEvent],
     rules: LabelRules | None = None,
+    unless: Mapping[str, EmittedLabel] | None = None,
+    revision: int = 1,
 ) -> dict[str, LabelledExample]:
-    """Labels for every shown doc that has evidence, keyed by doc_id.
+    """Labels for every shown doc that has evidence, keyed by doc_id; with `unless` (what the stream
+    last emitted), only those whose grade, weight or signals differ from it: the stream relabels a
+    request on every interaction, and building the unchanged labels was most of its cost.
 
     Precedence, strongest evidence first: strong negative (citation deleted, purchase returned) >
     strong positive (cite, purchase) > click (heavier with a long dwell) > weak negative (explicit
@@ -83,15 +87,17 @@ def label_request(
     labels: dict[str, LabelledExample] = {}
     for doc_id, position in positions.items():
         evs = by_doc.get(doc_id, [])
-        graded = _grade(evs, rules)
+        graded = _grade(evs, rules) if evs else None
         if graded is None and rules.infer_skips_above_click and position < lowest_positive:
             graded = (-1, rules.skip_weight, ["skip_above_click"])
         if graded is None:
             continue
         grade, weight, signals = graded
+        if unless is not None and doc_id in unless and unless[doc_id].same(grade, weight, signals):
+            continue
         labels[doc_id] = LabelledExample(
             label_id=f"{impression.request_id}:{doc_id}",
-            revision=1,
+            revision=revision,
             request_id=impression.request_id,
             query=impression.query,
             doc_id=doc_id,
@@ -141,8 +147,11 @@ class EmittedLabel(BaseModel):
     weight: float
     signals: list[str]
 
+    def same(self, grade: int, weight: float, signals: list[str]) -> bool:
+        return (self.grade, self.weight, self.signals) == (grade, weight, signals)
+
     def same_as(self, label: LabelledExample) -> bool:
-        return (self.grade, self.weight, self.signals) == (label.grade, label.weight, label.signals)
+        return self.same(label.grade, label.weight, label.signals)
 
 
 def changed_labels(
@@ -156,6 +165,9 @@ def changed_labels(
         prev = emitted.get(doc_id)
         if prev is not None and prev.same_as(label):
             continue
-        after[doc_id] = EmittedLabel(revision=revision, grade=label.grade, weight=label.weight, signals=label.signals)
-        out.append(label.model_copy(update={"revision": revision}))
+        # built from a validated label: no second validation (this runs for every interaction)
+        after[doc_id] = EmittedLabel.model_construct(
+            revision=revision, grade=label.grade, weight=label.weight, signals=label.signals
+        )
+        out.append(label if label.revision == revision else label.model_copy(update={"revision": revision}))
     return out, after
