@@ -77,6 +77,11 @@ class StreamBenchResult(BaseModel):
     killed_one: bool
     killed_all: bool  # the whole stream killed and restarted
     rss_mb: dict[str, list[float] | float]
+    # CPU seconds each part used from the first send until the stream had caught up (user + system; a
+    # killed worker's up to its kill, its replacement's from its start): where the cores went, and what
+    # one accepted event costs in all
+    cpu_s: dict[str, float]
+    cpu_ms_per_event: float
     notes: list[str]
 
 
@@ -217,6 +222,8 @@ def run_stream_bench(
         ids: list[tuple[int, str, float]] = []  # (send number, event id, when) of well-formed interactions
         malformed: list[int] = []  # send numbers of the malformed ones
         futures, kinds = [], []
+        cpu_at_start = _cpu_by_part(s, procs, intake)
+        cpu_at_kill: dict[str, float] = {}
         t0 = time.time()
         what = f"sending {n_requests:,} requests' messages"
         with ProgressBar(console) as progress:
@@ -233,6 +240,7 @@ def run_stream_bench(
                 if (kill_one or kill_all) and not killed and n >= n_requests * 4 * 0.4:
                     for name in list(procs) if kill_all else ["stream-0"]:
                         stream_rss[f"{name} (killed)"] = _rss_mb(procs[name].pid)
+                        cpu_at_kill[f"{name} (killed)"] = _cpu_s(procs[name].pid) - cpu_at_start.pop(name, 0.0)
                         procs[name].kill()  # SIGKILL: no shutdown, no commit
                         procs[name].wait()
                     for name in list(procs) if kill_all else ["stream-0"]:
@@ -260,6 +268,8 @@ def run_stream_bench(
             "waiting for the stream to label them"
         )
         settle_labels(s, store, timeout=1800)
+        caught_up = _cpu_by_part(s, procs, intake)
+        cpu = {**cpu_at_kill, **{name: v - cpu_at_start.get(name, 0.0) for name, v in caught_up.items()}}
         done_at = max(store.raw(["stored_at"]).column("stored_at").to_pylist())
         # joined requests are forgotten two windows after their impression: only then are the events
         # no label used dead-lettered, which the audit needs
@@ -292,6 +302,8 @@ def run_stream_bench(
         killed_one=killed and not kill_all,
         killed_all=killed and kill_all,
         rss_mb={"stream": [round(v, 1) for v in stream_rss.values()], "redis": round(redis_rss, 1)},
+        cpu_s={name: round(v, 1) for name, v in cpu.items()},
+        cpu_ms_per_event=round(1000 * sum(cpu.values()) / max(1, accepted_interactions), 3),
         notes=notes,
         **audit,
     )
@@ -347,6 +359,34 @@ def _rss_mb(pid: int | None) -> float:
         return psutil.Process(pid).memory_info().rss / 2**20 if pid else 0.0
     except psutil.NoSuchProcess:
         return 0.0
+
+
+def _cpu_by_part(s: Settings, procs: dict[str, subprocess.Popen], intake: dict[str, subprocess.Popen]) -> dict[str, float]:
+    """CPU seconds so far of each stream worker, the intake, the broker, Redis and this process."""
+    own = psutil.Process().cpu_times()  # this process alone: the workers it started are its children
+    return {
+        **{name: _cpu_s(p.pid) for name, p in procs.items()},
+        "intake": _cpu_s(intake["serve"].pid) if intake else 0.0,
+        "broker": _cpu_s(_pid_from(s, "kafka")),
+        "redis": _cpu_s(_pid_of_redis(s)),
+        "bench": own.user + own.system,
+    }
+
+
+def _cpu_s(pid: int | None) -> float:
+    """User and system CPU seconds of a process and its descendants so far (0 if it is gone)."""
+    try:
+        top = psutil.Process(pid) if pid else None
+        procs = [top, *top.children(recursive=True)] if top else []
+        return sum(sum(p.cpu_times()[:4]) for p in procs)  # user, system, and of children waited for
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+def _pid_from(s: Settings, name: str) -> int | None:
+    """The pid a locally started service (infra.up) wrote."""
+    path = infra.run_dir(s) / f"{name}.pid"
+    return int(path.read_text()) if path.exists() else None
 
 
 def _pid_of_redis(s: Settings) -> int | None:
