@@ -47,12 +47,13 @@ def stream() -> None:
     """Run the stream processor (faust worker): join, label, dead-letter, write the label store."""
     from services.storage.health import require
     from services.storage.kafka import create_topics
-    from services.stream.app import create_app
+    from services.stream.app import create_app, spare_the_collector
 
     s = settings()
     setup_process(s)
     require(s, "kafka")
     create_topics(s.kafka.address, s.keys.topics(), s.kafka.partitions)
     faust_app = create_app(s)
+    spare_the_collector()
     sys.argv = [sys.argv[0], "worker", "-l", "warn", "--without-web"]
     faust_app.main()

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import time
@@ -98,6 +99,18 @@ class StreamMetrics:
             registry=r,
         )
         serve_metrics(r, host, port, "stream")
+
+
+def spare_the_collector() -> None:
+    """Makes the garbage collector run a young collection every 50,000 allocations, not every 700.
+    The join allocates many short-lived objects per message while the request states it keeps grow
+    to tens of thousands: with the defaults, collections took 40 % of the join (146 against 86 µs per
+    interaction over 40,000 requests; 0.60 against 0.56 CPU ms per event for a whole worker in
+    `rankloop bench stream`). What is alive at start (libraries) is frozen out of its reach.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def create_app(s: Settings) -> faust.App:
