@@ -140,7 +140,8 @@ def test_approve_promotes_only_the_challenger_awaiting_approval(tiny_first_stage
 def test_a_caller_over_its_rate_gets_429_with_retry_after_and_others_are_not_affected(tiny_first_stage, tmp_path, store):
     _, greedy = store.create("greedy", [Scope.rank])
     _, polite = store.create("polite", [Scope.rank])
-    with make_client(tiny_first_stage, tmp_path, rank_per_s=2.0, burst_s=2.0) as client:
+    # a bucket of 4 that refills one every 20 s: a slow machine cannot refill it between the requests
+    with make_client(tiny_first_stage, tmp_path, rank_per_s=0.05, burst_s=80.0) as client:
         codes = [client.post("/rank", json={"query": "vitamin d"}, headers=bearer(greedy)).status_code for _ in range(6)]
         assert codes[:4] == [200] * 4 and codes[4] == 429
         r = client.post("/rank", json={"query": "vitamin d"}, headers=bearer(greedy))
