@@ -77,6 +77,15 @@ def test_malformed_and_unknown_type_go_to_dead_letters_with_reason():
     assert "type" in dead[1].reason
 
 
+def test_hostile_payloads_are_dead_lettered_not_raised():
+    """The SDK's Kafka path reaches the join unchecked: a payload that raised here (JSON nested past
+    Python's recursion limit did, with json.loads) would stop the worker on the same message forever."""
+    hostile = [b"[" * 100_000, b"\xff\xfe not utf-8", b"null", b"[1, 2]"]
+    _, labels, dead = feed([("impression", raw(impression())), *(("interaction", h) for h in hostile)])
+    assert labels == []
+    assert [d.code for d in dead] == ["invalid_event"] * len(hostile)
+
+
 def test_late_event_and_unshown_doc_are_dead_lettered():
     late = interaction("d1", "click", timestamp=1000.0 + WINDOW + 1, received_at=1000.0 + WINDOW + 1)
     _, labels, dead = feed(
