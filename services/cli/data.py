@@ -27,22 +27,37 @@ def index(dataset: str = typer.Option(None, help="BEIR folder (default: the `dat
 
 @app.command()
 def variant(
-    kind: str = typer.Argument("keyword-stuffed", help="keyword-stuffed: every document ends with words of random queries"),
+    kind: str = typer.Argument(
+        "keyword-stuffed",
+        help="keyword-stuffed: every document ends with words of random queries; "
+        "subset: fewer queries and documents, for quick benchmark runs",
+    ),
     out: Path = typer.Option(..., help="the new BEIR folder"),
     dataset: str = typer.Option(None, help="BEIR folder it starts from (default: the `dataset` setting)"),
-    queries_per_doc: int = typer.Option(3, min=1, help="queries whose words stuff each document"),
+    queries_per_doc: int = typer.Option(3, min=1, help="keyword-stuffed: queries whose words stuff each document"),
+    queries: list[str] = typer.Option(["train=200", "test=100"], help="subset: SPLIT=N queries kept per split"),
+    docs: int = typer.Option(1500, min=1, help="subset: documents kept (the kept queries' judged ones first)"),
     seed: int = 0,
 ) -> None:
-    """A harder copy of a dataset, e.g. one where a learned first-stage fusion must beat the fixed one."""
+    """A copy of a dataset made harder (one where a learned first-stage fusion must beat the fixed one) or smaller."""
     from schemas import InvalidInput
     from training import beir
-    from training.variants import keyword_stuffed
+    from training.variants import keyword_stuffed, subset
 
-    if kind != "keyword-stuffed":
-        raise InvalidInput(f"unknown variant {kind!r}: the one there is is keyword-stuffed")
+    if kind not in ("keyword-stuffed", "subset"):
+        raise InvalidInput(f"unknown variant {kind!r}: there are keyword-stuffed and subset")
     s = settings()
     ds = beir.load(dataset or s.dataset, s.state_dir / "datasets")
-    console.print(f"written: {keyword_stuffed(ds, out, queries_per_doc, seed)}")
+    if kind == "keyword-stuffed":
+        console.print(f"written: {keyword_stuffed(ds, out, queries_per_doc, seed)}")
+        return
+    per_split: dict[str, int] = {}
+    for item in queries:
+        split, _, n = item.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            raise InvalidInput(f"--queries takes SPLIT=N with N >= 1, not {item!r}")
+        per_split[split] = int(n)
+    console.print(f"written: {subset(ds, out, per_split, docs, seed)}")
 
 
 @app.command()
