@@ -110,6 +110,22 @@ def bench_loop_summary(
     console.print(f"written: {out}, {out.with_suffix('.md')}")
 
 
+@bench_app.command("loop-compare")
+def bench_loop_compare(
+    runs: list[Path] = typer.Argument(..., help="two `bench loop` results of the same seed and setup"),
+    out: Path = typer.Option(None, help="also write the comparison here (JSON)"),
+) -> None:
+    """How far two runs of one seed came apart: every differing figure, and whether the headlines agree within 0.003."""
+    from services.local.bench_repeat import compare_same_seed
+
+    comparison = compare_same_seed(runs)
+    if out:
+        out.write_text(comparison.model_dump_json(indent=2))
+    console.print_json(comparison.model_dump_json())
+    if not comparison.within_tolerance:
+        raise typer.Exit(1)
+
+
 @bench_app.command("serve")
 def bench_serve(
     dataset: str = typer.Option(None, help="BEIR folder; default: the `dataset` setting"),

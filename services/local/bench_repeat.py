@@ -3,6 +3,7 @@ range, so a figure quoted in docs is a distribution and not one draw.
 
 Each seed runs on its own fresh local stack (`run_loop_bench`), one after the other; its JSON, Markdown
 and plots go beside the summary as `<out>-s<seed>.*`. The checks read the mean (and the worst run).
+`compare_same_seed` is the other half: two runs of one seed, and how far apart their figures came out.
 """
 
 from __future__ import annotations
@@ -77,6 +78,61 @@ def summarise(results: list[LoopBenchResult], runs: list[Path]) -> RepeatedLoopR
             every_champion_at_least_0_78=champion.min >= 0.78,
             share_of_skyline_lift_mean_at_least_0_90=share.mean >= 0.90 if share else None,
         ),
+    )
+
+
+SAME_SEED_TOLERANCE = 0.003  # the reproducibility target: two runs of one seed this close on every headline
+
+
+class SameSeedComparison(BaseModel):
+    seed: int
+    runs: list[str]
+    figures_compared: int  # every number in the two results but timings
+    figures_different: dict[str, tuple[float, float]]  # path -> (first run, second run)
+    headline_max_difference: float  # the largest |difference| of a headline figure
+    within_tolerance: bool  # headline_max_difference <= SAME_SEED_TOLERANCE
+
+
+def _numbers(value: object, path: str = "") -> dict[str, float]:
+    """Every number of a result by its JSON path, timings left out (they are the machine's, not the seed's)."""
+    if isinstance(value, dict):
+        return {
+            k: v
+            for key, item in value.items()
+            if key not in ("timings", "seconds")
+            for k, v in _numbers(item, f"{path}.{key}".lstrip(".")).items()
+        }
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _numbers(item, f"{path}[{i}]").items()}
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return {}
+    return {path: float(value)}
+
+
+def compare_same_seed(runs: list[Path]) -> SameSeedComparison:
+    """Two `bench loop` results of one seed and setup: which figures differ, and by how much at most."""
+    if len(runs) != 2:
+        raise InvalidInput(f"give two runs of one seed, not {len(runs)}")
+    results = [LoopBenchResult.model_validate_json(p.read_text()) for p in runs]
+    a, b = results
+    setup = [
+        (r.dataset, r.eval_split, r.train_split, r.sessions_per_round, r.train_queries, len(r.rounds), r.seed) for r in results
+    ]
+    if setup[0] != setup[1]:
+        raise InvalidInput(f"these runs differ in dataset, splits, sessions, train queries, rounds or seed: {setup}")
+    na, nb = (_numbers(r.model_dump(mode="json", by_alias=True)) for r in results)
+    differ = {
+        k: (na.get(k, float("nan")), nb.get(k, float("nan"))) for k in sorted(na.keys() | nb.keys()) if na.get(k) != nb.get(k)
+    }
+    ha, hb = headline(a), headline(b)
+    gap = max(abs(ha[k] - hb[k]) for k in ha.keys() & hb.keys())
+    return SameSeedComparison(
+        seed=a.seed,
+        runs=[str(p) for p in runs],
+        figures_compared=len(na.keys() | nb.keys()),
+        figures_different=differ,
+        headline_max_difference=round(gap, 6),
+        within_tolerance=gap <= SAME_SEED_TOLERANCE,
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from schemas.errors import InvalidInput
 from services.local.bench import LoopBenchResult
-from services.local.bench_repeat import run_repeated, summarise_files
+from services.local.bench_repeat import compare_same_seed, run_repeated, summarise_files
 
 COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "bench" / "scifact-loop.json"
 
@@ -50,6 +50,27 @@ def test_runs_made_separately_are_summarised_in_seed_order_and_must_share_a_setu
         summarise_files([paths[0], other], tmp_path / "bad.json")
     with pytest.raises(InvalidInput, match="same seed"):
         summarise_files([paths[0], paths[0]], tmp_path / "bad.json")
+
+
+def test_two_runs_of_one_seed_are_compared_figure_by_figure_against_the_tolerance(tmp_path):
+    base = LoopBenchResult.model_validate(json.loads(COMMITTED.read_text()))
+    first, same, apart = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    first.write_text(base.model_dump_json(by_alias=True))
+    timings = {**base.timings, "total_s": base.timings["total_s"] + 60}  # another machine's speed is not a difference
+    same.write_text(base.model_copy(update={"timings": timings}).model_dump_json(by_alias=True))
+    moved = base.checks.model_copy(update={"final_champion_ndcg_at_10": base.checks.final_champion_ndcg_at_10 + 0.004})
+    apart.write_text(base.model_copy(update={"checks": moved}).model_dump_json(by_alias=True))
+
+    identical = compare_same_seed([first, same])
+    assert identical.figures_compared > 50 and identical.figures_different == {} and identical.within_tolerance
+    off = compare_same_seed([first, apart])
+    assert list(off.figures_different) == ["checks.final_champion_ndcg@10"]
+    assert off.headline_max_difference == pytest.approx(0.004) and not off.within_tolerance
+
+    other_seed = tmp_path / "d.json"
+    other_seed.write_text(base.model_copy(update={"seed": 5}).model_dump_json(by_alias=True))
+    with pytest.raises(InvalidInput, match="differ"):
+        compare_same_seed([first, other_seed])
 
 
 def test_head_query_mode_cuts_a_split_of_n_queries_and_keeps_the_others(tmp_path):
