@@ -70,7 +70,12 @@ class ShownItem(BaseModel):
     position: int = Field(ge=1, description="1-based rank the user saw")
     score: float
     team: Team | None = Field(
-        None, description="in an interleaved ranking: which model put the document here (none: the top both share)"
+        None, description="in an interleaved ranking: which model ranks the document higher (none: both alike)"
+    )
+    credit: float | None = Field(
+        None,
+        description="in an interleaved ranking: what a like here earns the challenger, 1/its rank - 1/the champion's "
+        "rank (negative: the champion earns it)",
     )
 
 
@@ -152,7 +157,8 @@ class LabelledExample(Event):
         default_factory=list, description="names of the API keys behind the request: its ranking's and its events'"
     )
     challenger_version: str | None = Field(None, description="the impression interleaved this challenger with the champion")
-    team: Team | None = Field(None, description="which of the two put the document where it was shown (none: the top both share)")
+    team: Team | None = Field(None, description="which of the two ranks the document higher (none: both alike)")
+    credit: float | None = Field(None, description="what a like on it earns the challenger (negative: the champion)")
     timestamp: float = Field(default_factory=now)
 
 

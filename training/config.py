@@ -39,7 +39,7 @@ class TrainConfig(BaseModel):
 
 
 class InterleaveConfig(BaseModel):
-    """The online stage: team-draft interleaving of challenger and champion on live traffic."""
+    """The online stage: optimized interleaving of challenger and champion on live traffic."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -4,8 +4,8 @@ an A/B split of the same simulated traffic.
 Rankers: the first stage (hybrid), its parts (BM25, dense), the model versions given (e.g. a loop
 run's), and deliberately damaged copies of the best (its top result demoted, its top 10 shuffled).
 Every pair gets an offline difference (NDCG@10 on the judged split) and two online experiments on
-the same simulated users (the position-based click model of `simulate`): team-draft interleaving,
-decided by the sign test of `training.interleave`, and an A/B split, decided by Welch's t-test on
+the same simulated users (the position-based click model of `simulate`): optimized interleaving,
+decided by the t-test on session credits of `training.interleave`, and an A/B split, decided by Welch's t-test on
 the reciprocal rank of a session's first liked document; both stop at the same looks with the same
 threshold. Both read a session as the scheduler does: a document counts when the label rules grade
 its reactions positive (a click, cite or purchase not taken back by a deleted citation or a return).
@@ -36,7 +36,7 @@ from services.local.simulate import UserModel, examination_curve, session_events
 from training import beir
 from training.config import InterleaveConfig
 from training.evaluate import evaluate_first_stage_parts
-from training.interleave import Tally, Team, Verdict, decide, look_threshold, looks, session_winner, team_draft
+from training.interleave import Tally, Verdict, decide, interleave, look_threshold, looks, session_credit
 from training.labels.rules import LabelRules, grade_of
 from training.metrics import per_query, ranking_to_run
 from training.ranking.first_stage import Candidate, FirstStage, build_index, minmax
@@ -60,7 +60,7 @@ class Pair(BaseModel):
     sessions_ab: int | None
     ab_verdict: Verdict
     ab_p_value: float
-    sessions_interleaving_estimated: int | None  # sessions the sign test needs (p < ALPHA, POWER); None: no preference
+    sessions_interleaving_estimated: int | None  # sessions the credit t-test needs (p < ALPHA, POWER); None: no preference
     sessions_ab_estimated: int | None  # the same for the A/B split's Welch test
 
 
@@ -141,7 +141,7 @@ def simulate_pair(
         rng = random.Random(seed * 1_000_003 + i)
         qid = rng.choice(qids)
         if il_result is None:
-            tally.add(interleaved_winner(champion[qid], challenger[qid], qrels[qid], user, rng, rules))
+            tally.credits.append(interleaved_credit(champion[qid], challenger[qid], qrels[qid], user, rng, rules))
         if ab_result is None:
             arm = "challenger" if i % 2 else "champion"
             arms[arm].append(first_liked_rr((champion if arm == "champion" else challenger)[qid], qrels[qid], user, rng, rules))
@@ -163,16 +163,13 @@ def simulate_pair(
     return il_result, ab_result
 
 
-def sessions_needed_sign(outcomes: np.ndarray) -> int | None:
-    """Sessions a two-sided sign test needs to reach p < ALPHA with probability POWER, for sessions
-    like `outcomes` (+1: the challenger won, -1: the champion won, 0: a tie). Normal approximation:
-    wins − losses over n sessions has mean n·μ and variance n·(q − μ²) (q: share decided), and the
-    test's threshold is z·√(n·q)."""
-    mu, decided = float(outcomes.mean()), float(np.mean(outcomes != 0))
+def sessions_needed_mean(credits: np.ndarray) -> int | None:
+    """Sessions a two-sided test of a mean against 0 (interleaving's t-test) needs to reach p < ALPHA
+    with probability POWER, for per-session values like `credits` (normal approximation)."""
+    mu = float(credits.mean())
     if mu == 0:
         return None
-    z_alpha, z_power = norm.ppf(1 - ALPHA / 2), norm.ppf(POWER)
-    return round(((z_alpha * decided**0.5 + z_power * (decided - mu * mu) ** 0.5) / mu) ** 2)
+    return round(float(credits.var(ddof=1)) * (norm.ppf(1 - ALPHA / 2) + norm.ppf(POWER)) ** 2 / mu**2)
 
 
 def sessions_needed_welch(champion: np.ndarray, challenger: np.ndarray) -> int | None:
@@ -199,28 +196,28 @@ def estimate_pair(
     the A/B difference is then measured precisely, while each arm keeps the variance it has in a real
     split. With independent draws the estimate of a small difference is mostly noise."""
     qids = sorted(qrels)
-    wins = np.zeros(sessions)
+    credits = np.zeros(sessions)
     arms: dict[str, list[float]] = {"champion": [], "challenger": []}
     for i in range(sessions):
         rng = random.Random(f"estimate {seed} {i}")
         qid = rng.choice(qids)
-        winner = interleaved_winner(champion[qid], challenger[qid], qrels[qid], user, rng, rules)
-        wins[i] = 0 if winner is None else (1 if winner == "challenger" else -1)
+        credits[i] = interleaved_credit(champion[qid], challenger[qid], qrels[qid], user, rng, rules)
         user_draws = random.Random(f"estimate a/b {seed} {i}").getstate()
         for arm, ranking in (("champion", champion), ("challenger", challenger)):
             same_user = random.Random()
             same_user.setstate(user_draws)
             arms[arm].append(first_liked_rr(ranking[qid], qrels[qid], user, same_user, rules))
-    return sessions_needed_sign(wins), sessions_needed_welch(np.array(arms["champion"]), np.array(arms["challenger"]))
+    return sessions_needed_mean(credits), sessions_needed_welch(np.array(arms["champion"]), np.array(arms["challenger"]))
 
 
-def interleaved_winner(
+def interleaved_credit(
     champion: list[str], challenger: list[str], qrels: dict[str, int], user: UserModel, rng: random.Random, rules: LabelRules
-) -> Team | None:
-    """One interleaving session on one query: the team whose documents the user's reactions earned more
-    positive labels, as the scheduler credits it (`session_outcomes`)."""
-    mixed = team_draft(champion[:SHOWN], challenger[:SHOWN], SHOWN, rng)
-    return session_winner(mixed.teams, _liked(rng, user, mixed.doc_ids, qrels, rules))
+) -> float:
+    """One interleaving session on one query: the challenger's credit from the documents the label
+    rules grade positive, as the scheduler sums it (`session_outcomes`). Interleaved as serving does,
+    from the two full rankings."""
+    mixed = interleave(champion, challenger, SHOWN, rng)
+    return session_credit(mixed.credits, _liked(rng, user, mixed.doc_ids, qrels, rules))
 
 
 def first_liked_rr(ranking: list[str], qrels: dict[str, int], user: UserModel, rng: random.Random, rules: LabelRules) -> float:
@@ -339,8 +336,8 @@ def run_interleave_bench(
             f"simulated users: position-based click model, examination from {s.clicklog.name}, scaled per session by a "
             f"gamma multiplier of variance {user.spread:.3f} (fitted to that log's overdispersion of clicks per session "
             f"when not given); a session = one query of the split, {SHOWN} results shown",
-            "interleaving: team draft (a document both rankers would show at that place credited to neither), sign "
-            "test over sessions one ranker won; A/B: alternate sessions per arm, "
+            "interleaving: optimized (fair merges drawn so random clicks earn no credit; a like credits 1/rank under "
+            "the challenger - 1/rank under the champion), t-test on the session credits; A/B: alternate sessions per arm, "
             "Welch t-test on the reciprocal rank of the first liked document; both count a document the label rules "
             "grade positive (a click, cite or purchase not taken back), as the scheduler does",
             f"both stop at the first look in {looks(cfg)} with p < {look_threshold(cfg):.4g}; "

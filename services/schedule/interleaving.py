@@ -1,9 +1,10 @@
 """The online stage: offline gate -> `challenger` alias -> interleaving on live traffic -> `champion`.
 
 Serving interleaves a nominated challenger (tagged `stage=interleaving`) with the champion on
-`interleave.share` of requests; the stream labels those requests with the team that showed each
-document. Here the scheduler reads the tally from the label table, applies the stopping rule of
-`training.interleave`, logs it on the challenger's MLflow run, and promotes or withdraws the version.
+`interleave.share` of requests; the stream labels those requests with what a like on each document
+earns the challenger (its credit) and the team it goes to. Here the scheduler reads the tally from the
+label table, applies the stopping rule of `training.interleave`, logs it on the challenger's MLflow
+run, and promotes or withdraws the version.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def _log(client: MlflowClient, run_id: str, j: Judgement, summary: str) -> None:
         "interleave_wins": j.tally.challenger,
         "interleave_losses": j.tally.champion,
         "interleave_ties": j.tally.ties,
+        "interleave_mean_credit": j.tally.preference(),
         "interleave_p_value": j.p_value,
     }
     for key, value in metrics.items():

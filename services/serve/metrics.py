@@ -34,7 +34,7 @@ class ServingMetrics:
         self.rate_limited = Counter("rankloop_rate_limited", "requests refused with 429", ["path"], registry=r)
         self.explored = Counter("rankloop_explored_requests", "requests shown in a randomised order", registry=r)
         self.interleaved = Counter(
-            "rankloop_interleaved_requests", "requests shown a team-draft interleaving of challenger and champion", registry=r
+            "rankloop_interleaved_requests", "requests shown an interleaving of challenger and champion", registry=r
         )
         self.served = Gauge("rankloop_served_model", "1 for the model version this worker serves", ["version"], registry=r)
 

@@ -41,7 +41,7 @@ from schemas import (
 from services.config import Settings
 from services.serve.metrics import ServingMetrics
 from services.storage import Caches, Publisher
-from training.interleave import INTERLEAVING, STAGE_TAG, Team, team_draft
+from training.interleave import INTERLEAVING, STAGE_TAG, Interleaved, interleave
 from training.ranking.embedding_cache import EmbeddingCache
 from training.ranking.first_stage import Candidate, FirstStage
 from training.ranking.query import query_key
@@ -136,10 +136,10 @@ class Worker:
         challenger = self.challenger
         rng = self._rng_for(req)
         items, hit = self._ranked(serving, req)
-        teams: list[Team | None] | None = None
+        mixed: Interleaved | None = None
         if challenger is not None and rng.random() < self.s.interleave.share:
             theirs, hit_too = self._ranked(challenger, req)
-            items, teams = interleaved(items, theirs, req.k, rng)
+            items, mixed = interleaved(items, theirs, req.k, rng)
             hit, explored = hit and hit_too, False
             self.metrics.interleaved.inc()
         else:
@@ -158,13 +158,13 @@ class Worker:
             user=req.user,
             session=req.session,
             items=[
-                ShownItem(doc_id=it.doc_id, position=it.position, score=it.score, team=teams[i] if teams else None)
+                ShownItem(doc_id=it.doc_id, position=it.position, score=it.score, **_credited(mixed, i))
                 for i, it in enumerate(response.items)
             ],
             model_version=serving.version,
             index_version=self.first_stage.version,
             explored=explored,
-            challenger_version=challenger.version if teams and challenger else None,
+            challenger_version=challenger.version if mixed and challenger else None,
             api_key=api_key,
         )
         if self.publisher.publish_later(self.keys.impressions, response.request_id, impression):
@@ -473,13 +473,18 @@ class Worker:
         return self._stop.is_set()
 
 
-def interleaved(champion: list[list], challenger: list[list], k: int, rng: random.Random) -> tuple[list[list], list[Team | None]]:
-    """Team-draft interleaving of two [doc, score] lists: the rows shown, and who put each there (None:
-    the shared top both put there). A row keeps the score its own team gave it (scores of two models are
-    not comparable); a shared row the champion's."""
-    mixed = team_draft([d for d, _ in champion], [d for d, _ in challenger], k, rng)
+def interleaved(champion: list[list], challenger: list[list], k: int, rng: random.Random) -> tuple[list[list], Interleaved]:
+    """Optimized interleaving of two [doc, score] lists: the rows shown, and what a like on each earns
+    whom. A row keeps the score of the model that ranks it higher (scores of two models are not
+    comparable); a row both rank alike the champion's."""
+    mixed = interleave([d for d, _ in champion], [d for d, _ in challenger], k, rng)
     score = {"champion": dict(map(tuple, champion)), "challenger": dict(map(tuple, challenger))}
-    return [[d, score[t or "champion"][d]] for d, t in zip(mixed.doc_ids, mixed.teams)], mixed.teams
+    return [[d, score[t or "champion"][d]] for d, t in zip(mixed.doc_ids, mixed.teams)], mixed
+
+
+def _credited(mixed: Interleaved | None, i: int) -> dict:
+    """An impression row's interleaving fields (none when the request was not interleaved)."""
+    return {} if mixed is None else {"credit": mixed.credits[i], "team": mixed.teams[i]}
 
 
 def explore(items: list, rng: random.Random, rate: float, depth: int) -> tuple[list, bool]:

@@ -218,23 +218,23 @@ def test_compaction_keeps_the_latest_revisions_the_count_and_the_versions_before
 
 
 def test_a_table_written_before_the_interleaving_columns_reads_and_takes_new_labels(tmp_path):
-    """Upgrading: a label table without `team` / `challenger_version` is read with them empty, and the
+    """Upgrading: a label table without `team` / `challenger_version` / `credit` is read with them empty, and the
     next write adds the columns (schema merge) instead of failing the stream."""
     import pyarrow as pa
     from deltalake import write_deltalake
 
     from training.labels.store import LABEL_SCHEMA, DeltaLabelStore
 
-    old_schema = pa.schema([f for f in LABEL_SCHEMA if f.name not in ("team", "challenger_version")])
+    old_schema = pa.schema([f for f in LABEL_SCHEMA if f.name not in ("team", "challenger_version", "credit")])
     rows = [{**_label(n).model_dump(mode="json"), "stored_at": 1.0} for n in range(3)]
     write_deltalake(str(tmp_path / "labels"), pa.Table.from_pylist(rows, schema=old_schema))
     store = DeltaLabelStore(tmp_path / "labels")
     df, _ = store.read()
-    assert len(df) == 3 and df["team"].isna().all()
-    new = _label(3).model_copy(update={"team": "challenger", "challenger_version": "2"})
+    assert len(df) == 3 and df["team"].isna().all() and df["credit"].isna().all()
+    new = _label(3).model_copy(update={"team": "challenger", "challenger_version": "2", "credit": 0.25})
     assert store.write([new], {"interactions@t-p0": 0})
     df, _ = store.read()
-    assert len(df) == 4 and df.loc[df["request_id"] == "r3", "team"].item() == "challenger"
+    assert len(df) == 4 and df.loc[df["request_id"] == "r3", ["team", "credit"]].values.tolist() == [["challenger", 0.25]]
 
 
 def test_a_read_orders_labels_by_time_whatever_order_the_stream_wrote_them_in(tmp_path):

@@ -187,9 +187,9 @@ def test_a_seeded_worker_explores_the_same_requests_the_same_way_whatever_their_
     assert len({tuple(v) for v in forward.values()}) > 1  # some requests were explored
 
 
-def test_a_challenger_nominated_for_interleaving_is_shown_team_drafted_with_the_champion(tiny_first_stage, tiny_model):
+def test_a_challenger_nominated_for_interleaving_is_shown_interleaved_with_the_champion(tiny_first_stage, tiny_model):
     """The first stage is champion, the tiny model (its memory lifts d7) the challenger: with share 1
-    every ranking mixes both, and the impression says which model put each document where."""
+    every ranking mixes both, and the impression says what a like on each document earns whom."""
     from training.config import InterleaveConfig
     from training.interleave import INTERLEAVING, STAGE_TAG
 
@@ -210,11 +210,13 @@ def test_a_challenger_nominated_for_interleaving_is_shown_team_drafted_with_the_
         imp = ImpressionEvent.model_validate_json(worker.publisher.on(worker.keys.impressions)[-1])
         assert imp.challenger_version == version and not imp.explored
         teams = [it.team for it in imp.items]
-        assert set(teams) <= {"champion", "challenger", None}  # None: a document both would have shown there
+        assert set(teams) <= {"champion", "challenger", None}  # None: a document both rank alike
+        for it in imp.items:
+            assert it.credit is not None and (it.team is None) == (it.credit == 0)
         teams_seen.add(teams[0])
         if "d7" in [it.doc_id for it in imp.items[:1]]:
             assert teams[0] == "challenger"  # only the challenger ranks d7 first
-    assert teams_seen == {"champion", "challenger"}  # a coin decides who picks first
+    assert teams_seen == {"champion", "challenger"}  # either model's first pick may lead: the plan draws
     worker.registry.withdraw(version, "no better")
     worker.check_challenger()
     assert worker.challenger is None

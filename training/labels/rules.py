@@ -70,7 +70,7 @@ def label_request(
     """
     rules = rules or LabelRules()
     positions = {it.doc_id: it.position for it in impression.items}
-    teams = {it.doc_id: it.team for it in impression.items}
+    teams = {it.doc_id: (it.team, it.credit) for it in impression.items}
     by_doc: dict[str, list[InteractionEvent]] = {}
     seen: set[str] = set()
     for ev in sorted(interactions, key=lambda e: (e.server_time, e.event_id)):
@@ -112,7 +112,8 @@ def label_request(
             identity=identity_of(impression.user, impression.session),
             api_keys=api_keys,
             challenger_version=impression.challenger_version,
-            team=teams[doc_id],
+            team=teams[doc_id][0],
+            credit=teams[doc_id][1],
             timestamp=max((e.server_time for e in evs), default=impression.timestamp),  # training slices by it
         )
     return labels

@@ -131,13 +131,14 @@ LABEL_SCHEMA = pa.schema(
         ("api_keys", pa.list_(pa.string())),
         ("challenger_version", pa.string()),  # added later: a table from before gets the columns on its next write
         ("team", pa.string()),
+        ("credit", pa.float64()),  # added with optimized interleaving, as challenger_version was
         ("timestamp", pa.float64()),
         ("stored_at", pa.float64()),  # when the store wrote the row: compaction's cut
     ]
 )
 TRAINING_COLUMNS = [
     "label_id", "revision", "request_id", "query", "doc_id", "position", "grade", "weight", "propensity",
-    "signals", "identity", "api_keys", "timestamp", "model_version", "challenger_version", "team",
+    "signals", "identity", "api_keys", "timestamp", "model_version", "challenger_version", "team", "credit",
 ]  # fmt: skip
 """What training, its lineage, purges and the interleaving tally need: a read leaves the rest (event ids,
 the index version) on disk."""
