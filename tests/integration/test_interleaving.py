@@ -1,5 +1,5 @@
 """The online stage on the real broker, stream, label table and MLflow registry: a nominated
-challenger is interleaved with the champion, users' clicks become team-labelled labels, and the
+challenger is interleaved with the champion, users' clicks become labels carrying their credit, and the
 scheduler's check promotes it on the verdict, logged on its run."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_users_clicks_on_the_challengers_documents_promote_it(stack, tmp_path):
         requests = []
         for n in range(12):
             ranked = client.rank(QUERY, k=10, session=f"interleave-{n}")
-            assert liked in [it.doc_id for it in ranked.items[:2]]  # the challenger's first pick
+            assert liked in [it.doc_id for it in ranked.items]  # the challenger's first pick is always shown
             client.emit([client.event(ranked.request_id, liked, "click")])
             requests.append(ranked.request_id)
     finally:
@@ -64,6 +64,7 @@ def test_users_clicks_on_the_challengers_documents_promote_it(stack, tmp_path):
 
     (rows,) = wait_for(team_labels, what="labels of the interleaved requests")
     assert set(rows["team"]) == {"challenger"} and set(rows["challenger_version"]) == {version}
+    assert (rows["credit"] > 0).all()  # the challenger ranks it first, the champion 10th
 
     experiment = check_experiment(registry, labels, InterleaveConfig(min_sessions=10, max_sessions=20), registry.client)
     assert experiment is not None and experiment.judgement.verdict == "challenger"
@@ -73,4 +74,5 @@ def test_users_clicks_on_the_challengers_documents_promote_it(stack, tmp_path):
     assert champion_before is None and experiment.champion == "first-stage"
     logged = registry.client.get_run(run.info.run_id).data
     assert logged.tags["interleave_verdict"] == "challenger" and logged.metrics["interleave_wins"] == 10
+    assert logged.metrics["interleave_mean_credit"] > 0
     assert registry.get(version).tags["promoted_by"] == "interleaving"
