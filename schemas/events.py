@@ -74,8 +74,8 @@ class ShownItem(BaseModel):
     )
     credit: float | None = Field(
         None,
-        description="in an interleaved ranking: what a like here earns the challenger, 1/its rank - 1/the champion's "
-        "rank (negative: the champion earns it)",
+        description="in an interleaved ranking: what a like here earns the challenger (negative: the champion): "
+        "1/its rank - 1/the champion's rank, scaled so the query's largest credit is 1",
     )
 
 

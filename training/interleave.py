@@ -4,9 +4,14 @@ and promotion.
 The champion's and the challenger's rankings are merged into one list. A like (a click, cite or
 purchase not taken back) on a document credits the ranker that ranks it higher, by how much higher:
 `1/rank under the challenger - 1/rank under the champion` (a document a ranker does not return ranks
-just below its list). Both rankers are judged by the same user on the same query, so user and query
-variance cancel, which makes it far more sensitive than an A/B split; and unlike the offline gate it
-credits a document the champion never showed: the challenger ranks it high, the user liked it.
+just below its list), scaled per query so the largest credit its lists can show is 1. Like a
+team-draft session, a query's disagreement is then worth at most one vote: queries where the two
+differ only further down (as a champion and its retrained challenger often do) are not drowned by
+those where they differ at the top, and the scaling keeps every query's random-click credit at 0.
+
+Both rankers are judged by the same user on the same query, so user and query variance cancel, which
+makes it far more sensitive than an A/B split; and unlike the offline gate it credits a document the
+champion never showed: the challenger ranks it high, the user liked it.
 
 Which list is shown is drawn from a distribution chosen per query by a small linear program:
 - every list is a fair merge: each position holds the best document not yet shown of one of the two
@@ -63,8 +68,8 @@ class Plan:
 
 
 def credit(doc_id: str, champion: dict[str, int], challenger: dict[str, int]) -> float:
-    """What a like on `doc_id` earns the challenger: 1/rank under it - 1/rank under the champion
-    (1-based; a document a ranker does not return ranks just below its list)."""
+    """What a like on `doc_id` earns the challenger, before the plan scales it: 1/rank under it -
+    1/rank under the champion (1-based; a document a ranker does not return ranks just below its list)."""
     return 1 / challenger.get(doc_id, len(challenger) + 1) - 1 / champion.get(doc_id, len(champion) + 1)
 
 
@@ -108,7 +113,8 @@ def plan(champion: tuple[str, ...], challenger: tuple[str, ...], depth: int) -> 
         solved = linprog(informative, A_eq=equalities, b_eq=np.r_[1.0, np.zeros(width)], bounds=(0, None), method="highs-ds")
         if solved.success:
             keep = solved.x > 1e-9
-            return Plan([s for s, k in zip(lists, keep) if k], credits[keep], solved.x[keep] / solved.x[keep].sum())
+            shown = credits[keep] / (np.abs(credits[keep]).max() or 1.0)  # per query: the largest credit shown is 1
+            return Plan([s for s, k in zip(lists, keep) if k], shown, solved.x[keep] / solved.x[keep].sum())
     return Plan([()], np.zeros((1, 0)), np.ones(1))  # two empty rankings
 
 

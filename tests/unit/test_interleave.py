@@ -54,6 +54,15 @@ def test_random_clicks_earn_no_credit_at_any_cut_off():
         assert _expected_credit(champion, challenger, 6, dict.fromkeys(champion + challenger, 0.5)) == pytest.approx(0, abs=1e-9)
 
 
+def test_a_query_where_the_rankers_differ_only_deep_down_still_gets_a_full_vote():
+    """Credits are scaled per query so the largest one its lists can show is 1: two rankers that swap
+    their 7th and 8th documents are judged on that query as firmly as two that swap their 1st and 2nd."""
+    deep = plan(tuple("abcdefgh"), tuple("abcdefhg"), 8)
+    top = plan(tuple("abcdefgh"), tuple("bacdefgh"), 8)
+    assert np.abs(deep.credits).max() == pytest.approx(1.0) == np.abs(top.credits).max()
+    assert deep.credits[:, :6].tolist() == [[0.0] * 6] * len(deep.lists)  # the shared top earns nothing
+
+
 def test_the_ranker_that_puts_liked_documents_higher_earns_the_credit():
     for champion, challenger in _similar_pairs(40):
         liked = challenger[0]
