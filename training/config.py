@@ -38,10 +38,20 @@ class TrainConfig(BaseModel):
     max_seq_length: int = Field(128, ge=16, description="training length; 4x faster than 256 on CPU, inference uses 256")
 
 
+InterleaveMethod = Literal["optimized", "team_draft"]
+
+
 class InterleaveConfig(BaseModel):
-    """The online stage: optimized interleaving of challenger and champion on live traffic."""
+    """The online stage: interleaving of challenger and champion on live traffic."""
 
     model_config = ConfigDict(extra="forbid")
+
+    method: InterleaveMethod = Field(
+        "optimized",
+        description="optimized: fair merges drawn so random clicks earn nothing, a like credits by rank difference "
+        "(fewer sessions on most benchmark pairs); team_draft: a like credits 1 to the team that picked the document "
+        "(fewer on the loop's own closest decisions): docs/online-evaluation.md",
+    )
 
     share: float = Field(0.0, ge=0.0, le=1.0, description="share of requests interleaved while a challenger waits (0: off)")
     min_sessions: int = Field(100, ge=10, description="sessions before the first look; looks double from here")

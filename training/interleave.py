@@ -40,7 +40,7 @@ import pandas as pd
 from scipy.optimize import linprog
 from scipy.stats import ttest_1samp
 
-from training.config import InterleaveConfig
+from training.config import InterleaveConfig, InterleaveMethod
 
 Team = Literal["champion", "challenger"]
 STAGE_TAG, INTERLEAVING = "stage", "interleaving"  # a nominated version's tag: serving interleaves it, the scheduler judges
@@ -118,7 +118,16 @@ def plan(champion: tuple[str, ...], challenger: tuple[str, ...], depth: int) -> 
     return Plan([()], np.zeros((1, 0)), np.ones(1))  # two empty rankings
 
 
-def interleave(champion: Sequence[str], challenger: Sequence[str], k: int, rng: random.Random, depth: int = 10) -> Interleaved:
+def interleave(
+    champion: Sequence[str], challenger: Sequence[str], k: int, rng: random.Random, method: InterleaveMethod = "optimized"
+) -> Interleaved:
+    """The list one interleaved request shows, and each position's credit, by `interleave.method`."""
+    if method == "team_draft":
+        return team_draft(champion, challenger, k, rng)
+    return optimized(champion, challenger, k, rng)
+
+
+def optimized(champion: Sequence[str], challenger: Sequence[str], k: int, rng: random.Random, depth: int = 10) -> Interleaved:
     """`k` documents: the top positions drawn from the query's plan (up to `depth`), then the champion's
     next ones, then the challenger's (no credit: the comparison is decided where users look)."""
     drawn = plan(tuple(champion), tuple(challenger), min(k, depth))
@@ -127,6 +136,64 @@ def interleave(champion: Sequence[str], challenger: Sequence[str], k: int, rng: 
     seen = set(shown)
     rest = [d for d in dict.fromkeys([*champion, *challenger]) if d not in seen][: max(0, k - len(shown))]
     return Interleaved(shown + rest, [float(c) for c in drawn.credits[i]] + [0.0] * len(rest))
+
+
+def shared_prefix(champion: Sequence[str], challenger: Sequence[str], k: int) -> int:
+    """How many top positions the two rankings fill with the same documents in the same order."""
+    n = 0
+    while n < min(k, len(champion), len(challenger)) and champion[n] == challenger[n]:
+        n += 1
+    return n
+
+
+def team_draft(champion: Sequence[str], challenger: Sequence[str], k: int, rng: random.Random) -> Interleaved:
+    """Team-draft interleaving (Radlinski, Kurup & Joachims 2008): a like earns the team that picked the
+    document 1. Merges two rankings into `k` positions. Where both rank the same documents in the same order at
+    the top, those are shown as they are and credited to neither: a click there says nothing about which
+    ranker is better, and a coin-flipped credit would only add noise (most clicks land at the top).
+    Below that, the team with fewer picks picks next (a coin decides when both have as many); a team
+    picks its best document not already shown.
+
+    A document both teams would have picked at a coin toss is credited to neither either, and so is the
+    next one when both teams would have picked that too. Either coin outcome puts that document in the
+    same place under the same documents, so its credit is a coin flip with the same chance of a click
+    both ways: dropping it keeps every team's expected credit and removes noise (the exact average over
+    the coin outcomes that show the same list, where both picks of a round coincide)."""
+    common = shared_prefix(champion, challenger, k)
+    shown: list[str] = list(champion[:common])
+    teams: list[Team | None] = [None] * common
+    seen: set[str] = set(shown)
+    cursor: dict[Team, int] = {"champion": common, "challenger": common}
+    ranking: dict[Team, Sequence[str]] = {"champion": champion, "challenger": challenger}
+    picks: dict[Team, int] = {"champion": 0, "challenger": 0}
+    limit = min(k, len(set(champion) | set(challenger)))
+    round_shared = False  # the coin toss of this round picked a document both teams wanted
+    while len(shown) < limit:
+        toss = picks["champion"] == picks["challenger"]
+        if toss:
+            team: Team = "challenger" if rng.random() < 0.5 else "champion"
+        else:
+            team = "champion" if picks["champion"] < picks["challenger"] else "challenger"
+        best = {t: _next_index(ranking[t], cursor[t], seen) for t in ranking}
+        wanted = {ranking[t][i] for t, i in best.items() if i < len(ranking[t])}
+        both_want = len(wanted) == 1 and all(i < len(ranking[t]) for t, i in best.items())
+        if best[team] == len(ranking[team]):  # this team has nothing new left: the other fills the list
+            team = "challenger" if team == "champion" else "champion"
+        if toss:
+            round_shared = both_want
+        i = best[team]
+        cursor[team] = i + 1
+        picks[team] += 1
+        shown.append(ranking[team][i])
+        seen.add(ranking[team][i])
+        teams.append(None if both_want and round_shared else team)
+    return Interleaved(shown, [{"challenger": 1.0, "champion": -1.0, None: 0.0}[t] for t in teams])
+
+
+def _next_index(docs: Sequence[str], i: int, seen: set[str]) -> int:
+    while i < len(docs) and docs[i] in seen:
+        i += 1
+    return i
 
 
 def session_credit(credits: Sequence[float], liked: Sequence[int]) -> float:

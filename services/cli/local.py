@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import get_args
 
 import typer
 from pydantic import BaseModel
@@ -232,14 +233,17 @@ def bench_interleave(
     split: str = typer.Option("test", help="judged queries the simulated users ask"),
     max_sessions: int = typer.Option(102_400, help="sessions after which a pair is called no different"),
     spread: float = typer.Option(None, help="how much simulated users differ (0: identical); default: fitted to the click log"),
+    method: str = typer.Option("optimized", help="interleaving method: optimized or team_draft"),
     seed: int = 0,
     out: Path = typer.Option(Path("interleave.json"), help="where the JSON result goes"),
 ) -> None:
     """Interleaving vs A/B on pairs of rankers of known offline difference: verdicts and sessions needed."""
     from services.local.bench_interleave import run_interleave_bench
-    from training.config import InterleaveConfig
+    from training.config import InterleaveConfig, InterleaveMethod
 
     s = settings()
     s = s.model_copy(update={"state_dir": s.state_dir / "bench-interleave", "dataset": dataset or s.dataset})
-    cfg = InterleaveConfig(min_sessions=100, max_sessions=max_sessions)
+    if method not in get_args(InterleaveMethod):
+        raise typer.BadParameter(f"{method!r}: choose one of {', '.join(get_args(InterleaveMethod))}", param_hint="--method")
+    cfg = InterleaveConfig(min_sessions=100, max_sessions=max_sessions, method=method)
     _write(run_interleave_bench(s, models, split, seed, cfg, spread), out)

@@ -4,8 +4,8 @@ an A/B split of the same simulated traffic.
 Rankers: the first stage (hybrid), its parts (BM25, dense), the model versions given (e.g. a loop
 run's), and deliberately damaged copies of the best (its top result demoted, its top 10 shuffled).
 Every pair gets an offline difference (NDCG@10 on the judged split) and two online experiments on
-the same simulated users (the position-based click model of `simulate`): optimized interleaving,
-decided by the t-test on session credits of `training.interleave`, and an A/B split, decided by Welch's t-test on
+the same simulated users (the position-based click model of `simulate`): interleaving by the chosen
+method, decided by the t-test on session credits of `training.interleave`, and an A/B split, decided by Welch's t-test on
 the reciprocal rank of a session's first liked document; both stop at the same looks with the same
 threshold. Both read a session as the scheduler does: a document counts when the label rules grade
 its reactions positive (a click, cite or purchase not taken back by a deleted citation or a return).
@@ -34,7 +34,7 @@ from schemas import InteractionType
 from services.config import Settings
 from services.local.simulate import UserModel, examination_curve, session_events, session_spread
 from training import beir
-from training.config import InterleaveConfig
+from training.config import InterleaveConfig, InterleaveMethod
 from training.evaluate import evaluate_first_stage_parts
 from training.interleave import Tally, Verdict, decide, interleave, look_threshold, looks, session_credit
 from training.labels.rules import LabelRules, grade_of
@@ -66,6 +66,7 @@ class Pair(BaseModel):
 
 class InterleaveBenchResult(BaseModel):
     dataset: str
+    method: InterleaveMethod
     split: str
     rankers: dict[str, float]  # NDCG@10 on the split
     user_spread: float  # variance of the per-session examination multiplier of the simulated users
@@ -141,7 +142,7 @@ def simulate_pair(
         rng = random.Random(seed * 1_000_003 + i)
         qid = rng.choice(qids)
         if il_result is None:
-            tally.credits.append(interleaved_credit(champion[qid], challenger[qid], qrels[qid], user, rng, rules))
+            tally.credits.append(interleaved_credit(champion[qid], challenger[qid], qrels[qid], user, rng, rules, cfg.method))
         if ab_result is None:
             arm = "challenger" if i % 2 else "champion"
             arms[arm].append(first_liked_rr((champion if arm == "champion" else challenger)[qid], qrels[qid], user, rng, rules))
@@ -189,6 +190,7 @@ def estimate_pair(
     user: UserModel,
     rules: LabelRules,
     seed: int,
+    method: InterleaveMethod = "optimized",
     sessions: int = ESTIMATE_SESSIONS,
 ) -> tuple[int | None, int | None]:
     """Sessions interleaving and A/B need (p < ALPHA, POWER), from `sessions` simulated sessions each.
@@ -201,7 +203,7 @@ def estimate_pair(
     for i in range(sessions):
         rng = random.Random(f"estimate {seed} {i}")
         qid = rng.choice(qids)
-        credits[i] = interleaved_credit(champion[qid], challenger[qid], qrels[qid], user, rng, rules)
+        credits[i] = interleaved_credit(champion[qid], challenger[qid], qrels[qid], user, rng, rules, method)
         user_draws = random.Random(f"estimate a/b {seed} {i}").getstate()
         for arm, ranking in (("champion", champion), ("challenger", challenger)):
             same_user = random.Random()
@@ -211,12 +213,18 @@ def estimate_pair(
 
 
 def interleaved_credit(
-    champion: list[str], challenger: list[str], qrels: dict[str, int], user: UserModel, rng: random.Random, rules: LabelRules
+    champion: list[str],
+    challenger: list[str],
+    qrels: dict[str, int],
+    user: UserModel,
+    rng: random.Random,
+    rules: LabelRules,
+    method: InterleaveMethod = "optimized",
 ) -> float:
     """One interleaving session on one query: the challenger's credit from the documents the label
     rules grade positive, as the scheduler sums it (`session_outcomes`). Interleaved as serving does,
     from the two full rankings."""
-    mixed = interleave(champion, challenger, SHOWN, rng)
+    mixed = interleave(champion, challenger, SHOWN, rng, method)
     return session_credit(mixed.credits, _liked(rng, user, mixed.doc_ids, qrels, rules))
 
 
@@ -292,7 +300,9 @@ def run_interleave_bench(
             (v, p, n), (abv, abp, abn) = simulate_pair(
                 rankings[champion], rankings[challenger], qrels, user, s.stream.rules, cfg, seed + k
             )
-            il_needed, ab_needed = estimate_pair(rankings[champion], rankings[challenger], qrels, user, s.stream.rules, seed + k)
+            il_needed, ab_needed = estimate_pair(
+                rankings[champion], rankings[challenger], qrels, user, s.stream.rules, seed + k, cfg.method
+            )
             out.append(
                 Pair(
                     challenger=challenger,
@@ -320,6 +330,7 @@ def run_interleave_bench(
     quartiles = np.percentile(ratios, [25, 75]) if ratios else np.zeros(2)
     return InterleaveBenchResult(
         dataset=str(s.dataset),
+        method=cfg.method,
         split=split,
         rankers=mean,
         user_spread=round(user.spread, 4),
@@ -336,8 +347,9 @@ def run_interleave_bench(
             f"simulated users: position-based click model, examination from {s.clicklog.name}, scaled per session by a "
             f"gamma multiplier of variance {user.spread:.3f} (fitted to that log's overdispersion of clicks per session "
             f"when not given); a session = one query of the split, {SHOWN} results shown",
-            "interleaving: optimized (fair merges drawn so random clicks earn no credit; a like credits 1/rank under "
-            "the challenger - 1/rank under the champion), t-test on the session credits; A/B: alternate sessions per arm, "
+            f"interleaving: {cfg.method} (optimized: fair merges drawn so random clicks earn no credit, a like credits "
+            "1/rank under the challenger - 1/rank under the champion, scaled per query to at most 1; team_draft: a like "
+            "credits 1 to the team that picked it), t-test on the session credits; A/B: alternate sessions per arm, "
             "Welch t-test on the reciprocal rank of the first liked document; both count a document the label rules "
             "grade positive (a click, cite or purchase not taken back), as the scheduler does",
             f"both stop at the first look in {looks(cfg)} with p < {look_threshold(cfg):.4g}; "

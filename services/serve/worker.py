@@ -41,6 +41,7 @@ from schemas import (
 from services.config import Settings
 from services.serve.metrics import ServingMetrics
 from services.storage import Caches, Publisher
+from training.config import InterleaveMethod
 from training.interleave import INTERLEAVING, STAGE_TAG, Interleaved, interleave
 from training.ranking.embedding_cache import EmbeddingCache
 from training.ranking.first_stage import Candidate, FirstStage
@@ -139,7 +140,7 @@ class Worker:
         mixed: Interleaved | None = None
         if challenger is not None and rng.random() < self.s.interleave.share:
             theirs, hit_too = self._ranked(challenger, req)
-            items, mixed = interleaved(items, theirs, req.k, rng)
+            items, mixed = interleaved(items, theirs, req.k, rng, self.s.interleave.method)
             hit, explored = hit and hit_too, False
             self.metrics.interleaved.inc()
         else:
@@ -473,13 +474,16 @@ class Worker:
         return self._stop.is_set()
 
 
-def interleaved(champion: list[list], challenger: list[list], k: int, rng: random.Random) -> tuple[list[list], Interleaved]:
-    """Optimized interleaving of two [doc, score] lists: the rows shown, and what a like on each earns
-    whom. A row keeps the score of the model that ranks it higher (scores of two models are not
-    comparable); a row both rank alike the champion's."""
-    mixed = interleave([d for d, _ in champion], [d for d, _ in challenger], k, rng)
-    score = {"champion": dict(map(tuple, champion)), "challenger": dict(map(tuple, challenger))}
-    return [[d, score[t or "champion"][d]] for d, t in zip(mixed.doc_ids, mixed.teams)], mixed
+def interleaved(
+    champion: list[list], challenger: list[list], k: int, rng: random.Random, method: InterleaveMethod
+) -> tuple[list[list], Interleaved]:
+    """Interleaving of two [doc, score] lists: the rows shown, and what a like on each earns whom. A row
+    keeps the score of the model its credit goes to (scores of two models are not comparable); a row
+    that earns nothing the champion's."""
+    mixed = interleave([d for d, _ in champion], [d for d, _ in challenger], k, rng, method)
+    score = {"challenger": dict(map(tuple, challenger)), "champion": dict(map(tuple, champion))}
+    either = {**score["challenger"], **score["champion"]}  # no credit: the champion's score where it has one
+    return [[d, score[t][d] if t else either[d]] for d, t in zip(mixed.doc_ids, mixed.teams)], mixed
 
 
 def _credited(mixed: Interleaved | None, i: int) -> dict:

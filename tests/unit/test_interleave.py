@@ -1,3 +1,4 @@
+import itertools
 import random
 
 import numpy as np
@@ -5,7 +6,20 @@ import pytest
 
 from services.local.simulate import UserModel
 from training.config import InterleaveConfig
-from training.interleave import Tally, decide, fair_merges, interleave, look_threshold, looks, plan, session_credit
+from training.interleave import (
+    Interleaved,
+    Tally,
+    decide,
+    fair_merges,
+    interleave,
+    look_threshold,
+    looks,
+    optimized,
+    plan,
+    session_credit,
+    shared_prefix,
+    team_draft,
+)
 
 
 def _similar_pairs(n: int, size: int = 8, seed: int = 7):
@@ -90,7 +104,7 @@ def test_identical_rankings_are_shown_as_they_are_with_no_credit():
 
 
 def test_positions_past_the_depth_follow_the_champion_and_earn_nothing():
-    mixed = interleave(list("abcdefgh"), list("hgfedcba"), 8, random.Random(0), depth=3)
+    mixed = optimized(list("abcdefgh"), list("hgfedcba"), 8, random.Random(0), depth=3)
     assert mixed.credits[3:] == [0.0] * 5
     assert mixed.doc_ids[3:] == [d for d in "abcdefgh" if d not in mixed.doc_ids[:3]]
 
@@ -120,6 +134,88 @@ def test_session_credit_sums_the_liked_positions():
     assert session_credit(credits, [1, 3]) == pytest.approx(0.6)
     assert session_credit(credits, []) == 0.0
     assert session_credit(credits, [0, 0, 2, 9]) == pytest.approx(-0.75)  # repeats and positions past the list ignored
+
+
+def test_team_draft_alternates_picks_and_never_repeats_a_document():
+    for seed in range(50):
+        mixed = interleave(list("abcdef"), list("bcaxyz"), 6, random.Random(seed), "team_draft")
+        assert len(set(mixed.doc_ids)) == 6
+        assert set(mixed.teams[:2]) == {"champion", "challenger"}  # one pick each in the first round
+        for doc, team in zip(mixed.doc_ids, mixed.teams):  # a team is only credited with what it ranks
+            assert team is None or doc in ("abcdef" if team == "champion" else "bcaxyz")
+        assert set(mixed.credits) <= {-1.0, 0.0, 1.0}
+
+
+def test_team_draft_credits_neither_team_with_a_document_both_would_pick_at_the_toss():
+    """Below the first round both rank c, d, e, f alike: whichever team the coin picks shows the same list."""
+    for seed in range(20):
+        mixed = team_draft(list("abcdef"), list("bacdef"), 6, random.Random(seed))
+        assert sorted(mixed.doc_ids[:2]) == ["a", "b"] and mixed.doc_ids[2:] == list("cdef")
+        assert mixed.teams[mixed.doc_ids.index("a")] == "champion" and mixed.teams[mixed.doc_ids.index("b")] == "challenger"
+        assert mixed.teams[2:] == [None] * 4
+    mixed = team_draft(list("abcx"), list("bacy"), 4, random.Random(0))  # c wanted by both, then x vs y
+    assert mixed.teams[2] is None and mixed.teams[3] is not None
+
+
+def _team_draft_expected_credit(champion: list[str], challenger: list[str], k: int, attraction: dict[str, float], draft) -> float:
+    """The challenger's credit expected over every coin outcome, for users who examine position p with
+    chance 1/(p+1) and click what they examine with the document's attraction."""
+
+    class Coins:
+        def __init__(self, bits: tuple[int, ...]) -> None:
+            self.bits = iter(bits)
+
+        def random(self) -> float:
+            return 0.25 if next(self.bits) else 0.75
+
+    total, outcomes = 0.0, list(itertools.product((0, 1), repeat=k))
+    for bits in outcomes:
+        mixed = draft(champion, challenger, k, Coins(bits))
+        total += sum(c * attraction[d] / (p + 1) for p, (d, c) in enumerate(zip(mixed.doc_ids, mixed.credits)))
+    return total / len(outcomes)
+
+
+def _textbook_team_draft(champion: list[str], challenger: list[str], k: int, rng) -> Interleaved:
+    """Radlinski et al. (2008), every position credited to the team that picked it, below the top both
+    share (shown as is, credited to neither)."""
+    common = shared_prefix(champion, challenger, k)
+    shown: list[str] = champion[:common]
+    teams: list[str | None] = [None] * common
+    while len(shown) < k:
+        n_cp, n_ch = teams.count("champion"), teams.count("challenger")
+        if n_cp == n_ch:
+            team = "challenger" if rng.random() < 0.5 else "champion"
+        else:
+            team = "champion" if n_cp < n_ch else "challenger"
+        docs = [d for d in (champion if team == "champion" else challenger) if d not in shown]
+        if not docs:
+            team = "challenger" if team == "champion" else "champion"
+            docs = [d for d in (champion if team == "champion" else challenger) if d not in shown]
+        shown.append(docs[0])
+        teams.append(team)
+    return Interleaved(shown, [{"challenger": 1.0, "champion": -1.0, None: 0.0}[t] for t in teams])
+
+
+def test_team_draft_crediting_neither_keeps_each_teams_expected_credit():
+    """The credit dropped at a shared pick is a coin flip: textbook team draft expects the same difference
+    between the teams for any users, and none for users who click by position alone."""
+    for champion, challenger in _similar_pairs(40, size=6, seed=3):
+        attraction = {d: random.Random(d).random() for d in champion + challenger}
+        ours = _team_draft_expected_credit(champion, challenger, 6, attraction, team_draft)
+        assert ours == pytest.approx(
+            _team_draft_expected_credit(champion, challenger, 6, attraction, _textbook_team_draft), abs=1e-9
+        )
+        flat = dict.fromkeys(champion + challenger, 0.5)
+        assert _team_draft_expected_credit(champion, challenger, 6, flat, team_draft) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_team_draft_shows_the_top_both_rankers_share_as_is_and_credits_neither():
+    for seed in range(20):
+        mixed = team_draft(list("abcdef"), list("abdcfe"), 6, random.Random(seed))
+        assert mixed.doc_ids[:2] == ["a", "b"] and mixed.teams[:2] == [None, None]
+        assert None not in mixed.teams[2:] and sorted(mixed.doc_ids[2:]) == list("cdef")
+        assert session_credit(mixed.credits, [0, 1]) == 0.0  # clicks on the shared top only: a tie
+    assert sorted(team_draft(["a"], ["b", "c", "d"], 4, random.Random(1)).doc_ids) == ["a", "b", "c", "d"]  # one ran out
 
 
 def test_looks_double_and_the_threshold_spends_the_p_value_across_them():

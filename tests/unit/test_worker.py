@@ -237,3 +237,15 @@ def test_model_info_shows_a_served_versions_mix_with_its_fusion(tiny_first_stage
     with TestClient(create_app(s, worker, watch_events=False)) as client:
         r = client.get("/model")
     assert r.status_code == 200 and r.json()["mix"] == {"alpha": 0.5, "beta": 2.0, "tau": 0.5, "bm25_weight": None}
+
+
+def test_an_interleaved_row_only_the_challenger_returns_keeps_the_challengers_score():
+    """Rankings too different for a full optimized plan are filled below it with no credit, from the
+    champion's list and then the challenger's: such a row has no champion score (it was a KeyError)."""
+    from services.serve.worker import interleaved
+
+    challenger = [["d3", 0.9], ["d1", 0.8], ["d2", 0.7], ["d0", 0.6], ["d5", 0.5], ["d4", 0.4]]
+    for method in ("optimized", "team_draft"):
+        rows, _ = interleaved([["d2", 1.0]], challenger, 3, random.Random(0), method)
+        scores = dict(map(tuple, challenger)) | {"d2": 1.0}
+        assert [s for _, s in rows] == [scores[d] for d, _ in rows] and len(rows) == 3
