@@ -19,8 +19,11 @@ Which list is shown is drawn from a distribution chosen per query by a small lin
 - it is unbiased: a user who clicks at random within the top k, for every k, earns neither ranker any
   credit in expectation, so only the documents' relevance moves the verdict;
 - among such distributions it favours lists whose top positions carry much credit (where users click,
-  a like says the most). On the SciFact benchmark this needs about a quarter fewer sessions than team
-  draft for the same power (`docs/online-evaluation.md`).
+  a like says the most).
+
+`interleave.method = team_draft` keeps team-draft interleaving (Radlinski, Kurup & Joachims 2008), its
+credit 1 for a like on a document the team picked. Which needs fewer sessions depends on the pair of
+rankers (`docs/online-evaluation.md` has both on the same pairs).
 
 The verdict is a one-sample t-test on the per-session credit, looked at on a doubling schedule of
 session counts; each look tests at `p_value / looks` (Bonferroni), so peeking does not inflate the
