@@ -86,16 +86,13 @@ def fair_merges(champion: Sequence[str], challenger: Sequence[str], depth: int) 
         if len(shown) == limit:
             out.add(shown)
             return
-        nexts = {best for ranking in (champion, challenger) if (best := _next_unshown(ranking, shown)) is not None}
+        seen = set(shown)
+        nexts = {r[i] for r in (champion, challenger) if (i := _next_index(r, 0, seen)) < len(r)}
         for best in sorted(nexts):
             extend((*shown, best))
 
     extend(())
     return sorted(out)
-
-
-def _next_unshown(ranking: Sequence[str], shown: tuple[str, ...]) -> str | None:
-    return next((d for d in ranking if d not in shown), None)
 
 
 @lru_cache(maxsize=4096)
@@ -150,10 +147,11 @@ def shared_prefix(champion: Sequence[str], challenger: Sequence[str], k: int) ->
 
 
 def team_draft(champion: Sequence[str], challenger: Sequence[str], k: int, rng: random.Random) -> Interleaved:
-    """Team-draft interleaving (Radlinski, Kurup & Joachims 2008): a like earns the team that picked the
-    document 1. Merges two rankings into `k` positions. Where both rank the same documents in the same order at
-    the top, those are shown as they are and credited to neither: a click there says nothing about which
-    ranker is better, and a coin-flipped credit would only add noise (most clicks land at the top).
+    """Team-draft interleaving (Radlinski, Kurup & Joachims 2008): a like earns the team that picked
+    the document 1. Merges two rankings into `k` positions. Where both rank the same documents in the
+    same order at the top, those are shown as they are and credited to neither: a click there says
+    nothing about which ranker is better, and a coin-flipped credit would only add noise (most clicks
+    land at the top).
     Below that, the team with fewer picks picks next (a coin decides when both have as many); a team
     picks its best document not already shown.
 
@@ -194,6 +192,7 @@ def team_draft(champion: Sequence[str], challenger: Sequence[str], k: int, rng: 
 
 
 def _next_index(docs: Sequence[str], i: int, seen: set[str]) -> int:
+    """The first position from `i` on whose document is not in `seen` (len(docs): none left)."""
     while i < len(docs) and docs[i] in seen:
         i += 1
     return i

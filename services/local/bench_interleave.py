@@ -5,9 +5,9 @@ Rankers: the first stage (hybrid), its parts (BM25, dense), the model versions g
 run's), and deliberately damaged copies of the best (its top result demoted, its top 10 shuffled).
 Every pair gets an offline difference (NDCG@10 on the judged split) and two online experiments on
 the same simulated users (the position-based click model of `simulate`): interleaving by the chosen
-method, decided by the t-test on session credits of `training.interleave`, and an A/B split, decided by Welch's t-test on
-the reciprocal rank of a session's first liked document; both stop at the same looks with the same
-threshold. Both read a session as the scheduler does: a document counts when the label rules grade
+method, decided by the t-test on session credits of `training.interleave`, and an A/B split, decided
+by Welch's t-test on the reciprocal rank of a session's first liked document; both stop at the same
+looks with the same threshold. Both read a session as the scheduler does: a document counts when the label rules grade
 its reactions positive (a click, cite or purchase not taken back by a deleted citation or a return).
 
 How many sessions each design needs is measured twice: where the sequential rule stopped (one draw,
