@@ -25,24 +25,29 @@ QUERY = "vitamin D and bone density"
 def test_users_clicks_on_the_challengers_documents_promote_it(stack, tmp_path):
     s, worker = stack["settings"], stack["worker"]
     client = RankloopClient(s.base_url)
-    first = client.rank(QUERY, k=10)
-    liked = first.items[-1].doc_id  # what the champion ranks 10th: the challenger's memory puts it first
-    folder = save_model_folder(
-        load_encoder(), tmp_path / "model", Mix(alpha=0.5, beta=2.0, tau=0.5), {QUERY.lower(): {liked: 3.0}}
-    )
-    main = connect_registry(s)  # a registered model of its own: the stack's versions stay as other tests expect
-    registry = MlflowRegistry(main.client, f"{main.name}-interleaving-test", s.versions_dir / "interleaving-test")
-    with mlflow.start_run(run_name="interleaving test") as run:
-        mlflow.log_artifacts(str(folder), "model")
-    version = registry.register(run.info.run_id)
-    registry.nominate(version, "passed the gate (test)")
-    registry.tag(version, STAGE_TAG, INTERLEAVING)
-    champion_before = registry.champion()
-
     saved, saved_registry = worker.s, worker.registry
-    worker.s = saved.model_copy(update={"interleave": InterleaveConfig(share=1.0)})
-    worker.registry = registry
     try:
+        # no exploration: a shuffled first ranking would make `liked` any of the top 10, perhaps the
+        # champion's first, and then both models rank alike and no request earns credit
+        worker.s = saved.model_copy(update={"serving": saved.serving.model_copy(update={"explore_rate": 0.0})})
+        first = client.rank(QUERY, k=10)
+        liked = first.items[-1].doc_id  # what the champion ranks 10th: the challenger's memory puts it first
+        folder = save_model_folder(
+            load_encoder(), tmp_path / "model", Mix(alpha=0.5, beta=2.0, tau=0.5), {QUERY.lower(): {liked: 3.0}}
+        )
+        main = connect_registry(s)  # a registered model of its own: the stack's versions stay as other tests expect
+        registry = MlflowRegistry(main.client, f"{main.name}-interleaving-test", s.versions_dir / "interleaving-test")
+        with mlflow.start_run(run_name="interleaving test") as run:
+            mlflow.log_artifacts(str(folder), "model")
+        version = registry.register(run.info.run_id)
+        registry.nominate(version, "passed the gate (test)")
+        registry.tag(version, STAGE_TAG, INTERLEAVING)
+        champion_before = registry.champion()
+
+        # the registry first: the worker's own poll, which may run between the two, does nothing while
+        # the share is 0, and sees the test's registry once the share is 1
+        worker.registry = registry
+        worker.s = worker.s.model_copy(update={"interleave": InterleaveConfig(share=1.0)})
         worker.check_challenger()
         assert worker.challenger is not None and worker.challenger.version == version
         requests = []
@@ -51,7 +56,7 @@ def test_users_clicks_on_the_challengers_documents_promote_it(stack, tmp_path):
             assert liked in [it.doc_id for it in ranked.items]  # the challenger's first pick is always shown
             client.emit([client.event(ranked.request_id, liked, "click")])
             requests.append(ranked.request_id)
-    finally:
+    finally:  # the share back to 0 first, then the stack's registry: its poll never mixes the two
         worker.s, worker.registry = saved, saved_registry
         worker.challenger = None
 
