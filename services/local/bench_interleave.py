@@ -222,9 +222,9 @@ def interleaved_credit(
     method: InterleaveMethod = "optimized",
 ) -> float:
     """One interleaving session on one query: the challenger's credit from the documents the label
-    rules grade positive, as the scheduler sums it (`session_outcomes`). Interleaved as serving does,
-    from the two full rankings."""
-    mixed = interleave(champion, challenger, SHOWN, rng, method)
+    rules grade positive, as the scheduler sums it (`session_outcomes`). Interleaved as serving does:
+    from each ranker's top `SHOWN` (a request's k), so a document the other ranker lacks ranks SHOWN + 1."""
+    mixed = interleave(champion[:SHOWN], challenger[:SHOWN], SHOWN, rng, method)
     return session_credit(mixed.credits, _liked(rng, user, mixed.doc_ids, qrels, rules))
 
 
