@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch first and pinned: the CPU wheel; an unpinned torch would pull CUDA packages.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[server,bench,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,7 +30,7 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -ra
 
-# ruff (lint + format check) on everything, mypy on schemas/ and training/
+# ruff (lint + format check) on everything, mypy on everything deployed (schemas/, training/, services/)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -163,7 +163,8 @@ class LabelledExample(Event):
 
 
 class ModelEvent(Event):
-    """Published when the champion changes, so serving workers swap without polling lag."""
+    """Published by the control plane whenever an alias moves (the champion changes, or a challenger is
+    nominated for interleaving or withdrawn), so serving workers look at the registry without polling lag."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -176,12 +177,12 @@ class ModelEvent(Event):
         },
     )  # fmt: skip
 
-    action: Literal["promoted", "rolled_back"]
+    action: Literal["promoted", "rolled_back", "nominated", "withdrawn"]
     model_name: str
     version: str
     previous_version: str | None = None
     reason: str = ""
-    actor: str = Field("unknown", description='who moved it: "cli:<user>", "key:<name>", "scheduler", "serving"')
+    actor: str = Field("unknown", description='who moved it: "cli:<user>", "key:<name>", "scheduler", "interleaving", "control"')
     timestamp: float = Field(default_factory=now)
 
 

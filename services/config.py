@@ -93,7 +93,10 @@ class ServingSettings(Group):
         60.0, gt=0, description="not ready once the served version has differed from the registry's champion this long"
     )
     max_load_failures: int = Field(
-        3, ge=1, description="a champion that fails to load this often is tagged broken and rolled back"
+        3,
+        ge=1,
+        description="failed loads of the champion, summed over the serving workers' reports, after which the control "
+        "process tags it broken and rolls it back",
     )
     explore_rate: float = Field(
         0.1, ge=0.0, le=1.0, description="share of requests shown with a shuffled top (docs/position-bias.md)"
@@ -132,7 +135,6 @@ class RetrainSettings(Group):
     windows: list[Annotated[str, Field(pattern=WINDOW_PATTERN)]] = Field(
         [], description='UTC times trainings may start, e.g. ["22:00-06:00"]; empty: any time'
     )
-    metrics_port: int = Field(9109, ge=0, le=65535, description="Prometheus metrics of the scheduler (on metrics_host); 0: off")
     auto_promote: bool = Field(
         True,
         description="promote a challenger that passes the gate (off: it waits as `challenger` for `rankloop approve N`)",
@@ -141,6 +143,17 @@ class RetrainSettings(Group):
     online_metrics_s: float = Field(
         300.0, gt=0, description="how often the online metrics per version (CTR@10, MRR of clicks, ...) go onto MLflow"
     )
+
+
+class ControlSettings(Group):
+    """The control process (`rankloop schedule`): its admin API, status page and /metrics."""
+
+    host: str = Field("127.0.0.1", description="where the admin API listens; 0.0.0.0 inside a container")
+    port: int = Field(8001, ge=1, le=65535, description="admin API, /status, /schedule and /metrics of the control process")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
 
 class AuthSettings(Group):
@@ -174,12 +187,13 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch threads per process; unset: one per core")
     log_format: Literal["text", "json"] = Field("text", description="process logs: text lines, or one JSON object per line")
     metrics_host: str = Field(
-        "127.0.0.1", description="where the stream and the scheduler serve /metrics; 0.0.0.0 for a scraper in a container"
+        "127.0.0.1", description="where a stream worker serves /metrics; 0.0.0.0 for a scraper in a container"
     )
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     mlflow: MlflowSettings = MlflowSettings()
     serving: ServingSettings = ServingSettings()
+    control: ControlSettings = ControlSettings()
     auth: AuthSettings = AuthSettings()
     stream: StreamSettings = StreamSettings()
     retrain: RetrainSettings = RetrainSettings()
@@ -259,6 +273,13 @@ class Settings(BaseSettings):
     @property
     def base_url(self) -> str:
         return f"http://{self.serving.host}:{self.serving.port}"
+
+    def write_json(self, path: Path) -> Path:
+        """These exact settings as a JSON file another process reads through RANKLOOP_CONFIG (`serve
+        --workers N` hands them to each worker process so)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_copy(update={"state_dir": self.state_dir.resolve()}).model_dump_json(indent=2))
+        return path.resolve()
 
     def effective(self) -> dict[str, Any]:
         """What the local defaults resolve to."""

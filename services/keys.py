@@ -76,9 +76,9 @@ class Keys:
         return f"{self.deployment}:online:{model_version}"
 
     @property
-    def recent_dead_letters(self) -> str:
-        """List of the newest dead letters (JSON), capped, for emitters and the status page."""
-        return f"{self.deployment}:dead:recent"
+    def fleet(self) -> str:
+        """Hash of the serving workers' latest reports (`services.storage.WorkerReport`), by worker."""
+        return f"{self.deployment}:fleet"
 
     @property
     def train_lock(self) -> str:

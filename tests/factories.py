@@ -1,8 +1,18 @@
-"""Small builders for events used across tests."""
+"""Small builders used across tests: events, and the control plane on in-memory storage."""
+
+from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 from schemas import ImpressionEvent, InteractionEvent, ShownItem
+
+if TYPE_CHECKING:
+    from services.config import Settings
+    from services.control.app import ControlPlane
+    from services.control.promotion import Promotions
+    from services.storage.memory import MemoryPublisher
+    from training.registry import MemoryRegistry
 
 _ids = itertools.count()
 
@@ -30,3 +40,27 @@ def interaction(doc_id, type, request_id="r1", value=None, timestamp=1010.0, eve
         timestamp=timestamp,
         received_at=received_at,
     )
+
+
+def promotions_on(registry: MemoryRegistry, publisher: MemoryPublisher | None = None) -> Promotions:
+    """The control plane's one owner of alias moves, on an in-memory registry and publisher."""
+    from services.control.promotion import Promotions
+    from services.keys import Keys
+    from services.storage.memory import MemoryPublisher
+
+    return Promotions(registry, registry, publisher or MemoryPublisher(), Keys().model_events)
+
+
+def control_plane(s: Settings, registry: MemoryRegistry, publisher: MemoryPublisher | None = None) -> ControlPlane:
+    """The control process's parts on memory: no MLflow, Redis or broker (its loops are not started)."""
+    from prometheus_client import CollectorRegistry
+
+    from services.control.app import ControlPlane
+    from services.control.scheduler import Scheduler
+    from services.storage.memory import MemoryActivity, MemoryDeadLetterLog, MemoryFleet, MemoryLabelStore, MemoryScheduleState
+
+    promotions = promotions_on(registry, publisher)
+    activity = MemoryActivity()
+    scheduler = Scheduler(s, promotions, registry, MemoryLabelStore(), MemoryScheduleState(), activity, CollectorRegistry())  # type: ignore[arg-type]
+    dead = MemoryDeadLetterLog(promotions.publisher, s.keys.dead_letters)  # type: ignore[arg-type]
+    return ControlPlane(s, promotions, scheduler, MemoryFleet(), activity, dead)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from ranx import Qrels, Run, evaluate
 
+from training.labels.feedback import QueryFeedback
+from training.ranking.query import query_key
+
 METRICS = ["ndcg@10", "mrr@10", "precision@1", "hit_rate@3", "recall@100"]
 NAMES = {"precision@1": "accuracy@1", "hit_rate@3": "accuracy@3"}  # single-relevant-doc reading
 
@@ -37,3 +40,10 @@ def ranking_to_run(rankings: dict[str, list[tuple[str, float]]]) -> dict[str, di
         n = len(items)
         run[qid] = {doc: float(n - i) for i, (doc, _) in enumerate(items)}
     return run
+
+
+def feedback_ndcg(feedback: list[QueryFeedback], rankings: dict[str, list[tuple[str, float]]]) -> dict[str, float]:
+    """Per-query NDCG@10 of `rankings` (query -> ranked (doc, score)) against what users said (tuning and the gate)."""
+    qrels = {query_key(fb.query): fb.qrels() for fb in feedback}
+    run = ranking_to_run({query_key(q): r for q, r in rankings.items()})
+    return per_query(qrels, run, "ndcg@10")

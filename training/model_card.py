@@ -50,47 +50,55 @@ def _table(rows: list[QueryChange]) -> list[str]:
     return out
 
 
-def model_card(
-    *,
-    model_name: str,
-    outcome: str,
-    gate: GateResult,
-    champion_version: str | None,
-    lineage: Lineage,
-    examples: int,
-    selection: dict[str, int],
-    identity_share: dict[str, float],
-    trained_until: float,
-    changes: list[QueryChange],
-    mix: dict[str, Any],
-    depth: int,
-    debias: dict[str, float] | None = None,
-) -> str:
-    """Markdown; `changes` sorted by delta, best first."""
-    champion = f"v{champion_version}" if champion_version else "the first stage (no champion yet)"
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(trained_until)) if trained_until else "-"
-    grades = ", ".join(f"{k}: {v:,}" for k, v in sorted(lineage.get("by_grade", {}).items()))
-    signals = ", ".join(f"{k}: {v:,}" for k, v in lineage.get("by_signal", {}).items())
-    shares = ", ".join(f"{k} {v:.1%}" for k, v in identity_share.items())
-    wins = [c for c in changes if c.delta > 0][:SHOWN]
-    losses = [c for c in reversed(changes) if c.delta < 0][:SHOWN]
+@dataclass(frozen=True)
+class ModelCard:
+    """What a version's card says, all but the outcome: training knows whether the version passed the
+    gate, the control plane decides what becomes of it (promoted, interleaving, awaiting approval)."""
+
+    model_name: str
+    gate: GateResult
+    champion_version: str | None
+    lineage: Lineage
+    examples: int
+    selection: dict[str, int]
+    identity_share: dict[str, float]
+    trained_until: float
+    changes: list[QueryChange]
+    mix: dict[str, Any]
+    depth: int
+    debias: dict[str, float] | None = None
+
+    def render(self, outcome: str) -> str:
+        """Markdown; `changes` sorted by delta, best first."""
+        return _card(self, outcome)
+
+
+def _card(c: ModelCard, outcome: str) -> str:
+    champion = f"v{c.champion_version}" if c.champion_version else "the first stage (no champion yet)"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(c.trained_until)) if c.trained_until else "-"
+    grades = ", ".join(f"{k}: {v:,}" for k, v in sorted(c.lineage.get("by_grade", {}).items()))
+    signals = ", ".join(f"{k}: {v:,}" for k, v in c.lineage.get("by_signal", {}).items())
+    shares = ", ".join(f"{k} {v:.1%}" for k, v in c.identity_share.items())
+    debias = c.debias or {}
+    wins = [q for q in c.changes if q.delta > 0][:SHOWN]
+    losses = [q for q in reversed(c.changes) if q.delta < 0][:SHOWN]
     lines = [
-        f"# {model_name}: {outcome}",
+        f"# {c.model_name}: {outcome}",
         "",
-        f"**Gate** against {champion} on users' held-out judgements: {gate.reason}",
-        f"({gate.champion_mean:.4f} → {gate.challenger_mean:.4f} NDCG@10, {gate.mean_gain:+.4f}, p={gate.p_value:.2g}, "
-        f"{gate.wins} wins / {gate.losses} losses on "
-        + (f"{gate.requests} requests of {gate.queries} queries)." if gate.requests else f"{gate.queries} queries)."),
+        f"**Gate** against {champion} on users' held-out judgements: {c.gate.reason}",
+        f"({c.gate.champion_mean:.4f} → {c.gate.challenger_mean:.4f} NDCG@10, {c.gate.mean_gain:+.4f}, p={c.gate.p_value:.2g}, "
+        f"{c.gate.wins} wins / {c.gate.losses} losses on "
+        + (f"{c.gate.requests} requests of {c.gate.queries} queries)." if c.gate.requests else f"{c.gate.queries} queries)."),
         "",
         "## What it learned from",
         "",
-        f"- {lineage.get('labels', 0):,} labels (latest revision of each) from {lineage.get('requests', 0):,} requests on "
-        f"{lineage.get('queries', 0):,} queries; by grade {grades or '-'}; by signal {signals or '-'}.",
-        f"- Label store: {lineage.get('location', 'memory')}, table version {lineage.get('table_version', '-')} "
-        f"(`rankloop labels show --version {lineage.get('table_version', 'N')}` reads it again), "
-        f"{lineage.get('purges', 0)} purges applied (`lineage.json`; the labels are also the run's `labels` dataset input).",
-        f"- {examples:,} training examples: {selection.get('fresh_queries', 0)} queries with labels newer than "
-        f"{champion}, {selection.get('replay_queries', 0)} older ones replayed; labels up to {when} (server time).",
+        f"- {c.lineage.get('labels', 0):,} labels (latest revision of each) from {c.lineage.get('requests', 0):,} requests on "
+        f"{c.lineage.get('queries', 0):,} queries; by grade {grades or '-'}; by signal {signals or '-'}.",
+        f"- Label store: {c.lineage.get('location', 'memory')}, table version {c.lineage.get('table_version', '-')} "
+        f"(`rankloop labels show --version {c.lineage.get('table_version', 'N')}` reads it again), "
+        f"{c.lineage.get('purges', 0)} purges applied (`lineage.json`; the labels are also the run's `labels` dataset input).",
+        f"- {c.examples:,} training examples: {c.selection.get('fresh_queries', 0)} queries with labels newer than "
+        f"{champion}, {c.selection.get('replay_queries', 0)} older ones replayed; labels up to {when} (server time).",
         f"- Labels from the 10 most prolific identities: {shares or '-'} (a high share is a flood from a few users).",
         *(
             [
@@ -115,8 +123,8 @@ def model_card(
         "",
         "## How it ranks",
         "",
-        f"A bi-encoder fine-tuned from {champion if champion_version else 'all-MiniLM-L6-v2'} on the labels above; serving"
-        f" reranks the first stage's top {depth} with it, mixed as {mix}. As an MLflow pyfunc model it scores"
+        f"A bi-encoder fine-tuned from {champion if c.champion_version else 'all-MiniLM-L6-v2'} on the labels above; serving"
+        f" reranks the first stage's top {c.depth} with it, mixed as {c.mix}. As an MLflow pyfunc model it scores"
         " (query, document) pairs: `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({'query': [...], 'document': [...]}))`.",
     ]
     return "\n".join(lines) + "\n"

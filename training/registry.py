@@ -1,8 +1,9 @@
-"""The model registry: registered versions and the `champion` / `previous` / `challenger` aliases.
+"""The model registry as training and serving see it: registered versions, their tags, which version
+holds the `champion` / `previous` / `challenger` alias, and a version as a local model folder.
 
 It is the single source of truth for which model serves; serving workers watch the `champion`
-alias (and model events for speed). `MlflowRegistry` is the real one; `MemoryRegistry` serves unit
-tests. Both hand out a version as a local model folder.
+alias (and model events for speed). Reading aliases is here; moving them is the control plane's alone
+(`services.control.promotion`). `MlflowRegistry` is the real one; `MemoryRegistry` serves unit tests.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -19,7 +19,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from schemas import DependencyUnavailable, InvalidState, ModelEvent, NotFound
+from schemas import DependencyUnavailable, NotFound
 from training.ranking.model_files import META_FILE
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
@@ -47,18 +47,8 @@ class ModelRegistry(Protocol):
     def fetch(self, version: ModelVersion) -> Path:
         """A local folder holding the version's model files."""
 
-    def promote(self, version: str, reason: str, actor: str = "unknown") -> ModelEvent:
-        """Moves `champion` to `version` (the old one becomes `previous`); who and why are recorded."""
-
-    def rollback(self, reason: str, actor: str = "unknown") -> ModelEvent: ...
     def challenger(self) -> str | None:
-        """The version that passed the gate and awaits approval (with `auto_promote` off)."""
-
-    def nominate(self, version: str, reason: str, actor: str = "unknown") -> None:
-        """Moves `challenger` to `version`: passed the gate, waits for `approve` (or interleaving)."""
-
-    def withdraw(self, version: str, reason: str, actor: str = "unknown") -> None:
-        """Takes `challenger` off `version` (interleaving found it no better), saying why on the version."""
+        """The version that passed the gate and waits: for interleaving, or for a person's approval."""
 
     def get(self, version: str) -> ModelVersion:
         """One version, with its tags."""
@@ -68,18 +58,6 @@ class ModelRegistry(Protocol):
         """Frees local copies of versions that are neither kept nor served."""
 
     def tag(self, version: str, key: str, value: str) -> None: ...
-
-
-def approve(registry: ModelRegistry, version: str, reason: str, actor: str) -> ModelEvent:
-    """Promotes the challenger awaiting approval; refuses any other version, so an approval is
-    always of what the gate passed (`promote` moves any version, deliberately)."""
-    waiting = registry.challenger()
-    if waiting != str(version):
-        raise InvalidState(
-            f"version {version} is not awaiting approval (the challenger is {waiting or 'none'}); "
-            "`rankloop promote` moves any version"
-        )
-    return registry.promote(str(version), f"approved: {reason}", actor)
 
 
 def connect(tracking_uri: str, artifact_dir: Path | None = None, experiment: str = EXPERIMENT) -> MlflowClient:
@@ -162,15 +140,6 @@ class MlflowRegistry:
         except MlflowException:
             return None
 
-    def nominate(self, version: str, reason: str, actor: str = "unknown") -> None:
-        self.client.set_registered_model_alias(self.name, CHALLENGER, str(version))
-        self._audit(version, "nominated", reason, actor)
-
-    def withdraw(self, version: str, reason: str, actor: str = "unknown") -> None:
-        if self.challenger() == str(version):
-            self.client.delete_registered_model_alias(self.name, CHALLENGER)
-        self._audit(version, "withdrawn", reason, actor)
-
     def champion(self) -> ModelVersion | None:
         try:
             mv = self.client.get_model_version_by_alias(self.name, CHAMPION)
@@ -203,51 +172,6 @@ class MlflowRegistry:
 
     def tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.name, str(version), key, value)
-
-    def promote(self, version: str, reason: str, actor: str = "unknown") -> ModelEvent:
-        current = self.champion()
-        if current and current.version == str(version):
-            raise InvalidState(f"version {version} is already the champion")
-        self.get(version)
-        if current:
-            self.client.set_registered_model_alias(self.name, PREVIOUS, current.version)
-        self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
-        if self.challenger() == str(version):
-            self.client.delete_registered_model_alias(self.name, CHALLENGER)
-        self._audit(version, "promoted", reason, actor)
-        return ModelEvent(
-            action="promoted",
-            model_name=self.name,
-            version=str(version),
-            previous_version=current.version if current else None,
-            reason=reason,
-            actor=actor,
-        )
-
-    def _audit(self, version: str, action: str, reason: str, actor: str) -> None:
-        """Who moved the model, when and why, on the version itself (shown in MLflow's UI)."""
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for key, value in ((f"{action}_by", actor), (f"{action}_at", when), (f"{action}_reason", reason)):
-            self.tag(version, key, value)
-
-    def rollback(self, reason: str = "manual rollback", actor: str = "unknown") -> ModelEvent:
-        current = self.champion()
-        try:
-            prev = self.client.get_model_version_by_alias(self.name, PREVIOUS)
-        except MlflowException:
-            raise InvalidState(f"model {self.name!r} has no `previous` version to roll back to") from None
-        self.client.set_registered_model_alias(self.name, CHAMPION, str(prev.version))
-        self.client.delete_registered_model_alias(self.name, PREVIOUS)
-        if current:
-            self._audit(current.version, "rolled_back", reason, actor)
-        return ModelEvent(
-            action="rolled_back",
-            model_name=self.name,
-            version=str(prev.version),
-            previous_version=current.version if current else None,
-            reason=reason,
-            actor=actor,
-        )
 
     def versions(self) -> list[ModelVersion]:
         try:
@@ -293,57 +217,25 @@ class MemoryRegistry:
     def challenger(self) -> str | None:
         return self.aliases.get(CHALLENGER)
 
-    def nominate(self, version: str, reason: str, actor: str = "unknown") -> None:
-        self._version(version)
-        self.aliases[CHALLENGER] = version
-        self.tag(version, "nominated_by", actor)
-
-    def withdraw(self, version: str, reason: str, actor: str = "unknown") -> None:
-        if self.aliases.get(CHALLENGER) == version:
-            del self.aliases[CHALLENGER]
-        self.tag(version, "withdrawn_reason", reason)
-
     def get(self, version: str) -> ModelVersion:
         return self._version(version)
 
     def fetch(self, version: ModelVersion) -> Path:
         return Path(version.source)
 
-    def promote(self, version: str, reason: str, actor: str = "unknown") -> ModelEvent:
-        current = self.aliases.get(CHAMPION)
-        if current == version:
-            raise InvalidState(f"version {version} is already the champion")
-        self._version(version)
-        if current:
-            self.aliases[PREVIOUS] = current
-        self.aliases[CHAMPION] = version
-        if self.aliases.get(CHALLENGER) == version:
-            del self.aliases[CHALLENGER]
-        self.tag(version, "promoted_by", actor)
-        return ModelEvent(
-            action="promoted", model_name=self.name, version=version, previous_version=current, reason=reason, actor=actor
-        )
-
-    def rollback(self, reason: str = "manual rollback", actor: str = "unknown") -> ModelEvent:
-        if PREVIOUS not in self.aliases:
-            raise InvalidState(f"model {self.name!r} has no `previous` version to roll back to")
-        current, self.aliases[CHAMPION] = self.aliases.get(CHAMPION), self.aliases.pop(PREVIOUS)
-        if current:
-            self.tag(current, "rolled_back_by", actor)
-        return ModelEvent(
-            action="rolled_back",
-            model_name=self.name,
-            version=self.aliases[CHAMPION],
-            previous_version=current,
-            reason=reason,
-            actor=actor,
-        )
-
     def versions(self) -> list[ModelVersion]:
         return [self._version(v) for v in sorted(self.folders, key=int)]
 
     def prune(self, keep: set[str]) -> list[str]:
         return []  # its folders belong to the caller
+
+    def set_alias(self, alias: str, version: str) -> None:
+        """What `services.control.promotion` moves (the MLflow registry's aliases, in memory)."""
+        self._version(version)
+        self.aliases[alias] = version
+
+    def delete_alias(self, alias: str) -> None:
+        self.aliases.pop(alias, None)
 
     def tag(self, version: str, key: str, value: str) -> None:
         self.tags.setdefault(version, {})[key] = value

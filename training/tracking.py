@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 import mlflow
 import mlflow.pyfunc
 import pandas as pd
@@ -19,16 +20,19 @@ from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.models import Model, infer_signature
 from mlflow.models.utils import _save_example
 
-from training import plots
 from training.config import GateConfig, TrainConfig
-from training.gate import GateResult
+from training.gate import GateReport, GateResult
 from training.labels.feedback import QueryFeedback
 from training.labels.rules import LabelRules
 from training.labels.store import Lineage
-from training.model_card import QueryChange, moves
+from training.model_card import ModelCard, QueryChange, moves
 from training.ranking.query import query_key
 from training.ranking.reranker import Mix
 from training.train import FitStats
+from training.tuning import TunedMixes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 EXAMPLE_INPUT = pd.DataFrame(
     {
@@ -37,8 +41,6 @@ EXAMPLE_INPUT = pd.DataFrame(
     }
 )
 
-if TYPE_CHECKING:
-    from training.pipeline import GateReport, TunedMixes
 
 MODEL_NAME_TAG = "rankloop.model_name"
 DATASET_COLUMNS = ("label_id", "revision", "request_id", "query", "doc_id", "position", "grade", "timestamp", "identity")
@@ -174,13 +176,28 @@ def log_gate(feedback: list[QueryFeedback], report: GateReport, rules: LabelRule
         "gate_per_query.json",
     )
     mlflow.log_dict(asdict(gate), "gate.json")
-    for name, fig in (
-        ("gate.png", plots.gate_figure(gate, [c.delta for c in changes])),
-        ("propensity.png", plots.examination_figure(rules.examination)),
-    ):
+    log_figures(
+        lambda plots: [
+            ("gate.png", plots.gate_figure(gate, [c.delta for c in changes])),
+            ("propensity.png", plots.examination_figure(rules.examination)),
+        ]
+    )
+    return changes
+
+
+def log_figures(draw: Callable[[ModuleType], list[tuple[str, Figure]]]) -> None:
+    """Figures for the reviewer, drawn by `training.plots` with matplotlib (which MLflow installs);
+    without it the run keeps the figures' data as JSON and its `plots` tag says why there is no picture."""
+    try:
+        import matplotlib.pyplot as plt
+
+        from training import plots
+    except ImportError as e:
+        mlflow.set_tag("plots", f"not drawn: {e}")
+        return
+    for name, fig in draw(plots):
         mlflow.log_figure(fig, name)
         plt.close(fig)
-    return changes
 
 
 def log_history(client: MlflowClient, model_name: str, run_id: str, gate: GateResult) -> None:
@@ -196,9 +213,11 @@ def log_history(client: MlflowClient, model_name: str, run_id: str, gate: GateRe
     champion = [r.data.metrics["gate_champion_ndcg10"] for r in rounds] + [gate.champion_mean]
     challenger = [r.data.metrics["gate_challenger_ndcg10"] for r in rounds] + [gate.challenger_mean]
     promoted = [r.data.tags.get("outcome") == "promoted" for r in rounds] + [gate.passed]
-    fig = plots.rounds_figure(f"{model_name}: metric by round", champion, challenger, promoted)
-    mlflow.log_figure(fig, "metric_by_round.png")
-    plt.close(fig)
+    log_figures(
+        lambda plots: [
+            ("metric_by_round.png", plots.rounds_figure(f"{model_name}: metric by round", champion, challenger, promoted))
+        ]
+    )
     mlflow.log_dict(
         {
             "round": list(range(1, len(challenger) + 1)),
@@ -220,13 +239,16 @@ def write_mlmodel(folder: Path) -> None:
 
 
 def describe_version(
-    client: MlflowClient, model_name: str, version: str, run_id: str, outcome: str, gate: GateResult, card: str
+    client: MlflowClient, model_name: str, version: str, run_id: str, gate: GateResult, card: ModelCard, fate: str
 ) -> None:
-    """A run name that says what happened (`v3 · promoted · +0.023 NDCG@10`) and the model card as the
-    run's and the version's description."""
-    client.set_tag(run_id, "mlflow.runName", f"v{version} · {outcome} · {gate.mean_gain:+.3f} NDCG@10")
-    client.set_tag(run_id, "mlflow.note.content", card)
-    client.update_model_version(model_name, version, description=card)
+    """What became of a version, where a reviewer looks: its run's name (`v3 · promoted · +0.023
+    NDCG@10`) and `outcome` tag, and the model card as the run's and the version's description.
+    Training writes it when the gate has spoken; the control plane again once it decided."""
+    text = card.render(f"v{version}, {fate}")
+    client.set_tag(run_id, "outcome", fate)
+    client.set_tag(run_id, "mlflow.runName", f"v{version} · {fate} · {gate.mean_gain:+.3f} NDCG@10")
+    client.set_tag(run_id, "mlflow.note.content", text)
+    client.update_model_version(model_name, version, description=text)
 
 
 def log_model_entity(run_id: str, name: str, mix: dict[str, float | None], gate: GateResult) -> str:

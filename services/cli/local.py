@@ -30,9 +30,7 @@ def bench_settings(name: str, dataset: str | None, offset: int) -> Settings:
             "stream": base.stream.model_copy(
                 update={"metrics_port": base.stream.metrics_port + offset if base.stream.metrics_port else 0}
             ),
-            "retrain": base.retrain.model_copy(
-                update={"metrics_port": base.retrain.metrics_port + offset if base.retrain.metrics_port else 0}
-            ),
+            "control": base.control.model_copy(update={"port": base.control.port + offset}),
         }
     )
 
@@ -75,7 +73,7 @@ def bench_loop(
     out: Path = typer.Option(Path("loop.json"), help="JSON result; a Markdown summary and plots go beside it"),
 ) -> None:
     """Run the real loop with simulated users on the train split; evaluate every champion on the eval split."""
-    from services.local.bench import run_loop_bench
+    from services.bench.loop import run_loop_bench
 
     if train_split == eval_split:
         raise InvalidInput(f"--train-split and --eval-split are both {train_split!r}: the eval split must never feed training")
@@ -86,7 +84,7 @@ def bench_loop(
         return run_loop_bench(s, train_split, eval_split, rounds, seed, sessions, path, train_queries, compare_learners)
 
     if repeat > 1:
-        from services.local.bench_repeat import run_repeated
+        from services.bench.repeat import run_repeated
 
         repeated = run_repeated(one, list(range(seed, seed + repeat)), out)
         console.print_json(repeated.model_dump_json(include={"figures", "checks"}))
@@ -104,7 +102,7 @@ def bench_loop_summary(
     out: Path = typer.Option(Path("loop-repeat.json"), help="summary JSON; Markdown and a plot go beside it"),
 ) -> None:
     """What `bench loop --repeat N` prints, from runs made separately: every figure as mean and range."""
-    from services.local.bench_repeat import summarise_files
+    from services.bench.repeat import summarise_files
 
     summary = summarise_files(runs, out)
     console.print_json(summary.model_dump_json(include={"figures", "checks"}))
@@ -117,7 +115,7 @@ def bench_loop_compare(
     out: Path = typer.Option(None, help="also write the comparison here (JSON)"),
 ) -> None:
     """How far two runs of one seed came apart: every differing figure, and whether the headlines agree within 0.003."""
-    from services.local.bench_repeat import compare_same_seed
+    from services.bench.repeat import compare_same_seed
 
     comparison = compare_same_seed(runs)
     if out:
@@ -134,7 +132,7 @@ def bench_serve(
     out: Path = typer.Option(Path("serve.json"), help="where the JSON result goes"),
 ) -> None:
     """Serving latency (miss, hit, first-stage miss), throughput with 1 and 2 workers, swaps and outages under load."""
-    from services.local.bench_serve import run_serve_bench
+    from services.bench.serve import run_serve_bench
 
     s = bench_settings("bench-serve", dataset, 200)
     s.state_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +153,7 @@ def bench_stream(
     out: Path = typer.Option(Path("stream.json"), help="where the JSON result goes"),
 ) -> None:
     """Events labelled per second end to end, freshness, and an exactly-once audit (lost, duplicate labels)."""
-    from services.local.bench_stream import run_stream_bench
+    from services.bench.stream import run_stream_bench
 
     s = bench_settings("bench-stream", None, 300)
     s.kafka = s.kafka.model_copy(update={"partitions": partitions})
@@ -173,7 +171,7 @@ def bench_labels(
     """What counting new labels (the scheduler, every check) and reading them (training) cost on a big table."""
     import tempfile
 
-    from services.local.bench_stream import measure_count
+    from services.bench.stream import measure_count
 
     with tempfile.TemporaryDirectory() as folder:
         result = measure_count(Path(folder) / "labels", labels)
@@ -186,7 +184,7 @@ def bench_dedup(
     out: Path = typer.Option(Path("dedup.json"), help="where the JSON result goes"),
 ) -> None:
     """Redis memory per event id of intake de-duplication, former and current scheme."""
-    from services.local.bench_stream import measure_dedup
+    from services.bench.stream import measure_dedup
 
     s = bench_settings("bench-dedup", None, 400)
     s.state_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +205,7 @@ def bench_poison(
     out: Path = typer.Option(Path("poison.json"), help="where the JSON result goes"),
 ) -> None:
     """A clean round, then fake clicks from few identities: does the target rise, is it promoted, does quality hold?"""
-    from services.local.bench_poison import PoisonPlan, run_poison_bench
+    from services.bench.poison import PoisonPlan, run_poison_bench
 
     s = bench_settings("bench-poison", dataset, 300)
     s.state_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +236,7 @@ def bench_interleave(
     out: Path = typer.Option(Path("interleave.json"), help="where the JSON result goes"),
 ) -> None:
     """Interleaving vs A/B on pairs of rankers of known offline difference: verdicts and sessions needed."""
-    from services.local.bench_interleave import run_interleave_bench
+    from services.bench.interleave import run_interleave_bench
     from training.config import InterleaveConfig, InterleaveMethod
 
     s = settings()

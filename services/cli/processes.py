@@ -1,4 +1,5 @@
-"""Two of the three deployed processes: serve and stream (`rankloop schedule` is in `schedule.py`)."""
+"""Two of the three deployed processes: serve and stream (the control process, `rankloop schedule`, is
+in `schedule.py`)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ def serve(
     """Run the serving worker (FastAPI): /rank, /events, /model, /health/ready, /health/live, /metrics."""
     import uvicorn
 
+    from services import logs
+
     s = settings()
+    logs.configure(s.log_format)
     threads = threads or s.torch_threads or 1  # two threads on two busy cores: 102 ms p50 per encoding, one: 16 ms
     host, port = host or s.serving.host, port or s.serving.port
+    s.serving = s.serving.model_copy(update={"host": host, "port": port})  # what each worker says it listens on
     if workers == 1:
         from services.serve.app import build_worker, create_app
 
@@ -30,13 +35,8 @@ def serve(
         uvicorn.run(create_app(s, build_worker(s)), host=host, port=port, log_level="warning")
         return
     # each worker process rebuilds these exact settings from a file
-    from services.local.workers import settings_file
-
-    os.environ["RANKLOOP_CONFIG"] = str(settings_file(s, "serve"))
-    os.environ["RANKLOOP_TORCH_THREADS"] = str(threads)
-    from services import logs
-
-    logs.configure(s.log_format)  # the supervisor loads no model: only its workers do
+    os.environ["RANKLOOP_CONFIG"] = str(s.write_json(s.state_dir / "run" / "serve.json"))
+    os.environ["RANKLOOP_TORCH_THREADS"] = str(threads)  # the supervisor loads no model: only its workers do
     uvicorn.run(
         "services.serve.app:app_from_environment", factory=True, workers=workers, host=host, port=port, log_level="warning"
     )

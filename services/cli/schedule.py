@@ -1,4 +1,5 @@
-"""The third deployed process, `rankloop schedule`, and how an operator steers it: status, pause, resume."""
+"""The control process, `rankloop schedule` (retraining, the champion watch, the admin API), and how
+an operator steers the schedule: status, pause, resume."""
 
 from __future__ import annotations
 
@@ -17,22 +18,33 @@ app.add_typer(schedule_app, name="schedule")
 
 
 @schedule_app.callback()
-def schedule(ctx: typer.Context) -> None:
-    """Retrain continuously: on N new labels or on the interval, inside `retrain.windows`, one run at a time."""
+def schedule(
+    ctx: typer.Context,
+    host: str = typer.Option(None, help="default: control.host"),
+    port: int = typer.Option(None, help="default: control.port"),
+) -> None:
+    """Run the control process: retrain on N new labels or on the interval (inside `retrain.windows`,
+    one run at a time), roll back a champion no worker can load, and serve the admin API, /status and
+    /metrics on control.host:control.port."""
     if ctx.invoked_subcommand:
         return
-    from services.schedule.scheduler import Scheduler
+    import uvicorn
+
+    from services.control.app import create_app
+    from services.storage.health import require
 
     s = settings()
     setup_process(s)
-    Scheduler(s).run()
+    require(s, "kafka", "redis", "mlflow")
+    s.control = s.control.model_copy(update={"host": host or s.control.host, "port": port or s.control.port})
+    uvicorn.run(create_app(s), host=s.control.host, port=s.control.port, log_level="warning")
 
 
 def _client():
-    from services.registry import connect_registry
+    from services.storage import open_registry
 
     s = settings()
-    return s, connect_registry(s).client
+    return s, open_registry(s, reader=True).client
 
 
 def _when(t: float | None) -> str:
@@ -42,15 +54,14 @@ def _when(t: float | None) -> str:
 @schedule_app.command("status")
 def status(as_json: bool = typer.Option(False, "--json", help="the status as JSON")) -> None:
     """Paused or not, windows, the last training and its outcome, labels pending, what the next check will do."""
-    from redis import Redis
-
-    from services.schedule.scheduler import schedule_status
-    from services.storage import open_labels
+    from services.control.schedule import schedule_status
+    from services.storage import open_labels, open_registry, open_schedule_state
     from services.storage.health import require
 
-    s, client = _client()
+    s = settings()
     require(s, "mlflow")  # Redis may be down: the status says so and reads MLflow instead
-    st = schedule_status(s, Redis.from_url(s.redis_url), open_labels(s.label_store_url), client)
+    registry = open_registry(s, reader=True)
+    st = schedule_status(s, open_schedule_state(s.redis_url, s.keys), open_labels(s.label_store_url), registry)
     if as_json:
         console.print_json(st.model_dump_json())
         return
@@ -82,18 +93,18 @@ def status(as_json: bool = typer.Option(False, "--json", help="the status as JSO
 @schedule_app.command("pause")
 def pause(reason: str = typer.Option("paused by an operator", help="shown in status and MLflow")) -> None:
     """No training starts until `rankloop schedule resume` (one already running finishes)."""
-    from services.schedule import control
+    from services.control import schedule
 
     s, client = _client()
-    p = control.pause(client, s.keys.experiment, by=f"cli:{getpass.getuser()}", reason=reason)
+    p = schedule.pause(client, s.keys.experiment, by=f"cli:{getpass.getuser()}", reason=reason)
     console.print(f"schedule paused by {p.by}: {p.reason}")
 
 
 @schedule_app.command("resume")
 def resume() -> None:
     """Lift a pause: the next check trains if labels or the interval say so."""
-    from services.schedule import control
+    from services.control import schedule
 
     s, client = _client()
-    was = control.resume(client, s.keys.experiment)
+    was = schedule.resume(client, s.keys.experiment)
     console.print(f"schedule resumed (was paused by {was.by}: {was.reason})" if was else "schedule was not paused")

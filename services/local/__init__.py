@@ -1,2 +1,2 @@
-"""What only a laptop or a benchmark runs: the embedded broker/Redis/MLflow launcher, process
-spawning, simulated users, the demo and the benchmarks. No deployed process imports this package."""
+"""What only a laptop runs: the embedded broker/Redis/MLflow launcher, process spawning, simulated users
+and the demo (the `bench` extra). No deployed process imports this package."""

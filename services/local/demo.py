@@ -12,19 +12,19 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas import FIRST_STAGE, DependencyUnavailable
+from services.cli.progress import ProgressBar
 from services.config import Settings
 from services.local import infra
-from services.local.progress import ProgressBar
 from services.local.simulate import UserModel, examination_curve, simulate
 from services.local.workers import served_version, spawn, stop, wait_healthy, worker_env
-from services.registry import connect_registry
 from services.sdk import RankloopClient
-from services.storage import open_labels
+from services.storage import open_labels, open_registry, open_schedule_state
 from services.storage.health import status
 from services.storage.kafka import message_count
 from training import beir, self_check
 from training.evaluate import evaluate_ranker
-from training.ranking.first_stage import FirstStage, build_index
+from training.indexing import build_index
+from training.ranking.first_stage import FirstStage
 from training.ranking.rank import candidates_for
 from training.ranking.reranker import Reranker
 
@@ -36,7 +36,7 @@ TRAINING_WAIT_S = 45 * 60  # longest wait for a training run that has started
 def evaluate_versions(s: Settings, fs: FirstStage, ds: beir.Dataset, splits: tuple[str, ...] = ("test", "train")) -> list[dict]:
     """Metrics per split for the first stage and every registered version. The test queries never
     fed training or the gate; the train queries are the ones simulated users gave feedback on."""
-    registry = connect_registry(s)
+    registry = open_registry(s)
     rows: list[tuple[str, Reranker | None, list[str]]] = [(FIRST_STAGE, None, [])]
     for v in registry.versions():
         rows.append((v.version, Reranker(registry.fetch(v), v.version).warm(fs), list(v.aliases)))
@@ -133,10 +133,8 @@ def run_demo(s: Settings, quick: bool, keep_running: bool) -> None:
 
 
 def _wait_for_training(s: Settings, procs: dict, deadline: float, start_version: str) -> str:
-    """Waits while the scheduler trains (it holds the Redis lock), up to the deadline."""
-    from redis import Redis
-
-    r = Redis.from_url(s.redis_url)
+    """Waits while the scheduler trains (it holds the training lock), up to the deadline."""
+    state = open_schedule_state(s.redis_url, s.keys)
     with console.status("the scheduler is training a challenger (see .rankloop/run/schedule.log)"):
         time.sleep(SCHEDULER_CHECK_S + 2)  # let the scheduler notice the labels and take the lock
         while time.time() < deadline:
@@ -145,7 +143,7 @@ def _wait_for_training(s: Settings, procs: dict, deadline: float, start_version:
             version = served_version(s)
             if version != start_version:
                 return version
-            if not r.exists(s.keys.train_lock):
+            if not state.locked():
                 # training finished: promoted versions show up within the serving poll interval
                 time.sleep(8)
                 return served_version(s)
@@ -192,8 +190,8 @@ def _report(s: Settings, fs: FirstStage, ds: beir.Dataset, events: int, started:
         f"MLflow: {s.tracking_uri} (experiment '{s.keys.experiment}', model '{s.keys.model_name}'); browse it with `rankloop ui`"
     )
     console.print(
-        f"with --keep-running: the status page at {s.base_url}/status, `rankloop schedule status`, "
-        f"metrics at {s.base_url}/metrics, :{s.stream.metrics_port}/metrics (stream), "
-        f":{s.retrain.metrics_port}/metrics (schedule)"
+        f"with --keep-running: the status page at {s.control.url}/status, `rankloop schedule status`, "
+        f"metrics at {s.base_url}/metrics (serving), :{s.stream.metrics_port}/metrics (stream), "
+        f"{s.control.url}/metrics (control)"
     )
     console.print(f"done in {time.time() - started:.0f}s")

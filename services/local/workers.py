@@ -14,13 +14,13 @@ import httpx
 from schemas import DependencyUnavailable
 from services.config import Settings
 from services.local.infra import run_dir
+from services.storage.kafka import committed_offsets, end_offsets
+from training.labels.store import LabelStore
 
 
 def settings_file(s: Settings, name: str = "settings") -> Path:
     """These exact settings as a JSON file a child process reads through RANKLOOP_CONFIG."""
-    path = run_dir(s) / f"{name}.json"
-    path.write_text(s.model_copy(update={"state_dir": s.state_dir.resolve()}).model_dump_json(indent=2))
-    return path.resolve()
+    return s.write_json(run_dir(s) / f"{name}.json")
 
 
 def worker_env(s: Settings, **overrides: str) -> dict[str, str]:
@@ -71,3 +71,30 @@ def stop(procs: dict[str, subprocess.Popen]) -> None:
 
 def served_version(s: Settings) -> str:
     return str(httpx.get(f"{s.base_url}/model", timeout=10).json()["model_version"])
+
+
+def settle_labels(s: Settings, labels: LabelStore, timeout: float = 300.0) -> int:
+    """Waits until the stream has joined every impression and interaction sent so far: its committed
+    offsets reach the topics' ends, and it commits a message only after its labels are in the table.
+    A round is cut at an exact point, not after a quiet spell, so how many labels a round trains on
+    does not depend on timing."""
+    keys = s.keys
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if impressions_buffered(s):  # serving hands impressions over in the background: not yet on a topic
+            time.sleep(0.5)
+            continue
+        inputs = end_offsets(s.kafka.address, [keys.impressions, keys.interactions])
+        done = committed_offsets(s.kafka.address, keys.stream_app)
+        if all(done.get(tp, 0) >= end for tp, end in inputs.items()):
+            return len(labels.read()[0])  # distinct labels, as training reads them
+        time.sleep(1)
+    raise TimeoutError(f"the stream did not catch up within {timeout:.0f}s (see <state>/run/stream.log)")
+
+
+def impressions_buffered(s: Settings) -> int:
+    """Impressions the serving worker still holds (0 if it cannot be asked)."""
+    try:
+        return int(httpx.get(f"{s.base_url}/health/ready", timeout=5).json().get("impressions_buffered", 0))
+    except (httpx.HTTPError, ValueError):
+        return 0

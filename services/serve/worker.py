@@ -6,6 +6,9 @@ Hot swap: a background thread watches model events on Kafka and polls the regist
 alias; a new version is downloaded, loaded and warmed off the request path, then swapped in with one
 reference assignment. A request takes its own reference at the start, so requests in flight finish
 on the model they began with and no request ever fails because of a swap.
+
+A worker only reads the registry. At every poll it reports what it serves and how often it failed to
+load a version (`Fleet`); the control plane decides what to do about a champion nobody can load.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import uuid
@@ -29,7 +33,6 @@ from schemas import (
     DependencyUnavailable,
     ImpressionEvent,
     InteractionEvent,
-    ModelEvent,
     RankedItem,
     RankRequest,
     RankResponse,
@@ -40,7 +43,7 @@ from schemas import (
 )
 from services.config import Settings
 from services.serve.metrics import ServingMetrics
-from services.storage import Caches, Publisher
+from services.storage import Caches, Publisher, WorkerReport
 from training.config import InterleaveMethod
 from training.interleave import INTERLEAVING, STAGE_TAG, Interleaved, interleave
 from training.ranking.embedding_cache import EmbeddingCache
@@ -108,6 +111,7 @@ class Worker:
         self.load_failures: dict[str, int] = {}
         self.retry_after: dict[str, float] = {}  # version -> when a version found broken is tried again
         self.behind_since: float | None = None  # when the registry's champion began to differ from what is served
+        self.name = f"{socket.gethostname()}:{os.getpid()}"  # how its reports name it
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._swap_lock = threading.Lock()
@@ -355,9 +359,8 @@ class Worker:
                 log.exception("failed to load model version %s; still serving %s", current.version, self.serving.version)
                 self.load_failures[current.version] = self.load_failures.get(current.version, 0) + 1
                 failures, limit = self.load_failures[current.version], self.s.serving.max_load_failures
-                if failures >= limit:
-                    self._roll_back_broken(current.version, str(e))
-                    # still the champion: back off, doubling up to ten minutes (a fixed file is picked up)
+                if failures >= limit:  # reported: the control plane rolls it back; meanwhile back off,
+                    # doubling up to ten minutes (a fixed file is picked up)
                     backoff = min(600.0, self.s.serving.champion_poll_s * 2 ** (failures - limit + 1))
                     self.retry_after[current.version] = time.time() + backoff
                 return False
@@ -399,28 +402,6 @@ class Worker:
             100 * self.s.interleave.share,
         )
 
-    def _roll_back_broken(self, version: str, error: str) -> None:
-        """Tags a champion that keeps failing to load as broken and moves the alias back to the
-        previous version, with a model event, so no replica stays behind a model none can load."""
-        failures = self.load_failures[version]
-        try:
-            self.registry.tag(version, "broken", f"failed to load {failures} times on a serving worker: {error}"[:500])
-            champion = self.registry.champion()
-            if champion is None or champion.version != version:
-                return  # another worker (or a person) moved it already
-            event = self.registry.rollback(f"automatic: version {version} failed to load {failures} times", actor="serving")
-        except Exception as e:  # no previous version, or MLflow away: stay behind, not ready, and say why
-            log.error("could not roll back broken version %s: %s", version, e)
-            return
-        log.error(
-            "version %s failed to load %d times: tagged broken, champion rolled back to %s", version, failures, event.version
-        )
-        self.publish_model_event(event)
-
-    def publish_model_event(self, event: ModelEvent) -> None:
-        """Tells every worker to look at the registry now (they also poll, so a lost event only delays)."""
-        self._publish(self.keys.model_events, event.model_name, event)
-
     def readiness(self) -> tuple[bool, str | None]:
         """Ready once the registry was asked what to serve and the served version is the champion, or
         has differed from it for less than `serving.swap_grace_s` (a swap takes seconds)."""
@@ -448,6 +429,25 @@ class Worker:
         if removed:
             log.info("removed local copies of model versions %s", ", ".join(removed))
 
+    def status(self) -> str:
+        """ready, broken (the index failed its self-check), starting or behind (as /health/ready says)."""
+        if self.readiness()[0]:
+            return "ready"
+        return "broken" if self.index_problem else "starting" if not self.champion_checked else "behind"
+
+    def report(self) -> WorkerReport:
+        """What this worker tells the control plane at every poll."""
+        return WorkerReport(
+            worker=self.name,
+            model_version=self.serving.version,
+            index_version=self.first_stage.version,
+            status=self.status(),
+            detail=self.readiness()[1],
+            last_swap_error=self.last_swap_error,
+            load_failures=dict(self.load_failures),
+            at=time.time(),
+        )
+
     def watch_registry(self) -> None:
         while not self._stop.is_set():
             try:
@@ -456,6 +456,7 @@ class Worker:
             except Exception:  # MLflow away: keep serving what is loaded, swap when it is back
                 log.exception("champion check failed")
             self.champion_checked = True
+            self.caches.fleet.report(self.report())
             self._wake.wait(self.s.serving.champion_poll_s)
             self._wake.clear()
 

@@ -1,105 +1,48 @@
-"""Storage the processes use, behind small protocols chosen by URL (as Gorse does): `redis://…` or
-`memory://` for caches, a Kafka bootstrap address or `memory://` for the event publisher, a folder or
-`s3://…` for the label store (a Delta Lake table). The real
-implementations are in `redis.py` and `kafka.py`; `memory.py` holds the in-memory ones for unit tests.
+"""Storage the processes use, behind protocols chosen by URL (as Gorse does): `redis://…` or
+`memory://` for the caches, the serving workers' reports and the scheduler's state; a Kafka bootstrap
+address or `memory://` for the event publisher; a folder, `s3://…` or `memory://` for the label store
+(a Delta Lake table); the MLflow tracking URI for the model registry. The real implementations are in
+`redis.py`, `kafka.py`, `delta.py` and `training.registry`; `memory.py` holds the in-memory ones for
+unit tests.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING
 
 from services.keys import Keys
-from training.ranking.embedding_cache import EmbeddingCache
+from services.storage.protocols import (
+    Activity,
+    Caches,
+    Fleet,
+    Ping,
+    Publisher,
+    RankCache,
+    RateLimiter,
+    ScheduleState,
+    SeenEvents,
+    TrainingLock,
+    WorkerReport,
+)
 
 if TYPE_CHECKING:
-    from training.labels.store import DeltaLabelStore
+    from services.config import Settings
+    from training.labels.store import LabelStore
+    from training.registry import MlflowRegistry
 
-
-class RankCache(Protocol):
-    """Candidates and results, JSON values under keys from `services.keys`."""
-
-    def get(self, key: str) -> Any | None: ...
-    def set(self, key: str, value: Any) -> None: ...
-
-
-class SeenEvents(Protocol):
-    """Event ids seen at intake, for de-duplication across requests and replicas."""
-
-    def first_sighting(self, event_id: str) -> bool:
-        """Marks the id as seen; False when it already was."""
-
-    def forget(self, event_id: str) -> None:
-        """Un-marks an id whose event was not recorded, so a retry is accepted."""
-
-
-class RateLimiter(Protocol):
-    """Token buckets per identity (an API key, or a client address on an open server), shared by
-    every replica so the limit holds for the deployment, not per process."""
-
-    def take(self, identity: str, rate_per_s: float, burst: float) -> float:
-        """Takes one token: 0.0 when allowed, else the seconds until one is available.
-        Raises DependencyUnavailable when the shared store is down."""
-
-
-class Activity(Protocol):
-    """Counts per minute shared by every process and replica (events accepted, labels written, dead
-    letters by reason) and the newest dead letters: what the status page and emitters read. Best
-    effort: a write that fails is logged, never raised, so it cannot fail a request or the stream."""
-
-    def count(self, counts: dict[str, int], at: float | None = None) -> None: ...
-    def minutes(self, last: int, now: float | None = None) -> list[tuple[int, dict[str, int]]]:
-        """(minute, counts) for the `last` minutes up to now, oldest first, zeros included."""
-
-    def keep_dead_letters(self, dead: list[dict]) -> None:
-        """Keeps dead letters (`DeadLetter`s as JSON-ready dicts, oldest first) among the newest."""
-
-    def dead_letters(self, limit: int = 10_000) -> list[dict]:
-        """The newest dead letters, newest first."""
-
-    def count_online(self, counts: dict[str, dict[str, float]]) -> None:
-        """Adds per model version counts of what users did with its rankings (`services.online`)."""
-
-    def online(self, version: str) -> dict[str, float]:
-        """A version's online counts so far."""
-
-
-class Publisher(Protocol):
-    """Events onto topics (see `kafka.KafkaPublisher`)."""
-
-    healthy: bool  # the last attempt to reach the broker worked
-    last_error: str | None
-    dropped: int  # buffered events lost because the buffer was full
-
-    def publish(self, topic: str, key: str, event: BaseModel | str) -> Future | None:
-        """Now: a future that resolves once the broker has the event, or None if it could not be handed over."""
-
-    def publish_later(self, topic: str, key: str, event: BaseModel | str) -> bool:
-        """Buffered and retried through outages; False when the buffer is full (counted in `dropped`)."""
-
-    @property
-    def buffered(self) -> int: ...
-    def flush(self, timeout: float) -> None: ...
-    def close(self, timeout: float = 5.0) -> None: ...
-
-
-class Ping(Protocol):
-    def __call__(self) -> bool: ...
-
-
-@dataclass
-class Caches:
-    """What the serving worker keeps in shared storage."""
-
-    ranking: RankCache
-    embeddings: EmbeddingCache
-    seen: SeenEvents
-    ping: Ping
-    limits: RateLimiter
-    activity: Activity
+__all__ = [
+    "Activity",
+    "Caches",
+    "Fleet",
+    "Ping",
+    "Publisher",
+    "RankCache",
+    "RateLimiter",
+    "ScheduleState",
+    "SeenEvents",
+    "TrainingLock",
+    "WorkerReport",
+]
 
 
 def open_caches(url: str, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Caches:
@@ -128,6 +71,32 @@ def open_activity(url: str, keys: Keys) -> Activity:
     return RedisActivity(Redis.from_url(url), keys)
 
 
+def open_schedule_state(url: str, keys: Keys) -> ScheduleState:
+    """The scheduler's counters and lock for a storage URL: `redis://…` or `memory://`."""
+    if url.startswith("memory://"):
+        from services.storage.memory import MemoryScheduleState
+
+        return MemoryScheduleState()
+    from redis import Redis
+
+    from services.storage.redis import RedisScheduleState
+
+    return RedisScheduleState(Redis.from_url(url), keys)
+
+
+def open_fleet(url: str, keys: Keys) -> Fleet:
+    """The serving workers' reports for a storage URL (what the control process reads)."""
+    if url.startswith("memory://"):
+        from services.storage.memory import MemoryFleet
+
+        return MemoryFleet()
+    from redis import Redis
+
+    from services.storage.redis import RedisFleet
+
+    return RedisFleet(Redis.from_url(url), keys)
+
+
 def open_publisher(url: str, topics: list[str] | None = None, partitions: int = 1, capacity: int = 100_000) -> Publisher:
     """A publisher for a broker: a Kafka bootstrap address, or `memory://`. `topics` are recreated
     (with `partitions`) if they vanish, as on a local broker that restarted with memory storage."""
@@ -140,8 +109,24 @@ def open_publisher(url: str, topics: list[str] | None = None, partitions: int = 
     return KafkaPublisher(url, tuple(topics or ()), partitions, capacity)
 
 
-def open_labels(url: str) -> DeltaLabelStore:
-    """The label store: a Delta Lake table at a folder or an object-store URL (`s3://…`)."""
-    from training.labels.store import DeltaLabelStore
+def open_registry(s: Settings, reader: bool = False) -> MlflowRegistry:
+    """The deployment's registered model in MLflow (`mlflow.tracking_uri`, or sqlite under the state dir).
+    A `reader` contacts nothing now (a serving worker starts while MLflow is away) and makes nothing;
+    otherwise the experiment is made if missing. Loads MLflow, never a model: admin commands answer
+    in seconds."""
+    from training.registry import MlflowRegistry
+
+    if reader:
+        return MlflowRegistry.reader(s.tracking_uri, s.keys.model_name, s.versions_dir)
+    return MlflowRegistry.connect(s.tracking_uri, s.artifact_dir, s.keys.model_name, s.versions_dir, s.keys.experiment)
+
+
+def open_labels(url: str) -> LabelStore:
+    """The label store: a Delta Lake table at a folder or an object-store URL (`s3://…`), or `memory://`."""
+    if url.startswith("memory://"):
+        from services.storage.memory import MemoryLabelStore
+
+        return MemoryLabelStore()
+    from services.storage.delta import DeltaLabelStore
 
     return DeltaLabelStore(url)

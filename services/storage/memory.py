@@ -8,9 +8,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+import pandas as pd
 from pydantic import BaseModel
 
-from services.storage import Caches
+from schemas import DeadLetter, LabelledExample
+from services.storage.protocols import Caches, WorkerReport
+from training.labels.store import Lineage, Purge, apply_purges, describe, frame, latest_revisions
 from training.ranking.embedding_cache import MemoryEmbeddingCache
 
 
@@ -108,7 +111,6 @@ class MemoryRateLimiter:
 class MemoryActivity:
     def __init__(self) -> None:
         self.by_minute: dict[int, Counter[str]] = {}
-        self.dead: list[dict] = []
         self.by_version: dict[str, Counter[str]] = {}
 
     def count_online(self, counts: dict[str, dict[str, float]]) -> None:
@@ -125,14 +127,119 @@ class MemoryActivity:
         end = int((now or time.time()) // 60)
         return [(m, dict(self.by_minute.get(m, {}))) for m in range(end - last + 1, end + 1)]
 
-    def keep_dead_letters(self, dead: list[dict]) -> None:
-        self.dead[:0] = reversed(dead)
 
-    def dead_letters(self, limit: int = 10_000) -> list[dict]:
-        return self.dead[:limit]
+class MemoryFleet:
+    def __init__(self) -> None:
+        self.latest: dict[str, WorkerReport] = {}
+
+    def report(self, report: WorkerReport) -> None:
+        self.latest[report.worker] = report
+
+    def reports(self, max_age_s: float) -> list[WorkerReport]:
+        return [r for r in self.latest.values() if r.at >= time.time() - max_age_s]
+
+
+class MemoryScheduleState:
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+        self.held = False
+
+    def read(self) -> dict[str, str]:
+        return dict(self.fields)
+
+    def write(self, **fields: float | str) -> None:
+        self.fields.update({k: str(v) for k, v in fields.items()})
+
+    def add_failure(self) -> int:
+        self.fields["failures"] = str(int(self.fields.get("failures", 0)) + 1)
+        return int(self.fields["failures"])
+
+    def try_lock(self, ttl_s: float) -> MemoryScheduleState | None:
+        return None if self.held else self
+
+    def locked(self) -> bool:
+        return self.held
+
+    def __enter__(self) -> MemoryScheduleState:
+        self.held = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.held = False
+
+
+class MemoryLabelStore:
+    """Labels in a list, every write a version: unit tests and the benchmark's skyline."""
+
+    uri = "memory://"
+
+    def __init__(self, labels: list[LabelledExample] | None = None):
+        self.rows: list[dict] = [lab.model_dump(mode="json") for lab in labels or []]
+        self.writes: list[int] = [len(self.rows)] if self.rows else []  # rows after each write
+        self.positions: dict[str, int] = {}
+        self._purges: list[Purge] = []
+
+    def write(self, labels: list[LabelledExample], positions: dict[str, int]) -> bool:
+        if positions and all(self.positions.get(src, -1) >= last for src, last in positions.items()):
+            return False
+        self.rows += [lab.model_dump(mode="json") for lab in labels]
+        self.positions.update(positions)
+        self.writes.append(len(self.rows))
+        return True
+
+    def stored_revisions(self, labels: list[LabelledExample], since: float) -> set[tuple[str, int]]:
+        ids = {lab.label_id for lab in labels}
+        return {(r["label_id"], r["revision"]) for r in self.rows if r["label_id"] in ids and r["timestamp"] >= since}
+
+    def stored_offset(self, source: str) -> int | None:
+        return self.positions.get(source)
+
+    def read(self, version: int | None = None) -> tuple[pd.DataFrame, Lineage]:
+        rows = self.rows if version is None else self.rows[: self.writes[version]]
+        df = apply_purges(latest_revisions(frame(rows)), self._purges) if rows else frame([])
+        return df, {**describe(df), "contributions": len(rows), "purges": len(self._purges), "table_version": self.version()}
+
+    def count(self) -> int:
+        return len(self.rows)
+
+    def version(self) -> int | None:
+        return len(self.writes) - 1 if self.writes else None
+
+    def files(self) -> int:
+        return len(self.writes)
+
+    def compact(self) -> dict[str, int]:
+        before, files = len(self.rows), len(self.writes)
+        self.rows = latest_revisions(frame(self.rows)).to_dict("records") if self.rows else []
+        self.writes.append(len(self.rows))
+        return {"files_before": files, "files_after": 1, "rows_removed": before - len(self.rows)}
+
+    def purges(self) -> list[Purge]:
+        return list(self._purges)
+
+    def purge(self, purge: Purge, count: bool = True) -> int:
+        before = len(self.read()[0]) if count else 0
+        self._purges.append(purge)
+        return before - len(self.read()[0]) if count else 0
+
+
+class MemoryDeadLetterLog:
+    """What a `MemoryPublisher` holds on the dead-letter topic, read back as the Kafka log reads it."""
+
+    def __init__(self, publisher: MemoryPublisher, topic: str):
+        self.publisher, self.topic = publisher, topic
+
+    def newest(self, per_partition: int) -> list[DeadLetter]:
+        return [DeadLetter.model_validate_json(p) for p in self.publisher.on(self.topic)[-per_partition:]]
 
 
 def memory_caches() -> Caches:
     return Caches(
-        MemoryRankCache(), MemoryEmbeddingCache(), MemorySeenEvents(), lambda: True, MemoryRateLimiter(), MemoryActivity()
+        MemoryRankCache(),
+        MemoryEmbeddingCache(),
+        MemorySeenEvents(),
+        lambda: True,
+        MemoryRateLimiter(),
+        MemoryActivity(),
+        MemoryFleet(),
     )

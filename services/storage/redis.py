@@ -6,17 +6,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import LockError, RedisError
+from redis.lock import Lock
 
 from schemas import DependencyUnavailable
 from services.keys import Keys
-from services.storage import Caches
+from services.storage.protocols import Caches, WorkerReport
 
 log = logging.getLogger("rankloop.redis")
 
@@ -145,7 +147,6 @@ class RedisRateLimiter:
 
 class RedisActivity:
     KEEP_MINUTES = 24 * 60
-    KEEP_DEAD_LETTERS = 10_000
 
     def __init__(self, redis: Redis, keys: Keys):
         self.redis, self.keys = redis, keys
@@ -189,23 +190,27 @@ class RedisActivity:
         raw = self.redis.hgetall(self.keys.online(version))
         return {k.decode(): float(v) for k, v in raw.items()}  # type: ignore[union-attr]
 
-    def keep_dead_letters(self, dead: list[dict]) -> None:
-        if not dead:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.lpush(self.keys.recent_dead_letters, *(json.dumps(d) for d in dead))
-        pipe.ltrim(self.keys.recent_dead_letters, 0, self.KEEP_DEAD_LETTERS - 1)
-        try:
-            pipe.execute()
-        except RedisError as e:
-            log.warning("dead letter not kept for readers: %s", e)
 
-    def dead_letters(self, limit: int = 10_000) -> list[dict]:
+class RedisFleet:
+    def __init__(self, redis: Redis, keys: Keys):
+        self.redis, self.keys = redis, keys
+
+    def report(self, report: WorkerReport) -> None:
         try:
-            raws = self.redis.lrange(self.keys.recent_dead_letters, 0, limit - 1)
+            self.redis.hset(self.keys.fleet, report.worker, report.model_dump_json())
+        except RedisError as e:
+            log.warning("worker report not recorded: %s", e)
+
+    def reports(self, max_age_s: float) -> list[WorkerReport]:
+        try:
+            raws = self.redis.hgetall(self.keys.fleet)
         except RedisError as e:
             raise DependencyUnavailable(f"redis: {e}") from e
-        return [json.loads(r) for r in raws]  # type: ignore[union-attr]
+        found = [WorkerReport.model_validate_json(v) for v in raws.values()]  # type: ignore[union-attr]
+        stale = [r.worker for r in found if r.at < time.time() - max_age_s]
+        if stale:  # workers that stopped: forgotten (a worker that comes back reports again)
+            self.redis.hdel(self.keys.fleet, *stale)
+        return [r for r in found if r.worker not in stale]
 
 
 def redis_caches(redis: Redis, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Caches:
@@ -222,4 +227,71 @@ def redis_caches(redis: Redis, keys: Keys, ttl_s: int, seen_ttl_s: int) -> Cache
         ping,
         RedisRateLimiter(redis, keys),
         RedisActivity(redis, keys),
+        RedisFleet(redis, keys),
     )
+
+
+class RenewedLock:
+    """A Redis lock renewed every third of its expiry while a training runs, so a long one never loses
+    it to a second scheduler; a lock Redis forgot (a restart) is taken again if it is free."""
+
+    def __init__(self, lock: Lock, ttl_s: float):
+        self.lock, self.ttl_s = lock, ttl_s
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._renew, name="training-lock", daemon=True)
+
+    def __enter__(self) -> RenewedLock:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+        try:
+            self.lock.release()
+        except LockError as e:  # Redis restarted mid-training and forgot the lock: nothing to release
+            log.warning("training lock was lost while training (Redis restarted?): %s", e)
+
+    def _renew(self) -> None:
+        while not self.done.wait(self.ttl_s / 3):
+            try:
+                self.lock.reacquire()
+            except LockError:
+                try:
+                    lost = not self.lock.acquire(blocking=False)
+                except RedisError as e:
+                    lost = True
+                    log.warning("training lock not renewed: %s", e)
+                if lost:
+                    log.warning("training lock lost and now held elsewhere (Redis restarted?)")
+            except RedisError as e:
+                log.warning("training lock not renewed (Redis away?): %s", e)
+
+
+class RedisScheduleState:
+    def __init__(self, redis: Redis, keys: Keys):
+        self.redis, self.keys = redis, keys
+
+    def read(self) -> dict[str, str]:
+        try:
+            raw = self.redis.hgetall(self.keys.train_state)
+        except RedisError as e:
+            raise DependencyUnavailable(f"redis: {e}") from e
+        return {k.decode(): v.decode() for k, v in raw.items()}  # type: ignore[union-attr]
+
+    def write(self, **fields: float | str) -> None:
+        self.redis.hset(self.keys.train_state, mapping=fields)  # type: ignore[arg-type]
+
+    def add_failure(self) -> int:
+        return int(self.redis.hincrby(self.keys.train_state, "failures", 1))
+
+    def try_lock(self, ttl_s: float) -> RenewedLock | None:
+        # thread_local=False: the renewing thread needs the token
+        lock = self.redis.lock(self.keys.train_lock, timeout=ttl_s, blocking=False, thread_local=False)
+        return RenewedLock(lock, ttl_s) if lock.acquire(blocking=False) else None
+
+    def locked(self) -> bool:
+        try:
+            return bool(self.redis.exists(self.keys.train_lock))
+        except RedisError as e:
+            raise DependencyUnavailable(f"redis: {e}") from e

@@ -38,7 +38,7 @@ def stack(tmp_path_factory, small_dataset):
     from services.config import Settings
     from services.local import infra
     from training import beir
-    from training.ranking.first_stage import build_index
+    from training.indexing import build_index
 
     state = tmp_path_factory.mktemp("state")
     env = {

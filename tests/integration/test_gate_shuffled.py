@@ -8,10 +8,11 @@ import pytest
 from tests.conftest import SCIFACT, make_small_beir
 from training import beir
 from training.config import GateConfig
+from training.gate import compare_on_feedback
+from training.indexing import build_index
 from training.labels.feedback import QueryFeedback
-from training.pipeline import compare_on_feedback
 from training.ranking.encoder import load_encoder
-from training.ranking.first_stage import FirstStage, build_index
+from training.ranking.first_stage import FirstStage
 from training.ranking.query import normalise_query
 from training.ranking.rank import candidates_for
 from training.ranking.reranker import Mix, Reranker, save_model_folder

@@ -7,10 +7,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from services.registry import connect_registry
-from services.schedule.interleaving import check_experiment
+from services.control.interleaving import check_experiment
 from services.sdk import RankloopClient
-from services.storage import open_labels
+from services.storage import open_labels, open_registry
 from tests.integration.test_loop import wait_for
 from training.config import InterleaveConfig
 from training.interleave import INTERLEAVING, STAGE_TAG
@@ -35,7 +34,7 @@ def test_users_clicks_on_the_challengers_documents_promote_it(stack, tmp_path):
         folder = save_model_folder(
             load_encoder(), tmp_path / "model", Mix(alpha=0.5, beta=2.0, tau=0.5), {QUERY.lower(): {liked: 3.0}}
         )
-        main = connect_registry(s)  # a registered model of its own: the stack's versions stay as other tests expect
+        main = open_registry(s)  # a registered model of its own: the stack's versions stay as other tests expect
         registry = MlflowRegistry(main.client, f"{main.name}-interleaving-test", s.versions_dir / "interleaving-test")
         with mlflow.start_run(run_name="interleaving test") as run:
             mlflow.log_artifacts(str(folder), "model")

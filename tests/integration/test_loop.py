@@ -197,7 +197,7 @@ def test_a_click_burst_is_dead_lettered_and_its_identity_quarantined(stack, clie
 def test_a_round_is_cut_when_the_stream_has_consumed_everything_and_stored_every_label(stack, client):
     """The benchmarks' exact cut: committed offsets reach the input topics' ends (the stream commits a
     message only after its labels are in the table), so every event sent before it has its labels stored."""
-    from services.local.bench import settle_labels
+    from services.local.workers import settle_labels
 
     s = stack["settings"]
     ranked = [client.rank(q, k=3) for q in ("omega-3 and depression", "aspirin and stroke", "gut flora and obesity")]

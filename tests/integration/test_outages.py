@@ -16,7 +16,7 @@ from services.storage.kafka import read_topic
 from tests.conftest import free_port
 from tests.integration.conftest import serve_in_thread
 from training import beir
-from training.ranking.first_stage import build_index
+from training.indexing import build_index
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.bench.stream import run_stream_bench
 from services.config import KafkaSettings, RedisSettings, ServingSettings, Settings, StreamSettings
-from services.local.bench_stream import run_stream_bench
 from tests.conftest import free_port
 
 

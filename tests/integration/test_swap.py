@@ -8,14 +8,15 @@ import time
 import httpx
 import pytest
 
+from services.bench.serve import Load, percentile, register_versions, served_version, wait_until
 from services.config import KafkaSettings, MlflowSettings, RedisSettings, ServingSettings, Settings
 from services.local import infra
-from services.local.bench_serve import Load, percentile, register_versions, served_version, wait_until
 from services.local.workers import spawn, worker_env
-from services.registry import connect_registry
+from services.storage import open_registry
 from tests.conftest import free_port
 from training import beir
-from training.ranking.first_stage import FirstStage, build_index
+from training.indexing import build_index
+from training.ranking.first_stage import FirstStage
 
 pytestmark = pytest.mark.integration
 WINDOW_S = 8.0
@@ -36,7 +37,7 @@ def test_a_swap_under_load_has_no_request_slower_than_three_steady_p99s(tmp_path
     try:
         ds = beir.load(small_dataset)
         build_index(ds, tmp_path)
-        registry = connect_registry(s)
+        registry = open_registry(s)
         queries = list(ds.queries.values())
         old, new = register_versions(s, registry, FirstStage.current(tmp_path), ds, memory_size=1000)
         registry.promote(old, "test: the version serving before the swap")

@@ -11,11 +11,10 @@ import mlflow
 import pytest
 
 from schemas import InvalidState
-from services.local.bench import settle_labels
 from services.local.simulate import UserModel, examination_curve, simulate
-from services.registry import connect_registry
+from services.local.workers import settle_labels
 from services.sdk import RankloopClient
-from services.storage import open_labels, open_publisher
+from services.storage import open_labels, open_publisher, open_registry
 from training import beir
 from training.config import TrainConfig
 from training.pipeline import train_once
@@ -47,7 +46,7 @@ def trained(stack):
     stats = simulate(RankloopClient(s.base_url), ds, "train", 60, user, seed=3, progress=False)
     assert stats.accepted == stats.events > 0
     settle_labels(s, labels, timeout=120)  # every event sent has its labels stored: the same labels each run
-    registry = connect_registry(s)
+    registry = open_registry(s)
     cfg = TrainConfig(epochs=1, batch_size=8, max_seq_length=64, hard_negatives=1)
     outcome = train_once(registry, labels, FirstStage.current(s.state_dir), s.state_dir, 20, cfg, s.gate, s.stream.rules)
     return registry, outcome
@@ -108,7 +107,7 @@ def test_a_version_is_reviewable_in_mlflow(stack, trained):
 
 
 def test_the_schedulers_counters_are_rebuilt_from_mlflow_when_redis_lost_them(stack, trained):
-    from services.schedule.scheduler import Scheduler
+    from services.control.scheduler import Scheduler
 
     s = stack["settings"]
     registry, outcome = trained
@@ -122,7 +121,7 @@ def test_the_schedulers_counters_are_rebuilt_from_mlflow_when_redis_lost_them(st
 
 def test_online_metrics_of_a_version_reach_its_mlflow_tags(stack, trained):
     """What the stream counted in Redis for a version goes onto the model version at the next check."""
-    from services.schedule.scheduler import Scheduler
+    from services.control.scheduler import Scheduler
 
     s = stack["settings"]
     registry, outcome = trained
@@ -156,7 +155,7 @@ def test_the_training_lock_is_renewed_while_a_training_runs(stack):
     """A training longer than the lock's expiry must not let a second scheduler start one."""
     from redis import Redis
 
-    from services.schedule.scheduler import LockKeeper
+    from services.control.scheduler import LockKeeper
 
     redis = Redis.from_url(stack["settings"].redis_url)
     lock = redis.lock("test:lock:renewal", timeout=1.5, blocking=False, thread_local=False)
@@ -175,8 +174,8 @@ def test_an_operator_pauses_the_schedule_and_sees_it_in_status_and_metrics(stack
     import subprocess
     import sys
 
-    from services.schedule import control
-    from services.schedule.scheduler import Scheduler
+    from services.control import schedule as control
+    from services.control.scheduler import Scheduler
     from tests.conftest import free_port
 
     s = stack["settings"]

@@ -40,7 +40,8 @@ def write_beir(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_first_stage(tmp_path_factory):
     from training import beir
-    from training.ranking.first_stage import FirstStage, build_index
+    from training.indexing import build_index
+    from training.ranking.first_stage import FirstStage
 
     root = tmp_path_factory.mktemp("tiny")
     return FirstStage(build_index(beir.load(write_beir(root / "beir")), root / "state"))

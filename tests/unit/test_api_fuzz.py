@@ -16,7 +16,7 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 from services.config import ServingSettings, Settings
 from services.serve.app import create_app
 from services.serve.worker import Worker
-from services.storage.memory import MemoryPublisher, memory_caches
+from services.storage.memory import MemoryDeadLetterLog, MemoryPublisher, memory_caches
 from training.registry import MemoryRegistry
 
 
@@ -24,7 +24,7 @@ from training.registry import MemoryRegistry
 def api(tiny_first_stage, tmp_path_factory):
     s = Settings(state_dir=tmp_path_factory.mktemp("fuzz"), serving=ServingSettings(max_body_bytes=100_000))
     worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
-    app = create_app(s, worker, watch_events=False)
+    app = create_app(s, worker, watch_events=False, dead_letters=MemoryDeadLetterLog(MemoryPublisher(), "dead"))
     with TestClient(app):  # runs the lifespan: the worker is in place for every fuzzed call
         yield schemathesis.openapi.from_asgi("/openapi.json", app)
 

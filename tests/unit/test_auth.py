@@ -7,11 +7,13 @@ import random
 import pytest
 from fastapi.testclient import TestClient
 
+from schemas import DeadLetter
 from services.auth import KeyStore, Scope
 from services.config import AuthSettings, ServingSettings, Settings
 from services.serve.app import create_app
 from services.serve.worker import Worker
-from services.storage.memory import MemoryPublisher, memory_caches
+from services.storage.memory import MemoryDeadLetterLog, MemoryPublisher, memory_caches
+from tests.factories import control_plane, promotions_on
 from training.registry import MemoryRegistry
 
 EVENT = {"event_id": "e1", "request_id": "r1", "doc_id": "d1", "type": "click"}
@@ -91,21 +93,35 @@ def test_revoking_the_last_key_does_not_open_the_server(tiny_first_stage, tmp_pa
         assert client.post("/rank", json={"query": "vitamin d"}).status_code == 401
 
 
-def test_moving_the_model_needs_an_admin_key_even_on_an_open_server(tiny_first_stage, tmp_path):
-    with make_client(tiny_first_stage, tmp_path) as client:
+def control_client(tmp_path, registry: MemoryRegistry, publisher: MemoryPublisher | None = None) -> TestClient:
+    """The control process's app (admin routes) on memory, its loops not started."""
+    from services.control.app import create_app as create_control_app
+
+    s = Settings(state_dir=tmp_path)
+    return TestClient(create_control_app(s, control_plane(s, registry, publisher), run_loops=False))
+
+
+def test_moving_the_model_needs_an_admin_key_even_on_an_open_process(tmp_path):
+    with control_client(tmp_path, MemoryRegistry()) as client:
         r = client.post("/admin/rollback", json={"reason": "because"})
         assert r.status_code == 401 and "admin key" in r.json()["detail"]
 
 
-def test_admin_moves_are_audited_and_announced(tiny_first_stage, tiny_model, tmp_path, store):
+def test_serving_replicas_have_no_admin_route_and_no_status_page(tiny_first_stage, tmp_path):
+    with make_client(tiny_first_stage, tmp_path) as client:
+        for path in ("/admin/promote", "/admin/rollback", "/admin/approve"):
+            assert client.post(path, json={"version": "1", "reason": "x"}).status_code == 404
+        assert client.get("/status").status_code == 404
+
+
+def test_admin_moves_are_audited_and_announced(tiny_model, tmp_path, store):
     import json
 
     _, ranker = store.create("web", [Scope.rank])
     _, admin = store.create("ops", [Scope.admin])
-    s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0))
-    worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
-    first, second = worker.registry.add(tiny_model), worker.registry.add(tiny_model)
-    with TestClient(create_app(s, worker, watch_events=False)) as client:
+    registry, publisher = MemoryRegistry(), MemoryPublisher()
+    first, second = registry.add(tiny_model), registry.add(tiny_model)
+    with control_client(tmp_path, registry, publisher) as client:
         body = {"version": first, "reason": "reviewed"}
         assert client.post("/admin/promote", json=body, headers=bearer(ranker)).status_code == 403
         r = client.post("/admin/promote", json=body, headers=bearer(admin))
@@ -116,25 +132,24 @@ def test_admin_moves_are_audited_and_announced(tiny_first_stage, tiny_model, tmp
         r = client.post("/admin/rollback", json={"reason": "complaints"}, headers=bearer(admin))
         assert r.status_code == 200 and r.json()["version"] == first
         assert client.post("/admin/rollback", json={"reason": "again"}, headers=bearer(admin)).status_code == 409
-    assert worker.registry.champion().version == first
-    assert worker.registry.tags[first]["promoted_by"] == "key:ops" and worker.registry.tags[second]["rolled_back_by"] == "key:ops"
-    events = [json.loads(p) for p in worker.publisher.on(worker.keys.model_events)]
+    assert registry.champion().version == first
+    assert registry.tags[first]["promoted_by"] == "key:ops" and registry.tags[second]["rolled_back_by"] == "key:ops"
+    events = [json.loads(p) for p in publisher.on(Settings().keys.model_events)]
     assert [e["action"] for e in events] == ["promoted", "promoted", "rolled_back"]
 
 
-def test_approve_promotes_only_the_challenger_awaiting_approval(tiny_first_stage, tiny_model, tmp_path, store):
+def test_approve_promotes_only_the_challenger_awaiting_approval(tiny_model, tmp_path, store):
     _, admin = store.create("ops", [Scope.admin])
-    s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0))
-    worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
-    first, second = worker.registry.add(tiny_model), worker.registry.add(tiny_model)
-    worker.registry.nominate(second, "gate passed", actor="scheduler")
-    with TestClient(create_app(s, worker, watch_events=False)) as client:
+    registry = MemoryRegistry()
+    first, second = registry.add(tiny_model), registry.add(tiny_model)
+    promotions_on(registry).nominate(second, "gate passed", actor="scheduler")
+    with control_client(tmp_path, registry) as client:
         r = client.post("/admin/approve", json={"version": first, "reason": "looks fine"}, headers=bearer(admin))
         assert r.status_code == 409 and "not awaiting approval (the challenger is 2)" in r.json()["detail"]
         r = client.post("/admin/approve", json={"version": second, "reason": "looks fine"}, headers=bearer(admin))
         assert r.status_code == 200 and r.json()["reason"] == "approved: looks fine"
         assert client.post("/admin/approve", json={"version": second, "reason": "x"}, headers=bearer(admin)).status_code == 409
-    assert worker.registry.champion().version == second and worker.registry.challenger() is None
+    assert registry.champion().version == second and registry.challenger() is None
 
 
 def test_a_caller_over_its_rate_gets_429_with_retry_after_and_others_are_not_affected(tiny_first_stage, tmp_path, store):
@@ -178,11 +193,13 @@ def test_an_emitter_reads_its_own_dead_letters_and_an_admin_reads_all(tiny_first
     _, admin = store.create("ops", [Scope.admin])
     s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0))
     worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
+    stream = MemoryPublisher()  # what the stream wrote to the dead-letter topic
     for i, (key, rid) in enumerate((("web", "r1"), ("web", "r2"), ("other", "r1"))):
         payload = json.dumps({"event_id": f"e{i}", "request_id": rid, "doc_id": "d", "type": "click", "api_key": key})
-        dead = {"source": "rankloop.interactions", "code": "doc_not_shown", "reason": "x", "payload": payload}
-        worker.caches.activity.keep_dead_letters([{**dead, "timestamp": 100.0 + i}])
-    with TestClient(create_app(s, worker, watch_events=False)) as client:
+        dead = DeadLetter(source="rankloop.interactions", code="doc_not_shown", reason="x", payload=payload, timestamp=100.0 + i)
+        stream.publish(s.keys.dead_letters, dead.source, dead)
+    log = MemoryDeadLetterLog(stream, s.keys.dead_letters)
+    with TestClient(create_app(s, worker, watch_events=False, dead_letters=log)) as client:
         mine = client.get("/dead-letters", headers=bearer(web)).json()
         assert [json.loads(d["payload"])["event_id"] for d in mine] == ["e1", "e0"]  # newest first, its own only
         assert len(client.get("/dead-letters", params={"request_id": "r1"}, headers=bearer(web)).json()) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from services.local.bench_poison import PoisonCase, PoisonTarget, WithoutIdentities, checks
+from services.bench.poison import PoisonCase, PoisonTarget, WithoutIdentities, checks
 
 
 def target(challenger, control=15, after=15):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from schemas.errors import InvalidInput
-from services.local.bench import LoopBenchResult
-from services.local.bench_repeat import compare_same_seed, run_repeated, summarise_files
+from services.bench.loop import LoopBenchResult
+from services.bench.repeat import compare_same_seed, run_repeated, summarise_files
 
 COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "bench" / "scifact-loop.json"
 
@@ -74,7 +74,7 @@ def test_two_runs_of_one_seed_are_compared_figure_by_figure_against_the_toleranc
 
 
 def test_head_query_mode_cuts_a_split_of_n_queries_and_keeps_the_others(tmp_path):
-    from services.local.bench import head_queries
+    from services.bench.loop import head_queries
     from training import beir
 
     root = tmp_path / "ds"

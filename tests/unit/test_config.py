@@ -98,7 +98,7 @@ def test_clients_get_the_local_redis_password_and_displays_do_not(tmp_path):
 def test_training_windows_are_checked_in_utc_and_may_wrap_past_midnight():
     from datetime import UTC, datetime
 
-    from services.schedule.control import in_windows
+    from services.control.schedule import in_windows
 
     at = lambda hh, mm: datetime(2026, 11, 22, hh, mm, tzinfo=UTC).timestamp()  # noqa: E731
     assert in_windows([], at(12, 0))
@@ -127,16 +127,17 @@ def test_schedule_status_answers_with_redis_down_from_the_newest_mlflow_run(tmp_
     import mlflow
     from redis import Redis
 
-    from services.schedule.scheduler import schedule_status
-    from training.labels.store import MemoryLabelStore
-    from training.registry import connect
+    from services.control.schedule import schedule_status
+    from services.storage.memory import MemoryLabelStore
+    from services.storage.redis import RedisScheduleState
+    from training.registry import MlflowRegistry
 
     s = Settings(state_dir=tmp_path)
-    client = connect(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art", s.keys.experiment)
+    registry = MlflowRegistry.connect(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art", "m", tmp_path, s.keys.experiment)
     with mlflow.start_run():
         mlflow.log_metric("labels", 1234)
         mlflow.set_tags({"outcome": "rejected", "gate_reason": "only 9 held-out queries (< 30)"})
-    down = Redis(port=1, socket_connect_timeout=0.5)
-    st = schedule_status(s, down, MemoryLabelStore([]), client)
+    down = RedisScheduleState(Redis(port=1, socket_connect_timeout=0.5), s.keys)
+    st = schedule_status(s, down, MemoryLabelStore([]), registry)
     assert st.training_now is None and "Redis unreachable" in st.problems[0]
     assert st.last_outcome == "rejected" and st.labels_at_last_run == 1234 and "held-out" in (st.last_message or "")

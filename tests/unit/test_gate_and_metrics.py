@@ -4,7 +4,7 @@ import random
 import numpy as np
 
 from services.config import RetrainSettings, Settings
-from services.schedule.scheduler import should_train
+from services.control.schedule import should_train
 from training.config import TrainConfig
 from training.gate import decide
 from training.labels.feedback import QueryFeedback
@@ -111,10 +111,11 @@ def test_with_few_distinct_queries_the_gate_compares_requests_clustered_by_query
 
     from schemas import LabelledExample
     from training.config import GateConfig
+    from training.gate import run_gate
     from training.labels.rules import LabelRules
-    from training.pipeline import make_slices, run_gate
     from training.ranking.rank import candidates_for
     from training.ranking.reranker import Reranker
+    from training.slices import make_slices
 
     queries = [
         "vitamin d fractures",

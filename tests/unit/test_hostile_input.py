@@ -98,17 +98,24 @@ def test_a_millisecond_timestamp_is_a_422_with_the_fix_and_a_future_one_is_refus
     assert ahead.json()["rejected"][0]["code"] == "bad_timestamp" and "in the future" in ahead.json()["rejected"][0]["detail"]
 
 
-def test_the_status_page_shows_activity_and_escapes_what_users_sent(tiny_first_stage, tmp_path):
+def test_the_status_page_shows_activity_workers_and_escapes_what_users_sent(tiny_first_stage, tmp_path):
+    """The control process's page: what each serving worker reported, the minute counts, the newest dead
+    letters from the topic, with anything users sent escaped."""
+    from schemas import DeadLetter
+    from services.control.app import create_app as create_control_app
+    from tests.factories import control_plane
+
     s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0))
     worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
-    with TestClient(create_app(s, worker, watch_events=False)) as client:
-        client.post("/events", json=[event(1), event(2)])
-        worker.caches.activity.count({"labels": 3, "dead:doc_not_shown": 1})
-        worker.caches.activity.keep_dead_letters(
-            [{"code": "doc_not_shown", "reason": "doc_id '<script>alert(1)</script>' was not shown", "timestamp": 1795300000.0}]
-        )
+    plane = control_plane(s, MemoryRegistry())
+    plane.activity.count({"events": 2, "labels": 3, "dead:doc_not_shown": 1})
+    plane.fleet.report(worker.report())
+    dead = DeadLetter(source="x", code="doc_not_shown", reason="doc_id '<script>alert(1)</script>' was not shown", payload="{}")
+    plane.promotions.publisher.publish(s.keys.dead_letters, "x", dead)
+    with TestClient(create_control_app(s, plane, run_loops=False)) as client:
         page = client.get("/status")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "last hour: 2 events, 3 label rows" in page.text and "no registered version yet" in page.text
     assert "<code>doc_not_shown</code></td><td>1</td>" in page.text
+    assert worker.name in page.text and "first-stage" in page.text  # the worker's report
     assert "<script>" not in page.text and "&lt;script&gt;" in page.text

@@ -290,8 +290,8 @@ def _interleaved_labels(
 
 
 def test_session_outcomes_come_from_labels_of_the_challengers_requests_only():
+    from services.storage.memory import MemoryLabelStore
     from training.interleave import session_outcomes
-    from training.labels.store import MemoryLabelStore
 
     df, _ = MemoryLabelStore(_interleaved_labels("2", 3, 1, 2) + _interleaved_labels("9", 5, 0, 0)).read()
     outcomes = session_outcomes(df, "2")
@@ -300,8 +300,8 @@ def test_session_outcomes_come_from_labels_of_the_challengers_requests_only():
 
 def test_labels_stored_before_credits_count_one_for_their_team():
     """An experiment running across the upgrade from team-draft interleaving keeps its earlier sessions."""
+    from services.storage.memory import MemoryLabelStore
     from training.interleave import session_outcomes
-    from training.labels.store import MemoryLabelStore
 
     df, _ = MemoryLabelStore(_interleaved_labels("2", 3, 1, 2, credit=None)).read()
     assert sorted(session_outcomes(df, "2")) == [-1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
@@ -310,8 +310,8 @@ def test_labels_stored_before_credits_count_one_for_their_team():
 def test_sessions_against_an_earlier_champion_do_not_vote():
     """A rollback mid-experiment changes what the challenger is compared with: only sessions against
     the champion now serving count."""
+    from services.storage.memory import MemoryLabelStore
     from training.interleave import session_outcomes
-    from training.labels.store import MemoryLabelStore
 
     labels = _interleaved_labels("3", 0, 40, 0, champion="1") + _interleaved_labels("3", 7, 2, 1, champion="2")
     for n, label in enumerate(labels[80:]):  # distinct requests for the second champion's sessions
@@ -326,26 +326,28 @@ def test_sessions_against_an_earlier_champion_do_not_vote():
     ("wins", "losses", "verdict", "alias"), [(150, 50, "challenger", "champion"), (50, 150, "champion", None)]
 )
 def test_the_scheduler_promotes_or_withdraws_the_challenger_on_the_verdict(wins, losses, verdict, alias):
-    from services.schedule.interleaving import check_experiment
+    from services.control.interleaving import check_experiment
+    from services.storage.memory import MemoryLabelStore
+    from tests.factories import promotions_on
     from training.interleave import INTERLEAVING, STAGE_TAG
-    from training.labels.store import MemoryLabelStore
     from training.registry import MemoryRegistry
 
     registry = MemoryRegistry()
-    registry.promote(registry.add("/v1"), "first")
+    promotions = promotions_on(registry)
+    promotions.promote(registry.add("/v1"), "first", "test")
     challenger = registry.add("/v2")
-    registry.nominate(challenger, "gate passed")
-    registry.tag(challenger, STAGE_TAG, INTERLEAVING)
+    promotions.nominate(challenger, "gate passed", "scheduler", stage=INTERLEAVING)
+    assert registry.get(challenger).tags[STAGE_TAG] == INTERLEAVING
     cfg = InterleaveConfig(min_sessions=100, max_sessions=400)
-    early = check_experiment(registry, MemoryLabelStore(_interleaved_labels(challenger, 30, 30, 10)), cfg)
+    early = check_experiment(promotions, MemoryLabelStore(_interleaved_labels(challenger, 30, 30, 10)), cfg)
     assert early is not None and early.running and registry.challenger() == challenger  # 70 sessions: no look yet
-    decided = check_experiment(registry, MemoryLabelStore(_interleaved_labels(challenger, wins, losses, 0)), cfg)
+    decided = check_experiment(promotions, MemoryLabelStore(_interleaved_labels(challenger, wins, losses, 0)), cfg)
     assert decided is not None and decided.judgement.verdict == verdict and decided.judgement.look == 100
     assert registry.challenger() is None
     champion = registry.champion()
     assert champion is not None and (champion.version == challenger) == (alias == "champion")
     assert (decided.event is not None) == (verdict == "challenger")
-    assert check_experiment(registry, MemoryLabelStore(), cfg) is None  # nothing left to judge
+    assert check_experiment(promotions, MemoryLabelStore(), cfg) is None  # nothing left to judge
 
 
 def test_labels_of_an_interleaved_request_carry_each_documents_credit():
@@ -379,7 +381,7 @@ def test_the_estimated_sessions_reach_significance_with_the_promised_power():
     over; about POWER of those experiments reach p < ALPHA."""
     from scipy.stats import ttest_1samp, ttest_ind
 
-    from services.local.bench_interleave import ALPHA, POWER, sessions_needed_mean, sessions_needed_welch
+    from services.bench.interleave import ALPHA, POWER, sessions_needed_mean, sessions_needed_welch
 
     rng = np.random.default_rng(0)
     credits, chances = [0.5, 0.1, -0.4, 0.0], [0.25, 0.15, 0.2, 0.4]  # sessions' credits, as a plan gives them
@@ -403,7 +405,7 @@ def test_the_bench_credits_an_interleaved_session_as_the_scheduler_does():
     """A click taken back (a deleted citation, a return) is a negative label, so it does not vote:
     the champion's three irrelevant documents are clicked and returned, the challenger's one relevant
     document is clicked and kept; counting raw clicks would call the champion better."""
-    from services.local.bench_interleave import interleaved_credit
+    from services.bench.interleave import interleaved_credit
     from training.labels.rules import LabelRules
 
     every_click_regretted = UserModel(

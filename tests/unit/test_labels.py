@@ -104,7 +104,8 @@ def test_one_identity_weighs_like_one_however_many_clicks_it_sends():
 
 def test_a_purge_takes_an_identitys_labels_out_even_of_labels_written_later(tmp_path):
     from schemas import LabelledExample
-    from training.labels.store import DeltaLabelStore, Purge
+    from services.storage.delta import DeltaLabelStore
+    from training.labels.store import Purge
 
     def label(n, identity):
         return LabelledExample(
@@ -125,7 +126,8 @@ def test_a_purge_takes_an_identitys_labels_out_even_of_labels_written_later(tmp_
 
 
 def test_labels_name_the_keys_behind_their_request_and_a_purge_by_key_takes_them_out(tmp_path):
-    from training.labels.store import DeltaLabelStore, Purge
+    from services.storage.delta import DeltaLabelStore
+    from training.labels.store import Purge
 
     shown = impression().model_copy(update={"api_key": "web"})
     click = interaction("d2", "click").model_copy(update={"api_key": "leaked-app"})
@@ -181,7 +183,7 @@ def _label(n: int, revision: int = 1, grade: int = 1):
 
 
 def test_delta_store_writes_each_offset_once_and_training_reads_the_latest_revision(tmp_path):
-    from training.labels.store import DeltaLabelStore
+    from services.storage.delta import DeltaLabelStore
 
     store = DeltaLabelStore(tmp_path / "labels")
     assert store.count() == 0 and store.read()[0].empty and store.stored_offset("interactions@t-p0") is None
@@ -197,7 +199,7 @@ def test_delta_store_writes_each_offset_once_and_training_reads_the_latest_revis
 
 
 def test_compaction_keeps_the_latest_revisions_the_count_and_the_versions_before_it(tmp_path):
-    from training.labels.store import DeltaLabelStore
+    from services.storage.delta import DeltaLabelStore
 
     store = DeltaLabelStore(tmp_path / "labels")
     for batch in range(5):
@@ -223,7 +225,7 @@ def test_a_table_written_before_the_interleaving_columns_reads_and_takes_new_lab
     import pyarrow as pa
     from deltalake import write_deltalake
 
-    from training.labels.store import LABEL_SCHEMA, DeltaLabelStore
+    from services.storage.delta import LABEL_SCHEMA, DeltaLabelStore
 
     old_schema = pa.schema([f for f in LABEL_SCHEMA if f.name not in ("team", "challenger_version", "credit")])
     rows = [{**_label(n).model_dump(mode="json"), "stored_at": 1.0} for n in range(3)]
@@ -240,8 +242,8 @@ def test_a_table_written_before_the_interleaving_columns_reads_and_takes_new_lab
 def test_a_read_orders_labels_by_time_whatever_order_the_stream_wrote_them_in(tmp_path):
     """Two partitions' batches interleave differently from run to run; training reads one order, so the
     same traffic builds the same examples (their order feeds dict order, sampling and float sums)."""
+    from services.storage.delta import DeltaLabelStore
     from training.labels.feedback import aggregate
-    from training.labels.store import DeltaLabelStore
 
     labels = [_label(n) for n in range(30)]
     first, second = DeltaLabelStore(tmp_path / "a"), DeltaLabelStore(tmp_path / "b")
@@ -255,7 +257,7 @@ def test_a_read_orders_labels_by_time_whatever_order_the_stream_wrote_them_in(tm
 
 
 def test_the_store_says_which_revisions_it_holds_so_a_replay_writes_only_what_is_missing(tmp_path):
-    from training.labels.store import DeltaLabelStore
+    from services.storage.delta import DeltaLabelStore
 
     store = DeltaLabelStore(tmp_path / "labels")
     assert store.stored_revisions([_label(0)], since=0.0) == set()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from training.gate import GateResult
-from training.model_card import QueryChange, model_card, moves
+from training.model_card import ModelCard, QueryChange, moves
 
 
 def test_moves_name_the_documents_that_changed_rank_most():
@@ -21,11 +21,11 @@ def test_the_card_states_the_gate_the_labels_and_the_biggest_wins_and_losses():
     ]
     lineage = {"labels": 9040, "requests": 4000, "queries": 800, "by_grade": {"1": 5000, "-1": 4040}, "table_version": 12,
                "location": "/data/labels", "purges": 1, "by_signal": {"click": 5000}}  # fmt: skip
-    card = model_card(
-        model_name="rankloop-reranker", outcome="v3 promoted", gate=gate, champion_version="2", lineage=lineage,
+    card = ModelCard(
+        model_name="rankloop-reranker", gate=gate, champion_version="2", lineage=lineage,
         examples=1200, selection={"fresh_queries": 300, "replay_queries": 60}, identity_share={"train": 0.031},
         trained_until=1795300000.0, changes=changes, mix={"alpha": 0.5}, depth=50,
-    )  # fmt: skip
+    ).render("v3 promoted")  # fmt: skip
     assert card.startswith("# rankloop-reranker: v3 promoted")
     assert "+0.0300 NDCG@10 on 40 queries (p=0.004)" in card and "against v2" in card
     assert (

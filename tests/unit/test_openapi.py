@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from unittest.mock import MagicMock
 
+import pytest
+
 from services.config import Settings
 from services.serve.app import create_app
 
@@ -15,13 +17,9 @@ def test_openapi_documents_every_endpoint_with_models():
         "/rank",
         "/events",
         "/model",
-        "/admin/promote",
-        "/admin/approve",
-        "/admin/rollback",
         "/health/live",
         "/health/ready",
         "/metrics",
-        "/status",
         "/schemas",
         "/schemas/{name}",
         "/dead-letters",
@@ -37,13 +35,38 @@ def test_openapi_documents_every_endpoint_with_models():
     assert body["example"][0]["type"] == "click"
     schemas = spec["components"]["schemas"]
     assert {"InteractionEvent", "InteractionType", "Rejection", "RejectCode"} <= set(schemas)
-    for name in ("RankRequest", "RankResponse", "EventsResponse", "ModelInfo", "Health", "PromoteRequest", "RollbackRequest"):
+    for name in ("RankRequest", "RankResponse", "EventsResponse", "ModelInfo", "Health"):
         assert schemas[name].get("examples"), name
 
 
-def test_every_endpoint_documents_an_example_of_its_answer_and_body():
+def test_the_control_processs_openapi_documents_the_admin_routes():
+    from services.control.app import create_app as create_control_app
+
+    spec = create_control_app(Settings(), plane=MagicMock(), run_loops=False).openapi()
+    assert set(spec["paths"]) == {
+        "/admin/promote",
+        "/admin/approve",
+        "/admin/rollback",
+        "/schedule",
+        "/status",
+        "/metrics",
+        "/health/live",
+        "/health/ready",
+    }
+    schemas = spec["components"]["schemas"]
+    for name in ("PromoteRequest", "RollbackRequest", "ModelEvent", "ScheduleStatus"):
+        assert name in schemas, name
+    for name in ("PromoteRequest", "RollbackRequest", "ModelEvent"):
+        assert schemas[name].get("examples"), name
+
+
+@pytest.mark.parametrize("process", ["serve", "control"])
+def test_every_endpoint_documents_an_example_of_its_answer_and_body(process):
     """What an emitter in another language reads first: each request and 200 answer has an example."""
-    spec = create_app(Settings(), worker=MagicMock()).openapi()
+    from services.control.app import create_app as create_control_app
+
+    app = create_app(Settings(), worker=MagicMock()) if process == "serve" else create_control_app(Settings(), MagicMock())
+    spec = app.openapi()
     components = spec["components"]["schemas"]
 
     def example_in(media: dict) -> bool:

@@ -45,7 +45,7 @@ def test_em_is_not_fooled_by_relevance_sorted_rankings():
 def test_click_log_leaves_out_quarantined_identities():
     """A click burst's fake clicks (dead-lettered, but still on the interactions topic) must not bend
     the examination curve: the click model's log skips impressions of a quarantined identity."""
-    from services.schedule.scheduler import click_log
+    from services.control.scheduler import click_log
 
     def impression(rid: str, user: str | None, session: str | None) -> dict:
         items = [{"doc_id": d, "position": p} for p, d in enumerate(["a", "b", "c"], start=1)]

@@ -78,8 +78,8 @@ def test_a_learned_fusion_reorders_the_candidates_and_picks_the_head(tiny_first_
 def test_tuning_learns_the_fusion_when_one_part_is_better(tiny_first_stage, tiny_model):
     """Feedback that only BM25's order satisfies makes tuning choose a BM25-heavy fusion over the index's."""
     from training.labels.feedback import QueryFeedback
-    from training.pipeline import tune_mix
     from training.ranking.first_stage import Candidate
+    from training.tuning import tune_mix
 
     # the index's fusion puts d2 (dense) first; BM25 alone puts d3 first, and users want d3
     parts = {"d2": (0.0, 1.0), "d4": (1.0, 0.8), "d3": (10.0, 0.0), "d5": (6.0, 0.1), "d6": (0.0, 0.5)}
@@ -96,8 +96,8 @@ def test_tuning_learns_the_fusion_when_one_part_is_better(tiny_first_stage, tiny
 def test_a_query_unlike_any_with_feedback_is_served_with_the_unfamiliar_mix(tiny_first_stage, tiny_model):
     """The memory knows one query; a paraphrase-close query gets the familiar mix (the memory lifts d7),
     an unrelated one the unfamiliar mix (here the first stage as indexed)."""
-    from training.pipeline import SAFE_MIX
     from training.ranking.rank import first_stage_order
+    from training.tuning import SAFE_MIX
 
     reranker = Reranker(tiny_model, "1").with_mix(Mix(0.5, 2.0, 0.5), SAFE_MIX)
     near, far = QUERY, "how do antibiotics change gut bacteria"
@@ -111,7 +111,7 @@ def test_a_query_unlike_any_with_feedback_is_served_with_the_unfamiliar_mix(tiny
 
 def test_too_few_unfamiliar_tune_queries_leave_them_the_safe_mix(tiny_first_stage, tiny_model):
     from training.labels.feedback import QueryFeedback
-    from training.pipeline import SAFE_MIX, tune_mixes
+    from training.tuning import SAFE_MIX, tune_mixes
 
     reranker = Reranker(tiny_model, "1")
     far = "how do antibiotics change gut bacteria"
@@ -128,8 +128,8 @@ def test_the_fusion_is_learned_on_the_first_stage_alone_and_both_mixes_use_it(ti
     """The memory of a repeated query answers it under any fusion; the first stage alone still tells
     which fusion ranks users' choices first, and both mixes (and the safe one) carry it."""
     from training.labels.feedback import QueryFeedback
-    from training.pipeline import tune_fusion, tune_mixes
     from training.ranking.first_stage import Candidate
+    from training.tuning import tune_fusion, tune_mixes
 
     parts = {"d2": (0.0, 1.0), "d4": (1.0, 0.8), "d3": (10.0, 0.0), "d5": (6.0, 0.1), "d6": (0.0, 0.5)}
     cands = sorted((Candidate(d, b, v, 0.5 * b / 10 + 0.5 * v) for d, (b, v) in parts.items()), key=lambda c: -c.fused)
@@ -144,7 +144,7 @@ def test_probe_queries_are_kept_out_of_training_only_when_the_tune_slice_needs_t
     """Users repeating their queries leave the tune slice no query training never saw; a share of the
     train queries is then held out of fine-tuning so the unfamiliar mix is measured, not guessed."""
     from training.labels.feedback import QueryFeedback
-    from training.pipeline import probe_queries
+    from training.slices import probe_queries
 
     train = [QueryFeedback(f"q{i}", {"d1": 1.0}) for i in range(400)]
     repeated = train[:50]
@@ -161,7 +161,7 @@ def test_probe_queries_are_kept_out_of_training_only_when_the_tune_slice_needs_t
 
 def test_probe_queries_tune_the_unfamiliar_mix_as_if_unseen(tiny_first_stage, tiny_model):
     from training.labels.feedback import QueryFeedback
-    from training.pipeline import tune_mixes
+    from training.tuning import tune_mixes
 
     reranker = Reranker(tiny_model, "1")
     known = reranker.features(QUERY, tiny_first_stage.search(QUERY, 8), tiny_first_stage.text)

@@ -29,11 +29,14 @@ def test_pruning_keeps_only_the_named_versions(tmp_path):
 
 
 def test_mlflow_challenger_alias_awaits_approval_and_is_cleared_by_it(tmp_path):
-    """On a real MLflow registry (sqlite): the `challenger` alias, `approve` and its audit tags."""
+    """On a real MLflow registry (sqlite): the `challenger` alias, `approve` and its audit tags, moved
+    by the control plane's promotions (the one writer of MLflow aliases)."""
     import mlflow
     import pytest
 
     from schemas import InvalidState
+    from services.control.promotion import MlflowAliases, Promotions
+    from services.storage.memory import MemoryPublisher
 
     reg = registry.MlflowRegistry.connect(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "art", "m", tmp_path / "cache")
     versions = []
@@ -41,12 +44,18 @@ def test_mlflow_challenger_alias_awaits_approval_and_is_cleared_by_it(tmp_path):
         with mlflow.start_run() as run:
             mlflow.log_text("{}", "model/rankloop.json")
         versions.append(reg.register(run.info.run_id))
-    reg.promote(versions[0], "first")
-    reg.nominate(versions[1], "gate passed", actor="scheduler")
+    publisher = MemoryPublisher()
+    promotions = Promotions(reg, MlflowAliases(reg), publisher, "model-events")
+    promotions.promote(versions[0], "first", actor="test")
+    promotions.nominate(versions[1], "gate passed", actor="scheduler")
     assert reg.challenger() == versions[1]
     with pytest.raises(InvalidState):
-        registry.approve(reg, versions[0], "wrong one", actor="cli:me")
-    event = registry.approve(reg, versions[1], "reviewed the card", actor="cli:me")
-    assert event.version == versions[1] and reg.champion().version == versions[1] and reg.challenger() is None
+        promotions.approve(versions[0], "wrong one", actor="cli:me")
+    moved = promotions.approve(versions[1], "reviewed the card", actor="cli:me")
+    assert moved.announced and moved.event.version == versions[1]
+    assert reg.champion().version == versions[1] and reg.challenger() is None and reg.previous() == versions[0]
     tags = reg.client.get_model_version("m", versions[1]).tags
     assert tags["promoted_reason"] == "approved: reviewed the card" and tags["nominated_by"] == "scheduler"
+    assert [e.split('"action":"')[1].split('"')[0] for e in publisher.on("model-events")] == ["promoted", "nominated", "promoted"]
+    promotions.rollback("test", actor="cli:me")
+    assert reg.champion().version == versions[0] and reg.previous() is None

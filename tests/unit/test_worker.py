@@ -12,6 +12,7 @@ from schemas import FIRST_STAGE, DependencyUnavailable, ImpressionEvent, RankReq
 from services.config import ServingSettings, Settings
 from services.serve.worker import Worker
 from services.storage.memory import MemoryPublisher, memory_caches
+from tests.factories import promotions_on
 from training.ranking.rank import rank
 from training.registry import MemoryRegistry
 
@@ -62,7 +63,7 @@ def test_check_champion_swaps_to_the_promoted_version_and_ranks_with_it(worker, 
     registry = worker.registry
     assert not worker.check_champion()  # no champion yet: nothing to do
     version = registry.add(tiny_model)
-    registry.promote(version, "test")
+    promotions_on(registry).promote(version, "test", "test")
     assert worker.check_champion() and worker.serving.version == version
     res = worker.rank(RankRequest(query=QUERY, k=8))
     assert res.model_version == version
@@ -75,7 +76,7 @@ def test_check_champion_swaps_to_the_promoted_version_and_ranks_with_it(worker, 
 
 def test_a_version_that_fails_to_load_keeps_the_old_one_serving(worker, tmp_path):
     registry = worker.registry
-    registry.promote(registry.add(tmp_path / "missing"), "broken")
+    promotions_on(registry).promote(registry.add(tmp_path / "missing"), "broken", "test")
     assert not worker.check_champion()
     assert worker.serving.version == FIRST_STAGE and "version 1" in (worker.last_swap_error or "")
     assert worker.rank(RankRequest(query=QUERY, k=2)).model_version == FIRST_STAGE
@@ -85,7 +86,7 @@ def test_a_swap_is_warm_the_first_request_after_it_encodes_only_the_query(worker
     import training.ranking.reranker as reranker_module
 
     registry = worker.registry
-    registry.promote(registry.add(tiny_model), "test")
+    promotions_on(registry).promote(registry.add(tiny_model), "test", "test")
     assert worker.check_champion()
     assert worker.serving.reranker.doc_matrix is not None  # computed before the swap
     assert (tiny_model / reranker_module.doc_matrix_file(worker.first_stage.version)).exists()
@@ -98,18 +99,28 @@ def test_a_swap_is_warm_the_first_request_after_it_encodes_only_the_query(worker
     assert encoded == [1]  # the query; every candidate document was a row of the matrix
 
 
-def test_a_champion_that_keeps_failing_to_load_is_tagged_broken_and_rolled_back(worker, tiny_model, tmp_path):
+def test_a_champion_the_workers_keep_failing_to_load_is_rolled_back_by_the_control_plane(worker, tiny_model, tmp_path):
+    """The worker only reports its failed loads; the control plane's watch tags the version broken and
+    moves the alias back (serving never moves an alias)."""
+    from services.control.watch import ChampionWatch
+
     registry = worker.registry
+    promotions = promotions_on(registry)
+    watch = ChampionWatch(promotions, worker.caches.fleet, worker.s.serving.max_load_failures, report_age_s=60)
     good = registry.add(tiny_model)
-    registry.promote(good, "good")
+    promotions.promote(good, "good", "test")
     assert worker.check_champion()
     broken = registry.add(tmp_path / "missing")
-    registry.promote(broken, "bad")
-    for _ in range(worker.s.serving.max_load_failures):
+    promotions.promote(broken, "bad", "test")
+    for attempt in range(worker.s.serving.max_load_failures):
         assert not worker.check_champion()
-    assert registry.champion().version == good and "broken" in registry.tags[broken]
-    [event] = [json.loads(p) for p in worker.publisher.on(worker.keys.model_events)]
+        worker.caches.fleet.report(worker.report())
+        assert (watch.check() is None) == (attempt + 1 < worker.s.serving.max_load_failures)
+    assert registry.champion().version == good and "failed to load 3 times" in registry.tags[broken]["broken"]
+    assert worker.report().load_failures == {broken: 3} and registry.tags[broken]["rolled_back_by"] == "control"
+    event = json.loads(promotions.publisher.on(worker.keys.model_events)[-1])
     assert event["action"] == "rolled_back" and event["version"] == good and "automatic" in event["reason"]
+    assert worker.publisher.on(worker.keys.model_events) == []  # the worker itself announced nothing
     worker.champion_checked = True
     assert not worker.check_champion() and worker.readiness() == (True, None)  # serving the champion again
 
@@ -117,7 +128,7 @@ def test_a_champion_that_keeps_failing_to_load_is_tagged_broken_and_rolled_back(
 def test_a_broken_champion_with_nothing_to_roll_back_to_is_retried_with_back_off(worker, tiny_model, tmp_path, monkeypatch):
     registry = worker.registry
     missing = tmp_path / "missing"
-    registry.promote(registry.add(missing), "broken, and nothing to roll back to")
+    promotions_on(registry).promote(registry.add(missing), "broken, and nothing to roll back to", "test")
     attempts = []
     load = worker.load_model
     monkeypatch.setattr(worker, "load_model", lambda *a: attempts.append(1) or load(*a))
@@ -131,7 +142,7 @@ def test_a_broken_champion_with_nothing_to_roll_back_to_is_retried_with_back_off
 
 def test_readiness_says_no_while_serving_is_behind_the_champion_beyond_the_grace(worker, tmp_path, monkeypatch):
     registry = worker.registry
-    registry.promote(registry.add(tmp_path / "missing"), "broken, and nothing to roll back to")
+    promotions_on(registry).promote(registry.add(tmp_path / "missing"), "broken, and nothing to roll back to", "test")
     worker.champion_checked = True
     assert not worker.check_champion()
     assert worker.readiness() == (True, None)  # a swap may take a moment
@@ -153,9 +164,9 @@ def test_a_failed_download_is_retried_and_never_counts_toward_broken(worker, tin
     """The registry's store being away is not the version's fault: no tag, no automatic rollback."""
     registry = worker.registry
     good, newer = registry.add(tiny_model), registry.add(tiny_model)
-    registry.promote(good, "good")
+    promotions_on(registry).promote(good, "good", "test")
     assert worker.check_champion()
-    registry.promote(newer, "newer")
+    promotions_on(registry).promote(newer, "newer", "test")
     fetch = registry.fetch
     monkeypatch.setattr(registry, "fetch", lambda v: (_ for _ in ()).throw(ConnectionError("artifact store down")))
     for _ in range(worker.s.serving.max_load_failures + 1):
@@ -197,7 +208,7 @@ def test_a_challenger_nominated_for_interleaving_is_shown_interleaved_with_the_c
     s = Settings(serving=serving, interleave=InterleaveConfig(share=1.0))
     worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
     version = worker.registry.add(tiny_model)
-    worker.registry.nominate(version, "passed the gate")
+    promotions_on(worker.registry).nominate(version, "passed the gate", "test")
     worker.check_challenger()
     assert worker.challenger is None  # nominated for a person's approval only: not interleaved
     worker.registry.tag(version, STAGE_TAG, INTERLEAVING)
@@ -217,7 +228,7 @@ def test_a_challenger_nominated_for_interleaving_is_shown_interleaved_with_the_c
         if "d7" in [it.doc_id for it in imp.items[:1]]:
             assert teams[0] == "challenger"  # only the challenger ranks d7 first
     assert teams_seen == {"champion", "challenger"}  # either model's first pick may lead: the plan draws
-    worker.registry.withdraw(version, "no better")
+    promotions_on(worker.registry).withdraw(version, "no better", "test")
     worker.check_challenger()
     assert worker.challenger is None
     res = worker.rank(RankRequest(query=QUERY, k=4))
@@ -232,7 +243,7 @@ def test_model_info_shows_a_served_versions_mix_with_its_fusion(tiny_first_stage
 
     s = Settings(state_dir=tmp_path, serving=ServingSettings(explore_rate=0.0))
     worker = Worker(s, tiny_first_stage, memory_caches(), MemoryPublisher(), MemoryRegistry(), rng=random.Random(0))
-    worker.registry.promote(worker.registry.add(tiny_model), "test")
+    promotions_on(worker.registry).promote(worker.registry.add(tiny_model), "test", "test")
     assert worker.check_champion()
     with TestClient(create_app(s, worker, watch_events=False)) as client:
         r = client.get("/model")

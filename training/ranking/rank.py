@@ -12,6 +12,10 @@ from training.ranking.reranker import Features, Mix, Reranker
 
 Ranking = list[tuple[str, float]]
 """(doc_id, score), best first."""
+Text = Callable[[str], str]
+"""doc_id -> the text the encoders see."""
+Candidates = dict[str, list[Candidate]]
+"""query -> its first-stage candidates, best first."""
 
 
 def first_stage_order(candidates: list[Candidate]) -> Ranking:
@@ -59,7 +63,7 @@ def rank_queries(
     return {q: rank(q, candidates[q], reranker, text, depth, mix) for q in queries}
 
 
-def candidates_for(first_stage: FirstStage, queries: list[str], k: int = 100, batch: int = 256) -> dict[str, list[Candidate]]:
+def candidates_for(first_stage: FirstStage, queries: list[str], k: int = 100, batch: int = 256) -> Candidates:
     """First-stage candidates of many queries, retrieved in batches."""
     out: dict[str, list[Candidate]] = {}
     uniq = list(dict.fromkeys(queries))

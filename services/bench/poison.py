@@ -34,22 +34,22 @@ from rich.console import Console
 from rich.progress import Progress
 
 from schemas import FIRST_STAGE
+from services.cli.progress import ProgressBar
 from services.config import Settings
+from services.control.promotion import Promotions
+from services.control.scheduler import estimated_examination, retrain, training_job
 from services.local import infra
-from services.local.bench import settle_labels
-from services.local.progress import ProgressBar
 from services.local.simulate import UserModel, examination_curve, simulate
-from services.local.workers import served_version, spawn, stop, wait_healthy, worker_env
-from services.registry import connect_registry
-from services.schedule.scheduler import estimated_examination, retrain
+from services.local.workers import served_version, settle_labels, spawn, stop, wait_healthy, worker_env
 from services.sdk import RankloopClient
-from services.storage import open_labels
+from services.storage import open_labels, open_registry
 from services.storage.kafka import read_topic
 from training import beir
 from training.evaluate import evaluate_ranker
-from training.labels.store import DeltaLabelStore, Lineage, Purge, describe
+from training.indexing import build_index
+from training.labels.store import LabelStore, Lineage, Purge, describe
 from training.pipeline import TrainOutcome, train_once
-from training.ranking.first_stage import Candidate, FirstStage, build_index
+from training.ranking.first_stage import Candidate, FirstStage
 from training.ranking.rank import candidates_for, rank
 from training.ranking.reranker import Reranker
 from training.registry import MlflowRegistry
@@ -143,7 +143,7 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
     with ProgressBar(console) as progress:
         build_index(ds, s.state_dir, progress=progress)
     fs = FirstStage.current(s.state_dir)
-    registry = connect_registry(s)
+    registry = open_registry(s)
     labels = open_labels(s.label_store_url)
     depth = s.serving.rerank_depth
     eval_cands = candidates_for(fs, [ds.queries[q] for q in ds.qrels(plan.eval_split)])
@@ -165,10 +165,10 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
         users = UserModel(examination_curve(s.clicklog))
         simulate(sdk, ds, plan.train_split, plan.sessions, users, seed=plan.seed)
         settle_labels(s, labels)
-        clean = retrain(s, fs)
-        console.print(f"clean round: {clean.status} ({clean.message})")
-        if clean.status == "promoted":
-            await_served(s, str(clean.version))
+        clean = retrain(s, labels=labels, first_stage=fs, registry=registry)
+        console.print(f"clean round: {clean.summary}")
+        if clean.fate == "promoted":
+            await_served(s, str(clean.outcome.version))
         clean_version, clean_model = champion()
         clean_score = clean_ndcg(clean_model)
         timings["clean_round_s"] = time.time() - t
@@ -203,7 +203,8 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
                 f"promoted {case.promoted}; clean NDCG@10 {case.clean_ndcg_before:.4f} -> {case.clean_ndcg_after:.4f}"
             )
             if registry.champion() and registry.champion().version != clean_version:  # type: ignore[union-attr]
-                registry.promote(clean_version, reason="bench poison: the clean champion back for the next case", actor="bench")
+                back = "bench poison: the clean champion back for the next case"
+                Promotions.connect(s, registry).promote(clean_version, back, actor="bench")
                 await_served(s, clean_version)
     finally:
         stop(procs)
@@ -262,7 +263,7 @@ def attack_case(
     s: Settings,
     sdk: RankloopClient,
     registry: MlflowRegistry,
-    labels: DeltaLabelStore,
+    labels: LabelStore,
     fs: FirstStage,
     targets: dict[str, str],
     n_identities: int,
@@ -315,9 +316,10 @@ def attack_case(
     control = train_control(s, registry, labels, fs, {f"user:{u}" for u in who})
     control_model = load_version(registry, fs, control)
     t_train = time.time()
-    outcome = retrain(s, fs)
+    done = retrain(s, labels=labels, first_stage=fs, registry=registry)
+    outcome = done.outcome
     challenger = load_version(registry, fs, outcome)
-    if outcome.status == "promoted":
+    if done.fate == "promoted":
         await_served(s, str(outcome.version))
     _, after_model = champion()
     rows = [
@@ -352,7 +354,7 @@ def attack_case(
         target_rank_challenger=min(challenger_ranks) if challenger_ranks else None,
         target_rank_after=min(r.rank_after for r in rows),
         challenger_version=str(outcome.version) if outcome.version else None,
-        promoted=outcome.status == "promoted",
+        promoted=done.fate == "promoted",
         gate=outcome.message,
         clean_ndcg_before=round(clean_score, 4),
         clean_ndcg_control=round(clean_ndcg(control_model), 4) if control_model else None,
@@ -386,7 +388,7 @@ def checks(cases: list[PoisonCase]) -> PoisonChecks:
 class WithoutIdentities:
     """A label store read as if these identities had never sent anything: the control's labels."""
 
-    def __init__(self, store: DeltaLabelStore, identities: set[str]):
+    def __init__(self, store: LabelStore, identities: set[str]):
         self.store, self.identities = store, identities
 
     def read(self) -> tuple[pd.DataFrame, Lineage]:
@@ -396,22 +398,12 @@ class WithoutIdentities:
 
 
 def train_control(
-    s: Settings, registry: MlflowRegistry, labels: DeltaLabelStore, fs: FirstStage, identities: set[str]
+    s: Settings, registry: MlflowRegistry, labels: LabelStore, fs: FirstStage, identities: set[str]
 ) -> TrainOutcome:
     """The training the scheduler would run from the same champion, on the labels minus the
     attack's; registered (tagged as the bench's control) but never promoted."""
-    outcome = train_once(
-        registry,
-        WithoutIdentities(labels, identities),  # type: ignore[arg-type]
-        fs,
-        s.state_dir,
-        s.serving.rerank_depth,
-        s.train,
-        s.gate,
-        s.stream.rules,
-        on_pass="register",
-        examination=estimated_examination(s) if s.train.debias != "naive" else None,
-    )
+    curve = estimated_examination(s, labels) if s.train.debias != "naive" else None
+    outcome = train_once(registry, WithoutIdentities(labels, identities), fs, training_job(s, curve))  # type: ignore[arg-type]
     if outcome.version:
         registry.tag(str(outcome.version), "bench", "poison control: trained without the attack's identities")
     return outcome

@@ -4,7 +4,7 @@ Serving interleaves a nominated challenger (tagged `stage=interleaving`) with th
 `interleave.share` of requests; the stream labels those requests with what a like on each document
 earns the challenger (its credit) and the team it goes to. Here the scheduler reads the tally from the
 label table, applies the stopping rule of `training.interleave`, logs it on the challenger's MLflow
-run, and promotes or withdraws the version.
+run, and promotes or withdraws the version (through `Promotions`, like every alias move).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 
 from schemas import FIRST_STAGE, ModelEvent
+from services.control.promotion import Promotions
 from training.config import InterleaveConfig
 from training.interleave import INTERLEAVING, STAGE_TAG, Judgement, judge, session_outcomes
 from training.labels.store import LabelStore
@@ -52,10 +53,10 @@ def current_experiment(registry: ModelRegistry, labels: LabelStore, cfg: Interle
 
 
 def check_experiment(
-    registry: ModelRegistry, labels: LabelStore, cfg: InterleaveConfig, client: MlflowClient | None = None
+    promotions: Promotions, labels: LabelStore, cfg: InterleaveConfig, client: MlflowClient | None = None
 ) -> Experiment | None:
     """The experiment judged and acted on: the challenger promoted or withdrawn once the rule decides."""
-    found = current_experiment(registry, labels, cfg)
+    found = current_experiment(promotions.registry, labels, cfg)
     if found is None:
         return None
     challenger, champion_name, judgement = found.challenger, found.champion, found.judgement
@@ -64,11 +65,10 @@ def check_experiment(
         _log(client, found.run_id, judgement, summary)
     event = None
     if judgement.verdict == "challenger":
-        event = registry.promote(challenger, summary, actor="interleaving")
-        registry.tag(challenger, STAGE_TAG, "promoted by interleaving")
+        event = promotions.promote(challenger, summary, actor="interleaving").event
+        promotions.registry.tag(challenger, STAGE_TAG, "promoted by interleaving")
     elif judgement.verdict is not None:
-        registry.withdraw(challenger, summary, actor="interleaving")
-        registry.tag(challenger, STAGE_TAG, "withdrawn by interleaving")
+        promotions.withdraw(challenger, summary, actor="interleaving", stage="withdrawn by interleaving")
     if judgement.verdict is not None:
         log.info("%s", summary)
     return Experiment(challenger, champion_name, judgement, event, found.run_id)

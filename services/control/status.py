@@ -1,6 +1,7 @@
-"""`GET /status`: one HTML page an operator opens to see the loop at work, rendered on the server
-(no script, no external asset): what this worker serves and the model history, recent trainings with
-their metric by round, events and labels per minute, dead letters by reason.
+"""`GET /status` of the control process: one HTML page an operator opens to see the loop at work,
+rendered on the server (no script, no external asset): what each serving worker serves, the schedule,
+the model history, recent trainings with their metric by round, events and labels per minute, dead
+letters by reason and the newest ones.
 
 Figures are read, never assumed: a source that cannot be read (MLflow, Redis) shows as unavailable
 with its error, not as zeros."""
@@ -16,7 +17,9 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from mlflow import MlflowClient
 
-from services.storage import Activity
+from schemas import DeadLetter
+from services.control.schedule import ScheduleStatus
+from services.storage import WorkerReport
 from training.registry import ModelVersion
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -39,12 +42,15 @@ class Training:
 @dataclass
 class StatusPage:
     deployment: str
-    health: dict[str, Any]
-    versions: list[ModelVersion]
+    auth: str  # "keys" or "open"
+    report_age_s: float  # a worker that has not reported for this long is gone
+    workers: list[WorkerReport] | None = None  # None: not read (Redis)
+    schedule: ScheduleStatus | None = None
+    versions: list[ModelVersion] = field(default_factory=list)
     trainings: list[Training] | None = None  # None: not read (no MLflow)
     rounds: dict[str, list] | None = None  # metric_by_round.json of the newest run
     minutes: list[tuple[int, dict[str, int]]] = field(default_factory=list)
-    dead_letters: list[dict] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # sources that could not be read
 
     def render(self) -> str:
@@ -94,10 +100,6 @@ def read_trainings(client: MlflowClient, experiment: str) -> tuple[list[Training
         rounds = json.loads(Path(path).read_text())
         break
     return out, rounds
-
-
-def read_activity(activity: Activity) -> tuple[list[tuple[int, dict[str, int]]], list[dict]]:
-    return activity.minutes(MINUTES), activity.dead_letters(10)
 
 
 def bars(per_minute: list[tuple[int, int, int]], width: int = 600, height: int = 120) -> dict[str, Any]:

@@ -28,14 +28,16 @@ from rich.console import Console
 from sentence_transformers import SentenceTransformer
 
 from services.config import MlflowSettings, Settings
+from services.control.promotion import Promotions
 from services.local import infra
 from services.local.workers import run_dir, spawn, worker_env
-from services.registry import connect_registry
+from services.storage import open_registry
 from services.storage.kafka import read_topic
 from training import beir
 from training.config import TrainConfig
+from training.indexing import build_index
 from training.ranking.encoder import load_encoder
-from training.ranking.first_stage import FirstStage, build_index
+from training.ranking.first_stage import FirstStage
 from training.ranking.reranker import Mix, Reranker, save_model_folder
 from training.registry import MlflowRegistry
 from training.train import Example, fit
@@ -248,14 +250,14 @@ def start_serve(s: Settings, workers: int) -> None:
         raise TimeoutError(f"serve did not become ready; see {run_dir(s) / 'serve.log'}")
 
 
-def measure_swap(s: Settings, registry: MlflowRegistry, kind: str, version: str, queries: list[str]) -> SwapCost:
+def measure_swap(s: Settings, promotions: Promotions, kind: str, version: str, queries: list[str]) -> SwapCost:
     with Load(s.base_url, queries) as load:
         time.sleep(10)
         moved = time.time()
         if kind == "promote":
-            registry.promote(version, "bench serve")
+            promotions.promote(version, "bench serve", actor="bench")
         else:
-            registry.rollback("bench serve")
+            promotions.rollback("bench serve", actor="bench")
         # every answer from the new version: both workers swapped
         seconds = wait_until(
             lambda: all(r[3].startswith(f"{version}|") for r in load.log[-2 * CLIENTS :]) and load.log[-1][0] > moved, 60
@@ -336,7 +338,7 @@ def _run(s: Settings, out: Path, seconds: float, mlflow_port: int) -> ServeBench
     fs = FirstStage.current(s.state_dir)
     queries = list(ds.queries.values())
     random.Random(0).shuffle(queries)
-    registry = connect_registry(s)
+    registry = open_registry(s)
     t = time.time()
     v1, v2 = register_versions(s, registry, fs, ds, memory_size=len(queries))
     timings["register_s"] = time.time() - t
@@ -347,7 +349,8 @@ def _run(s: Settings, out: Path, seconds: float, mlflow_port: int) -> ServeBench
         return [f"{queries[i % len(queries)]} ({tag})" for i in range(n)]
 
     first_stage_miss = one_client(s.base_url, distinct("first stage"), repeat=False)
-    registry.promote(v1, "bench serve")
+    promotions = Promotions.connect(s, registry)
+    promotions.promote(v1, "bench serve", actor="bench")
     wait_until(lambda: served_version(s.base_url) == v1, 120)
     miss = one_client(s.base_url, distinct("reranked"), repeat=False)
     hit = one_client(s.base_url, distinct("hit", 201), repeat=True)
@@ -368,12 +371,12 @@ def _run(s: Settings, out: Path, seconds: float, mlflow_port: int) -> ServeBench
         )
         console.print(f"{workers} worker(s), {CLIENTS} clients: {throughput[f'workers_{workers}']}")
 
-    swaps = [measure_swap(s, registry, "promote", v2, queries), measure_swap(s, registry, "rollback", v1, queries)]
+    swaps = [measure_swap(s, promotions, "promote", v2, queries), measure_swap(s, promotions, "rollback", v1, queries)]
     console.print(f"swaps: {swaps}")
     faults = [
         measure_fault(s, "broker_restart", queries, 20, lambda: infra.stop(s, "kafka"), lambda: infra.start_kafka(s)),
         measure_fault(s, "redis_restart", queries, 10, lambda: infra.stop(s, "redis"), lambda: infra.start_redis(s)),
-        measure_mlflow_down(s, registry, queries, v2, mlflow_port),
+        measure_mlflow_down(s, promotions, queries, v2, mlflow_port),
     ]
     console.print(f"faults: {faults}")
 
@@ -398,14 +401,14 @@ def _run(s: Settings, out: Path, seconds: float, mlflow_port: int) -> ServeBench
     return result
 
 
-def measure_mlflow_down(s: Settings, registry: MlflowRegistry, queries: list[str], version: str, port: int) -> FaultCost:
+def measure_mlflow_down(s: Settings, promotions: Promotions, queries: list[str], version: str, port: int) -> FaultCost:
     """MLflow stopped under load for 15 s; recovered = restarted -> a version promoted then is served."""
     with Load(s.base_url, queries, clients=4) as load:
         time.sleep(3)
         infra.stop(s, "mlflow", timeout=30)
         time.sleep(15)
         start_mlflow(s, port)
-        registry.promote(version, "bench serve: after MLflow came back")
+        promotions.promote(version, "bench serve: after MLflow came back", actor="bench")
         recovered = wait_until(lambda: served_version(s.base_url) == version, 120)
         time.sleep(2)
     return FaultCost(

@@ -28,15 +28,14 @@ import psutil
 from pydantic import BaseModel
 from rich.console import Console
 
+from services.cli.progress import ProgressBar
 from services.config import Settings
 from services.local import infra
-from services.local.bench import settle_labels
-from services.local.progress import ProgressBar
-from services.local.workers import spawn, stop, wait_healthy, worker_env
+from services.local.workers import settle_labels, spawn, stop, wait_healthy, worker_env
 from services.storage import open_activity, open_labels
 from services.storage.kafka import make_producer, read_topic
 from training import beir
-from training.ranking.first_stage import build_index
+from training.indexing import build_index
 
 console = Console()
 INTERACTIONS_PER_REQUEST = 3  # click, dwell on it, skip of another
@@ -412,7 +411,7 @@ class CountCost(BaseModel):
 def measure_count(folder: Path, labels: int = 1_000_000, per_commit: int = 2000) -> CountCost:
     """Fills a fresh label table with `labels` rows in stream-sized commits, then times `count()`."""
     from schemas import LabelledExample
-    from training.labels.store import DeltaLabelStore
+    from services.storage.delta import DeltaLabelStore
 
     store = DeltaLabelStore(folder)
     commits = labels // per_commit

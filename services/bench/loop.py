@@ -16,28 +16,27 @@ import shutil
 import time
 from pathlib import Path
 
-import httpx
 import mlflow
 from pydantic import AliasChoices, BaseModel, Field
 from rich.console import Console
 
 from schemas import FIRST_STAGE, LabelledExample
+from services.cli.progress import ProgressBar
 from services.config import Settings
+from services.control.scheduler import impression_click_log, retrain, training_job
 from services.local import infra
-from services.local.progress import ProgressBar
 from services.local.simulate import UserModel, examination_curve, simulate
-from services.local.workers import served_version, spawn, stop, wait_healthy, worker_env
-from services.registry import connect_registry
-from services.schedule.scheduler import impression_click_log, retrain
+from services.local.workers import served_version, settle_labels, spawn, stop, wait_healthy, worker_env
 from services.sdk import RankloopClient
-from services.storage import open_labels
-from services.storage.kafka import committed_offsets, end_offsets
+from services.storage import open_labels, open_registry
+from services.storage.memory import MemoryLabelStore
 from training import beir, plots, self_check
 from training.evaluate import evaluate_designs, evaluate_first_stage_parts, evaluate_ranker
-from training.labels.store import DeltaLabelStore, LabelStore, MemoryLabelStore
+from training.indexing import build_index
+from training.labels.store import LabelStore
 from training.pipeline import TrainOutcome, train_once
 from training.propensity import estimate_examination, read_click_log
-from training.ranking.first_stage import FirstStage, build_index
+from training.ranking.first_stage import FirstStage
 from training.ranking.rank import candidates_for
 from training.ranking.reranker import Reranker
 from training.registry import MlflowRegistry
@@ -112,33 +111,6 @@ class LoopBenchResult(BaseModel):
     timings: dict[str, float]
 
 
-def settle_labels(s: Settings, labels: DeltaLabelStore, timeout: float = 300.0) -> int:
-    """Waits until the stream has joined every impression and interaction sent so far: its committed
-    offsets reach the topics' ends, and it commits a message only after its labels are in the table.
-    A round is cut at an exact point, not after a quiet spell, so how many labels a round trains on
-    does not depend on timing."""
-    keys = s.keys
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if impressions_buffered(s):  # serving hands impressions over in the background: not yet on a topic
-            time.sleep(0.5)
-            continue
-        inputs = end_offsets(s.kafka.address, [keys.impressions, keys.interactions])
-        done = committed_offsets(s.kafka.address, keys.stream_app)
-        if all(done.get(tp, 0) >= end for tp, end in inputs.items()):
-            return len(labels.read()[0])  # distinct labels, as training reads them
-        time.sleep(1)
-    raise TimeoutError(f"the stream did not catch up within {timeout:.0f}s (see <state>/run/stream.log)")
-
-
-def impressions_buffered(s: Settings) -> int:
-    """Impressions the serving worker still holds (0 if it cannot be asked)."""
-    try:
-        return int(httpx.get(f"{s.base_url}/health/ready", timeout=5).json().get("impressions_buffered", 0))
-    except (httpx.HTTPError, ValueError):
-        return 0
-
-
 def _qrels_labels(ds: beir.Dataset, split: str, index_version: str) -> list[LabelledExample]:
     """The train qrels as labels, for the full-information skyline (graded: grade 2 is strong)."""
     out, t = [], 1.0
@@ -209,7 +181,7 @@ def _run(
     if train_queries:
         ds, train_split = head_queries(ds, train_split, train_queries, seed, s.state_dir / "head-queries")
         console.print(f"head-query mode: users ask {train_queries} queries of the train split ({train_split})")
-    registry = connect_registry(s)
+    registry = open_registry(s)
     depth = s.serving.rerank_depth
     labels = open_labels(s.label_store_url)
     user = UserModel(examination_curve(s.clicklog))
@@ -258,8 +230,9 @@ def _run(
             events += stats.accepted
             n_labels = settle_labels(s, labels)
             t_train = time.time()
-            outcome = retrain(s, fs)
-            if outcome.status == "promoted":
+            done = retrain(s, labels=labels, first_stage=fs, registry=registry)
+            outcome = done.outcome
+            if done.fate == "promoted":
                 deadline = time.time() + 120
                 while served_version(s) != outcome.version and time.time() < deadline:
                     time.sleep(1)
@@ -274,7 +247,7 @@ def _run(
                     labels=n_labels,
                     model_version=champion.version if champion else FIRST_STAGE,
                     challenger_version=outcome.version,
-                    promoted=outcome.status == "promoted",
+                    promoted=done.fate == "promoted",
                     gate=outcome.message,
                     gate_gain=gate.mean_gain if gate else None,
                     gate_p_value=gate.p_value if gate else None,
@@ -285,7 +258,7 @@ def _run(
                 )
             )
             console.print(
-                f"round {r}: {n_labels} labels, {outcome.status} ({outcome.message}); champion "
+                f"round {r}: {n_labels} labels, {done.fate} ({outcome.message}); champion "
                 f"{round_results[-1].model_version}: {eval_split} NDCG@10 {ev['ndcg@10']:.4f}, "
                 f"{train_split} {tr['ndcg@10']:.4f}"
             )
@@ -295,7 +268,7 @@ def _run(
     designs = evaluate_designs(ds, eval_split, cands[eval_split], reranker, fs.text, depth) if reranker else {}
 
     truth = user.examination
-    logged = impression_click_log(s)
+    logged = impression_click_log(s, labels)
     est = estimate_examination(logged["query"], logged["doc_id"], logged["position"], logged["clicked"])
     log = read_click_log(s.clicklog / "impressions.tsv.gz")
     real = estimate_examination(log.query_id, log.doc_id, log.position, log.clicked)
@@ -352,9 +325,8 @@ def retrain_side(
     registry: MlflowRegistry, labels: LabelStore, fs: FirstStage, s: Settings, depth: int, examination: list[float] | None = None
 ) -> TrainOutcome:
     """A training that is never promoted: the skyline and the final learners."""
-    return train_once(
-        registry, labels, fs, s.state_dir, depth, s.train, s.gate, s.stream.rules, on_pass="register", examination=examination
-    )
+    job = training_job(s, examination).model_copy(update={"depth": depth})
+    return train_once(registry, labels, fs, job)
 
 
 def checks(

@@ -15,7 +15,7 @@ from statistics import mean
 from pydantic import BaseModel
 
 from schemas.errors import InvalidInput
-from services.local.bench import LoopBenchResult
+from services.bench.loop import LoopBenchResult
 from training import plots
 
 

@@ -36,10 +36,11 @@ from services.local.simulate import UserModel, examination_curve, session_events
 from training import beir
 from training.config import InterleaveConfig, InterleaveMethod
 from training.evaluate import evaluate_first_stage_parts
+from training.indexing import build_index
 from training.interleave import Tally, Verdict, decide, interleave, look_threshold, looks, session_credit
 from training.labels.rules import LabelRules, grade_of
 from training.metrics import per_query, ranking_to_run
-from training.ranking.first_stage import Candidate, FirstStage, build_index, minmax
+from training.ranking.first_stage import Candidate, FirstStage, minmax
 from training.ranking.model_files import META_FILE
 from training.ranking.rank import candidates_for, rank
 from training.ranking.reranker import Reranker

@@ -1,0 +1,135 @@
+"""What the two HTTP processes (serving replicas and the control process) share: API keys as a
+dependency per route, the body limit, JSON parsing that answers 400 with the reason, and 422s that
+never echo the input back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from schemas import ErrorBody
+from services.auth import ApiKey, KeyStore, Scope
+
+bearer = HTTPBearer(auto_error=False, description="an API key from `rankloop keys create`")
+Credentials = HTTPAuthorizationCredentials | None
+
+NO_KEY: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "no valid API key"},
+    403: {"model": ErrorBody, "description": "the key lacks the scope"},
+}
+BAD_BODY: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "malformed JSON"},
+    413: {"model": ErrorBody, "description": "body larger than serving.max_body_bytes"},
+}
+
+
+class KeyGate:
+    """The key file and whether keys are required: with no key ever created and `auth.required` off,
+    everything is open (the local default) and the process says so."""
+
+    def __init__(self, keys: KeyStore, required: bool):
+        self.keys, self.required = keys, required
+
+    @property
+    def open(self) -> bool:
+        return not (self.required or self.keys.enabled)
+
+
+def caller(*scopes: Scope) -> Callable[..., ApiKey | None]:
+    """A route dependency: 401 without a valid key, 403 without one of `scopes`; None on an open
+    server. Reads the app's `KeyGate` (`app.state.key_gate`)."""
+
+    def check(request: Request, credentials: Credentials = Depends(bearer)) -> ApiKey | None:
+        gate: KeyGate = request.app.state.key_gate
+        if gate.open:
+            return None
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if credentials is None:
+            raise HTTPException(401, "an API key is required: send `Authorization: Bearer rk_...`", headers=challenge)
+        key = gate.keys.verify(credentials.credentials)
+        if key is None:
+            raise HTTPException(401, "unknown or revoked API key", headers=challenge)
+        if not any(key.allows(scope) for scope in scopes):
+            wanted = " or ".join(repr(scope.value) for scope in scopes)
+            raise HTTPException(403, f"the key {key.name!r} lacks the {wanted} scope")
+        return key
+
+    return check
+
+
+def admin(request: Request, credentials: Credentials = Depends(bearer)) -> str:
+    """Moving the model always needs an admin key, even on a process that is otherwise open; the
+    key's name is who the move is audited as."""
+    gate: KeyGate = request.app.state.key_gate
+    key = gate.keys.verify(credentials.credentials) if credentials else None
+    if key is None:
+        raise HTTPException(
+            401,
+            "moving the model needs an admin key, even on an open server: `rankloop keys create NAME --scope admin`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not key.allows(Scope.admin):
+        raise HTTPException(403, f"the key {key.name!r} lacks the 'admin' scope")
+    return f"key:{key.name}"
+
+
+def pages(request: Request, credentials: Credentials = Depends(bearer)) -> None:
+    """/metrics and /status: open with `auth.metrics_public` (a scraper inside the network), else admin."""
+    if request.app.state.settings.auth.metrics_public:
+        return
+    caller(Scope.admin)(request, credentials)
+
+
+class BodyLimit:
+    """ASGI middleware: refuses a body over `limit` bytes with 413 as soon as the declared length or the
+    bytes read so far exceed it, so a 200 MB post never sits in memory."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"request body over the limit of {self.limit} bytes (serving.max_body_bytes)"
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await JSONResponse({"detail": too_large}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, too_large)  # FastAPI passes it through body parsing as a 413
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON, or 400 with the reason: malformed, not UTF-8, NaN/Infinity (not JSON, and
+    no score or time can be NaN), or nested too deep to parse."""
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON value")
+
+    try:
+        return json.loads(body, parse_constant=no_constants)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise HTTPException(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise HTTPException(400, "malformed JSON: nested too deep") from None
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 with where and what, without echoing the input back (it may be huge, or not encodable)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errors]
+    return JSONResponse({"detail": detail}, status_code=422)

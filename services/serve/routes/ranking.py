@@ -1,0 +1,41 @@
+"""POST /rank and GET /model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from schemas import ErrorBody, ModelInfo, RankRequest, RankResponse
+from services.auth import ApiKey, Scope
+from services.http import BAD_BODY, NO_KEY, caller
+from services.serve.deps import WorkerDep, rank_limit
+
+router = APIRouter()
+LIMITED: dict[int | str, dict[str, Any]] = {429: {"model": ErrorBody, "description": "rate limit exceeded; see Retry-After"}}
+
+
+@router.post(
+    "/rank",
+    response_model=RankResponse,
+    responses={**BAD_BODY, 422: {"description": "invalid request"}, **NO_KEY, **LIMITED},
+    dependencies=[Depends(rank_limit)],
+)
+def rank(req: RankRequest, worker: WorkerDep, key: ApiKey | None = Depends(caller(Scope.rank))) -> RankResponse:
+    """Ranked documents for a query; every answer is recorded as an impression (with the key's name)."""
+    return worker.rank(req, key.name if key else None)
+
+
+@router.get("/model", response_model=ModelInfo, responses=NO_KEY, dependencies=[Depends(caller(Scope.rank))])
+def model(worker: WorkerDep) -> ModelInfo:
+    """The model version served now, its score mix and the last failed swap."""
+    sv = worker.serving
+    return ModelInfo(
+        model_version=sv.version,
+        index_version=worker.first_stage.version,
+        mix=sv.reranker.mix.as_dict() if sv.reranker else None,
+        unfamiliar_mix=sv.reranker.unfamiliar_mix.as_dict() if sv.reranker and sv.reranker.unfamiliar_mix else None,
+        loaded_at=sv.loaded_at,
+        model_name=worker.keys.model_name,
+        last_swap_error=worker.last_swap_error,
+    )

@@ -1,0 +1,115 @@
+"""Tuning a version's score mix on the tune slice: the first stage's fusion, then the weights of the
+model similarity and the feedback memory, for familiar and for unfamiliar queries. Every candidate
+mix ranks through `training.ranking.rank`, as serving will."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from training.labels.feedback import QueryFeedback
+from training.metrics import feedback_ndcg
+from training.ranking.first_stage import fuse
+from training.ranking.rank import Candidates, Text, rank
+from training.ranking.reranker import FAMILIAR_AT, Mix, Reranker
+
+ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]  # weight of the model similarity vs the first-stage score
+BETAS = [0.0, 0.25, 0.5, 1.0, 2.0]  # weight of the feedback memory
+TAUS = [0.3, 0.5, 0.7]  # similarity below which a past query's feedback is not borrowed
+FUSIONS = [None, 0.0, 0.25, 0.75, 1.0]  # the first stage's BM25 weight (None: the index's, 0.5 by default)
+
+
+@dataclass(frozen=True)
+class Tuned:
+    mix: Mix
+    grid: dict[Mix, float]
+
+
+@dataclass(frozen=True)
+class TunedMixes:
+    """The familiar mix (queries near ones with feedback) and the unfamiliar one (the rest)."""
+
+    familiar: Tuned
+    unfamiliar: Mix
+    unfamiliar_grid: dict[Mix, float]  # empty when too few unfamiliar tune queries: the safe mix then
+    familiar_queries: int
+    unfamiliar_queries: int
+    probe_queries: int = 0  # train queries not fine-tuned on, tuned on as unseen beside the unfamiliar ones
+
+
+def tune_mix(
+    reranker: Reranker,
+    feedback: list[QueryFeedback],
+    candidates: Candidates,
+    text: Text,
+    depth: int,
+    fusions: list[float | None] = FUSIONS,
+    unseen: frozenset[str] = frozenset(),
+) -> Tuned:
+    """Mean NDCG@10 on the tune slice for every mix, the first stage's fusion included (ties go to the
+    first fusion listed); the head's features are computed once per query and fusion. `unseen` queries
+    are ranked as if the feedback memory knew nothing near them (probe queries)."""
+    grid: dict[Mix, float] = {}
+    for fusion in fusions:
+        heads = {fb.query: candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion) for fb in feedback}
+        feats = [(fb, reranker.features(fb.query, heads[fb.query][:depth], text, unseen=fb.query in unseen)) for fb in feedback]
+        for a, b, t in itertools.product(ALPHAS, BETAS, TAUS):
+            if b == 0 and t != TAUS[0]:
+                continue  # tau only matters when the memory is used
+            mix = Mix(a, b, t, fusion)
+            rankings = {fb.query: rank(fb.query, candidates[fb.query], reranker, text, depth, mix, f) for fb, f in feats}
+            grid[mix] = float(np.mean(list(feedback_ndcg(feedback, rankings).values()) or [0.0]))
+    return Tuned(max(grid, key=lambda m: grid[m]), grid)
+
+
+def tune_fusion(
+    reranker: Reranker, feedback: list[QueryFeedback], candidates: Candidates, text: Text, depth: int
+) -> float | None:
+    """The BM25 weight under which the first stage *alone* ranks the tune slice best (ties: the
+    index's). Learned on the first stage alone because the feedback memory answers repeated queries
+    whatever the fusion: tuned inside the whole mix, the fusion stayed the index's on a corpus where
+    dense alone beat it by 0.054 (docs/benchmark.md)."""
+    scores = {}
+    for fusion in FUSIONS:
+        mix = Mix(0.0, 0.0, TAUS[0], fusion)
+        rankings = {fb.query: rank(fb.query, candidates[fb.query], reranker, text, depth, mix) for fb in feedback}
+        scores[fusion] = float(np.mean(list(feedback_ndcg(feedback, rankings).values()) or [0.0]))
+    return max(scores, key=lambda f: scores[f])
+
+
+SAFE_MIX = Mix(0.0)  # the first stage alone: what a query no feedback resembles gets (under the learned fusion)
+
+
+def tune_mixes(
+    reranker: Reranker,
+    feedback: list[QueryFeedback],
+    candidates: Candidates,
+    text: Text,
+    depth: int,
+    min_queries: int,
+    probe: list[QueryFeedback] | None = None,
+) -> TunedMixes:
+    """Learns the first stage's fusion on the whole tune slice, then tunes a mix on its familiar
+    queries (`FAMILIAR_AT`) and one on its unfamiliar ones, joined by the `probe` queries (train queries
+    the model was not fine-tuned on, ranked as if the memory knew nothing near them) when too few.
+    With fewer than `min_queries` of both (a few head queries make all the traffic) nothing says how the
+    model does away from them, and unfamiliar queries get the first stage alone (`SAFE_MIX`, under the
+    learned fusion)."""
+    fusion = tune_fusion(reranker, feedback, candidates, text, depth)
+    near = {fb.query: reranker.familiarity(reranker.embed_query(fb.query)) >= FAMILIAR_AT for fb in feedback}
+    familiar = [fb for fb in feedback if near[fb.query]]
+    unfamiliar = [fb for fb in feedback if not near[fb.query]]
+    probe = (probe or []) if len(unfamiliar) < min_queries else []
+    pool, unseen = unfamiliar + probe, frozenset(fb.query for fb in probe)
+    tuned = tune_mix(reranker, familiar or feedback, candidates, text, depth, [fusion])
+    other = tune_mix(reranker, pool, candidates, text, depth, [fusion], unseen) if len(pool) >= min_queries else None
+    return TunedMixes(
+        tuned,
+        other.mix if other else replace(SAFE_MIX, bm25_weight=fusion),
+        other.grid if other else {},
+        len(familiar),
+        len(unfamiliar),
+        len(probe),
+    )
