@@ -21,11 +21,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rankloop demo --quick
 
-# the status page is tested in Debian's chromium: installed when missing and possible (root, apt), else that test skips
+# the status page and the browser SDK are tested in Debian's chromium: installed when missing and possible (root, apt)
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || \
-	  echo "no chromium: the status-page browser test will skip"
+	  echo "no chromium: the browser tests will fail (apt-get install chromium)"
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -ra

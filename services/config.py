@@ -30,6 +30,18 @@ class Group(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+"""The project's folder: the default data paths (`../shared/data/...`) are relative to it."""
+
+
+def found_from_anywhere(path: Path) -> Path:
+    """A relative data path as given when it exists from here, else from the project's folder (so
+    `rankloop propensity` or `index` work from any directory), else as given (the error names it)."""
+    if path.is_absolute() or path.exists() or not (CHECKOUT / path).exists():
+        return path
+    return (CHECKOUT / path).resolve()
+
+
 WINDOW_PATTERN = r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$"  # HH:MM-HH:MM, may wrap past midnight
 PROCESS_VARIABLES = {"RANKLOOP_CONFIG", "RANKLOOP_ONLINE"}  # read by the CLI, not settings
 
@@ -217,6 +229,12 @@ class Settings(BaseSettings):
         elif path and path.endswith(".json"):
             sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _data_paths_from_anywhere(self) -> Settings:
+        object.__setattr__(self, "dataset", str(found_from_anywhere(Path(self.dataset))))
+        object.__setattr__(self, "clicklog", found_from_anywhere(self.clicklog))
+        return self
 
     @model_validator(mode="after")
     def _no_unknown_environment_names(self) -> Settings:

@@ -21,8 +21,8 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -38,9 +38,43 @@ from schemas import (
 from services.keys import Keys
 
 log = logging.getLogger("rankloop.sdk")
+Answer = TypeVar("Answer")
 
 
-class RankloopClient:
+class EventHelpers(Generic[Answer]):
+    """One method per interaction type, the same on the blocking client (answers `EventsResponse`) and
+    on the background emitter (answers whether the event was queued). `request` is a `/rank` answer or
+    its request id."""
+
+    def _one(self, request_id: str, doc_id: str, type: InteractionType, value: float | None = None) -> Answer:
+        raise NotImplementedError
+
+    def _send(self, request: RankResponse | str, doc_id: str, type: InteractionType, value: float | None = None) -> Answer:
+        return self._one(request.request_id if isinstance(request, RankResponse) else request, doc_id, type, value)
+
+    def click(self, request: RankResponse | str, doc_id: str) -> Answer:
+        return self._send(request, doc_id, InteractionType.click)
+
+    def skip(self, request: RankResponse | str, doc_id: str) -> Answer:
+        return self._send(request, doc_id, InteractionType.skip)
+
+    def dwell(self, request: RankResponse | str, doc_id: str, seconds: float) -> Answer:
+        return self._send(request, doc_id, InteractionType.dwell, seconds)
+
+    def cite(self, request: RankResponse | str, doc_id: str) -> Answer:
+        return self._send(request, doc_id, InteractionType.cite)
+
+    def citation_deleted(self, request: RankResponse | str, doc_id: str) -> Answer:
+        return self._send(request, doc_id, InteractionType.citation_deleted)
+
+    def purchase(self, request: RankResponse | str, doc_id: str, amount: float | None = None) -> Answer:
+        return self._send(request, doc_id, InteractionType.purchase, amount)
+
+    def return_(self, request: RankResponse | str, doc_id: str) -> Answer:
+        return self._send(request, doc_id, InteractionType.return_)
+
+
+class RankloopClient(EventHelpers[EventsResponse]):
     """`url` is the serving worker; `api_key` one from `rankloop keys create` (scopes rank and
     events:write). With `kafka` set, interactions go straight to the broker (kafka-python producer,
     acks=all) instead of POST /events. `deployment` names the topics."""
@@ -75,7 +109,7 @@ class RankloopClient:
             event_id=event_id or uuid.uuid4().hex, request_id=request_id, doc_id=doc_id, type=InteractionType(type), value=value
         )
 
-    def emit(self, events: list[InteractionEvent | dict]) -> EventsResponse:
+    def emit(self, events: Sequence[InteractionEvent | dict]) -> EventsResponse:
         """Sends a batch; each event is accepted (durably recorded) or rejected with a code."""
         if self.producer is not None:
             return self._emit_kafka(events)
@@ -85,7 +119,7 @@ class RankloopClient:
             raise RequestFailed(f"/events answered {r.status_code}: {r.text}")
         return EventsResponse.model_validate(r.json())
 
-    def _emit_kafka(self, events: list[InteractionEvent | dict]) -> EventsResponse:
+    def _emit_kafka(self, events: Sequence[InteractionEvent | dict]) -> EventsResponse:
         accepted, rejected, futures = [], [], []
         for i, e in enumerate(events):
             try:
@@ -107,8 +141,9 @@ class RankloopClient:
                 )
         return EventsResponse(accepted=accepted, rejected=sorted(rejected, key=lambda r: r.index))
 
-    def click(self, ranked: RankResponse, doc_id: str, **kw: Any) -> EventsResponse:
-        return self.emit([self.event(ranked.request_id, doc_id, "click", **kw)])
+    def _one(self, request_id: str, doc_id: str, type: InteractionType, value: float | None = None) -> EventsResponse:
+        """One event, sent now (the helpers `click`, `skip`, `dwell`, ... call it)."""
+        return self.emit([self.event(request_id, doc_id, type, value)])
 
     def emitter(self, **options: Any) -> EventEmitter:
         """A background, batching sender on this client (see `EventEmitter` for the options)."""
@@ -123,7 +158,7 @@ class RankloopClient:
 Rejected = Callable[[InteractionEvent, Rejection], None]
 
 
-class EventEmitter:
+class EventEmitter(EventHelpers[bool]):
     """Sends interaction events without blocking the caller. Events wait in a bounded queue
     (`capacity`; when it is full `emit` returns False and counts the event in `dropped`); a background
     thread sends them in batches of up to `batch`, at least every `flush_s`. What was not recorded
@@ -154,27 +189,8 @@ class EventEmitter:
         self._thread.start()
         atexit.register(self.close)
 
-    # one helper per interaction type
-    def click(self, request_id: str, doc_id: str) -> bool:
-        return self.emit(request_id, doc_id, InteractionType.click)
-
-    def skip(self, request_id: str, doc_id: str) -> bool:
-        return self.emit(request_id, doc_id, InteractionType.skip)
-
-    def dwell(self, request_id: str, doc_id: str, seconds: float) -> bool:
-        return self.emit(request_id, doc_id, InteractionType.dwell, seconds)
-
-    def cite(self, request_id: str, doc_id: str) -> bool:
-        return self.emit(request_id, doc_id, InteractionType.cite)
-
-    def citation_deleted(self, request_id: str, doc_id: str) -> bool:
-        return self.emit(request_id, doc_id, InteractionType.citation_deleted)
-
-    def purchase(self, request_id: str, doc_id: str, amount: float | None = None) -> bool:
-        return self.emit(request_id, doc_id, InteractionType.purchase, amount)
-
-    def return_(self, request_id: str, doc_id: str) -> bool:
-        return self.emit(request_id, doc_id, InteractionType.return_)
+    def _one(self, request_id: str, doc_id: str, type: InteractionType, value: float | None = None) -> bool:
+        return self.emit(request_id, doc_id, type, value)
 
     def emit(self, request_id: str, doc_id: str, type: str | InteractionType, value: float | None = None) -> bool:
         """Queues one event (validated now, so a bad one raises here, in the caller's code)."""

@@ -157,9 +157,10 @@ def summarise_files(runs: list[Path], out: Path) -> RepeatedLoopResult:
         raise InvalidInput(f"these runs differ in dataset, splits, sessions, train queries or rounds: {sorted(setups)}")
     if len({r.seed for r in results}) < len(results):
         raise InvalidInput("two of these runs have the same seed: a spread needs different seeds")
-    results, runs = zip(*sorted(zip(results, runs), key=lambda x: x[0].seed), strict=True)
-    summary = summarise(list(results), list(runs))
-    write(summary, list(results), out)
+    ordered = sorted(zip(results, runs), key=lambda x: x[0].seed)
+    results, runs = [r for r, _ in ordered], [p for _, p in ordered]
+    summary = summarise(results, runs)
+    write(summary, results, out)
     return summary
 
 

@@ -32,7 +32,8 @@ from services.cli.progress import ProgressBar
 from services.config import Settings
 from services.local import infra
 from services.local.workers import settle_labels, spawn, stop, wait_healthy, worker_env
-from services.storage import open_activity, open_labels
+from services.storage import open_activity
+from services.storage.delta import DeltaLabelStore
 from services.storage.kafka import make_producer, read_topic
 from training import beir
 from training.indexing import build_index
@@ -116,7 +117,7 @@ def traffic(n_requests: int, seed: int, planted: dict[str, int], http_share: flo
                     yield route, rid, json.dumps({k: v for k, v in event.items() if k != "type"}).encode()
                     continue
                 planted["malformed"] += 1
-                yield route, rid, b'{"event_id": "' + event["event_id"].encode() + b'", "type": '
+                yield route, rid, b'{"event_id": "' + str(event["event_id"]).encode() + b'", "type": '
                 continue
             if roll < 0.01:
                 event["doc_id"] = "never-shown"
@@ -207,7 +208,7 @@ def run_stream_bench(
     intake = {"serve": start_intake(s)} if http_share > 0 else {}
     env = worker_env(s, RANKLOOP_STREAM__METRICS_PORT="0")
     procs = {f"stream-{i}": spawn(s, "stream", env, label=f"stream-{i}") for i in range(workers)}
-    store = open_labels(s.label_store_url)
+    store = DeltaLabelStore(s.label_store_url)
     stream_rss: dict[str, float] = {}
     killed = False
     try:

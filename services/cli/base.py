@@ -9,7 +9,6 @@ import sys
 from datetime import datetime
 from typing import Any
 
-import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -38,7 +37,7 @@ class RankloopGroup(TyperGroup):
     """Every RankloopError from any command is one red line on stderr and exit code 1, and so is a
     command whose extra is not installed."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except RankloopError as e:
@@ -77,6 +76,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weight
 if not sys.stderr.isatty():  # a log file, not a terminal: no progress bars (tqdm reads this when imported)
     os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's client retries a server for minutes by default; an operator's command says it is down instead
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def settings() -> Settings:

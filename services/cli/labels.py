@@ -48,7 +48,7 @@ def purge(
         at=time.time(),
     )
     removed = store.purge(order)
-    console.print(f"purged {removed} labels ({len(store.read()[0])} left); recorded in {store.purges_uri}")
+    console.print(f"purged {removed} labels ({len(store.read()[0])} left); recorded with the labels at {store.uri}")
     if retrain and removed:
         from services.control.scheduler import retrain as train_now
 

@@ -29,8 +29,10 @@ def train(once: bool = typer.Option(False, "--once", help="train one challenger 
 def _move(change: Callable) -> None:
     from services.control.promotion import Promotions
     from services.storage import open_registry
+    from services.storage.health import require
 
     s = settings()
+    require(s, "mlflow")  # the broker may be down: the move stands and workers see it at their next poll
     moved = change(Promotions.connect(s, open_registry(s, reader=True)), f"cli:{getpass.getuser()}")
     event = moved.event
     console.print(f"{event.action}: version {event.version} (was {event.previous_version})")

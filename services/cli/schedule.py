@@ -42,8 +42,10 @@ def schedule(
 
 def _client():
     from services.storage import open_registry
+    from services.storage.health import require
 
     s = settings()
+    require(s, "mlflow")
     return s, open_registry(s, reader=True).client
 
 

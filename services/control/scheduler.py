@@ -193,7 +193,7 @@ class Scheduler:
             found = {}
         if found:
             log.info("training counters rebuilt from the newest MLflow run: %s labels", found["last_labels"])
-        self.state.write(**(found or {"last_labels": 0.0, "last_time": now}))
+        self.state.write(**(found or {"last_labels": "0", "last_time": str(now)}))
 
     def status(self) -> ScheduleStatus:
         return schedule_status(self.s, self.state, self.labels, self.registry)

@@ -80,7 +80,7 @@ class SimStats:
 
 def session_events(rng: random.Random, user: UserModel, items, qrels: dict[str, int]) -> list[tuple[str, str, float | None]]:
     """(doc_id, type, value) reactions of one user to one ranked list."""
-    out = []
+    out: list[tuple[str, str, float | None]] = []
     scale = user.session_scale(rng)
     for it in items:
         exam = min(1.0, scale * user.examination[min(it.position, len(user.examination)) - 1])

@@ -234,7 +234,7 @@ class Worker:
         if future is None:
             self.metrics.publish_failures.labels(topic).inc()
         else:
-            future.add_done_callback(lambda f: f.exception() and self.metrics.publish_failures.labels(topic).inc())
+            future.add_done_callback(lambda f: self.metrics.publish_failures.labels(topic).inc() if f.exception() else None)
         return future
 
     # ---- event intake --------------------------------------------------------------------
@@ -253,8 +253,8 @@ class Worker:
         for i, raw in enumerate(events):
             try:
                 event = InteractionEvent.model_validate(raw).model_copy(update={"received_at": received, "api_key": api_key})
-                if future := event.future_dated():
-                    rejected.append(Rejection(index=i, event_id=event.event_id, code=RejectCode.bad_timestamp, detail=future))
+                if ahead := event.future_dated():
+                    rejected.append(Rejection(index=i, event_id=event.event_id, code=RejectCode.bad_timestamp, detail=ahead))
                     continue
                 valid.append((i, event))
             except ValidationError as e:

@@ -112,8 +112,13 @@ class KafkaPublisher:
             self._failed(e)
             return None
         done: Future = Future()
-        sent.add_callback(lambda meta: done.set_result(meta))
-        sent.add_errback(lambda e: (self._failed(e), done.set_exception(e)))
+
+        def failed(e: BaseException) -> None:
+            self._failed(e)
+            done.set_exception(e)
+
+        sent.add_callback(done.set_result)
+        sent.add_errback(failed)
         return done
 
     def publish_later(self, topic: str, key: str, event: BaseModel | str) -> bool:

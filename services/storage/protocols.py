@@ -58,9 +58,15 @@ class Activity(Protocol):
 class Publisher(Protocol):
     """Events onto topics (see `kafka.KafkaPublisher`)."""
 
-    healthy: bool  # the last attempt to reach the broker worked
-    last_error: str | None
-    dropped: int  # buffered events lost because the buffer was full
+    @property
+    def healthy(self) -> bool:
+        """The last attempt to reach the broker worked."""
+
+    @property
+    def last_error(self) -> str | None: ...
+    @property
+    def dropped(self) -> int:
+        """Buffered events lost because the buffer was full."""
 
     def publish(self, topic: str, key: str, event: BaseModel | str) -> Future | None:
         """Now: a future that resolves once the broker has the event, or None if it could not be handed over."""

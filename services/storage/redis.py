@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from redis import Redis
@@ -57,7 +57,7 @@ class RedisEmbeddingCache:
         except RedisError as e:
             log.warning("embedding cache unavailable: %s", e)
             return {}
-        return {d: np.frombuffer(r, dtype=np.float16).astype(np.float32) for d, r in zip(doc_ids, raws) if r}
+        return {d: np.frombuffer(cast(bytes, r), dtype=np.float16).astype(np.float32) for d, r in zip(doc_ids, raws) if r}
 
     def put_many(self, version: str, vectors: Mapping[str, np.ndarray]) -> None:
         pipe = self.redis.pipeline()
@@ -206,7 +206,7 @@ class RedisFleet:
             raws = self.redis.hgetall(self.keys.fleet)
         except RedisError as e:
             raise DependencyUnavailable(f"redis: {e}") from e
-        found = [WorkerReport.model_validate_json(v) for v in raws.values()]  # type: ignore[union-attr]
+        found = [WorkerReport.model_validate_json(v) for v in raws.values()]
         stale = [r.worker for r in found if r.at < time.time() - max_age_s]
         if stale:  # workers that stopped: forgotten (a worker that comes back reports again)
             self.redis.hdel(self.keys.fleet, *stale)

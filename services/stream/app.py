@@ -1,8 +1,9 @@
 """The stream processor (faust-streaming): a faust app wired around `JoinProcessor`.
 
 - `join_label` reads impressions, interactions and ticks (all keyed by request_id, co-partitioned) in
-  batches and hands each batch to the processor; the request table is changelogged, its partition
-  picked by the producer's partitioner from the request id, as the inputs' are (`use_partitioner`).
+  batches and hands each batch to the processor; the request table is changelogged, each state to the
+  partition its request came in on (`FaustRequestTable`: faust's public `send_changelog`, no stream
+  context needed).
 - A timer sends one tick per partition to the ticks topic, so expiry runs inside the stream, where a
   table may change.
 - On a rebalance the processor forgets what it held; on an assignment it learns the group's committed
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from typing import Any
 
 import faust
 from faust.types import TP
@@ -66,6 +67,31 @@ class StreamMetrics:
         self.online_counts.labels(version, name).inc(n)
 
 
+class FaustRequestTable:
+    """A faust table written with the changelog partition named: the partition of the request's input
+    messages, whatever the table's key serializer would hash to."""
+
+    def __init__(self, table: faust.Table):
+        self.table = table
+
+    def get(self, key: str) -> bytes | None:
+        return self.table.data.get(key)
+
+    def items(self) -> list[tuple[str, bytes | None]]:
+        return list(self.table.data.items())
+
+    def put(self, key: str, value: bytes, partition: int) -> None:
+        self.table.send_changelog(partition, key, value)
+        self.table.data[key] = value
+
+    def remove(self, key: str, partition: int) -> None:
+        self.table.send_changelog(partition, key, None, value_serializer="raw")
+        del self.table.data[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.table.data
+
+
 class FaustOutputs:
     """Dead letters to their topic and the table's changelog, both through the app's producer."""
 
@@ -96,7 +122,7 @@ def spare_the_collector() -> None:
 
 def message(event: faust.EventT) -> Message:
     m = event.message
-    return Message(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
+    return Message(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)
 
 
 def create_app(s: Settings) -> faust.App:
@@ -112,12 +138,21 @@ def create_app(s: Settings) -> faust.App:
         broker_heartbeat_interval=1,
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
+        # the check guards on-disk (RocksDB) table state against a topic made anew; the table here is in
+        # memory and rebuilt from its changelog after every start. A broker's end offset read just after
+        # a rebalance can trail what this worker itself read a moment before (seen with the local Tansu
+        # broker: 276 read, 275 reported), and the check then crashed the recovery for good.
+        recovery_consistency_check=False,
     )
-    raw = dict(key_serializer="raw", value_serializer="raw", partitions=partitions)
-    inputs = app.topic(keys.impressions, keys.interactions, keys.stream_ticks, **raw)
-    ticks = app.topic(keys.stream_ticks, **raw)
+
+    def topic(*names: str) -> faust.TopicT:
+        """Bytes in, bytes out: pydantic parses the messages (in Rust), not faust's codecs."""
+        return app.topic(*names, key_serializer="raw", value_serializer="raw", partitions=partitions)
+
+    inputs = topic(keys.impressions, keys.interactions, keys.stream_ticks)
+    ticks = topic(keys.stream_ticks)
     # values are a state's JSON, made and read by pydantic (in Rust) rather than as a dict through faust's json codec
-    requests = app.Table(keys.requests_table, default=None, partitions=partitions, value_type=bytes, use_partitioner=True)
+    requests = app.Table(keys.requests_table, default=None, partitions=partitions, value_type=bytes)
     metrics = StreamMetrics(s.metrics_host, s.stream.metrics_port)
     ends: dict[TP, int] = {}  # the broker's end offset of each input partition, asked every REPORT_S
 
@@ -134,20 +169,22 @@ def create_app(s: Settings) -> faust.App:
     processor = JoinProcessor(
         cfg,
         open_labels(s.label_store_url),
-        requests,
-        FaustOutputs(app, app.topic(keys.dead_letters, **raw)),
+        FaustRequestTable(requests),
+        FaustOutputs(app, topic(keys.dead_letters)),
         metrics,
         open_activity(s.redis_url, keys),
         topic_id=lambda topic: topic_id(bootstrap, topic),
         highwater=highwater,
     )
 
-    @app.on_partitions_revoked.connect
-    async def forget_live(app: faust.App, revoked: set, **kwargs: object) -> None:
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's signal types admit no coroutine function
+    async def forget_live(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         await processor.revoked()
 
-    @app.on_partitions_assigned.connect
-    async def learn_committed(app: faust.App, assigned: set, **kwargs: object) -> None:
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def learn_committed(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        """`args[0]`: the partitions now assigned (faust's signal sends them)."""
+        assigned: set[TP] = args[0]
         try:
             found = await asyncio.to_thread(committed_offsets, bootstrap, keys.stream_app)
         except Exception as e:  # not known: the partition counts as lagging until a message arrives
@@ -157,7 +194,7 @@ def create_app(s: Settings) -> faust.App:
         processor.assigned({tp: offset for tp, offset in found.items() if tp in mine})
 
     @app.agent(inputs)
-    async def join_label(stream: AsyncIterator) -> None:
+    async def join_label(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(s.stream.join_batch, within=s.stream.join_flush_s):  # type: ignore[attr-defined]
             async with processor.owning:
                 owned = {(tp.topic, tp.partition) for tp in app.consumer.assignment()}

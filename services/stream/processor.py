@@ -22,7 +22,7 @@ import itertools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,7 +30,7 @@ from schemas import CLOCK_SKEW_S, DeadLetter, LabelledExample
 from services.keys import Keys
 from services.online import request_counts
 from services.storage import Activity
-from services.stream.join import Burst, ClickBursts, ExpiryIndex, RequestState, step, sweep
+from services.stream.join import Burst, ClickBursts, ExpiryIndex, Kind, RequestState, step, sweep
 from training.labels.rules import LabelRules
 from training.labels.store import LabelStore, Purge, label_source
 
@@ -48,6 +48,17 @@ class Message:
     key: bytes | None
     value: bytes
     timestamp: float | None  # the broker's time of the record (seconds)
+
+
+class RequestTable(Protocol):
+    """Request states (JSON) by request id, changelogged to the partition their request came in on, so
+    the worker that takes that partition over recovers them (`app.FaustRequestTable`; a dict in tests)."""
+
+    def get(self, key: str) -> bytes | None: ...
+    def items(self) -> Iterable[tuple[str, bytes | None]]: ...
+    def put(self, key: str, value: bytes, partition: int) -> None: ...
+    def remove(self, key: str, partition: int) -> None: ...
+    def __contains__(self, key: object) -> bool: ...
 
 
 class Outputs(Protocol):
@@ -84,7 +95,7 @@ class JoinProcessor:
 
     cfg: JoinConfig
     store: LabelStore
-    requests: MutableMapping[str, bytes | None]  # the changelogged request table (faust's, or a dict)
+    requests: RequestTable
     outputs: Outputs
     metrics: JoinMetrics
     activity: Activity
@@ -125,7 +136,7 @@ class JoinProcessor:
             if msg.topic == keys.stream_ticks:
                 dead += self.expire(msg.partition, now, forgotten)
                 continue
-            kind = "impression" if msg.topic == keys.impressions else "interaction"
+            kind: Kind = "impression" if msg.topic == keys.impressions else "interaction"
             source = await self.source(msg.topic, msg.partition)
             replayed = msg.offset <= await self.stored_offset(source)  # its labels are in the table already
             key = (msg.key or b"").decode(errors="replace")
@@ -161,8 +172,8 @@ class JoinProcessor:
         self.counts["labels"] += len(labels)
         self.metrics.labelled(len(labels))
         for key, state in changed.items():
-            if key not in forgotten:
-                self.requests[key] = state.model_dump_json().encode()
+            if key not in forgotten and state.partition is not None:
+                self.requests.put(key, state.model_dump_json().encode(), state.partition)
         # the table's changelog on the broker before the batch is acknowledged: a worker that takes
         # these partitions over (after a rebalance or a kill) recovers every state the labels came from
         await self.outputs.flush()
@@ -267,7 +278,7 @@ class JoinProcessor:
                 self.live.pop(key, None)
                 forgotten.add(key)
                 if key in self.requests:
-                    del self.requests[key]
+                    self.requests.remove(key, partition)
             else:
                 self.deadlines.push(partition, state.forget_after(window), key)
         return dead

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from tests.conftest import SCIFACT, make_small_beir
+from tests.conftest import SCIFACT, make_small_beir, require_scifact
 from training import beir
 from training.config import GateConfig
 from training.gate import compare_on_feedback
@@ -23,8 +23,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """150 judged queries over 1,500 SciFact documents: hard enough that the first stage leaves room."""
-    if not (SCIFACT / "corpus.jsonl").exists():
-        pytest.skip(f"SciFact not found at {SCIFACT}")
+    require_scifact()
     state = tmp_path_factory.mktemp("gate")
     ds = beir.load(make_small_beir(SCIFACT, state / "beir", queries=150, extra_docs=1500))
     fs = FirstStage(build_index(ds, state))

@@ -8,9 +8,10 @@ import mlflow
 import pytest
 
 from services.control.interleaving import check_experiment
+from services.control.promotion import MlflowAliases, Promotions
 from services.sdk import RankloopClient
 from services.storage import open_labels, open_registry
-from tests.integration.test_loop import wait_for
+from tests.integration.conftest import wait_for
 from training.config import InterleaveConfig
 from training.interleave import INTERLEAVING, STAGE_TAG
 from training.ranking.encoder import load_encoder
@@ -39,8 +40,9 @@ def test_users_clicks_on_the_challengers_documents_promote_it(stack, tmp_path):
         with mlflow.start_run(run_name="interleaving test") as run:
             mlflow.log_artifacts(str(folder), "model")
         version = registry.register(run.info.run_id)
-        registry.nominate(version, "passed the gate (test)")
-        registry.tag(version, STAGE_TAG, INTERLEAVING)
+        promotions = Promotions(registry, MlflowAliases(registry), stack["control"].promotions.publisher, s.keys.model_events)
+        promotions.nominate(version, "passed the gate (test)", actor="scheduler", stage=INTERLEAVING)
+        assert registry.get(version).tags[STAGE_TAG] == INTERLEAVING
         champion_before = registry.champion()
 
         # the registry first: the worker's own poll, which may run between the two, does nothing while
@@ -70,7 +72,7 @@ def test_users_clicks_on_the_challengers_documents_promote_it(stack, tmp_path):
     assert set(rows["team"]) == {"challenger"} and set(rows["challenger_version"]) == {version}
     assert (rows["credit"] > 0).all()  # the challenger ranks it first, the champion 10th
 
-    experiment = check_experiment(registry, labels, InterleaveConfig(min_sessions=10, max_sessions=20), registry.client)
+    experiment = check_experiment(promotions, labels, InterleaveConfig(min_sessions=10, max_sessions=20), registry.client)
     assert experiment is not None and experiment.judgement.verdict == "challenger"
     assert experiment.judgement.tally.challenger == 10 and experiment.event is not None
     champion = registry.champion()

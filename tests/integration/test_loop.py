@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import time
+import os
+import subprocess
+import sys
 import uuid
 
 import httpx
@@ -12,18 +14,9 @@ from kafka import KafkaProducer
 from services.sdk import RankloopClient
 from services.storage import open_labels
 from services.storage.kafka import read_topic
+from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(predicate, timeout=90.0, every=0.5, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def labels_for(s, request_id):
@@ -113,9 +106,17 @@ def test_unknown_request_id_is_dead_lettered_after_the_window(stack, client):
         what="unknown-request dead letter",
     )
     assert dead[0]["code"] == "unknown_request" and dead[0]["reason"].startswith("unknown request_id")
-    # the emitter sees it over HTTP too (the stream keeps the newest in Redis)
+    # one source: the emitter over HTTP and the operator with `rankloop dead-letters` read the same topic
     mine = httpx.get(f"{s.base_url}/dead-letters", params={"request_id": ev.request_id}).json()
     assert [d["code"] for d in mine] == ["unknown_request"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "services", "dead-letters", "--request-id", ev.request_id],
+        env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0 and "unknown_request" in cli.stdout and "1 shown" in cli.stdout, cli.stderr
     # the sweep that forgot the request must leave the processor running: new events still label
     ranked = client.rank("exercise and longevity", k=2)
     client.emit([client.event(ranked.request_id, ranked.items[0].doc_id, "click")])

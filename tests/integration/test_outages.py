@@ -14,7 +14,7 @@ from services.local import infra
 from services.serve.app import build_worker, create_app
 from services.storage.kafka import read_topic
 from tests.conftest import free_port
-from tests.integration.conftest import serve_in_thread
+from tests.integration.conftest import serve_in_thread, wait_for
 from training import beir
 from training.indexing import build_index
 
@@ -54,20 +54,19 @@ def test_a_broker_restart_loses_no_impression_and_needs_no_serve_restart(serving
     stop = threading.Event()
     thread = threading.Thread(target=hammer, args=(s, stop, results))
     thread.start()
-    time.sleep(1.5)
+    wait_for(lambda: len(results) >= 20, what="requests served before the outage")
     infra.stop(s, "kafka")  # returns once the process exited
     gone = len(results)
-    time.sleep(4)
+    wait_for(lambda: not worker.publisher.healthy and len(results) >= gone + 50, what="requests served while it is away")
     down = len(results)
     r = httpx.post(
         f"{s.base_url}/events", json=[{"event_id": "x1", "request_id": "r", "doc_id": "d", "type": "click"}], timeout=30
     )
     assert r.status_code == 503 and "Kafka unavailable" in r.json()["detail"]
     infra.start_kafka(s)  # memory storage: the topics are gone, the publisher recreates them
-    deadline = time.time() + 60
-    while time.time() < deadline and (worker.publisher.buffered or not worker.publisher.healthy):
-        time.sleep(0.5)
-    time.sleep(1)
+    wait_for(lambda: worker.publisher.healthy and not worker.publisher.buffered, what="the buffer drained")
+    back = len(results)
+    wait_for(lambda: len(results) >= back + 20 and not worker.publisher.buffered, what="requests served after it is back")
     stop.set()
     thread.join(timeout=30)
     assert worker.publisher.buffered == 0 and worker.publisher.dropped == 0
@@ -124,7 +123,8 @@ def test_the_local_redis_keeps_the_schedulers_state_through_a_restart(serving):
     redis.hset(s.keys.train_state, mapping={"last_labels": 1234, "last_time": 1.5})
     lock = redis.lock(s.keys.train_lock, timeout=3600)
     assert lock.acquire(blocking=False)
-    time.sleep(1.2)  # the append-only file is synced every second
+    aof = s.state_dir / "redis" / "appendonly.aof"
+    wait_for(lambda: aof.exists() and s.keys.train_lock.encode() in aof.read_bytes(), what="both in the append-only file")
     infra.stop(s, "redis")
     infra.start_redis(s)
     assert redis.hget(s.keys.train_state, "last_labels") == b"1234"

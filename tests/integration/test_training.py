@@ -14,10 +14,11 @@ from schemas import InvalidState
 from services.local.simulate import UserModel, examination_curve, simulate
 from services.local.workers import settle_labels
 from services.sdk import RankloopClient
-from services.storage import open_labels, open_publisher, open_registry
+from services.storage import open_labels, open_registry
+from tests.integration.conftest import wait_for
 from training import beir
 from training.config import TrainConfig
-from training.pipeline import train_once
+from training.pipeline import TrainingJob, train_once
 from training.ranking.first_stage import FirstStage
 
 pytestmark = pytest.mark.integration
@@ -25,15 +26,6 @@ pytestmark = pytest.mark.integration
 
 def served_version(s) -> str:
     return httpx.get(f"{s.base_url}/model").json()["model_version"]
-
-
-def wait_until(pred, timeout=90.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +40,8 @@ def trained(stack):
     settle_labels(s, labels, timeout=120)  # every event sent has its labels stored: the same labels each run
     registry = open_registry(s)
     cfg = TrainConfig(epochs=1, batch_size=8, max_seq_length=64, hard_negatives=1)
-    outcome = train_once(registry, labels, FirstStage.current(s.state_dir), s.state_dir, 20, cfg, s.gate, s.stream.rules)
+    job = TrainingJob(work_dir=s.state_dir, depth=20, train=cfg, gate=s.gate, rules=s.stream.rules)
+    outcome = train_once(registry, labels, FirstStage.current(s.state_dir), job)
     return registry, outcome
 
 
@@ -107,25 +100,24 @@ def test_a_version_is_reviewable_in_mlflow(stack, trained):
 
 
 def test_the_schedulers_counters_are_rebuilt_from_mlflow_when_redis_lost_them(stack, trained):
-    from services.control.scheduler import Scheduler
+    from redis import Redis
 
     s = stack["settings"]
     registry, outcome = trained
-    scheduler = Scheduler(s)
-    scheduler.redis.delete(s.keys.train_state)  # as after a restart of a Redis without persistence
+    scheduler = stack["control"].scheduler
+    Redis.from_url(s.redis_url).delete(s.keys.train_state)  # as after a restart of a Redis without persistence
     scheduler.restore_counters(time.time())
     run = registry.client.get_run(outcome.run_id)
-    assert scheduler._get("last_labels", -1) == run.data.metrics["label_contributions"] > 0  # what count() counts
-    assert abs(scheduler._get("last_time", 0) - run.info.end_time / 1000) < 1
+    counters = scheduler.state.read()
+    assert float(counters["last_labels"]) == run.data.metrics["label_contributions"] > 0  # what count() counts
+    assert abs(float(counters["last_time"]) - run.info.end_time / 1000) < 1
 
 
 def test_online_metrics_of_a_version_reach_its_mlflow_tags(stack, trained):
     """What the stream counted in Redis for a version goes onto the model version at the next check."""
-    from services.control.scheduler import Scheduler
-
-    s = stack["settings"]
     registry, outcome = trained
-    scheduler = Scheduler(s)
+    scheduler = stack["control"].scheduler
+    scheduler.online_written = 0.0
     scheduler.activity.count_online({outcome.version: {"requests": 4, "clicked_top_k": 3, "first_click_rr": 2.5, "abandoned": 1}})
     scheduler.record_online_metrics(time.time())
     tags = registry.client.get_model_version(registry.name, outcome.version).tags
@@ -138,16 +130,17 @@ def test_the_status_page_renders_in_headless_chromium(stack, trained, tmp_path):
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
-        pytest.skip("no headless browser: install Debian's chromium (apt-get install chromium)")
+        pytest.fail("no headless browser: `make test` installs Debian's chromium (or: apt-get install chromium)")
     s = stack["settings"]
     _, outcome = trained
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,1600", f"--user-data-dir={tmp_path}"]
-    dom = subprocess.run([*flags, "--dump-dom", f"{s.base_url}/status"], capture_output=True, timeout=120).stdout.decode()
-    assert f"rankloop · {s.deployment}" in dom and 'id="served"' in dom
+    page = f"{s.control.url}/status"  # the control process's page
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, timeout=120).stdout.decode()
+    assert f"rankloop · {s.deployment}" in dom and 'id="served"' in dom and stack["worker"].name in dom
     assert f"v{outcome.version} · rejected" in dom  # the training run, under its new name
     assert 'id="activity"' in dom and "<rect" in dom  # events per minute drawn
     shot = tmp_path / "status.png"
-    subprocess.run([*flags, f"--screenshot={shot}", f"{s.base_url}/status"], capture_output=True, timeout=120)
+    subprocess.run([*flags, f"--screenshot={shot}", page], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
 
 
@@ -155,41 +148,49 @@ def test_the_training_lock_is_renewed_while_a_training_runs(stack):
     """A training longer than the lock's expiry must not let a second scheduler start one."""
     from redis import Redis
 
-    from services.control.scheduler import LockKeeper
+    from services.keys import Keys
+    from services.storage.redis import RedisScheduleState
 
     redis = Redis.from_url(stack["settings"].redis_url)
-    lock = redis.lock("test:lock:renewal", timeout=1.5, blocking=False, thread_local=False)
-    assert lock.acquire(blocking=False)
-    with LockKeeper(lock, 1.5):
-        time.sleep(4)  # more than twice the expiry
-        assert not redis.lock("test:lock:renewal", timeout=1.5, blocking=False).acquire(blocking=False)
-    lock.release()
+    one, other = (RedisScheduleState(redis, Keys("lock-renewal-test")) for _ in range(2))  # two control replicas
+    lock = one.try_lock(1.5)
+    assert lock is not None
+    with lock:
+        expired_at = time.time() + 4  # more than twice the expiry
+        while time.time() < expired_at:
+            assert other.try_lock(1.5) is None and one.locked()
+            time.sleep(0.5)
+    assert not one.locked() and other.try_lock(1.5) is not None
 
 
 def test_an_operator_pauses_the_schedule_and_sees_it_in_status_and_metrics(stack, trained):
     """Pause is an MLflow experiment tag: a paused scheduler does not train though labels are due;
-    `rankloop schedule status` (a real process) and the scheduler's /metrics say so."""
+    `rankloop schedule status` (a real process) and the control process's /metrics say so."""
     import json
     import os
     import subprocess
     import sys
 
+    from prometheus_client import CollectorRegistry
+
     from services.control import schedule as control
     from services.control.scheduler import Scheduler
-    from tests.conftest import free_port
 
     s = stack["settings"]
     registry, _ = trained
-    port = free_port()
-    s = s.model_copy(update={"retrain": s.retrain.model_copy(update={"metrics_port": port, "min_new_labels": 1})})
-    scheduler = Scheduler(s)
-    scheduler.redis.hset(s.keys.train_state, "last_labels", 0)  # so labels are due
+    running = stack["control"].scheduler
+    eager = s.model_copy(update={"retrain": s.retrain.model_copy(update={"min_new_labels": 1})})
+    scheduler = Scheduler(
+        eager, running.promotions, running.registry, running.labels, running.state, running.activity, CollectorRegistry()
+    )
+    scheduler.state.write(last_labels=0)  # so labels are due
     control.pause(registry.client, s.keys.experiment, by="cli:ops", reason="index rebuild")
     try:
         assert scheduler.tick() is None
         st = scheduler.status()
         assert st.paused and st.paused.reason == "index rebuild" and st.next.startswith("paused by cli:ops")
-        assert "rankloop_schedule_paused 1.0" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        paused_metric = "rankloop_schedule_paused 1.0"  # the control process's own loop sees it at its next check
+        wait_for(lambda: paused_metric in httpx.get(f"{s.control.url}/metrics").text, 60, what="paused on /metrics")
         status_cmd = [sys.executable, "-m", "services", "schedule", "status", "--json"]
         cli = subprocess.run(status_cmd, env={**os.environ}, capture_output=True, timeout=120)
         assert cli.returncode == 0, cli.stderr.decode()
@@ -220,12 +221,12 @@ def test_promotion_hot_swaps_without_a_failed_request_and_rollback_restores(stac
     threads = [threading.Thread(target=hammer) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(2)
-    publisher = open_publisher(s.kafka.address)
-    publisher.publish(s.keys.model_events, s.keys.model_name, registry.promote(outcome.version, "test"))
-    publisher.flush(10)
-    wait_until(lambda: served_version(s) == outcome.version, what="hot swap")
-    time.sleep(2)
+    wait_for(lambda: len(results) >= 10, what="requests before the promotion")
+    promotions = stack["control"].promotions
+    assert promotions.promote(outcome.version, "test", actor="test").announced  # the model event is on the broker
+    wait_for(lambda: served_version(s) == outcome.version, what="hot swap")
+    swapped = len(results)
+    wait_for(lambda: len(results) >= swapped + 10, what="requests after the swap")
     stop.set()
     for t in threads:
         t.join(timeout=60)
@@ -238,12 +239,12 @@ def test_promotion_hot_swaps_without_a_failed_request_and_rollback_restores(stac
     assert versions[-1] == outcome.version
 
     with pytest.raises(InvalidState, match="no `previous`"):
-        registry.rollback()
+        promotions.rollback("test", actor="test")
     second = registry.register(outcome.run_id)
-    registry.promote(second, "test")
+    promotions.promote(second, "test", actor="test")
     stack["worker"].check_champion()
     assert served_version(s) == second
-    event = registry.rollback("test rollback")
+    event = promotions.rollback("test rollback", actor="test").event
     assert (event.version, event.previous_version) == (outcome.version, second)
     stack["worker"].check_champion()
     assert served_version(s) == outcome.version
@@ -252,8 +253,9 @@ def test_promotion_hot_swaps_without_a_failed_request_and_rollback_restores(stac
 def test_a_champion_no_worker_can_load_makes_health_not_ready_then_is_tagged_broken_and_rolled_back(
     stack, trained, tmp_path, monkeypatch
 ):
-    """A truncated version promoted in MLflow: serving keeps the old model, says it is behind, and
-    after `serving.max_load_failures` attempts the alias goes back to the version it serves."""
+    """A truncated version promoted in MLflow: serving keeps the old model, says it is behind and
+    reports its failed loads; after `serving.max_load_failures` of them the control process tags it
+    broken and moves the alias back to the version serving has."""
     s = stack["settings"]
     registry, outcome = trained
     good = served_version(s)
@@ -266,22 +268,23 @@ def test_a_champion_no_worker_can_load_makes_health_not_ready_then_is_tagged_bro
         mlflow.log_artifacts(str(model), "model")
     broken = registry.register(run.info.run_id)
 
-    monkeypatch.setattr(s.serving, "max_load_failures", 10**6)  # hold the rollback back to look at health first
+    watch = stack["control"].watch
+    monkeypatch.setattr(watch, "max_failures", 10**6)  # hold the rollback back to look at health first
     monkeypatch.setattr(s.serving, "swap_grace_s", 0.0)
-    registry.promote(broken, "test: a truncated model", actor="test")
+    stack["control"].promotions.promote(broken, "test: a truncated model", actor="test")
 
     def health() -> dict:
         return httpx.get(f"{s.base_url}/health/ready").json()
 
-    wait_until(lambda: f"version {broken}:" in (health()["detail"] or ""), what="not ready, with the load error")
+    wait_for(lambda: f"version {broken}:" in (health()["detail"] or ""), what="not ready, with the load error")
     assert health()["status"] == "behind"
     assert served_version(s) == good  # still serving, and serving the old model
 
-    monkeypatch.setattr(s.serving, "max_load_failures", 3)
-    wait_until(lambda: registry.champion().version == good, what="automatic rollback")
+    monkeypatch.setattr(watch, "max_failures", 3)
+    wait_for(lambda: registry.champion().version == good, what="automatic rollback")
     # the alias moves first, then the rollback's audit tags are written
-    wait_until(lambda: "rolled_back_by" in registry.client.get_model_version(registry.name, broken).tags, what="audit tags")
+    wait_for(lambda: "rolled_back_by" in registry.client.get_model_version(registry.name, broken).tags, what="audit tags")
     tags = registry.client.get_model_version(registry.name, broken).tags
-    assert "failed to load" in tags["broken"] and tags["rolled_back_by"] == "serving"
-    wait_until(lambda: httpx.get(f"{s.base_url}/health/ready").status_code == 200, what="ready again")
+    assert "failed to load" in tags["broken"] and tags["rolled_back_by"] == "control"
+    wait_for(lambda: httpx.get(f"{s.base_url}/health/ready").status_code == 200, what="ready again")
     assert served_version(s) == good

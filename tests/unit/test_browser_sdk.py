@@ -35,7 +35,7 @@ def test_the_browser_snippet_sends_an_event_from_an_allowed_origin(tiny_first_st
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
-        pytest.skip("no headless browser: install Debian's chromium (apt-get install chromium)")
+        pytest.fail("no headless browser: `make test` installs Debian's chromium (or: apt-get install chromium)")
     api_port, page_port = free_port(), free_port()
     api, origin = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{page_port}"
     s = Settings(state_dir=tmp_path, serving=ServingSettings(port=api_port, explore_rate=0.0, cors_origins=[origin]))

@@ -50,6 +50,28 @@ def test_a_dependency_that_is_down_is_named_not_a_traceback(monkeypatch):
     assert result.exit_code == 1 and "error:" in result.output and "--once" in result.output
 
 
+@pytest.mark.parametrize(
+    "command", [["dead-letters"], ["promote", "1"], ["rollback"], ["schedule", "status"], ["schedule", "pause"], ["models"]]
+)
+def test_a_command_whose_dependency_is_down_says_so_in_one_line_within_seconds(command, monkeypatch):
+    """The operator's commands as a real process with the broker and Redis stopped: exit 1 within 10 s,
+    one line naming what is down and how to start it, no traceback."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "RANKLOOP_KAFKA__LOCAL_PORT": str(free_port()), "RANKLOOP_REDIS__LOCAL_PORT": str(free_port())}
+    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"  # an MLflow server that is not there
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "services", *command], env=env, capture_output=True, text=True, timeout=60)
+    took = time.time() - started
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and took < 10, (took, done.stderr[-1500:])
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert "not reachable" in lines[0] and ("rankloop up" in lines[0] or "RANKLOOP_" in lines[0] or "MLFLOW" in lines[0])
+
+
 def test_bench_refuses_to_evaluate_on_its_training_split():
     result = runner.invoke(app, ["bench", "loop", "--train-split", "test", "--eval-split", "test"])
     assert result.exit_code == 1 and "must never feed training" in result.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -141,3 +143,16 @@ def test_schedule_status_answers_with_redis_down_from_the_newest_mlflow_run(tmp_
     st = schedule_status(s, down, MemoryLabelStore([]), registry)
     assert st.training_now is None and "Redis unreachable" in st.problems[0]
     assert st.last_outcome == "rejected" and st.labels_at_last_run == 1234 and "held-out" in (st.last_message or "")
+
+
+def test_the_default_data_paths_are_found_from_any_directory(tmp_path, monkeypatch):
+    """`rankloop propensity` read `../shared/data/...` relative to where it was run: from any other
+    folder it said the click log was missing."""
+    from tests.conftest import SHARED_DATA
+
+    monkeypatch.chdir(tmp_path)
+    s = Settings()
+    assert s.clicklog == (SHARED_DATA / "clicklogs" / "yandex-wscd-2012-sample").resolve()
+    assert (s.clicklog / "impressions.tsv.gz").exists() and Path(s.dataset) == (SHARED_DATA / "scifact").resolve()
+    monkeypatch.setenv("RANKLOOP_CLICKLOG", "my-logs")  # a path of the user's own stays as given
+    assert Settings().clicklog == Path("my-logs")

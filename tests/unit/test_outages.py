@@ -47,10 +47,12 @@ class FakeBroker:
         self.up = True
         self.received: list[str] = []
         self.producers = 0
+        self.refused = 0  # attempts to reach it while it was down
         self.lock = threading.Lock()
 
     def factory(self, bootstrap: str):
         if not self.up:
+            self.refused += 1
             raise DependencyUnavailable("no broker")
         self.producers += 1
         broker = self
@@ -101,7 +103,7 @@ def test_buffered_events_survive_a_broker_restart_in_order(no_topic_admin):
         assert publisher.publish_later("t", str(i), f"e{i}")
     assert wait_for(lambda: not publisher.healthy)
     assert publisher.buffered > 0
-    time.sleep(0.5)  # down for a while: several retries
+    assert wait_for(lambda: broker.refused >= 3)  # down for a while: several retries
     broker.up = True
     assert wait_for(lambda: publisher.buffered == 0 and publisher.healthy)
     assert broker.received == [f"e{i}" for i in range(150)]  # nothing lost, nothing reordered

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 
 import httpx
 
@@ -69,8 +69,11 @@ def test_not_recorded_is_retried_a_duplicate_on_retry_counts_as_sent_and_a_real_
 
 
 def test_a_full_queue_drops_instead_of_blocking_and_giving_up_is_reported():
+    sending, release = threading.Event(), threading.Event()
+
     def handler(request: httpx.Request) -> httpx.Response:
-        time.sleep(0.3)  # the sender is busy with the first batch while the caller goes on
+        sending.set()  # the sender is busy with the first batch while the caller goes on
+        release.wait(10)
         raise httpx.ConnectError("connection refused")
 
     reported = []
@@ -79,8 +82,33 @@ def test_a_full_queue_drops_instead_of_blocking_and_giving_up_is_reported():
         on_rejected=lambda ev, rej: reported.append(rej.detail),
     )  # fmt: skip
     assert emitter.dwell("r1", "d0", 3.0)
-    time.sleep(0.15)  # the first event is on its way
+    assert sending.wait(10)  # the first event is on its way
     results = [emitter.dwell("r1", f"d{i}", 3.0) for i in range(1, 6)]
     assert results == [True, True, False, False, False] and emitter.dropped == 3  # the caller learns at once
+    release.set()
     emitter.close(timeout=10)
     assert emitter.failed == 3 and len(reported) == 3 and all("ConnectError" in d for d in reported)
+
+
+def test_the_blocking_client_has_every_event_type_the_emitter_has():
+    """`client.skip(res, doc)`, `client.cite(...)`, ...: one request each, as `click` was."""
+    posted: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        events = json.loads(request.content)
+        posted.extend(events)
+        return answer(events)
+
+    client = client_answering(handler)
+    helpers = ("click", "skip", "cite", "citation_deleted", "return_")
+    for name in helpers:
+        assert getattr(client, name)("r1", "d1").accepted
+    client.dwell("r1", "d1", 42.0)
+    client.purchase("r1", "d1", 19.9)
+    assert [(e["type"], e["value"]) for e in posted] == [
+        ("click", None), ("skip", None), ("cite", None), ("citation_deleted", None), ("return", None),
+        ("dwell", 42.0), ("purchase", 19.9),
+    ]  # fmt: skip
+    assert {name for name in dir(EventEmitter) if not name.startswith("_")} - {"emit", "send", "flush", "close"} <= set(
+        dir(client)
+    )
