@@ -8,13 +8,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from schemas import ErrorBody
 from services.auth import ApiKey, KeyStore, Scope
+from services.config import Settings
 
 bearer = HTTPBearer(auto_error=False, description="an API key from `rankloop keys create`")
 Credentials = HTTPAuthorizationCredentials | None
@@ -39,6 +40,18 @@ class KeyGate:
     @property
     def open(self) -> bool:
         return not (self.required or self.keys.enabled)
+
+
+def new_app(s: Settings, title: str, description: str, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
+    """An app of either HTTP process: 422s without the input echoed, the body limit, the settings and
+    the key gate in `app.state` (the dependencies below read them)."""
+    app = FastAPI(
+        title=title, lifespan=lifespan, description=description, exception_handlers={RequestValidationError: validation_error}
+    )
+    app.state.settings = s
+    app.state.key_gate = KeyGate(KeyStore(s.keys_file), s.auth.required)
+    app.add_middleware(BodyLimit, limit=s.serving.max_body_bytes)
+    return app
 
 
 def caller(*scopes: Scope) -> Callable[..., ApiKey | None]:

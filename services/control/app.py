@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
@@ -37,7 +36,7 @@ from schemas import (
     PromoteRequest,
     RollbackRequest,
 )
-from services.auth import KeyStore, Scope
+from services.auth import Scope
 from services.config import Settings
 from services.control.promotion import Moved, Promotions
 from services.control.schedule import ScheduleStatus
@@ -45,7 +44,7 @@ from services.control.scheduler import Scheduler
 from services.control.status import MINUTES, StatusPage, read_trainings
 from services.control.watch import ChampionWatch
 from services.dead_letters import DeadLetterLog, DeadLetterQuery, KafkaDeadLetterLog, find_dead_letters
-from services.http import BAD_BODY, NO_KEY, BodyLimit, KeyGate, admin, caller, pages, validation_error
+from services.http import BAD_BODY, NO_KEY, admin, caller, new_app, pages
 from services.storage import Activity, Fleet, open_activity, open_fleet, open_registry
 
 log = logging.getLogger("rankloop.control")
@@ -155,10 +154,10 @@ class ControlPlane:
             last_champion_check=self.loops[1].last_ok,
         )
 
-    def status_page(self) -> str:
+    def status_page(self, auth: str) -> str:
+        """The page; `auth` is whether the process runs open ("open") or with keys ("keys")."""
         s = self.s
-        gate = KeyGate(KeyStore(s.keys_file), s.auth.required)
-        page = StatusPage(s.deployment, "open" if gate.open else "keys", self.report_age_s)
+        page = StatusPage(s.deployment, auth, self.report_age_s)
         registry = self.promotions.registry
         readers: list[tuple[str, Callable[[], None]]] = [
             ("serving workers (Redis)", lambda: setattr(page, "workers", self.fleet.reports(self.report_age_s))),
@@ -223,15 +222,12 @@ def create_app(s: Settings, plane: ControlPlane | None = None, run_loops: bool =
         yield
         current.stop()
 
-    app = FastAPI(
-        title="rankloop control plane",
-        lifespan=lifespan,
-        description="Which model serves: audited promotions and rollbacks, the retraining schedule, the status page.",
-        exception_handlers={RequestValidationError: validation_error},
+    app = new_app(
+        s,
+        "rankloop control plane",
+        "Which model serves: audited promotions and rollbacks, the retraining schedule, the status page.",
+        lifespan,
     )
-    app.state.settings = s
-    app.state.key_gate = KeyGate(KeyStore(s.keys_file), s.auth.required)
-    app.add_middleware(BodyLimit, limit=s.serving.max_body_bytes)
 
     @app.post("/admin/promote", response_model=ModelEvent, responses=ADMIN_ERRORS)
     def promote(body: PromoteRequest, plane: Plane, actor: str = Depends(admin)) -> ModelEvent:
@@ -291,9 +287,9 @@ def create_app(s: Settings, plane: ControlPlane | None = None, run_loops: bool =
         responses={200: {"content": {"text/html": {"example": "<!doctype html><html>…</html>"}}}, **NO_KEY},
         dependencies=[Depends(pages)],
     )
-    def status_page(plane: Plane) -> HTMLResponse:
+    def status_page(request: Request, plane: Plane) -> HTMLResponse:
         """The status page (HTML): what each serving worker serves, the schedule, model history, recent
         trainings with their metric by round, events and labels per minute, dead letters."""
-        return HTMLResponse(plane.status_page())
+        return HTMLResponse(plane.status_page("open" if request.app.state.key_gate.open else "keys"))
 
     return app

@@ -12,14 +12,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 
 from schemas import InteractionEvent
-from services.auth import KeyStore
 from services.config import Settings
 from services.dead_letters import DeadLetterLog, KafkaDeadLetterLog
-from services.http import BodyLimit, KeyGate, validation_error
+from services.http import new_app
 from services.serve.routes import events, health, ranking
 from services.serve.worker import Worker
 from services.storage import open_caches, open_publisher, open_registry
@@ -109,16 +107,13 @@ def create_app(
         yield
         w.stop()
 
-    app = FastAPI(
-        title="rankloop serving worker",
-        lifespan=lifespan,
-        description="Rank with the current champion model and take in what users did with the results.",
-        exception_handlers={RequestValidationError: validation_error},
+    app = new_app(
+        s,
+        "rankloop serving worker",
+        "Rank with the current champion model and take in what users did with the results.",
+        lifespan,
     )
-    app.state.settings = s
     app.state.dead_letters = dead_letters or KafkaDeadLetterLog(s.kafka.address, s.keys.dead_letters)
-    app.state.key_gate = KeyGate(KeyStore(s.keys_file), s.auth.required)
-    app.add_middleware(BodyLimit, limit=s.serving.max_body_bytes)
     if s.serving.cors_origins:  # browsers on these origins may send events and rank (keys still apply)
         app.add_middleware(
             CORSMiddleware,

@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 import faust
-from faust.types import TP
+from faust.types import TP, TableT
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas import DeadLetter
@@ -71,7 +71,7 @@ class FaustRequestTable:
     """A faust table written with the changelog partition named: the partition of the request's input
     messages, whatever the table's key serializer would hash to."""
 
-    def __init__(self, table: faust.Table):
+    def __init__(self, table: TableT):
         self.table = table
 
     def get(self, key: str) -> bytes | None:
