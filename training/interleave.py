@@ -40,8 +40,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import linprog
-from scipy.stats import ttest_1samp
 
 from training.config import InterleaveConfig, InterleaveMethod
 
@@ -102,6 +100,8 @@ def plan(champion: tuple[str, ...], challenger: tuple[str, ...], depth: int) -> 
     distribution of `depth` positions is unbiased (rankings of different documents or lengths can
     make it so), the plan covers fewer positions; one always works. Cached: popular queries repeat,
     and a solve takes milliseconds."""
+    from scipy.optimize import linprog  # here: the admin commands import this module's tags, not scipy (0.5 s)
+
     ranks = ({d: i + 1 for i, d in enumerate(champion)}, {d: i + 1 for i, d in enumerate(challenger)})
     for width in range(min(depth, len(set(champion) | set(challenger))), 0, -1):
         lists = fair_merges(champion, challenger, width)
@@ -232,6 +232,8 @@ class Tally:
             return 1.0
         if np.ptp(x) == 0:
             return 0.0  # every session gave the same non-zero credit
+        from scipy.stats import ttest_1samp
+
         return float(ttest_1samp(x, 0.0).pvalue)
 
     def preference(self) -> float:

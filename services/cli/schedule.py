@@ -40,13 +40,14 @@ def schedule(
     uvicorn.run(create_app(s), host=s.control.host, port=s.control.port, log_level="warning")
 
 
-def _client():
+def _client(writer: bool = False):
+    """MLflow's client; a `writer` makes the experiment if missing (a pause before the first training)."""
     from services.storage import open_registry
     from services.storage.health import require
 
     s = settings()
     require(s, "mlflow")
-    return s, open_registry(s, reader=True).client
+    return s, open_registry(s, reader=not writer).client
 
 
 def _when(t: float | None) -> str:
@@ -97,7 +98,7 @@ def pause(reason: str = typer.Option("paused by an operator", help="shown in sta
     """No training starts until `rankloop schedule resume` (one already running finishes)."""
     from services.control import schedule
 
-    s, client = _client()
+    s, client = _client(writer=True)
     p = schedule.pause(client, s.keys.experiment, by=f"cli:{getpass.getuser()}", reason=reason)
     console.print(f"schedule paused by {p.by}: {p.reason}")
 

@@ -78,12 +78,14 @@ def in_windows(windows: list[str], now: float) -> bool:
 def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        raise InvalidState(f"no MLflow experiment {name!r} yet: run `rankloop up` (or a training) first")
+        raise InvalidState(f"no MLflow experiment {name!r} yet: open the registry as a writer (it makes it)")
     return str(experiment.experiment_id)
 
 
 def paused(client: MlflowClient, experiment: str) -> Pause | None:
-    value = client.get_experiment(_experiment_id(client, experiment)).tags.get(PAUSE_TAG)
+    """The pause in force (None: none, also before the experiment's first training)."""
+    found = client.get_experiment_by_name(experiment)
+    value = found.tags.get(PAUSE_TAG) if found is not None else None
     return Pause.model_validate_json(value) if value else None
 
 

@@ -145,6 +145,19 @@ def test_schedule_status_answers_with_redis_down_from_the_newest_mlflow_run(tmp_
     assert st.last_outcome == "rejected" and st.labels_at_last_run == 1234 and "held-out" in (st.last_message or "")
 
 
+def test_schedule_status_answers_before_the_first_training(tmp_path):
+    """Right after `rankloop up` (an MLflow store, no experiment yet) `schedule status` said "no MLflow
+    experiment yet: run `rankloop up`" and exited 1."""
+    from services.control.schedule import schedule_status
+    from services.storage.memory import MemoryLabelStore, MemoryScheduleState
+    from training.registry import MlflowRegistry
+
+    s = Settings(state_dir=tmp_path)
+    registry = MlflowRegistry.reader(f"sqlite:///{tmp_path}/mlflow.db", "m", tmp_path)
+    st = schedule_status(s, MemoryScheduleState(), MemoryLabelStore([]), registry)
+    assert st.paused is None and st.labels == 0 and st.last_outcome is None and not st.problems
+
+
 def test_the_default_data_paths_are_found_from_any_directory(tmp_path, monkeypatch):
     """`rankloop propensity` read `../shared/data/...` relative to where it was run: from any other
     folder it said the click log was missing."""
