@@ -40,6 +40,7 @@ class StreamMetrics:
         self.events = Counter("rankloop_stream_events", "messages joined, by topic (rate(): events/s)", ["topic"], registry=r)
         self.lag = Gauge("rankloop_stream_lag_messages", "messages on its partitions not yet joined", ["topic"], registry=r)
         self.partitions = Gauge("rankloop_stream_partitions", "input partitions this worker owns now", registry=r)
+        self.recovering = Gauge("rankloop_stream_recovering", "1 while faust restores the join table", registry=r)
         self.labels = Counter("rankloop_stream_labels", "labels (revisions) emitted", registry=r)
         self.dead_letters = Counter("rankloop_stream_dead_letters", "dead letters by reason", ["code"], registry=r)
         self.bursts = Counter("rankloop_click_bursts", "identities found sending a click burst (quarantined)", registry=r)
@@ -211,6 +212,7 @@ def create_app(s: Settings) -> faust.App:
         consumer = app.consumer
         assigned = [tp for tp in consumer.assignment() if tp.topic in (keys.impressions, keys.interactions)]
         metrics.partitions.set(len(assigned))
+        metrics.recovering.set(1 if app.in_recovery else 0)
         try:
             fresh = await asyncio.wait_for(consumer.highwaters(*assigned), REPORT_S)
             ends.clear()

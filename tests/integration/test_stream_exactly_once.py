@@ -70,13 +70,13 @@ def traffic(seed: int, http_share: float):
                 yield route, rid, payload  # resent unchanged
 
 
-def owned_partitions(metrics_port: int) -> int:
-    """How many input partitions a stream worker owns now, by its /metrics (0 when it does not answer)."""
+def gauge(metrics_port: int, name: str) -> int:
+    """A stream worker's gauge, by its /metrics (0 when it does not answer)."""
     try:
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).text
     except httpx.HTTPError:
         return 0
-    return next((int(float(line.split()[-1])) for line in text.splitlines() if line.startswith("rankloop_stream_partitions ")), 0)
+    return next((int(float(line.split()[-1])) for line in text.splitlines() if line.startswith(f"{name} ")), 0)
 
 
 def never_consumed(s: Settings) -> list[str]:
@@ -115,7 +115,7 @@ def test_killing_stream_workers_loses_nothing_and_stores_nothing_twice(tmp_path,
 
         # both workers in the group, each with its share of the input partitions, before any traffic
         def in_group() -> bool:
-            owned = [owned_partitions(port) for port in ports.values()]
+            owned = [gauge(port, "rankloop_stream_partitions") for port in ports.values()]
             return min(owned) > 0 and sum(owned) == 2 * s.kafka.partitions  # impressions' and interactions'
 
         wait_for(in_group, 180, 1, what="both workers owning their partitions")
@@ -153,7 +153,8 @@ def test_killing_stream_workers_loses_nothing_and_stores_nothing_twice(tmp_path,
             settle_labels(s, store, timeout=240)
         except TimeoutError:
             if stuck := never_consumed(s):
-                pytest.xfail(f"{stuck}: messages no worker ever consumed (faust's recovery stalled on Tansu; see the docstring)")
+                recovering = {name: gauge(port, "rankloop_stream_recovering") for name, port in ports.items()}
+                pytest.xfail(f"{stuck}: messages no worker ever consumed; recovering: {recovering} (see the docstring)")
             raise
         dead_log = KafkaDeadLetterLog(s.kafka.address, s.keys.dead_letters, timeout_s=30)
 
