@@ -1,101 +1,121 @@
-"""Building a first-stage index: BM25 (bm25s) over the texts, all-MiniLM-L6-v2 vectors in faiss, the
-texts and titles as memory-mapped columns, and the self-check recorded beside them.
-
-An index is a folder `<state>/index/<version>/`; the version is a hash of the corpus and the encoder,
-so caches keyed by it can never mix two corpora. Document embeddings are cached on disk by content
-hash, so re-indexing an unchanged corpus costs no encoding. Query-time search is
-`training.ranking.first_stage`.
+"""Loading documents into the living index: validated one by one (refused with a reason), stored in
+batches, then applied to BM25 and encoded by the indexer (`training.corpus`). The same path serves
+`rankloop index` (files, BEIR folders) and `build_index` (a BEIR dataset, as the demo and the
+benchmarks use it). Query-time search is `training.ranking.first_stage`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import bm25s
-import faiss
-import numpy as np
-
+from schemas.documents import FieldType, check_document
 from training import self_check
-from training.beir import Dataset, doc_text
+from training.beir import Dataset
+from training.corpus.bm25 import Bm25Index, Lease
+from training.corpus.indexer import Indexer
+from training.corpus.store import DIM, DocumentStore
 from training.progress import Progress, silent
 from training.ranking.encoder import encode, load_encoder
-from training.ranking.first_stage import BM25_WEIGHT, TEXTS_FILE, TITLES_FILE, FirstStage, stemmer
-from training.ranking.text_column import write_text_column
+from training.ranking.first_stage import BM25_FOLDER, STORE_FILE, FirstStage
+
+BATCH = 1000
+LEASE_FILE = "indexer.lock"
+MAX_REPORTED = 20  # refusals listed by a report; all are counted
 
 
-def corpus_version(doc_ids: list[str], texts: list[str], encoder: str) -> str:
-    h = hashlib.sha256(encoder.encode())
-    for d, t in zip(doc_ids, texts):
-        h.update(d.encode())
-        h.update(hashlib.sha1(t.encode()).digest())
-    return h.hexdigest()[:12]
+@dataclass
+class LoadReport:
+    stored: int = 0
+    deleted: int = 0
+    refused: int = 0
+    refusals: list[tuple[int, str | None, str]] = field(default_factory=list)  # (row, id, reason), the first ones
+    applied_by: str | None = None  # None: applied here; else the pid of the indexer that applies them
+
+
+def open_store(state_dir: Path) -> DocumentStore:
+    return DocumentStore(state_dir / "index" / STORE_FILE)
+
+
+def encoder_function(batch_size: int = 32) -> Any:
+    model = load_encoder()
+    return lambda texts: encode(model, texts, batch_size)
+
+
+def load_documents(
+    state_dir: Path,
+    rows: Iterable[dict[str, Any]],
+    fields: dict[str, FieldType] | None = None,
+    replace: bool = False,
+    progress: Progress = silent,
+    batch_size: int = 32,
+) -> LoadReport:
+    """Validates and stores `rows`; with `replace`, deletes the live documents not among them. Then
+    encodes and indexes them here, unless a running indexer holds the lease (it applies them)."""
+    store = open_store(state_dir)
+    if fields:
+        store.declare(fields)
+    declared = store.declared()
+    report, seen, batch = LoadReport(), set(), []
+
+    def flush() -> None:
+        stored, refused, _ = store.upsert([d for _, d in batch])
+        report.stored += len(stored)
+        for i, reason in refused:
+            refuse(batch[i][0], batch[i][1].id, reason)
+        batch.clear()
+        progress("storing documents", report.stored + report.refused, 0)
+
+    def refuse(row: int, doc_id: str | None, reason: str) -> None:
+        report.refused += 1
+        if len(report.refusals) < MAX_REPORTED:
+            report.refusals.append((row, doc_id, reason))
+
+    for n, raw in enumerate(rows, start=1):
+        doc_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+        if "__error__" in raw:
+            refuse(n, None, raw["__error__"])
+            continue
+        try:
+            doc = check_document(raw, declared, DIM)
+        except ValueError as e:
+            refuse(n, doc_id, str(e))
+            continue
+        if doc.id in seen:
+            refuse(n, doc.id, "the same id again in this load (the first one is kept)")
+            continue
+        seen.add(doc.id)
+        batch.append((n, doc))
+        if len(batch) >= BATCH:
+            flush()
+    if batch:
+        flush()
+    if replace:
+        gone = [d for d in store.ids() if d not in seen]
+        for start in range(0, len(gone), BATCH):
+            report.deleted += len(store.delete(gone[start : start + BATCH])[0])
+    lease = Lease(state_dir / "index" / LEASE_FILE)
+    if not lease.acquire():
+        report.applied_by = lease.holder()
+        return report
+    try:
+        Indexer(store, Bm25Index(state_dir / "index" / BM25_FOLDER), encoder_function(batch_size)).catch_up(progress)
+    finally:
+        lease.release()
+    return report
 
 
 def build_index(dataset: Dataset, state_dir: Path, batch_size: int = 32, progress: Progress = silent) -> Path:
-    """Builds (or reuses) the index of a dataset and marks it current. Returns its folder."""
-    doc_ids = list(dataset.corpus)
-    texts = [doc_text(dataset.corpus[d]) for d in doc_ids]
-    version = corpus_version(doc_ids, texts, "all-MiniLM-L6-v2")
-    root = state_dir / "index"
-    folder = root / version
-    if not (folder / "meta.json").exists() or not (folder / TEXTS_FILE).exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        emb = _cached_embeddings(texts, state_dir / "embeddings", batch_size, progress)
-        index = faiss.IndexFlatIP(emb.shape[1])
-        index.add(emb)
-        faiss.write_index(index, str(folder / "dense.faiss"))
-        tokens = bm25s.tokenize(texts, stopwords="en", stemmer=stemmer(), show_progress=False)
-        bm25 = bm25s.BM25()
-        bm25.index(tokens, show_progress=False)
-        bm25.save(str(folder / "bm25"))
-        (folder / "doc_ids.json").write_text(json.dumps(doc_ids))
-        write_text_column(folder / TITLES_FILE, (dataset.corpus[d].get("title", "") for d in doc_ids))
-        write_text_column(folder / TEXTS_FILE, texts)
-        (folder / "meta.json").write_text(
-            json.dumps(
-                {
-                    "version": version,
-                    "dataset": str(dataset.path),
-                    "documents": len(doc_ids),
-                    "encoder": "all-MiniLM-L6-v2",
-                    "bm25_weight": BM25_WEIGHT,
-                },
-                indent=2,
-            )
-        )
-    if not (folder / "self_check.json").exists():
-        self_check.record(FirstStage(folder), dataset)
-    (root / "CURRENT").write_text(version)
+    """Makes the index hold exactly a BEIR dataset's corpus (unchanged documents keep their vectors,
+    so re-indexing costs no encoding) and records its self-check. Returns the index folder."""
+    rows = ({"id": d, "title": doc.get("title") or "", "text": doc.get("text") or ""} for d, doc in dataset.corpus.items())
+    report = load_documents(state_dir, rows, replace=True, progress=progress, batch_size=batch_size)
+    if report.applied_by:
+        raise RuntimeError(f"the indexer of process {report.applied_by} holds the index: stop serving to rebuild it")
+    folder = state_dir / "index"
+    fs = FirstStage(folder)
+    if not self_check.current(fs):
+        self_check.record(fs, dataset)
     return folder
-
-
-def _cached_embeddings(texts: list[str], cache_dir: Path, batch_size: int, progress: Progress) -> np.ndarray:
-    """Embeddings per text, cached on disk by sha1 of the text in chunk files."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
-    key_file, vec_file = cache_dir / "keys.json", cache_dir / "vectors.npy"
-    known: dict[str, int] = {}
-    vectors = None
-    if key_file.exists() and vec_file.exists():
-        known = {k: i for i, k in enumerate(json.loads(key_file.read_text()))}
-        vectors = np.load(vec_file)
-    missing = [i for i, k in enumerate(keys) if k not in known]
-    if missing:
-        model = load_encoder()
-        new = []
-        chunk = 256
-        task = f"embedding {len(missing)} documents"
-        for start in range(0, len(missing), chunk):
-            idx = missing[start : start + chunk]
-            new.append(encode(model, [texts[i] for i in idx], batch_size))
-            progress(task, min(start + chunk, len(missing)), len(missing))
-        new_vecs = np.concatenate(new)
-        vectors = new_vecs if vectors is None else np.concatenate([vectors, new_vecs])
-        all_keys = list(known) + [keys[i] for i in missing]
-        known = {k: i for i, k in enumerate(all_keys)}
-        np.save(vec_file, vectors)
-        key_file.write_text(json.dumps(all_keys))
-    assert vectors is not None
-    return np.stack([vectors[known[k]] for k in keys]).astype(np.float32)

@@ -35,7 +35,7 @@ def _top(fs: FirstStage, queries: list[str], k: int) -> list[list[str]]:
 
 def _depth(fs: FirstStage) -> int:
     """10, or half a tiny corpus (a top 10 of 8 documents holds all of them and would check nothing)."""
-    return max(1, min(10, len(fs.doc_ids) // 2))
+    return max(1, min(10, fs.count() // 2))
 
 
 def record(fs: FirstStage, ds: Dataset) -> dict:
@@ -58,8 +58,16 @@ def record(fs: FirstStage, ds: Dataset) -> dict:
 
 
 def _recorded(fs: FirstStage) -> dict | None:
+    """What was recorded for the generation `fs` serves; None once the corpus changed since (the
+    probes' answers may then rightly differ: the check is of the index as built, not of the corpus)."""
     path = fs.folder / FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    data = json.loads(path.read_text()) if path.exists() else None
+    return data if data and data.get("index_version") == fs.version else None
+
+
+def current(fs: FirstStage) -> bool:
+    """Whether a self-check was recorded for the generation `fs` serves."""
+    return _recorded(fs) is not None
 
 
 def probe(fs: FirstStage) -> str | None:

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 
 import pytest
 
 from training import self_check
-from training.ranking.first_stage import FirstStage
+from training.corpus.bm25 import Bm25Index
+from training.corpus.indexer import Indexer
+from training.corpus.store import DocumentStore
+from training.ranking.first_stage import BM25_FOLDER, STORE_FILE, FirstStage
 
 
 def broken_copy(fs: FirstStage, tmp_path) -> FirstStage:
-    """The same files, but the row -> doc id mapping reversed: every search answers with wrong ids."""
+    """The same generation, but the doc ids of the texts reversed (in the store and BM25): every
+    search answers with wrong ids."""
     folder = tmp_path / fs.folder.name
     shutil.copytree(fs.folder, folder)
-    ids = json.loads((folder / "doc_ids.json").read_text())
-    (folder / "doc_ids.json").write_text(json.dumps(ids[::-1]))
+    db = sqlite3.connect(folder / STORE_FILE, isolation_level=None)
+    ids = [d for (d,) in db.execute("SELECT id FROM documents ORDER BY num")]
+    db.execute("UPDATE documents SET id = '~' || id")
+    for old, new in zip(ids, ids[::-1]):
+        db.execute("UPDATE documents SET id = ? WHERE id = ?", (new, "~" + old))
+    db.close()
+    shutil.rmtree(folder / BM25_FOLDER)
+    store = DocumentStore(folder / STORE_FILE)
+    store.set_applied("bm25", 0)
+    Indexer(store, Bm25Index(folder / BM25_FOLDER), None).catch_up()
     return FirstStage(folder)
 
 

@@ -89,7 +89,7 @@ def test_a_swap_is_warm_the_first_request_after_it_encodes_only_the_query(worker
     promotions_on(registry).promote(registry.add(tiny_model), "test", "test")
     assert worker.check_champion()
     assert worker.serving.reranker.doc_matrix is not None  # computed before the swap
-    assert (tiny_model / reranker_module.doc_matrix_file(worker.first_stage.version)).exists()
+    assert (tiny_model / reranker_module.doc_matrix_file(worker.first_stage.corpus_id)).exists()
     encoded: list[int] = []
     real = reranker_module.encode
     monkeypatch.setattr(

@@ -1,25 +1,28 @@
-"""First stage at query time: BM25 (bm25s) + dense all-MiniLM-L6-v2 vectors (faiss), fused per query.
+"""First stage at query time: BM25 (tantivy) + dense all-MiniLM-L6-v2 vectors (faiss, with ids),
+fused per query, over the living corpus (`training.corpus`).
 
-An index is a folder `<state>/index/<version>/` that `training.indexing` builds; this module only
-reads one and searches it, which is all a serving worker does.
+An index is a folder `<state>/index/`: the document store, the BM25 segments and the self-check.
+`refresh` catches this process up with the store: BM25 by reloading the reader at the indexer's last
+commit, the vectors by applying the changes since the last it read. `version` names the generation
+served (`<corpus id>.<change number>`), so caches keyed by it never answer from an older corpus.
 """
 
 from __future__ import annotations
 
-import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import bm25s
 import faiss
 import numpy as np
-import Stemmer
 
 from schemas import NotFound
+from schemas.documents import Condition
+from training.corpus.bm25 import Bm25Index
+from training.corpus.store import DIM, DocumentStore, StoredDocument
 from training.ranking.encoder import base_model_path, encode, load_encoder
-from training.ranking.text_column import TextColumn
 
-TEXTS_FILE, TITLES_FILE = "texts.utf8", "titles.utf8"  # memory-mapped text columns (text_column.py)
+STORE_FILE, BM25_FOLDER = "documents.sqlite", "bm25"
 BM25_WEIGHT = 0.5  # chosen on SciFact *train* queries: 0.0->0.660, 0.3->0.716, 0.5->0.731, 1.0->0.699
 
 
@@ -29,11 +32,6 @@ class Candidate:
     bm25: float
     dense: float
     fused: float
-
-
-def stemmer() -> Stemmer.Stemmer:
-    """The one stemmer: an index is tokenised with it at build time and every query at search time."""
-    return Stemmer.Stemmer("english")
 
 
 def minmax(x: np.ndarray) -> np.ndarray:
@@ -56,60 +54,129 @@ def fuse(candidates: list[Candidate], bm25_weight: float) -> list[Candidate]:
 
 
 class FirstStage:
-    """Loads an index folder; `search` returns fused candidates best first."""
+    """The living index of one folder; `search` returns fused candidates best first."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        if not (folder / TEXTS_FILE).exists():
-            raise NotFound(f"the index at {folder} was built by an older rankloop: run `rankloop index` to rebuild it")
-        self.meta = json.loads((folder / "meta.json").read_text())
-        self.version: str = self.meta["version"]
-        self.doc_ids: list[str] = json.loads((folder / "doc_ids.json").read_text())
-        self.titles = TextColumn(folder / TITLES_FILE)
-        self.texts = TextColumn(folder / TEXTS_FILE)
-        self.row = {d: i for i, d in enumerate(self.doc_ids)}
-        # memory-mapped: the vectors are read from the page cache every worker on the machine shares
-        self.dense = faiss.read_index(str(folder / "dense.faiss"), faiss.IO_FLAG_MMAP_IFC)
-        # faiss's OpenMP pool next to torch's in one process is a known source of trouble; an exact
-        # search over this many vectors needs no threads
-        faiss.omp_set_num_threads(1)
-        self.bm25 = bm25s.BM25.load(str(folder / "bm25"), mmap=True)
-        self.stemmer = stemmer()
+        if not (folder / STORE_FILE).exists():
+            raise NotFound(f"no document store at {folder}: run `rankloop index` (an index built before rankloop 0.3 is rebuilt)")
+        self.store = DocumentStore(folder / STORE_FILE)
+        self.bm25 = Bm25Index(folder / BM25_FOLDER)
         self.encoder = load_encoder(base_model_path())
-        self.bm25_weight = float(self.meta.get("bm25_weight", BM25_WEIGHT))
+        self.bm25_weight = BM25_WEIGHT
+        # faiss's OpenMP pool next to torch's in one process is a known source of trouble
+        faiss.omp_set_num_threads(1)
+        self.dense = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+        self.doc_of: dict[int, str] = {}  # faiss id (the store's `num`) -> doc id
+        self.num_of: dict[str, int] = {}
+        self.dense_seq = self.bm25_seq = 0
+        self._lock = threading.Lock()  # faiss is not safe to search while it is changed
+        self.refresh()
 
     @classmethod
     def current(cls, state_dir: Path) -> FirstStage:
-        pointer = state_dir / "index" / "CURRENT"
-        if not pointer.exists():
-            raise NotFound(f"no index under {state_dir}/index: run `rankloop index --dataset DIR` first")
-        return cls(state_dir / "index" / pointer.read_text().strip())
+        return cls(index_folder(state_dir))
+
+    @property
+    def version(self) -> str:
+        """The generation served: every change applied here changes it."""
+        return f"{self.store.corpus_id}.{min(self.dense_seq, self.bm25_seq)}"
+
+    @property
+    def corpus_id(self) -> str:
+        return self.store.corpus_id
+
+    def refresh(self) -> bool:
+        """Applies what changed in the store since the last call; True when anything did."""
+        changed = False
+        applied = self.store.applied("bm25")
+        if applied != self.bm25_seq:
+            self.bm25.reload()
+            self.bm25_seq, changed = applied, True
+        while changes := self.store.changes(self.dense_seq, 20_000):
+            nums = np.array([c.num for c in changes], dtype=np.int64)
+            live = [c for c in changes if not c.deleted and c.vector is not None]
+            with self._lock:
+                self.dense.remove_ids(nums)
+                if live:
+                    self.dense.add_with_ids(np.stack([c.vector for c in live]), np.array([c.num for c in live], dtype=np.int64))
+                for c in changes:
+                    if c.deleted:
+                        self.doc_of.pop(c.num, None)
+                        self.num_of.pop(c.id, None)
+                    else:
+                        self.doc_of[c.num], self.num_of[c.id] = c.id, c.num
+                self.dense_seq = changes[-1].seq
+            changed = True
+        return changed
+
+    def count(self) -> int:
+        return len(self.num_of)
 
     def title(self, doc_id: str) -> str:
-        return self.titles[self.row[doc_id]]
+        doc = self.store.live([doc_id]).get(doc_id)
+        return doc.title if doc else ""
 
     def text(self, doc_id: str) -> str:
-        """The text the encoders see (title. abstract)."""
-        return self.texts[self.row[doc_id]]
+        """The text the encoders see (title. text), of a live document or a candidate sent inline."""
+        text = self.store.text(doc_id)
+        if text is None:
+            raise KeyError(doc_id)
+        return text
 
-    def search(self, query: str, k: int = 100) -> list[Candidate]:
-        return self.search_many([query], k)[0]
+    def live(self, doc_ids: list[str]) -> dict[str, StoredDocument]:
+        return self.store.live(doc_ids)
 
-    def search_many(self, queries: list[str], k: int = 100) -> list[list[Candidate]]:
-        n = len(self.doc_ids)
-        k = min(k, n)
+    def content_keys(self, doc_ids: list[str]) -> dict[str, str]:
+        return self.store.content_keys(doc_ids)
+
+    def search(self, query: str, k: int = 100, conditions: list[Condition] | None = None) -> list[Candidate]:
+        return self.search_many([query], k, conditions)[0]
+
+    def search_many(self, queries: list[str], k: int = 100, conditions: list[Condition] | None = None) -> list[list[Candidate]]:
+        """Each query's best `k` by fused score, among the documents passing `conditions` (filters
+        apply inside both searches, before `k` is cut)."""
+        within = self.store.matching(conditions) if conditions else None
         q_emb = encode(self.encoder, queries)
-        _d_scores, d_idx = self.dense.search(q_emb, k)
-        tokens = bm25s.tokenize(queries, stopwords="en", stemmer=self.stemmer, show_progress=False)
-        b_idx, b_scores = self.bm25.retrieve(tokens, k=k, show_progress=False, n_threads=0)
+        with self._lock:
+            params = None
+            if within is not None:
+                nums = np.array([self.num_of[d] for d in within if d in self.num_of], dtype=np.int64)
+                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(nums))
+            kd = min(k, self.dense.ntotal)
+            d_idx = self.dense.search(q_emb, kd, params=params)[1] if kd else np.zeros((len(queries), 0), dtype=np.int64)
         out = []
-        for qi in range(len(queries)):
-            bm = {int(i): float(s) for i, s in zip(b_idx[qi], b_scores[qi]) if s > 0}
-            rows = list(dict.fromkeys([int(i) for i in d_idx[qi] if i >= 0] + list(bm)))
-            vecs = np.stack([self.dense.reconstruct(r) for r in rows])
-            dense = vecs @ q_emb[qi]
-            bm25 = np.array([bm.get(r, 0.0) for r in rows], dtype=np.float32)
+        for qi, query in enumerate(queries):
+            bm = dict(self.bm25.search(query, k, within))
+            ids = list(dict.fromkeys([self.doc_of[int(n)] for n in d_idx[qi] if n >= 0 and int(n) in self.doc_of] + list(bm)))
+            if not ids:
+                out.append([])
+                continue
+            dense = self._similarity(ids, q_emb[qi])
+            bm25 = np.array([bm.get(d, 0.0) for d in ids], dtype=np.float32)
             fused = self.bm25_weight * minmax(bm25) + (1 - self.bm25_weight) * minmax(dense)
-            order = np.argsort(-fused)[:k]
-            out.append([Candidate(self.doc_ids[rows[j]], float(bm25[j]), float(dense[j]), float(fused[j])) for j in order])
+            order = np.argsort(-fused, kind="stable")[:k]
+            out.append([Candidate(ids[j], float(bm25[j]), float(dense[j]), float(fused[j])) for j in order])
         return out
+
+    def _similarity(self, ids: list[str], q: np.ndarray) -> np.ndarray:
+        """Cosine of each document's vector to the query; a document not encoded yet (or applied to
+        BM25 before this process read its vector) gets the lowest score among them."""
+        sims = np.full(len(ids), np.nan, dtype=np.float32)
+        with self._lock:
+            for i, d in enumerate(ids):
+                num = self.num_of.get(d)
+                if num is not None:
+                    try:
+                        sims[i] = float(self.dense.reconstruct(num) @ q)
+                    except RuntimeError:  # no vector yet
+                        pass
+        known = sims[~np.isnan(sims)]
+        return np.nan_to_num(sims, nan=float(known.min()) if known.size else 0.0)
+
+
+def index_folder(state_dir: Path) -> Path:
+    folder = state_dir / "index"
+    if not (folder / STORE_FILE).exists():
+        raise NotFound(f"no index under {state_dir}/index: run `rankloop index --input FILE` (or --dataset DIR) first")
+    return folder

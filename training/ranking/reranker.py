@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
+from training.corpus.store import content_key
 from training.progress import Progress, silent
 from training.ranking.embedding_cache import EmbeddingCache, MemoryEmbeddingCache
 from training.ranking.encoder import encode, load_encoder
@@ -90,26 +91,34 @@ class Reranker:
         self.memory_queries = list(self.prior)
         self.memory = memory_embeddings(self.model, self.folder, self.memory_queries)
         self.doc_matrix: np.ndarray | None = None  # this version's embedding of every indexed doc (see `warm`)
-        self.doc_rows: dict[str, int] = {}
+        self.doc_rows: dict[str, tuple[int, str]] = {}  # doc_id -> (row, content key embedded)
+        self.index: FirstStage | None = None
 
     def warm(self, index: FirstStage, batch: int = 256, progress: Progress = silent) -> Reranker:
         """Makes every document of `index` cost a row lookup instead of an encoding: loads this
-        version's embedding matrix for that index (memory-mapped, shared by every process on the
+        version's embedding matrix for that corpus (memory-mapped, shared by every process on the
         machine), computing and saving it first when the folder has none. A training computes it
         with the version; a serving worker that meets a version without one computes it *before*
-        it swaps, so a promotion never starts with a cold cache."""
-        path = self.folder / doc_matrix_file(index.version)
-        if not path.exists():
-            texts = [index.text(d) for d in index.doc_ids]
-            parts = []
-            for start in range(0, len(texts), batch):
-                parts.append(encode(self.model, texts[start : start + batch]).astype(np.float16))
-                progress(f"embedding {len(texts)} documents for version {self.version}", start + len(parts[-1]), len(texts))
+        it swaps, so a promotion never starts with a cold cache. A row is used only while its
+        document's text is what was embedded: an edited document is embedded again (and cached)."""
+        path = self.folder / doc_matrix_file(index.corpus_id)
+        rows_path = path.with_suffix(".rows.json")
+        if not path.exists() or not rows_path.exists():
+            total, parts, rows = index.count(), [], {}
+            for chunk in index.store.iter_live(batch):
+                parts.append(encode(self.model, [body for _, _, body in chunk]).astype(np.float16))
+                for doc_id, key, _ in chunk:
+                    rows[doc_id] = [len(rows), key]
+                progress(f"embedding {total} documents for version {self.version}", len(rows), total)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
             np.save(tmp, np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float16))
+            rows_tmp = rows_path.with_suffix(f".{os.getpid()}.tmp")
+            rows_tmp.write_text(json.dumps(rows))
+            rows_tmp.replace(rows_path)
             tmp.replace(path)  # atomic: another process never reads half a matrix
+        self.doc_rows = {d: (int(r), key) for d, (r, key) in json.loads(rows_path.read_text()).items()}
         self.doc_matrix = np.load(path, mmap_mode="r")
-        self.doc_rows = index.row
+        self.index = index
         return self
 
     def with_mix(self, mix: Mix, unfamiliar: Mix | None = None) -> Reranker:
@@ -132,15 +141,27 @@ class Reranker:
         return self.unfamiliar_mix
 
     def doc_embeddings(self, doc_ids: list[str], text: Callable[[str], str]) -> np.ndarray:
-        if self.doc_matrix is not None and all(d in self.doc_rows for d in doc_ids):
-            return np.asarray(self.doc_matrix[[self.doc_rows[d] for d in doc_ids]], dtype=np.float32)
-        found = self.cache.get_many(self.version, doc_ids)
-        missing = [d for d in doc_ids if d not in found]
-        if missing:
-            fresh = dict(zip(missing, encode(self.model, [text(d) for d in missing])))
-            self.cache.put_many(self.version, fresh)
-            found.update(fresh)
-        return np.stack([found[d] for d in doc_ids])
+        """This version's embeddings of the documents as they are now: a matrix row while the text is
+        the one embedded, else the cache keyed by the document's content (an edit is a new key)."""
+        keys = self.index.content_keys(doc_ids) if self.index is not None else {}
+        out: dict[str, np.ndarray] = {}
+        cached: dict[str, str] = {}  # doc_id -> its cache key
+        for d in doc_ids:
+            key = keys.get(d) or content_key(text(d))
+            row = self.doc_rows.get(d)
+            if self.doc_matrix is not None and row is not None and row[1] == key:
+                out[d] = np.asarray(self.doc_matrix[row[0]], dtype=np.float32)
+            else:
+                cached[d] = f"{d}@{key}"
+        if cached:
+            found = self.cache.get_many(self.version, list(cached.values()))
+            missing = [d for d, k in cached.items() if k not in found]
+            if missing:
+                fresh = encode(self.model, [text(d) for d in missing])
+                self.cache.put_many(self.version, {cached[d]: v for d, v in zip(missing, fresh)})
+                found.update({cached[d]: v for d, v in zip(missing, fresh)})
+            out.update({d: found[k] for d, k in cached.items()})
+        return np.stack([out[d] for d in doc_ids])
 
     def embed_query(self, query: str) -> np.ndarray:
         """The query as this version embeds it (what `features` compares documents with)."""
@@ -197,9 +218,9 @@ def memory_embeddings(model: SentenceTransformer, folder: Path, queries: list[st
     return encode(model, queries)
 
 
-def doc_matrix_file(index_version: str) -> str:
-    """The file holding a version's embeddings of the documents of one index."""
-    return f"doc_embeddings-{index_version}.npy"
+def doc_matrix_file(corpus_id: str) -> str:
+    """The file holding a version's embeddings of the documents of one corpus."""
+    return f"doc_embeddings-{corpus_id}.npy"
 
 
 def save_model_folder(

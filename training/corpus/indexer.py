@@ -1,0 +1,60 @@
+"""The indexer: applies the store's changes to BM25 and encodes documents that came without a vector.
+
+One process of a machine holds the indexer's lease (`bm25.Lease`) and runs `catch_up` in a loop; a
+serving worker takes it when free (so a corpus stays live with nothing else running), `rankloop
+index` takes it for a bulk load. Each worker's dense vectors catch up on their own
+(`FirstStage.refresh`): vectors live in the store, so only BM25 has a single writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from training.corpus.bm25 import Bm25Index, Bm25Writer
+from training.corpus.store import DocumentStore
+from training.progress import Progress, silent
+
+Encode = Callable[[list[str]], np.ndarray]
+APPLY_BATCH = 5000
+
+
+class Indexer:
+    def __init__(self, store: DocumentStore, bm25: Bm25Index, encode: Encode | None, encode_batch: int = 64):
+        self.store = store
+        self.writer = Bm25Writer(bm25)
+        self.encode = encode
+        self.encode_batch = encode_batch
+
+    def catch_up(self, progress: Progress = silent) -> int:
+        """Encodes what lacks a vector, then applies every change up to the store's head to BM25.
+        Returns the number of changes applied."""
+        self.encode_missing(progress)
+        applied, done = self.store.applied("bm25"), 0
+        total = max(0, self.store.head() - applied)
+        while changes := self.store.changes(applied, APPLY_BATCH):
+            for c in changes:
+                if c.deleted:
+                    self.writer.delete(c.id)
+                else:
+                    self.writer.upsert(c.id, c.body)
+            self.writer.commit()  # then recorded: a crash in between re-applies, which changes nothing
+            applied = changes[-1].seq
+            self.store.set_applied("bm25", applied)
+            done += len(changes)
+            progress("indexing BM25", min(done, total) if total else done, max(total, done))
+        return done
+
+    def encode_missing(self, progress: Progress = silent) -> int:
+        """Encodes the live documents stored without a vector, in batches (resumable: each batch is
+        stored as it is done). Returns how many were encoded."""
+        if self.encode is None:
+            return 0
+        done = 0
+        while rows := self.store.missing_vectors(self.encode_batch * 4):
+            vectors = self.encode([body for _, _, body in rows])
+            self.store.set_vectors([(num, key, v) for (num, key, _), v in zip(rows, vectors)])
+            done += len(rows)
+            progress("embedding documents", done, done + len(self.store.missing_vectors(100_000)))
+        return done

@@ -1,0 +1,316 @@
+"""The document store: the corpus's source of truth, an SQLite file in WAL mode beside the index.
+
+Every upsert or delete is one transaction that numbers the change (`seq`); it is acknowledged only
+after the commit reached the disk (`synchronous=FULL`), so an acknowledged change survives a kill -9
+of any process. The indexes are views of the store: BM25 and every worker's vectors catch up by
+reading the changes after the last they applied, which makes a crash mid-apply harmless (an
+upsert applied twice is the same document). A deleted document stays as a tombstone row, so a worker
+that was behind learns of the delete; its text and vector are cleared.
+
+`num`, a document's integer row, never changes for an id: it is the id faiss knows the vector by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from schemas import InvalidInput
+from schemas.documents import Condition, Document, FieldType
+
+DIM = 384  # all-MiniLM-L6-v2
+FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fields(name TEXT PRIMARY KEY, type TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents(
+  num INTEGER PRIMARY KEY,
+  id TEXT UNIQUE NOT NULL,
+  title TEXT NOT NULL DEFAULT '',
+  body TEXT NOT NULL DEFAULT '',
+  fields TEXT NOT NULL DEFAULT '{}',
+  vector BLOB,
+  content TEXT NOT NULL DEFAULT '',
+  version INTEGER,
+  updated_at REAL,
+  deleted INTEGER NOT NULL DEFAULT 0,
+  seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS documents_seq ON documents(seq);
+CREATE TABLE IF NOT EXISTS inline_documents(id TEXT PRIMARY KEY, title TEXT NOT NULL, body TEXT NOT NULL, content TEXT NOT NULL);
+"""
+
+
+def content_key(body: str) -> str:
+    """What a document's embeddings are keyed by: an edit changes it, so no old vector is ever reused."""
+    return hashlib.sha1(body.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Change:
+    """A document's state as of change `seq` (deleted: a tombstone)."""
+
+    num: int
+    id: str
+    body: str
+    fields: dict
+    vector: np.ndarray | None
+    deleted: bool
+    seq: int
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    id: str
+    title: str
+    fields: dict
+    content: str
+
+
+class DocumentStore:
+    """One SQLite file, shared by every process of a machine (one connection per thread)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._db() as db:
+            db.executescript(SCHEMA)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('corpus_id', ?)", (uuid.uuid4().hex[:12],))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0')")
+        self.corpus_id: str = self._meta("corpus_id") or ""
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before a write is acknowledged
+            self._local.db = db
+        return db
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _next_seq(self, db: sqlite3.Connection) -> int:
+        seq = int(db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]) + 1
+        db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(seq),))
+        return seq
+
+    def head(self) -> int:
+        """The number of the last change."""
+        return int(self._meta("seq") or 0)
+
+    # ---- declared fields --------------------------------------------------------------------
+    def declared(self) -> dict[str, FieldType]:
+        return {n: FieldType(t) for n, t in self._db().execute("SELECT name, type FROM fields")}
+
+    def declare(self, fields: dict[str, FieldType]) -> None:
+        """Declares filterable fields; a field keeps its type (changing it would orphan stored values)."""
+        import re
+
+        known = self.declared()
+        for name, kind in fields.items():
+            if not re.match(FIELD_NAME, name):
+                raise InvalidInput(f"field name {name!r}: letters, digits and _ only, starting with a letter")
+            if name in known and known[name] is not kind:
+                raise InvalidInput(f"field {name!r} is declared as {known[name].value}, not {kind.value}")
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany("INSERT OR IGNORE INTO fields VALUES (?, ?)", [(n, k.value) for n, k in fields.items()])
+        db.execute("COMMIT")
+
+    # ---- writes -----------------------------------------------------------------------------
+    def upsert(self, docs: list[Document]) -> tuple[list[str], list[tuple[int, str]], int]:
+        """Stores the documents in one transaction. Returns the stored ids, (index, reason) of the
+        ones refused as older than what is stored, and the change number."""
+        db = self._db()
+        stored, refused = [], []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            seq = self._next_seq(db)
+            for i, doc in enumerate(docs):
+                row = db.execute(
+                    "SELECT version, updated_at, content, vector, deleted FROM documents WHERE id = ?", (doc.id,)
+                ).fetchone()
+                if row and not row[4] and (problem := _older(doc, row[0], row[1])):
+                    refused.append((i, problem))
+                    continue
+                body = doc.content()
+                key = content_key(body)
+                if doc.vector is not None:
+                    vector = np.asarray(doc.vector, dtype=np.float32).tobytes()
+                else:  # an unchanged text keeps its vector; a new one is encoded by the indexer
+                    vector = row[3] if row and row[2] == key and not row[4] else None
+                db.execute(
+                    "INSERT INTO documents(id, title, body, fields, vector, content, version, updated_at, deleted, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT(id) DO UPDATE SET title=excluded.title, "
+                    "body=excluded.body, fields=excluded.fields, vector=excluded.vector, content=excluded.content, "
+                    "version=excluded.version, updated_at=excluded.updated_at, deleted=0, seq=excluded.seq",
+                    (doc.id, doc.title, body, json.dumps(doc.fields), vector, key, doc.version, doc.updated_at, seq),
+                )
+                stored.append(doc.id)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return stored, refused, seq
+
+    def delete(self, ids: list[str]) -> tuple[list[str], list[str], int]:
+        """Tombstones the documents. Returns (deleted, missing, change number)."""
+        db = self._db()
+        deleted, missing = [], []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            seq = self._next_seq(db)
+            for doc_id in dict.fromkeys(ids):
+                cur = db.execute(
+                    "UPDATE documents SET deleted=1, body='', title='', fields='{}', vector=NULL, content='', seq=? "
+                    "WHERE id = ? AND deleted = 0",
+                    (seq, doc_id),
+                )
+                (deleted if cur.rowcount else missing).append(doc_id)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return deleted, missing, seq
+
+    def set_vectors(self, vectors: list[tuple[int, str, np.ndarray]]) -> int:
+        """Stores encoded vectors as (num, content key, vector), each only if the document still has
+        that content (an edit since the encoding began wins). One change number for all."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            seq = self._next_seq(db)
+            db.executemany(
+                "UPDATE documents SET vector = ?, seq = ? WHERE num = ? AND content = ? AND deleted = 0",
+                [(np.asarray(v, dtype=np.float32).tobytes(), seq, num, key) for num, key, v in vectors],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return seq
+
+    def keep_inline(self, docs: list[tuple[str, str, str]]) -> None:
+        """Keeps the (id, title, body) of candidates an application sent inline to /rerank, so a
+        training on their labels can read them."""
+        rows = [(d, t, b, content_key(b)) for d, t, b in docs]
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            "INSERT INTO inline_documents VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET title=excluded.title, "
+            "body=excluded.body, content=excluded.content WHERE inline_documents.content != excluded.content",
+            rows,
+        )
+        db.execute("COMMIT")
+
+    def set_applied(self, name: str, seq: int) -> None:
+        db = self._db()
+        db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (f"applied:{name}", str(seq)))
+
+    def applied(self, name: str) -> int:
+        """The last change an index named `name` applied (0: none)."""
+        return int(self._meta(f"applied:{name}") or 0)
+
+    # ---- reads ------------------------------------------------------------------------------
+    def changes(self, after: int, limit: int = 5000) -> list[Change]:
+        rows = self._db().execute(
+            "SELECT num, id, body, fields, vector, deleted, seq FROM documents WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        )
+        return [
+            Change(n, d, b, json.loads(f), None if v is None else np.frombuffer(v, dtype=np.float32), bool(x), s)
+            for n, d, b, f, v, x, s in rows
+        ]
+
+    def missing_vectors(self, limit: int) -> list[tuple[int, str, str]]:
+        """(num, content key, body) of live documents waiting to be encoded."""
+        return list(
+            self._db().execute("SELECT num, content, body FROM documents WHERE vector IS NULL AND deleted = 0 LIMIT ?", (limit,))
+        )
+
+    def live(self, ids: list[str]) -> dict[str, StoredDocument]:
+        """The live documents among `ids` (deleted and unknown ones are absent)."""
+        out: dict[str, StoredDocument] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for d, t, f, c in self._db().execute(
+                f"SELECT id, title, fields, content FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk
+            ):
+                out[d] = StoredDocument(d, t, json.loads(f), c)
+        return out
+
+    def content_keys(self, ids: list[str]) -> dict[str, str]:
+        """Content keys of the live and inline documents among `ids`."""
+        out: dict[str, str] = {}
+        for table, live in (("inline_documents", ""), ("documents", "deleted = 0 AND")):
+            marks = ",".join("?" * len(ids))
+            out.update(self._db().execute(f"SELECT id, content FROM {table} WHERE {live} id IN ({marks})", ids))
+        return out
+
+    def text(self, doc_id: str) -> str | None:
+        """The text the encoders see, of a live or an inline document."""
+        db = self._db()
+        row = db.execute("SELECT body FROM documents WHERE id = ? AND deleted = 0", (doc_id,)).fetchone()
+        row = row or db.execute("SELECT body FROM inline_documents WHERE id = ?", (doc_id,)).fetchone()
+        return row[0] if row else None
+
+    def count(self) -> int:
+        return int(self._db().execute("SELECT count(*) FROM documents WHERE deleted = 0").fetchone()[0])
+
+    def ids(self) -> list[str]:
+        return [d for (d,) in self._db().execute("SELECT id FROM documents WHERE deleted = 0 ORDER BY num")]
+
+    def iter_live(self, batch: int = 1000) -> Iterator[list[tuple[str, str, str]]]:
+        """(id, content key, body) of every live document, in batches."""
+        last = 0
+        while True:
+            rows = list(
+                self._db().execute(
+                    "SELECT num, id, content, body FROM documents WHERE deleted = 0 AND num > ? ORDER BY num LIMIT ?", (last, batch)
+                )
+            )
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [(d, c, b) for _, d, c, b in rows]
+
+    def matching(self, conditions: list[Condition]) -> list[str]:
+        """Ids of the live documents whose fields pass every condition (filters, `schemas.documents`)."""
+        where, args = ["deleted = 0"], []
+        for c in conditions:
+            path = f"$.{c.field}"  # declared names only: letters, digits and _
+            if c.range is not None:
+                for op, bound in (("gte", ">="), ("gt", ">"), ("lte", "<="), ("lt", "<")):
+                    value = getattr(c.range, op)
+                    if value is not None:
+                        where.append(f"json_type(fields, ?) IN ('integer', 'real') AND json_extract(fields, ?) {bound} ?")
+                        args += [path, path, value]
+            else:
+                values = [c.equals] if c.equals is not None else list(c.any_of or [])
+                marks = ",".join("?" * len(values))
+                where.append(f"EXISTS (SELECT 1 FROM json_each(fields, ?) WHERE json_each.value IN ({marks}))")
+                args += [path, *values]
+        return [d for (d,) in self._db().execute(f"SELECT id FROM documents WHERE {' AND '.join(where)}", args)]
+
+
+def _older(doc: Document, version: int | None, updated_at: float | None) -> str | None:
+    """Why an upsert must not replace what is stored (None: it may)."""
+    if doc.version is not None and version is not None and doc.version < version:
+        return f"version {doc.version} is older than the stored version {version}"
+    if doc.version is None and doc.updated_at is not None and updated_at is not None and doc.updated_at < updated_at:
+        return f"updated_at {doc.updated_at} is older than the stored {updated_at}"
+    return None
