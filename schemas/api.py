@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from schemas.events import Id, Identity, QueryText, RejectCode
+from schemas.documents import MAX_TEXT_CHARS, FieldValue, Filters
+from schemas.events import Id, Identity, QueryText, RejectCode, encodable
+
+MAX_RERANK_CANDIDATES = 1000
 
 
 class RankRequest(BaseModel):
@@ -15,7 +18,10 @@ class RankRequest(BaseModel):
         extra="forbid",
         strict=True,
         json_schema_extra={
-            "examples": [{"query": "does vitamin D prevent fractures?", "k": 10, "user": "u-42", "session": "s-7"}]
+            "examples": [
+                {"query": "does vitamin D prevent fractures?", "k": 10, "user": "u-42", "session": "s-7"},
+                {"query": "vitamin D", "k": 5, "filters": {"lang": "en", "year": {"gte": 2020}}, "fields": True},
+            ]
         },
     )
 
@@ -23,6 +29,51 @@ class RankRequest(BaseModel):
     k: Annotated[int, Field(ge=1, le=100)] = 10
     user: Identity | None = None
     session: Identity | None = None
+    filters: Filters | None = Field(
+        None,
+        description='over declared fields: a value is exact ("lang": "en"), a list is any of ("tags": ["a", "b"]), '
+        'an object a range ("year": {"gte": 2020}); applied before k is cut; an undeclared field is a 422',
+    )
+    fields: bool = Field(False, description="return each document's fields")
+
+
+class InlineCandidate(BaseModel):
+    """A candidate the application sends with its text (it is not in the index)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: Id
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(encodable)]
+    title: Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(encodable)] = ""
+    fields: dict[str, FieldValue] | None = None
+
+
+class RerankRequest(BaseModel):
+    """The application's own candidates, reranked by the served model (as Cohere's and Metarank's
+    rerank APIs take them): ids of indexed documents, or inline documents, or both."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "query": "does vitamin D prevent fractures?",
+                    "candidates": [
+                        "4983",
+                        {"id": "kb-17", "title": "Vitamin D FAQ", "text": "Vitamin D helps the body absorb calcium ..."},
+                    ],
+                    "top_n": 2,
+                    "user": "u-42",
+                }
+            ]
+        },
+    )
+
+    query: QueryText
+    candidates: Annotated[list[Id | InlineCandidate], Field(min_length=1, max_length=MAX_RERANK_CANDIDATES)]
+    top_n: Annotated[int, Field(ge=1, le=MAX_RERANK_CANDIDATES)] | None = Field(None, description="how many to return; none: all")
+    user: Identity | None = None
+    session: Identity | None = None
+    fields: bool = Field(False, description="return each document's fields")
 
 
 class RankedItem(BaseModel):
@@ -30,6 +81,7 @@ class RankedItem(BaseModel):
     score: float
     position: int = Field(description="1-based rank shown to the user")
     title: str
+    fields: dict[str, FieldValue] | None = Field(None, description="the document's fields, when asked for")
 
 
 class RankResponse(BaseModel):

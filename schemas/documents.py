@@ -77,7 +77,9 @@ def check_document(raw: Any, declared: dict[str, FieldType], dim: int) -> Docume
     try:
         doc = Document.model_validate(raw)
     except ValidationError as e:
-        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc'])) or 'document'}: {err['msg']}" for err in e.errors())) from None
+        raise ValueError(
+            "; ".join(f"{'.'.join(map(str, err['loc'])) or 'document'}: {err['msg']}" for err in e.errors())
+        ) from None
     problems = []
     encodable(doc.title)
     encodable(doc.text)

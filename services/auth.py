@@ -29,6 +29,7 @@ KEY_PREFIX = "rk_"
 class Scope(str, Enum):
     rank = "rank"  # POST /rank, GET /model
     events_write = "events:write"  # POST /events
+    documents_write = "documents:write"  # PUT /documents, DELETE /documents
     admin = "admin"  # everything, including moving the model
 
 
@@ -79,7 +80,7 @@ class KeyStore:
         if any(k.name == name and k.revoked_at is None for k in keys.keys):
             raise InvalidInput(f"a key named {name!r} exists; revoke it first or choose another name")
         if not scopes:
-            raise InvalidInput("a key needs at least one scope: rank, events:write, admin")
+            raise InvalidInput("a key needs at least one scope: rank, events:write, documents:write, admin")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(name=name, sha256=digest(secret), scopes=sorted(set(scopes), key=lambda s: s.value), created_at=time.time())
         keys.keys.append(key)

@@ -19,6 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from schemas.documents import FieldType
 from services.keys import DEPLOYMENT_PATTERN, Keys
 from training.config import GateConfig, InterleaveConfig, TrainConfig
 from training.labels.rules import LabelRules
@@ -122,6 +123,16 @@ class ServingSettings(Group):
     )
 
 
+class CorpusSettings(Group):
+    fields: dict[str, FieldType] = Field(
+        default_factory=dict,
+        description='filterable document fields and their types ({"lang": "keyword", "year": "number"}); declared in '
+        "the index at start, as `rankloop index --field` does",
+    )
+    refresh_s: float = Field(0.5, gt=0, description="how often a serving worker catches up with document changes")
+    max_batch: int = Field(1000, ge=1, description="documents per PUT /documents")
+
+
 class StreamSettings(Group):
     join_window_s: float = Field(1800.0, gt=0, description="how long an interaction may follow its impression")
     session_timeout_s: float = Field(
@@ -205,6 +216,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     mlflow: MlflowSettings = MlflowSettings()
     serving: ServingSettings = ServingSettings()
+    corpus: CorpusSettings = CorpusSettings()
     control: ControlSettings = ControlSettings()
     auth: AuthSettings = AuthSettings()
     stream: StreamSettings = StreamSettings()

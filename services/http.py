@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from schemas import ErrorBody
+from schemas import ErrorBody, InvalidInput
 from services.auth import ApiKey, KeyStore, Scope
 from services.config import Settings
 
@@ -46,7 +46,10 @@ def new_app(s: Settings, title: str, description: str, lifespan: Callable[[FastA
     """An app of either HTTP process: 422s without the input echoed, the body limit, the settings and
     the key gate in `app.state` (the dependencies below read them)."""
     app = FastAPI(
-        title=title, lifespan=lifespan, description=description, exception_handlers={RequestValidationError: validation_error}
+        title=title,
+        lifespan=lifespan,
+        description=description,
+        exception_handlers={RequestValidationError: validation_error, InvalidInput: invalid_input},
     )
     app.state.settings = s
     app.state.key_gate = KeyGate(KeyStore(s.keys_file), s.auth.required)
@@ -146,3 +149,9 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
     detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errors]
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def invalid_input(request: Request, exc: Exception) -> JSONResponse:
+    """A request that passed its schema but not the server's checks (an undeclared filter field, an
+    unknown candidate id): 422 with what was wrong."""
+    return JSONResponse({"detail": str(exc)}, status_code=422)

@@ -35,6 +35,7 @@ from schemas import (
     Rejection,
     RequestFailed,
 )
+from schemas.documents import DeletedResponse, DocumentsResponse
 from services.keys import Keys
 
 log = logging.getLogger("rankloop.sdk")
@@ -96,11 +97,55 @@ class RankloopClient(EventHelpers[EventsResponse]):
 
             self.producer = KafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=5, retries=5)
 
-    def rank(self, query: str, k: int = 10, user: str | None = None, session: str | None = None) -> RankResponse:
-        r = self.http.post("/rank", json={"query": query, "k": k, "user": user, "session": session})
+    def rank(
+        self,
+        query: str,
+        k: int = 10,
+        user: str | None = None,
+        session: str | None = None,
+        filters: dict[str, Any] | None = None,
+        fields: bool = False,
+    ) -> RankResponse:
+        """The top `k` for a query, among documents passing `filters` (`{"lang": "en", "year": {"gte": 2020}}`)."""
+        body: dict[str, Any] = {"query": query, "k": k, "user": user, "session": session}
+        if filters:
+            body["filters"] = filters
+        if fields:
+            body["fields"] = True
+        r = self.http.post("/rank", json=body)
         if r.status_code != 200:
             raise RequestFailed(f"/rank answered {r.status_code}: {r.text}")
         return RankResponse.model_validate(r.json())
+
+    def rerank(
+        self,
+        query: str,
+        candidates: Sequence[str | dict[str, Any]],
+        top_n: int | None = None,
+        user: str | None = None,
+        session: str | None = None,
+    ) -> RankResponse:
+        """Your own candidates in the served model's order: ids of indexed documents, or inline
+        `{"id", "text", "title"?}` documents. Report clicks on the answer as for `rank`."""
+        body = {"query": query, "candidates": list(candidates), "top_n": top_n, "user": user, "session": session}
+        r = self.http.post("/rerank", json=body)
+        if r.status_code != 200:
+            raise RequestFailed(f"/rerank answered {r.status_code}: {r.text}")
+        return RankResponse.model_validate(r.json())
+
+    def put_documents(self, documents: Sequence[dict[str, Any]]) -> DocumentsResponse:
+        """Upserts documents (`schemas.documents.Document`); each is stored or refused with its reason."""
+        r = self.http.put("/documents", json=list(documents))
+        if r.status_code not in (200, 422):
+            raise RequestFailed(f"/documents answered {r.status_code}: {r.text}")
+        return DocumentsResponse.model_validate(r.json())
+
+    def delete_documents(self, ids: Sequence[str]) -> DeletedResponse:
+        """Deletes documents: once this returns, no answer shows them."""
+        r = self.http.post("/documents/delete", json={"ids": list(ids)})
+        if r.status_code != 200:
+            raise RequestFailed(f"/documents/delete answered {r.status_code}: {r.text}")
+        return DeletedResponse.model_validate(r.json())
 
     def event(
         self, request_id: str, doc_id: str, type: str | InteractionType, value: float | None = None, event_id: str | None = None

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas.documents import FieldType, check_document
+from schemas.documents import Document, FieldType, check_document
 from training import self_check
 from training.beir import Dataset
 from training.corpus.bm25 import Bm25Index, Lease
@@ -58,7 +58,8 @@ def load_documents(
     if fields:
         store.declare(fields)
     declared = store.declared()
-    report, seen, batch = LoadReport(), set(), []
+    report, seen = LoadReport(), set()
+    batch: list[tuple[int, Document]] = []
 
     def flush() -> None:
         stored, refused, _ = store.upsert([d for _, d in batch])

@@ -133,7 +133,8 @@ def register_versions(s: Settings, registry: MlflowRegistry, fs: FirstStage, ds:
     feedback memory of `memory_size` queries."""
     queries = list(ds.queries.values())
     remembered = [f"{queries[i % len(queries)]} ({i // len(queries)})" for i in range(memory_size)]
-    memory = {q: {fs.doc_ids[i % len(fs.doc_ids)]: 1.0} for i, q in enumerate(remembered)}
+    doc_ids = fs.store.ids()
+    memory = {q: {doc_ids[i % len(doc_ids)]: 1.0} for i, q in enumerate(remembered)}
     base = load_encoder()
     versions = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,10 +15,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from schemas import InteractionEvent
+from schemas.documents import Document
 from services.config import Settings
 from services.dead_letters import DeadLetterLog, KafkaDeadLetterLog
 from services.http import new_app
-from services.serve.routes import events, health, ranking
+from services.serve.routes import documents, events, health, ranking
 from services.serve.worker import Worker
 from services.storage import open_caches, open_publisher, open_registry
 from services.storage.health import status
@@ -35,6 +36,8 @@ def build_worker(s: Settings) -> Worker:
         if not c.up:
             log.warning("%s at %s is down: serving without it until it is back", c.name, c.address)
     first_stage = FirstStage.current(s.state_dir)
+    if s.corpus.fields:
+        first_stage.store.declare(s.corpus.fields)
     caches = open_caches(s.redis_url, s.keys, s.serving.cache_ttl_s, int(s.stream.join_window_s * 2))
     publisher = open_publisher(s.kafka.address, s.keys.topics(), s.kafka.partitions, s.serving.impression_buffer)
     worker = Worker(s, first_stage, caches, publisher, open_registry(s, reader=True))
@@ -101,6 +104,7 @@ def create_app(
                 s.keys_file,
             )
         threading.Thread(target=w.watch_registry, name="registry-watch", daemon=True).start()
+        threading.Thread(target=w.watch_corpus, name="corpus-watch", daemon=True).start()
         if watch_events:
             threading.Thread(target=watch_model_events, args=(w, s), name="model-events", daemon=True).start()
         log.info("serving worker %s on %s (/rank /events /health/ready /metrics)", w.name, s.base_url)
@@ -118,11 +122,11 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=s.serving.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
             max_age=3600,
         )
-    for router in (ranking.router, events.router, health.router):
+    for router in (ranking.router, documents.router, events.router, health.router):
         app.include_router(router)
 
     def openapi() -> dict[str, Any]:
@@ -135,6 +139,9 @@ def create_app(
             event_schema = InteractionEvent.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(event_schema.pop("$defs", {}))
             components["InteractionEvent"] = event_schema
+            doc_schema = Document.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(doc_schema.pop("$defs", {}))
+            components["Document"] = doc_schema
             app.openapi_schema = schema
         return app.openapi_schema
 

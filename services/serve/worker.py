@@ -13,6 +13,8 @@ load a version (`Fleet`); the control plane decides what to do about a champion 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
@@ -25,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from schemas import (
@@ -33,6 +36,7 @@ from schemas import (
     DependencyUnavailable,
     ImpressionEvent,
     InteractionEvent,
+    InvalidInput,
     RankedItem,
     RankRequest,
     RankResponse,
@@ -41,12 +45,19 @@ from schemas import (
     ShownItem,
     encodable,
 )
+from schemas.api import InlineCandidate, RerankRequest
+from schemas.documents import Condition, DeletedResponse, DocumentRefusal, DocumentsResponse, check_document, parse_filters
 from services.config import Settings
 from services.serve.metrics import ServingMetrics
 from services.storage import Caches, Publisher, WorkerReport
 from training.config import InterleaveMethod
+from training.corpus.bm25 import Lease
+from training.corpus.indexer import Indexer
+from training.corpus.store import DIM
+from training.indexing import LEASE_FILE
 from training.interleave import INTERLEAVING, STAGE_TAG, Interleaved, interleave
 from training.ranking.embedding_cache import EmbeddingCache
+from training.ranking.encoder import encode
 from training.ranking.first_stage import Candidate, FirstStage
 from training.ranking.query import query_key
 from training.ranking.rank import rank
@@ -115,18 +126,28 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._swap_lock = threading.Lock()
+        self.corpus_changed = threading.Event()  # a write came in through this worker: catch up now
         self._query_encoder = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="query-encoder")
 
     # ---- ranking -------------------------------------------------------------------------
-    def candidates(self, query: str) -> list[Candidate]:
+    def candidates(self, query: str, conditions: list[Condition] | None = None) -> list[Candidate]:
         k = self.s.serving.candidates_k
-        key = self.keys.candidates(self.first_stage.version, k, query_key(query))
+        key = self.keys.candidates(self.first_stage.version, k, request_key(query, conditions))
         cached = self._cache_get(key)
         if cached is not None:
             return [Candidate(*row) for row in cached]
-        cands = self.first_stage.search(query, k)
+        cands = self.first_stage.search(query, k, conditions)
         self._cache_set(key, [[c.doc_id, c.bm25, c.dense, c.fused] for c in cands])
         return cands
+
+    def conditions(self, filters: dict | None) -> list[Condition] | None:
+        """A request's filters as conditions; InvalidInput (a 422) names an undeclared field or a bad value."""
+        if not filters:
+            return None
+        try:
+            return parse_filters(filters, self.first_stage.store.declared())
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
 
     def _rng_for(self, req: RankRequest) -> random.Random:
         """With `serving.explore_seed` set, a request's exploration follows from the seed and the request
@@ -140,28 +161,56 @@ class Worker:
         serving = self.serving  # one reference for the whole request: a swap cannot change it midway
         challenger = self.challenger
         rng = self._rng_for(req)
-        items, hit = self._ranked(serving, req)
+        conditions = self.conditions(req.filters)
+        items, hit = self._ranked(serving, req, conditions)
         mixed: Interleaved | None = None
         if challenger is not None and rng.random() < self.s.interleave.share:
-            theirs, hit_too = self._ranked(challenger, req)
+            theirs, hit_too = self._ranked(challenger, req, conditions)
             items, mixed = interleaved(items, theirs, req.k, rng, self.s.interleave.method)
             hit, explored = hit and hit_too, False
             self.metrics.interleaved.inc()
         else:
             items, explored = explore(items, rng, self.s.serving.explore_rate, self.s.serving.explore_depth)
-        response = RankResponse(
-            request_id=uuid.uuid4().hex,
-            model_version=serving.version,
-            items=[
-                RankedItem(doc_id=d, score=round(s, 6), position=i + 1, title=self.first_stage.title(d))
-                for i, (d, s) in enumerate(items)
-            ],
-        )
+        response = self._respond(serving, items, req.k, req.fields)
+        self._record(req.query, req.user, req.session, response, serving, explored, mixed, challenger, api_key, started, hit)
+        return response
+
+    def _respond(self, serving: Serving, items: list[list], k: int, fields: bool, inline: dict | None = None) -> RankResponse:
+        """The answer: the first `k` rows whose documents are live *now* in the store, with their
+        current titles and fields. A document deleted after the ranking was computed or cached (its
+        delete acknowledged, this worker's index not caught up yet) is never shown."""
+        inline = inline or {}
+        live = self.first_stage.live([d for d, _ in items if d not in inline])
+        shown = [(d, sc) for d, sc in items if d in live or d in inline][:k]
+        out = []
+        for i, (d, sc) in enumerate(shown):
+            doc = live.get(d)
+            title, doc_fields = (doc.title, doc.fields) if doc else (inline[d].title, inline[d].fields or {})
+            out.append(
+                RankedItem(doc_id=d, score=round(sc, 6), position=i + 1, title=title, fields=doc_fields if fields else None)
+            )
+        return RankResponse(request_id=uuid.uuid4().hex, model_version=serving.version, items=out)
+
+    def _record(
+        self,
+        query: str,
+        user: str | None,
+        session: str | None,
+        response: RankResponse,
+        serving: Serving,
+        explored: bool,
+        mixed: Interleaved | None,
+        challenger: Serving | None,
+        api_key: str | None,
+        started: float,
+        hit: bool,
+    ) -> None:
+        """The impression of an answer (buffered to the broker) and the request's metrics."""
         impression = ImpressionEvent(
             request_id=response.request_id,
-            query=req.query,
-            user=req.user,
-            session=req.session,
+            query=query,
+            user=user,
+            session=session,
             items=[
                 ShownItem(doc_id=it.doc_id, position=it.position, score=it.score, **_credited(mixed, i))
                 for i, it in enumerate(response.items)
@@ -178,18 +227,20 @@ class Worker:
         self.metrics.explored.inc(explored)
         self.metrics.requests.labels(label).inc()
         self.metrics.latency.labels(label).observe(time.perf_counter() - started)
-        return response
 
-    def _ranked(self, serving: Serving, req: RankRequest) -> tuple[list[list], bool]:
-        """One model's top `req.k` as [doc, score] rows, from the results cache when it has them."""
-        key = self.keys.results(self.first_stage.version, serving.version, req.k, query_key(req.query))
+    LIVE_MARGIN = 10
+    """Rows ranked beyond `k`, so an answer still has `k` when a few were deleted since the ranking."""
+
+    def _ranked(self, serving: Serving, req: RankRequest, conditions: list[Condition] | None) -> tuple[list[list], bool]:
+        """One model's top `req.k` (and a margin) as [doc, score] rows, from the results cache when it has them."""
+        key = self.keys.results(self.first_stage.version, serving.version, req.k, request_key(req.query, conditions))
         items = self._cache_get(key)
         if items is not None:
             return items, True
         # the reranker embeds the query on another core while the first stage retrieves: a miss
         # costs about one query encoding more than a first-stage miss's wall time, not two
         embedding = self._query_encoder.submit(serving.reranker.embed_query, req.query) if serving.reranker else None
-        candidates = self.candidates(req.query)
+        candidates = self.candidates(req.query, conditions)
         ranking = rank(
             req.query,
             candidates,
@@ -198,9 +249,94 @@ class Worker:
             self.s.serving.rerank_depth,
             query_embedding=embedding.result() if embedding else None,
         )
-        items = [[doc, score] for doc, score in ranking[: req.k]]
+        items = [[doc, score] for doc, score in ranking[: req.k + self.LIVE_MARGIN]]
         self._cache_set(key, items)
         return items, False
+
+    # ---- the application's own candidates -------------------------------------------------
+    def rerank(self, req: RerankRequest, api_key: str | None = None) -> RankResponse:
+        """The application's candidates in the served model's order, recorded as an impression like
+        a /rank answer. Inline candidates' texts are kept in the document store (not indexed), so
+        the training that learns from this answer's clicks reads them. Unknown ids are a 422."""
+        started = time.perf_counter()
+        serving = self.serving
+        inline = {c.id: c for c in req.candidates if isinstance(c, InlineCandidate)}
+        ids = list(dict.fromkeys(c if isinstance(c, str) else c.id for c in req.candidates))
+        indexed = [d for d in ids if d not in inline]
+        unknown = set(indexed) - set(self.first_stage.live(indexed))
+        clash = set(self.first_stage.live(list(inline)))
+        if clash:
+            raise InvalidInput(
+                f"inline candidates with ids of indexed documents (send the id alone): {', '.join(sorted(clash)[:10])}"
+            )
+        if unknown:
+            raise InvalidInput(
+                f"candidates not in the index (send them inline with their text): {', '.join(sorted(unknown)[:10])}"
+            )
+        if inline:
+            self.first_stage.store.keep_inline([(c.id, c.title, _content(c)) for c in inline.values()])
+        text = self.first_stage.text
+        embedding = self._query_encoder.submit(serving.reranker.embed_query, req.query) if serving.reranker else None
+        candidates = self.first_stage.score(req.query, ids, text, self.caches.embeddings)
+        ranking = rank(
+            req.query,
+            candidates,
+            serving.reranker,
+            text,
+            len(candidates),
+            query_embedding=embedding.result() if embedding else None,
+        )
+        items = [[d, sc] for d, sc in ranking]
+        response = self._respond(serving, items, req.top_n or len(items), req.fields, inline)
+        self._record(req.query, req.user, req.session, response, serving, False, None, None, api_key, started, False)
+        return response
+
+    # ---- documents -----------------------------------------------------------------------
+    def upsert_documents(self, raw: list, actor: str) -> DocumentsResponse:
+        """Validates each document on its own and stores the valid ones in one transaction, on disk
+        before the answer (so "stored" survives a kill -9); the indexer makes them searchable."""
+        store = self.first_stage.store
+        declared, refused, valid = store.declared(), [], []
+        for i, doc in enumerate(raw):
+            try:
+                valid.append((i, check_document(doc, declared, DIM)))
+            except ValueError as e:
+                doc_id = doc.get("id") if isinstance(doc, dict) and is_printable_id(doc.get("id")) else None
+                refused.append(DocumentRefusal(index=i, id=doc_id, detail=str(e)))
+        stored, older, seq = store.upsert([d for _, d in valid], actor) if valid else ([], [], store.head())
+        refused += [DocumentRefusal(index=valid[j][0], id=valid[j][1].id, detail=reason) for j, reason in older]
+        self.corpus_changed.set()
+        return DocumentsResponse(stored=stored, refused=sorted(refused, key=lambda r: r.index), generation=seq)
+
+    def delete_documents(self, ids: list[str], actor: str) -> DeletedResponse:
+        """Tombstones the documents in one transaction, on disk before the answer: from then on no
+        answer of any worker shows them (`_respond` checks the store)."""
+        deleted, missing, seq = self.first_stage.store.delete(ids, actor)
+        self.corpus_changed.set()
+        return DeletedResponse(deleted=deleted, missing=missing, generation=seq)
+
+    def _encode_documents(self, texts: list[str]) -> np.ndarray:
+        return encode(self.first_stage.encoder, texts)
+
+    def watch_corpus(self) -> None:
+        """Catches this worker up with the store every `corpus.refresh_s`; the worker holding the
+        indexer's lease (one per machine, taken over when its holder dies) also applies changes to
+        BM25 and encodes documents that came without a vector."""
+        lease = Lease(self.first_stage.folder / LEASE_FILE)
+        indexer: Indexer | None = None
+        while not self._stop.is_set():
+            try:
+                if indexer is None and lease.acquire():
+                    indexer = Indexer(self.first_stage.store, self.first_stage.bm25, self._encode_documents)
+                    log.info("this worker indexes document changes (pid %s)", os.getpid())
+                if indexer is not None:
+                    indexer.catch_up()
+                self.first_stage.refresh()
+            except Exception:  # the store or the index is unreadable for a moment: tried again next round
+                log.exception("catching up with document changes failed")
+            self.corpus_changed.wait(self.s.corpus.refresh_s)
+            self.corpus_changed.clear()
+        lease.release()
 
     def _cache_get(self, key: str) -> Any | None:
         try:
@@ -485,6 +621,23 @@ def interleaved(
     score = {"challenger": dict(map(tuple, challenger)), "champion": dict(map(tuple, champion))}
     either = {**score["challenger"], **score["champion"]}  # no credit: the champion's score where it has one
     return [[d, score[t][d] if t else either[d]] for d, t in zip(mixed.doc_ids, mixed.teams)], mixed
+
+
+def request_key(query: str, conditions: list[Condition] | None) -> str:
+    """What a cached ranking is keyed by: the query's normal form and the filters it was cut by."""
+    if not conditions:
+        return query_key(query)
+    filters = json.dumps([c.model_dump(exclude_none=True) for c in conditions], sort_keys=True)
+    return f"{query_key(query)}:{hashlib.sha1(filters.encode()).hexdigest()[:12]}"
+
+
+def _some(ids: set[str]) -> str:
+    return ", ".join(sorted(ids)[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+
+
+def _content(c: InlineCandidate) -> str:
+    title, text = c.title.strip(), c.text.strip()
+    return f"{title}. {text}" if title else text
 
 
 def _credited(mixed: Interleaved | None, i: int) -> dict:

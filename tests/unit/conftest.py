@@ -57,3 +57,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_model_folder(
         load_encoder(), folder, Mix(alpha=0.5, beta=2.0, tau=0.5), {"does vitamin d prevent fractures": {"d7": 3.0}}
     )
+
+
+@pytest.fixture()
+def living_index(tiny_first_stage, tmp_path):
+    """A private copy of the tiny index, for tests that change documents (the shared one stays as built)."""
+    import shutil
+
+    from training.ranking.first_stage import FirstStage
+
+    folder = tmp_path / "state" / "index"
+    shutil.copytree(tiny_first_stage.folder, folder, ignore=shutil.ignore_patterns("indexer.lock"))
+    return FirstStage(folder)

@@ -34,7 +34,10 @@ class Mapping:
         return cls(id="_id", text="text", title="title")
 
     def document(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The raw document of one row: mapped columns only, numbers read from text where declared."""
+        """The raw document of one row: mapped columns only, numbers read from text where declared
+        (a row that could not be read stays the error marker it is)."""
+        if "__error__" in row:
+            return row
         doc: dict[str, Any] = {"id": _string(row.get(self.id)), "text": row.get(self.text)}
         if self.title and row.get(self.title) is not None:
             doc["title"] = row[self.title]

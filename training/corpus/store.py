@@ -16,6 +16,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ CREATE TABLE IF NOT EXISTS documents(
   seq INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS documents_seq ON documents(seq);
+CREATE TABLE IF NOT EXISTS audit(seq INTEGER NOT NULL, at REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+  documents INTEGER NOT NULL, ids TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS inline_documents(id TEXT PRIMARY KEY, title TEXT NOT NULL, body TEXT NOT NULL, content TEXT NOT NULL);
 """
 
@@ -131,9 +134,9 @@ class DocumentStore:
         db.execute("COMMIT")
 
     # ---- writes -----------------------------------------------------------------------------
-    def upsert(self, docs: list[Document]) -> tuple[list[str], list[tuple[int, str]], int]:
-        """Stores the documents in one transaction. Returns the stored ids, (index, reason) of the
-        ones refused as older than what is stored, and the change number."""
+    def upsert(self, docs: list[Document], actor: str = "local") -> tuple[list[str], list[tuple[int, str]], int]:
+        """Stores the documents in one transaction, audited as `actor`. Returns the stored ids,
+        (index, reason) of the ones refused as older than what is stored, and the change number."""
         db = self._db()
         stored, refused = [], []
         db.execute("BEGIN IMMEDIATE")
@@ -148,6 +151,7 @@ class DocumentStore:
                     continue
                 body = doc.content()
                 key = content_key(body)
+                vector: bytes | None
                 if doc.vector is not None:
                     vector = np.asarray(doc.vector, dtype=np.float32).tobytes()
                 else:  # an unchanged text keeps its vector; a new one is encoded by the indexer
@@ -160,16 +164,18 @@ class DocumentStore:
                     (doc.id, doc.title, body, json.dumps(doc.fields), vector, key, doc.version, doc.updated_at, seq),
                 )
                 stored.append(doc.id)
+            self._audit(db, seq, actor, "upsert", stored)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return stored, refused, seq
 
-    def delete(self, ids: list[str]) -> tuple[list[str], list[str], int]:
-        """Tombstones the documents. Returns (deleted, missing, change number)."""
+    def delete(self, ids: list[str], actor: str = "local") -> tuple[list[str], list[str], int]:
+        """Tombstones the documents, audited as `actor`. Returns (deleted, missing, change number)."""
         db = self._db()
-        deleted, missing = [], []
+        deleted: list[str] = []
+        missing: list[str] = []
         db.execute("BEGIN IMMEDIATE")
         try:
             seq = self._next_seq(db)
@@ -180,11 +186,25 @@ class DocumentStore:
                     (seq, doc_id),
                 )
                 (deleted if cur.rowcount else missing).append(doc_id)
+            self._audit(db, seq, actor, "delete", deleted)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return deleted, missing, seq
+
+    @staticmethod
+    def _audit(db: sqlite3.Connection, seq: int, actor: str, action: str, ids: list[str]) -> None:
+        """Who changed the corpus, in the change's own transaction (the first ids of a batch)."""
+        if ids:
+            db.execute(
+                "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)", (seq, time.time(), actor, action, len(ids), json.dumps(ids[:20]))
+            )
+
+    def audit(self, limit: int = 50) -> list[dict]:
+        """The last changes: change number, time, who, what and how many documents."""
+        rows = self._db().execute("SELECT seq, at, actor, action, documents, ids FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
+        return [{"seq": s, "at": a, "actor": w, "action": x, "documents": n, "ids": json.loads(i)} for s, a, w, x, n, i in rows]
 
     def set_vectors(self, vectors: list[tuple[int, str, np.ndarray]]) -> int:
         """Stores encoded vectors as (num, content key, vector), each only if the document still has
@@ -218,7 +238,9 @@ class DocumentStore:
 
     def set_applied(self, name: str, seq: int) -> None:
         db = self._db()
-        db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (f"applied:{name}", str(seq)))
+        db.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (f"applied:{name}", str(seq))
+        )
 
     def applied(self, name: str) -> int:
         """The last change an index named `name` applied (0: none)."""
@@ -226,9 +248,17 @@ class DocumentStore:
 
     # ---- reads ------------------------------------------------------------------------------
     def changes(self, after: int, limit: int = 5000) -> list[Change]:
-        rows = self._db().execute(
-            "SELECT num, id, body, fields, vector, deleted, seq FROM documents WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, limit),
+        """The documents changed after change `after`, oldest first: about `limit` of them, always whole
+        changes (a batch shares one number, and a reader resumes after the last number it saw)."""
+        db = self._db()
+        upto = db.execute(
+            "SELECT max(seq) FROM (SELECT seq FROM documents WHERE seq > ? ORDER BY seq LIMIT ?)", (after, limit)
+        ).fetchone()[0]
+        if upto is None:
+            return []
+        rows = db.execute(
+            "SELECT num, id, body, fields, vector, deleted, seq FROM documents WHERE seq > ? AND seq <= ? ORDER BY seq",
+            (after, upto),
         )
         return [
             Change(n, d, b, json.loads(f), None if v is None else np.frombuffer(v, dtype=np.float32), bool(x), s)
@@ -280,7 +310,8 @@ class DocumentStore:
         while True:
             rows = list(
                 self._db().execute(
-                    "SELECT num, id, content, body FROM documents WHERE deleted = 0 AND num > ? ORDER BY num LIMIT ?", (last, batch)
+                    "SELECT num, id, content, body FROM documents WHERE deleted = 0 AND num > ? ORDER BY num LIMIT ?",
+                    (last, batch),
                 )
             )
             if not rows:

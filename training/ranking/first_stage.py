@@ -9,17 +9,20 @@ served (`<corpus id>.<change number>`), so caches keyed by it never answer from 
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from schemas import NotFound
+from schemas import FIRST_STAGE, NotFound
 from schemas.documents import Condition
 from training.corpus.bm25 import Bm25Index
-from training.corpus.store import DIM, DocumentStore, StoredDocument
+from training.corpus.store import DIM, DocumentStore, StoredDocument, content_key
+from training.ranking.embedding_cache import EmbeddingCache
 from training.ranking.encoder import base_model_path, encode, load_encoder
 
 STORE_FILE, BM25_FOLDER = "documents.sqlite", "bm25"
@@ -97,9 +100,10 @@ class FirstStage:
             nums = np.array([c.num for c in changes], dtype=np.int64)
             live = [c for c in changes if not c.deleted and c.vector is not None]
             with self._lock:
-                self.dense.remove_ids(nums)
+                self.dense.remove_ids(nums)  # type: ignore[arg-type]  # faiss takes an id array too
                 if live:
-                    self.dense.add_with_ids(np.stack([c.vector for c in live]), np.array([c.num for c in live], dtype=np.int64))
+                    vectors = np.stack([c.vector for c in live if c.vector is not None])
+                    self.dense.add_with_ids(vectors, np.array([c.num for c in live], dtype=np.int64))
                 for c in changes:
                     if c.deleted:
                         self.doc_of.pop(c.num, None)
@@ -142,10 +146,10 @@ class FirstStage:
             params = None
             if within is not None:
                 nums = np.array([self.num_of[d] for d in within if d in self.num_of], dtype=np.int64)
-                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(nums))
+                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(nums))  # type: ignore[call-arg]
             kd = min(k, self.dense.ntotal)
             d_idx = self.dense.search(q_emb, kd, params=params)[1] if kd else np.zeros((len(queries), 0), dtype=np.int64)
-        out = []
+        out: list[list[Candidate]] = []
         for qi, query in enumerate(queries):
             bm = dict(self.bm25.search(query, k, within))
             ids = list(dict.fromkeys([self.doc_of[int(n)] for n in d_idx[qi] if n >= 0 and int(n) in self.doc_of] + list(bm)))
@@ -159,18 +163,37 @@ class FirstStage:
             out.append([Candidate(ids[j], float(bm25[j]), float(dense[j]), float(fused[j])) for j in order])
         return out
 
-    def _similarity(self, ids: list[str], q: np.ndarray) -> np.ndarray:
+    def score(self, query: str, doc_ids: list[str], text: Callable[[str], str], cache: EmbeddingCache) -> list[Candidate]:
+        """An application's own candidates under the first stage's dense part, best first (`/rerank`):
+        indexed documents with their stored vectors, inline ones encoded once and cached by content."""
+        q = encode(self.encoder, [query])[0]
+        dense = dict(zip(doc_ids, self._similarity(doc_ids, q, missing=np.nan)))
+        unknown = [d for d, v in dense.items() if np.isnan(v)]
+        if unknown:
+            keys = {d: f"{d}@{content_key(text(d))}" for d in unknown}
+            found = cache.get_many(FIRST_STAGE, list(keys.values()))
+            todo = [d for d in unknown if keys[d] not in found]
+            if todo:
+                fresh = dict(zip((keys[d] for d in todo), encode(self.encoder, [text(d) for d in todo])))
+                cache.put_many(FIRST_STAGE, fresh)
+                found.update(fresh)
+            dense.update({d: float(found[keys[d]] @ q) for d in unknown})
+        scores = np.array([dense[d] for d in doc_ids], dtype=np.float32)
+        fused = minmax(scores)
+        return [Candidate(doc_ids[i], 0.0, float(scores[i]), float(fused[i])) for i in np.argsort(-fused, kind="stable")]
+
+    def _similarity(self, ids: list[str], q: np.ndarray, missing: float | None = None) -> np.ndarray:
         """Cosine of each document's vector to the query; a document not encoded yet (or applied to
-        BM25 before this process read its vector) gets the lowest score among them."""
+        BM25 before this process read its vector) gets `missing`, by default the lowest score among them."""
         sims = np.full(len(ids), np.nan, dtype=np.float32)
         with self._lock:
             for i, d in enumerate(ids):
                 num = self.num_of.get(d)
                 if num is not None:
-                    try:
+                    with contextlib.suppress(RuntimeError):  # no vector yet
                         sims[i] = float(self.dense.reconstruct(num) @ q)
-                    except RuntimeError:  # no vector yet
-                        pass
+        if missing is not None:
+            return np.where(np.isnan(sims), missing, sims)
         known = sims[~np.isnan(sims)]
         return np.nan_to_num(sims, nan=float(known.min()) if known.size else 0.0)
 

@@ -104,7 +104,7 @@ class Reranker:
         path = self.folder / doc_matrix_file(index.corpus_id)
         rows_path = path.with_suffix(".rows.json")
         if not path.exists() or not rows_path.exists():
-            total, parts, rows = index.count(), [], {}
+            total, parts, rows = index.count(), [], {}  # type: int, list[np.ndarray], dict[str, list]
             for chunk in index.store.iter_live(batch):
                 parts.append(encode(self.model, [body for _, _, body in chunk]).astype(np.float16))
                 for doc_id, key, _ in chunk:

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from schemas import ErrorBody, ModelInfo, RankRequest, RankResponse
+from schemas.api import RerankRequest
 from services.auth import ApiKey, Scope
 from services.http import BAD_BODY, NO_KEY, caller
 from services.serve.deps import WorkerDep, rank_limit
@@ -24,6 +25,18 @@ LIMITED: dict[int | str, dict[str, Any]] = {429: {"model": ErrorBody, "descripti
 def rank(req: RankRequest, worker: WorkerDep, key: ApiKey | None = Depends(caller(Scope.rank))) -> RankResponse:
     """Ranked documents for a query; every answer is recorded as an impression (with the key's name)."""
     return worker.rank(req, key.name if key else None)
+
+
+@router.post(
+    "/rerank",
+    response_model=RankResponse,
+    responses={**BAD_BODY, 422: {"description": "invalid request, or a candidate id not in the index"}, **NO_KEY, **LIMITED},
+    dependencies=[Depends(rank_limit)],
+)
+def rerank(req: RerankRequest, worker: WorkerDep, key: ApiKey | None = Depends(caller(Scope.rank))) -> RankResponse:
+    """The application's own candidates (indexed ids, or inline documents) in the served model's
+    order; recorded as an impression like /rank, so clicks on it train the next version."""
+    return worker.rerank(req, key.name if key else None)
 
 
 @router.get("/model", response_model=ModelInfo, responses=NO_KEY, dependencies=[Depends(caller(Scope.rank))])
