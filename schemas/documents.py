@@ -55,7 +55,9 @@ class Document(BaseModel):
     text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
     fields: dict[str, FieldValue] = Field(default_factory=dict)
     vector: list[float] | None = Field(None, description="a precomputed all-MiniLM-L6-v2 embedding (384 floats); none: encoded")
-    version: int | None = Field(None, ge=0, description="the application's revision; a lower one than stored is refused")
+    version: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="the application's revision; a lower one than stored is refused"
+    )
     updated_at: float | None = Field(None, ge=0, description="unix seconds; orders changes when `version` is not given")
 
     def content(self) -> str:

@@ -125,7 +125,7 @@ class ServingSettings(Group):
 
 class CorpusSettings(Group):
     fields: dict[str, FieldType] = Field(
-        default_factory=dict,
+        {},
         description='filterable document fields and their types ({"lang": "keyword", "year": "number"}); declared in '
         "the index at start, as `rankloop index --field` does",
     )

@@ -11,18 +11,45 @@ from services.cli.base import app, console, parse_when, settings, setup_process
 
 
 @app.command()
-def index(dataset: str = typer.Option(None, help="BEIR folder (default: the `dataset` setting)")) -> None:
-    """Build the BM25 + faiss index of a corpus and make it current."""
+def index(
+    input: Path = typer.Option(None, "--input", help="a JSONL, CSV or Parquet file of documents (or a BEIR folder)"),
+    dataset: str = typer.Option(None, help="a BEIR folder, indexed exactly (default without --input: the `dataset` setting)"),
+    format: str = typer.Option(None, help="jsonl, csv or parquet (default: from the file's extension)"),
+    id: str = typer.Option("id", help="the column holding a document's id"),
+    text: str = typer.Option("text", help="the column holding its text"),
+    title: str = typer.Option("title", help="the column holding its title (optional in each row)"),
+    field: list[str] = typer.Option([], help="a filterable field, NAME or NAME:number (repeatable)"),
+    vector: str = typer.Option(None, help="a column holding a precomputed 384-number vector (then no encoding)"),
+    replace: bool = typer.Option(False, help="delete the indexed documents the file does not hold"),
+) -> None:
+    """Load documents into the living index: each row stored or refused with its reason, then
+    encoded and indexed (by the running serving worker's indexer when one holds the index)."""
     from services.cli.progress import ProgressBar
     from training import beir
-    from training.indexing import build_index
+    from training.corpus.files import Mapping, parse_field, read_rows
+    from training.indexing import build_index, load_documents
 
     s = settings()
     setup_process(s)
-    ds = beir.load(dataset or s.dataset, s.state_dir / "datasets")
+    if input is None or input.is_dir():
+        ds = beir.load(str(input) if input else dataset or s.dataset, s.state_dir / "datasets")
+        with ProgressBar() as progress:
+            folder = build_index(ds, s.state_dir, progress=progress)
+        console.print(f"index of {len(ds.corpus)} documents ({ds.name}) at {folder}")
+        return
+    mapping = Mapping(id=id, text=text, title=title, fields=dict(parse_field(f) for f in field), vector=vector)
     with ProgressBar() as progress:
-        folder = build_index(ds, s.state_dir, progress=progress)
-    console.print(f"index [bold]{folder.name}[/] of {len(ds.corpus)} documents at {folder}")
+        rows = (mapping.document(row) for row in read_rows(input, format))
+        report = load_documents(s.state_dir, rows, mapping.fields, replace=replace, progress=progress)
+    console.print(f"stored {report.stored}, refused {report.refused}, deleted {report.deleted} documents from {input}")
+    for row, doc_id, reason in report.refusals:
+        console.print(f"  row {row}{f' ({doc_id})' if doc_id else ''}: {reason}")
+    if report.refused > len(report.refusals):
+        console.print(f"  ... and {report.refused - len(report.refusals)} more")
+    if report.applied_by:
+        console.print(f"the serving worker's indexer (pid {report.applied_by}) makes them searchable within seconds")
+    if report.refused and not report.stored:
+        raise typer.Exit(1)
 
 
 @app.command()

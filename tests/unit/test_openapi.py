@@ -15,6 +15,10 @@ def test_openapi_documents_every_endpoint_with_models():
     paths = spec["paths"]
     assert set(paths) == {
         "/rank",
+        "/rerank",
+        "/documents",
+        "/documents/{doc_id}",
+        "/documents/delete",
         "/events",
         "/model",
         "/health/live",
@@ -35,7 +39,10 @@ def test_openapi_documents_every_endpoint_with_models():
     assert body["example"][0]["type"] == "click"
     schemas = spec["components"]["schemas"]
     assert {"InteractionEvent", "InteractionType", "Rejection", "RejectCode"} <= set(schemas)
-    for name in ("RankRequest", "RankResponse", "EventsResponse", "ModelInfo", "Health"):
+    assert paths["/documents"]["put"]["requestBody"]["content"]["application/json"]["example"][0]["id"] == "p-4983"
+    for name in ("RankRequest", "RerankRequest", "RankResponse", "EventsResponse", "ModelInfo", "Health", "Document"):
+        assert schemas[name].get("examples"), name
+    for name in ("DocumentsResponse", "DeletedResponse", "DeleteDocuments"):
         assert schemas[name].get("examples"), name
 
 

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from schemas import MAX_ID_CHARS, ErrorBody
 from schemas.documents import DeleteDocuments, DeletedResponse, Document, DocumentsResponse
 from services.auth import ApiKey, Scope
-from services.http import NO_KEY, caller, parse_json
+from services.http import BAD_BODY, NO_KEY, caller, parse_json
 from services.serve.deps import WorkerDep, events_limit
 
 router = APIRouter()
@@ -72,7 +72,7 @@ def delete_document(
     return answer
 
 
-@router.post("/documents/delete", response_model=DeletedResponse, responses=NO_KEY)
+@router.post("/documents/delete", response_model=DeletedResponse, responses={**NO_KEY, **BAD_BODY})
 def delete_documents(
     body: DeleteDocuments, worker: WorkerDep, key: ApiKey | None = Depends(caller(Scope.documents_write))
 ) -> DeletedResponse:
