@@ -199,6 +199,7 @@ class RejectCode(str, Enum):
     unknown_request = "unknown_request"
     click_burst = "click_burst"
     no_label = "no_label"
+    invalid_document = "invalid_document"
 
 
 class DeadLetter(Event):

@@ -35,8 +35,17 @@ class Keys:
     def stream_ticks(self) -> str:
         return f"{self.deployment}.stream-ticks"
 
+    @property
+    def documents(self) -> str:
+        """Change-data-capture of an application's corpus: a document (upsert) or {"id", "deleted": true}."""
+        return f"{self.deployment}.documents"
+
+    @property
+    def documents_group(self) -> str:
+        return f"{self.deployment}-documents"
+
     def topics(self) -> list[str]:
-        return [self.impressions, self.interactions, self.dead_letters, self.model_events, self.stream_ticks]
+        return [self.impressions, self.interactions, self.dead_letters, self.model_events, self.stream_ticks, self.documents]
 
     @property
     def stream_app(self) -> str:

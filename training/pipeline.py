@@ -19,6 +19,7 @@ from typing import Literal
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
 from sentence_transformers import SentenceTransformer
@@ -178,6 +179,19 @@ def learn(
     return Learner(mode, slices, examples, selection, fitted, folder, mixes, draft.with_mix(tuned.mix, mixes.unfamiliar))
 
 
+def in_corpus(df: pd.DataFrame, first_stage: FirstStage) -> pd.DataFrame:
+    """The labels of documents that exist now (in the index, or kept from a /rerank call): a deleted
+    document leaves the training data, and with it the feedback memory built from it."""
+    if df.empty:
+        return df
+    known = first_stage.content_keys(df["doc_id"].unique().tolist())
+    kept = df[df["doc_id"].isin(known)]
+    if len(kept) < len(df):
+        gone = df.loc[~df["doc_id"].isin(known), "doc_id"].nunique()
+        log.info("left out %d labels of %d documents no longer in the corpus", len(df) - len(kept), gone)
+    return kept
+
+
 def train_once(
     registry: MlflowRegistry, labels: LabelStore, first_stage: FirstStage, job: TrainingJob, progress: Progress = silent
 ) -> TrainOutcome:
@@ -186,6 +200,7 @@ def train_once(
     goes to the gate."""
     cfg, gate, depth = job.train, job.gate, job.depth
     df, lineage = labels.read()
+    df = in_corpus(df, first_stage)
     if df.empty:
         return TrainOutcome("skipped", "no labels yet")
     modes: list[Debias] = ["naive", "ips"] if cfg.debias == "auto" else [cfg.debias]

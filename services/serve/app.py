@@ -19,6 +19,7 @@ from schemas.documents import Document
 from services.config import Settings
 from services.dead_letters import DeadLetterLog, KafkaDeadLetterLog
 from services.http import new_app
+from services.serve.documents_feed import DocumentFeed
 from services.serve.routes import documents, events, health, ranking
 from services.serve.worker import Worker
 from services.storage import open_caches, open_publisher, open_registry
@@ -41,6 +42,9 @@ def build_worker(s: Settings) -> Worker:
     caches = open_caches(s.redis_url, s.keys, s.serving.cache_ttl_s, int(s.stream.join_window_s * 2))
     publisher = open_publisher(s.kafka.address, s.keys.topics(), s.kafka.partitions, s.serving.impression_buffer)
     worker = Worker(s, first_stage, caches, publisher, open_registry(s, reader=True))
+    worker.documents_feed = DocumentFeed(
+        s.kafka.address, s.keys.documents, s.keys.documents_group, s.keys.dead_letters, first_stage.store, publisher
+    )
     worker.index_problem = self_check.probe(first_stage)
     if worker.index_problem:  # answers anyway (what else), but never reports itself ready
         log.error("%s", worker.index_problem)

@@ -48,6 +48,7 @@ from schemas import (
 from schemas.api import InlineCandidate, RerankRequest
 from schemas.documents import Condition, DeletedResponse, DocumentRefusal, DocumentsResponse, check_document, parse_filters
 from services.config import Settings
+from services.serve.documents_feed import DocumentFeed
 from services.serve.metrics import ServingMetrics
 from services.storage import Caches, Publisher, WorkerReport
 from training.config import InterleaveMethod
@@ -127,6 +128,7 @@ class Worker:
         self._stop = threading.Event()
         self._swap_lock = threading.Lock()
         self.corpus_changed = threading.Event()  # a write came in through this worker: catch up now
+        self.documents_feed: DocumentFeed | None = None  # the `documents` topic, read while this worker indexes
         self._query_encoder = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="query-encoder")
 
     # ---- ranking -------------------------------------------------------------------------
@@ -330,6 +332,8 @@ class Worker:
                     indexer = Indexer(self.first_stage.store, self.first_stage.bm25, self._encode_documents)
                     log.info("this worker indexes document changes (pid %s)", os.getpid())
                 if indexer is not None:
+                    if self.documents_feed is not None:
+                        self.documents_feed.poll()
                     indexer.catch_up()
                 self.first_stage.refresh()
             except Exception:  # the store or the index is unreadable for a moment: tried again next round
@@ -337,6 +341,8 @@ class Worker:
             self.corpus_changed.wait(self.s.corpus.refresh_s)
             self.corpus_changed.clear()
         lease.release()
+        if self.documents_feed is not None:
+            self.documents_feed.close()
 
     def _cache_get(self, key: str) -> Any | None:
         try:

@@ -27,7 +27,12 @@ from training.ranking.reranker import Reranker
 from training.registry import MemoryRegistry
 
 DECLARED = {"lang": FieldType.keyword, "year": FieldType.number, "tags": FieldType.keyword}
-NEW_DOC = {"id": "n1", "title": "Zinc and colds", "text": "Zinc lozenges shorten the common cold by a day.", "fields": {"lang": "en"}}
+NEW_DOC = {
+    "id": "n1",
+    "title": "Zinc and colds",
+    "text": "Zinc lozenges shorten the common cold by a day.",
+    "fields": {"lang": "en"},
+}
 
 
 def refusal(raw, dim=384) -> str:
@@ -174,7 +179,9 @@ def test_a_deleted_document_is_never_served_after_the_delete_answered_even_from_
         assert "d7" not in ranked(api, "coffee liver disease")
     assert api.delete("/documents/d7").status_code == 404
     assert api.post("/documents/delete", json={"ids": ["d6", "nope"]}).json() | {"generation": 0} == {
-        "deleted": ["d6"], "missing": ["nope"], "generation": 0
+        "deleted": ["d6"],
+        "missing": ["nope"],
+        "generation": 0,
     }
 
 
@@ -215,7 +222,9 @@ def test_files_with_a_field_mapping_load_and_bad_rows_are_refused_one_by_one(tmp
     mapping = Mapping(id="sku", text="body", title="name", fields={"lang": FieldType.keyword, "year": FieldType.number})
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
     with (tmp_path / "docs.csv").open("w") as f:
-        f.write("sku,name,body,lang,year\n" + "".join(f"{r['sku']},{r['name']},{r['body']},{r['lang']},{r['year']}\n" for r in rows))
+        f.write(
+            "sku,name,body,lang,year\n" + "".join(f"{r['sku']},{r['name']},{r['body']},{r['lang']},{r['year']}\n" for r in rows)
+        )
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "docs.parquet")
     for name in ("docs.jsonl", "docs.csv", "docs.parquet"):
         state = tmp_path / name.replace(".", "-")
@@ -254,3 +263,26 @@ def test_an_acknowledged_upsert_survives_a_kill_9_of_the_writer(tmp_path):
     proc.wait()
     acked += [line.strip() for line in proc.stdout if line.strip()]
     assert set(acked) <= set(DocumentStore(path).ids())
+
+
+def test_a_documents_topic_message_is_an_upsert_a_delete_or_refused_with_its_reason(living_index):
+    from services.serve.documents_feed import parse_change
+
+    store = living_index.store
+    kind, doc = parse_change(json.dumps({"id": "t1", "text": "from a feed"}).encode(), store)
+    assert kind == "upsert" and doc.id == "t1"  # type: ignore[union-attr]
+    assert parse_change(b'{"id": "t1", "deleted": true}', store) == ("delete", "t1")
+    for payload, why in [(b"{nope", "not JSON"), (b'{"id": "t1", "text": ""}', "text"), (b'{"deleted": true}', "a delete is")]:
+        with pytest.raises(ValueError, match=why):
+            parse_change(payload, store)
+
+
+def test_labels_of_deleted_documents_leave_the_training_data(living_index):
+    import pandas as pd
+
+    from training.pipeline import in_corpus
+
+    living_index.store.delete(["d3"])
+    living_index.store.keep_inline([("kb-9", "", "an inline candidate")])
+    df = pd.DataFrame({"doc_id": ["d1", "d3", "kb-9", "never"], "grade": [1, 1, 1, 1]})
+    assert in_corpus(df, living_index)["doc_id"].tolist() == ["d1", "kb-9"]

@@ -286,9 +286,11 @@ class DocumentStore:
     def content_keys(self, ids: list[str]) -> dict[str, str]:
         """Content keys of the live and inline documents among `ids`."""
         out: dict[str, str] = {}
-        for table, live in (("inline_documents", ""), ("documents", "deleted = 0 AND")):
-            marks = ",".join("?" * len(ids))
-            out.update(self._db().execute(f"SELECT id, content FROM {table} WHERE {live} id IN ({marks})", ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for table, live in (("inline_documents", ""), ("documents", "deleted = 0 AND")):
+                out.update(self._db().execute(f"SELECT id, content FROM {table} WHERE {live} id IN ({marks})", chunk))
         return out
 
     def text(self, doc_id: str) -> str | None:
