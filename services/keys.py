@@ -40,10 +40,6 @@ class Keys:
         """Change-data-capture of an application's corpus: a document (upsert) or {"id", "deleted": true}."""
         return f"{self.deployment}.documents"
 
-    @property
-    def documents_group(self) -> str:
-        return f"{self.deployment}-documents"
-
     def topics(self) -> list[str]:
         return [self.impressions, self.interactions, self.dead_letters, self.model_events, self.stream_ticks, self.documents]
 

@@ -42,9 +42,7 @@ def build_worker(s: Settings) -> Worker:
     caches = open_caches(s.redis_url, s.keys, s.serving.cache_ttl_s, int(s.stream.join_window_s * 2))
     publisher = open_publisher(s.kafka.address, s.keys.topics(), s.kafka.partitions, s.serving.impression_buffer)
     worker = Worker(s, first_stage, caches, publisher, open_registry(s, reader=True))
-    worker.documents_feed = DocumentFeed(
-        s.kafka.address, s.keys.documents, s.keys.documents_group, s.keys.dead_letters, first_stage.store, publisher
-    )
+    worker.documents_feed = DocumentFeed(s.kafka.address, s.keys.documents, s.keys.dead_letters, first_stage.store, publisher)
     worker.index_problem = self_check.probe(first_stage)
     if worker.index_problem:  # answers anyway (what else), but never reports itself ready
         log.error("%s", worker.index_problem)

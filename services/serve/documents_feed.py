@@ -1,8 +1,10 @@
 """The `documents` topic: an application's change-data-capture feed of its corpus. A message is a
 document (an upsert, `schemas.documents.Document`) or `{"id": ..., "deleted": true}`, keyed by the
 document's id so one document's changes stay in order. The serving worker holding the indexer's
-lease consumes it; a message that is not a valid change is dead-lettered with its reason; offsets are
-committed only after the changes are in the store and the dead letters on the broker.
+lease consumes it, with no consumer group: the offsets it has read up to are kept in the document
+store, written in the same transaction as the changes they carry, so a crash never loses a change nor
+applies one twice. A message that is not a valid change is dead-lettered with its reason (on the broker
+before its offset is stored).
 """
 
 from __future__ import annotations
@@ -35,58 +37,72 @@ def parse_change(payload: bytes | None, store: DocumentStore) -> Change:
 
 
 class DocumentFeed:
-    def __init__(self, bootstrap: str, topic: str, group: str, dead_letters: str, store: DocumentStore, publisher: Publisher):
-        self.bootstrap, self.topic, self.group, self.dead_letters = bootstrap, topic, group, dead_letters
+    def __init__(self, bootstrap: str, topic: str, dead_letters: str, store: DocumentStore, publisher: Publisher):
+        self.bootstrap, self.topic, self.dead_letters = bootstrap, topic, dead_letters
         self.store, self.publisher = store, publisher
         self.consumer: Any = None
 
+    def _consumer(self) -> Any:
+        """Assigned every partition of the topic, each at the offset the store has read up to."""
+        if self.consumer is None:
+            from kafka import KafkaConsumer, TopicPartition
+
+            consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
+            partitions = consumer.partitions_for_topic(self.topic)
+            if not partitions:
+                consumer.close()
+                return None
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            offsets = self.store.feed_offsets(self.topic)
+            for tp in tps:
+                if tp.partition in offsets:
+                    consumer.seek(tp, offsets[tp.partition])
+                else:
+                    consumer.seek_to_beginning(tp)
+            self.consumer = consumer
+        return self.consumer
+
     def poll(self) -> int:
         """Applies the changes waiting on the topic (up to a thousand); returns how many messages it took."""
-        if self.consumer is None:
-            from kafka import KafkaConsumer
-
-            self.consumer = KafkaConsumer(
-                self.topic,
-                bootstrap_servers=self.bootstrap,
-                group_id=self.group,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                session_timeout_ms=10_000,
-            )
-        records = [r for batch in self.consumer.poll(timeout_ms=100, max_records=1000).values() for r in batch]
+        consumer = self._consumer()
+        if consumer is None:
+            return 0
+        records = [r for batch in consumer.poll(timeout_ms=100, max_records=1000).values() for r in batch]
         if not records:
             return 0
-        run: list[Change] = []
+        offsets = {r.partition: r.offset + 1 for r in records}  # records come in offset order per partition
+        runs: list[list[Change]] = []
         dead = []
         for record in records:
             try:
                 change = parse_change(record.value, self.store)
             except ValueError as e:
-                dead.append(
-                    DeadLetter(source=self.topic, code=RejectCode.invalid_document, reason=str(e), payload=_text(record.value))
-                )
+                payload = _text(record.value)
+                dead.append(DeadLetter(source=self.topic, code=RejectCode.invalid_document, reason=str(e), payload=payload))
                 continue
-            if run and run[-1][0] != change[0]:
-                self._apply(run)
-                run = []
-            run.append(change)
-        self._apply(run)
+            if not runs or runs[-1][0][0] != change[0]:
+                runs.append([])
+            runs[-1].append(change)
         for letter in dead:
             future = self.publisher.publish(self.dead_letters, letter.source, letter)
             if future is None:
-                raise RuntimeError("dead letters cannot be recorded: offsets not committed, the batch is applied again")
+                raise RuntimeError("dead letters cannot be recorded now: the batch is read again")
             future.result(timeout=10)
-        self.consumer.commit()  # after the store's commit: a crash before it applies the batch again
+        for i, run in enumerate(runs):
+            self._apply(run, offsets if i == len(runs) - 1 else None)
+        if not runs:
+            self.store.set_feed_offsets(self.topic, offsets)
         return len(records)
 
-    def _apply(self, run: list[Change]) -> None:
-        if not run:
-            return
+    def _apply(self, run: list[Change], offsets: dict[int, int] | None) -> None:
+        """One run of upserts or of deletes, in one transaction (with the offsets read, on the last run)."""
         actor = f"topic:{self.topic}"
+        feed = (self.topic, offsets) if offsets else None
         if run[0][0] == "delete":
-            self.store.delete([c for _, c in run if isinstance(c, str)], actor)
+            self.store.delete([c for _, c in run if isinstance(c, str)], actor, feed)
             return
-        _, refused, _ = self.store.upsert([c for _, c in run if isinstance(c, Document)], actor)
+        _, refused, _ = self.store.upsert([c for _, c in run if isinstance(c, Document)], actor, feed)
         for _, reason in refused:  # older than stored: a replayed change; nothing to undo
             log.info("documents topic: %s", reason)
 

@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS inline_documents(id TEXT PRIMARY KEY, title TEXT NOT 
 """
 
 
+Feed = tuple[str, dict[int, int]]
+"""A documents topic and, per partition, the next offset to read: stored with the changes read."""
+
+
 def content_key(body: str) -> str:
     """What a document's embeddings are keyed by: an edit changes it, so no old vector is ever reused."""
     return hashlib.sha1(body.encode()).hexdigest()[:16]
@@ -134,9 +138,12 @@ class DocumentStore:
         db.execute("COMMIT")
 
     # ---- writes -----------------------------------------------------------------------------
-    def upsert(self, docs: list[Document], actor: str = "local") -> tuple[list[str], list[tuple[int, str]], int]:
+    def upsert(
+        self, docs: list[Document], actor: str = "local", feed: Feed | None = None
+    ) -> tuple[list[str], list[tuple[int, str]], int]:
         """Stores the documents in one transaction, audited as `actor`. Returns the stored ids,
-        (index, reason) of the ones refused as older than what is stored, and the change number."""
+        (index, reason) of the ones refused as older than what is stored, and the change number. `feed`:
+        the topic and offsets these documents were read up to, stored in the same transaction."""
         db = self._db()
         stored, refused = [], []
         db.execute("BEGIN IMMEDIATE")
@@ -165,13 +172,14 @@ class DocumentStore:
                 )
                 stored.append(doc.id)
             self._audit(db, seq, actor, "upsert", stored)
+            self._feed(db, feed)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return stored, refused, seq
 
-    def delete(self, ids: list[str], actor: str = "local") -> tuple[list[str], list[str], int]:
+    def delete(self, ids: list[str], actor: str = "local", feed: Feed | None = None) -> tuple[list[str], list[str], int]:
         """Tombstones the documents, audited as `actor`. Returns (deleted, missing, change number)."""
         db = self._db()
         deleted: list[str] = []
@@ -187,6 +195,7 @@ class DocumentStore:
                 )
                 (deleted if cur.rowcount else missing).append(doc_id)
             self._audit(db, seq, actor, "delete", deleted)
+            self._feed(db, feed)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -200,6 +209,24 @@ class DocumentStore:
             db.execute(
                 "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)", (seq, time.time(), actor, action, len(ids), json.dumps(ids[:20]))
             )
+
+    @staticmethod
+    def _feed(db: sqlite3.Connection, feed: Feed | None) -> None:
+        if feed:
+            topic, offsets = feed
+            upsert = "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+            db.executemany(upsert, [(f"offset:{topic}:{p}", str(o)) for p, o in offsets.items()])
+
+    def set_feed_offsets(self, topic: str, offsets: dict[int, int]) -> None:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        self._feed(db, (topic, offsets))
+        db.execute("COMMIT")
+
+    def feed_offsets(self, topic: str) -> dict[int, int]:
+        """partition -> the next offset to read of a documents topic."""
+        rows = self._db().execute("SELECT key, value FROM meta WHERE key LIKE ?", (f"offset:{topic}:%",))
+        return {int(k.rsplit(":", 1)[1]): int(v) for k, v in rows}
 
     def audit(self, limit: int = 50) -> list[dict]:
         """The last changes: change number, time, who, what and how many documents."""
