@@ -140,6 +140,22 @@ def bench_serve(
     _write(result, out, already=True)
 
 
+@bench_app.command("corpus")
+def bench_corpus(
+    documents: int = typer.Option(5000, min=10, help="synthetic documents loaded before the updates"),
+    seconds: float = typer.Option(60.0, help="how long documents are upserted, edited and deleted under traffic"),
+    rate: float = typer.Option(5.0, help="document changes per second"),
+    out: Path = typer.Option(Path("corpus.json"), help="where the JSON result goes"),
+) -> None:
+    """A living corpus under traffic: upsert/delete visibility, stale answers, filters, /rerank labels, a kill -9."""
+    from services.bench.corpus import run_corpus_bench
+
+    s = bench_settings("bench-corpus", None, 300)
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    result = run_corpus_bench(s, out, documents, seconds, rate)
+    _write(result, out, already=True)
+
+
 @bench_app.command("stream")
 def bench_stream(
     events: int = typer.Option(300_000, help="interaction events to send (each request also has an impression)"),

@@ -98,6 +98,7 @@ def test_rerank_answers_become_labels_that_training_reads(stack):
         client.click(res, inline["id"])
         request_ids.append(res.request_id)
     labels = open_labels(s.label_store_url)
+
     def read():
         df = labels.read()[0]
         return [df] if not df.empty and df["request_id"].isin(request_ids).sum() >= 5 else None
