@@ -13,6 +13,7 @@ matches it exactly). Every figure comes from answers the benchmark received and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -70,6 +72,7 @@ class CorpusBenchResult(BaseModel):
     edits: int
     upserts_per_s: float
     visible_s: Seconds
+    not_visible_within_30s: int
     delete_visible_s: Seconds
     deleted_served_after_ack: int
     stale_text_served_after_ack: int
@@ -162,7 +165,11 @@ class Traffic:
                 if filtered:
                     body |= {"filters": {"lang": "de", "year": {"gte": 2010}}, "fields": True}
                 started = time.perf_counter()
-                r = http.post("/rank", json=body)
+                try:
+                    r = http.post("/rank", json=body)
+                except httpx.HTTPError:  # its worker was killed: counted, and on to the next request
+                    self.errors += 1
+                    continue
                 ms = (time.perf_counter() - started) * 1000
                 if r.status_code != 200:
                     self.errors += 1
@@ -177,13 +184,18 @@ class Traffic:
                     candidates = [it["doc_id"] for it in items[:5]] + [
                         {"id": f"inline-{uuid.uuid4().hex[:8]}", "text": " ".join(self.corpus.words(30))}
                     ]
-                    rr = http.post("/rerank", json={"query": body["query"], "candidates": candidates, "user": f"u{n}"})
+                    try:
+                        rr = http.post("/rerank", json={"query": body["query"], "candidates": candidates, "user": f"u{n}"})
+                    except httpx.HTTPError:
+                        self.errors += 1
+                        continue
                     if rr.status_code == 200:
                         answer = rr.json()
                         self.rerank_ids.append(answer["request_id"])
                         doc = answer["items"][0]["doc_id"]
                         event = {"event_id": uuid.uuid4().hex, "request_id": answer["request_id"], "doc_id": doc, "type": "click"}
-                        http.post("/events", json=[event])
+                        with contextlib.suppress(httpx.HTTPError):  # a lost click only lowers the label count
+                            http.post("/events", json=[event])
                     else:
                         self.errors += 1
 
@@ -203,14 +215,90 @@ def marker_of(doc_id: str, revision: int) -> str:
     return f"m{doc_id.replace('-', '')}r{revision}"
 
 
-def served(http: httpx.Client, doc_id: str, marker: str) -> Callable[[], bool]:
-    return lambda: any(it["doc_id"] == doc_id for it in found(http, marker))
+def served(base_url: str, doc_id: str, marker: str) -> Callable[[], bool]:
+    return lambda: any(it["doc_id"] == doc_id for it in found(base_url, marker))
 
 
-def found(http: httpx.Client, marker: str) -> list[dict]:
+def found(base_url: str, marker: str) -> list[dict]:
     """The answer to a query for one marker word, on a new connection: whichever worker takes it."""
-    r = httpx.post(f"{http.base_url}rank".replace("//rank", "/rank"), json={"query": marker, "k": 10}, timeout=60)
+    try:
+        r = httpx.post(f"{base_url}/rank", json={"query": marker, "k": 10}, timeout=60)
+    except httpx.HTTPError:  # the worker that took it was killed: ask again
+        return []
     return r.json()["items"] if r.status_code == 200 else []
+
+
+class Updates:
+    """Document changes at a steady rate, each checked from the moment it was answered on threads of
+    its own (so checking never slows the rate): when its new text is served, and that nothing older
+    or deleted is served after the answer."""
+
+    def __init__(self, base_url: str, corpus: Corpus):
+        self.base_url, self.corpus = base_url, corpus
+        self.http = httpx.Client(base_url=base_url, timeout=60)
+        self.checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="check")
+        self.live: dict[str, int] = {}  # doc id -> its acknowledged revision
+        self.settled: set[str] = set()  # documents whose last change was checked: safe to change again
+        self.visible: list[float] = []
+        self.delete_visible: list[float] = []
+        self.deleted_served = self.stale = self.upserts = self.edits = self.deletes = self.unseen = 0
+        self._lock = threading.Lock()  # the checks count from several threads
+
+    def step(self, n: int) -> None:
+        ready = sorted(self.settled)
+        op = n % 5
+        if op in (0, 1, 2) or not ready:
+            self._upsert(f"new-{n}", 0)
+        elif op == 3:
+            doc_id = self.corpus.rng.choice(ready)
+            self._upsert(doc_id, self.live[doc_id] + 1)
+        else:
+            self._delete(self.corpus.rng.choice(ready))
+
+    def _upsert(self, doc_id: str, revision: int) -> None:
+        self.settled.discard(doc_id)
+        self.http.put("/documents", json=[self.corpus.document(doc_id, revision)]).raise_for_status()
+        acked = time.time()
+        self.live[doc_id] = revision
+        if revision:
+            self.edits += 1
+        else:
+            self.upserts += 1
+        self.checks.submit(self._check_upsert, doc_id, revision, acked)
+
+    def _check_upsert(self, doc_id: str, revision: int, acked: float) -> None:
+        title = f"{doc_id} revision {revision}"
+        markers = [marker_of(doc_id, r) for r in range(max(0, revision - 1), revision + 1)]
+        while time.time() - acked < 30:
+            answers = [it for m in markers for it in found(self.base_url, m) if it["doc_id"] == doc_id]
+            with self._lock:
+                self.stale += sum(1 for it in answers if it["title"] != title)  # older text after the answer
+            if any(it["title"] == title for it in answers):
+                self.visible.append(round(time.time() - acked, 3))
+                self.settled.add(doc_id)
+                return
+            time.sleep(0.05)
+        with self._lock:
+            self.unseen += 1
+
+    def _delete(self, doc_id: str) -> None:
+        self.settled.discard(doc_id)
+        marker = marker_of(doc_id, self.live.pop(doc_id))
+        self.http.post("/documents/delete", json={"ids": [doc_id]}).raise_for_status()
+        self.deletes += 1
+        self.checks.submit(self._check_delete, doc_id, marker, time.time())
+
+    def _check_delete(self, doc_id: str, marker: str, acked: float) -> None:
+        for i in range(5):  # on new connections: whichever worker takes each
+            if any(it["doc_id"] == doc_id for it in found(self.base_url, marker)):
+                with self._lock:
+                    self.deleted_served += 1
+            elif i == 0:
+                self.delete_visible.append(round(time.time() - acked, 3))
+
+    def close(self) -> None:
+        self.checks.shutdown(wait=True)
+        self.http.close()
 
 
 def measure(s: Settings, corpus: Corpus, documents: int, seconds: float, rate: float) -> CorpusBenchResult:
@@ -218,73 +306,39 @@ def measure(s: Settings, corpus: Corpus, documents: int, seconds: float, rate: f
     with Traffic(base, corpus) as idle:
         time.sleep(min(20.0, seconds / 3))
     console.print(f"idle /rank p50 {percentile(idle.rank_ms, 0.5)} ms over {len(idle.rank_ms)} requests")
-    visible, delete_visible = [], []
-    deleted_served = stale = upserts = deletes = edits = 0
-    live: dict[str, int] = {}  # doc id -> its acknowledged revision
     kill = Kill9(lost=0, acknowledged_before_kill=0)
-    killed = False
-    started = time.time()
-    http = httpx.Client(base_url=base, timeout=60)
+    updates = Updates(base, corpus)
+    started, n = time.time(), 0
     with Traffic(base, corpus) as busy:
-        n = 0
         while time.time() - started < seconds:
             tick = time.time()
-            op = n % 5
-            if op in (0, 1, 2):  # new documents
-                doc_id = f"new-{n}"
-                r = http.put("/documents", json=[corpus.document(doc_id)])
-                r.raise_for_status()
-                upserts += 1
-                live[doc_id] = 0
-                waited = _until(served(http, doc_id, marker_of(doc_id, 0)))
-                if waited is not None:
-                    visible.append(waited)
-            elif op == 3 and live:  # an edit: a new title and marker; the old title must never come back
-                doc_id = corpus.rng.choice(sorted(live))
-                revision = live[doc_id] + 1
-                http.put("/documents", json=[corpus.document(doc_id, revision)]).raise_for_status()
-                live[doc_id], edits = revision, edits + 1
-                waited = _until(served(http, doc_id, marker_of(doc_id, revision)))
-                stale += sum(  # after the edit's answer, its old text must not be what is shown
-                    1
-                    for query in (marker_of(doc_id, revision - 1), marker_of(doc_id, revision))
-                    for it in found(http, query)
-                    if it["doc_id"] == doc_id and it["title"] != f"{doc_id} revision {revision}"
-                )
-                if waited is not None:
-                    visible.append(waited)
-            elif live:  # a delete: never served again after its answer
-                doc_id = corpus.rng.choice(sorted(live))
-                marker = marker_of(doc_id, live.pop(doc_id))
-                http.post("/documents/delete", json={"ids": [doc_id]}).raise_for_status()
-                acked, deletes = time.time(), deletes + 1
-                shown = [any(it["doc_id"] == doc_id for it in found(http, marker)) for _ in range(5)]
-                deleted_served += sum(shown)
-                delete_visible.append(round(time.time() - acked, 3) if not any(shown) else float("nan"))
-            if not killed and time.time() - started > seconds / 2:
-                kill.acknowledged_before_kill = upserts + edits + deletes
-                killed = kill_indexer(s)
+            updates.step(n)
+            if not kill.acknowledged_before_kill and time.time() - started > seconds / 2 and kill_indexer(s):
+                kill.acknowledged_before_kill = updates.upserts + updates.edits + updates.deletes
             n += 1
             time.sleep(max(0.0, 1.0 / rate - (time.time() - tick)))
-    elapsed = time.time() - started
-    lost = [d for d in live if _until(served(http, d, marker_of(d, live[d])), 30) is None]  # acknowledged, not served
+        elapsed = time.time() - started
+        updates.close()
+    console.print(f"{n} changes in {elapsed:.0f}s under traffic ({busy.errors} failed requests while a worker was killed)")
+    live = updates.live  # acknowledged and not deleted: each must be served with its last text
+    lost = [d for d in live if _until(served(base, d, marker_of(d, live[d])), 30) is None]
     kill.lost = len(lost)
     labels = open_labels(s.label_store_url)
     settle_labels(s, labels, timeout=300)
     df = labels.read()[0]
-    from_rerank = int(df["request_id"].isin(set(busy.rerank_ids)).sum()) if not df.empty else 0
-    encode_rate = measure_encoding(s, http, corpus)
-    http.close()
+    from_rerank = int(df["request_id"].isin(set(busy.rerank_ids) | set(idle.rerank_ids)).sum()) if not df.empty else 0
+    encode_rate = measure_encoding(s, corpus)
     return CorpusBenchResult(
         documents=documents,
-        upserts=upserts,
-        deletes=deletes,
-        edits=edits,
-        upserts_per_s=round((upserts + edits) / elapsed, 2),
-        visible_s=seconds_of(visible),
-        delete_visible_s=seconds_of([x for x in delete_visible if x == x]),
-        deleted_served_after_ack=deleted_served,
-        stale_text_served_after_ack=stale,
+        upserts=updates.upserts,
+        deletes=updates.deletes,
+        edits=updates.edits,
+        upserts_per_s=round((updates.upserts + updates.edits) / elapsed, 2),
+        visible_s=seconds_of(updates.visible),
+        not_visible_within_30s=updates.unseen,
+        delete_visible_s=seconds_of(updates.delete_visible),
+        deleted_served_after_ack=updates.deleted_served,
+        stale_text_served_after_ack=updates.stale,
         lost_acknowledged=len(lost),
         filter_checks=FilterChecks(
             queries=busy.filter_queries + idle.filter_queries, violations=busy.violations + idle.violations
@@ -309,14 +363,14 @@ def kill_indexer(s: Settings) -> bool:
     return True
 
 
-def measure_encoding(s: Settings, http: httpx.Client, corpus: Corpus, n: int = 200) -> float:
+def measure_encoding(s: Settings, corpus: Corpus, n: int = 200) -> float:
     """Documents per second the indexer encodes when documents come without a vector (BM25 serves
     them at once; their dense part waits for the encoding)."""
     docs = [corpus.document(f"enc-{i}", vector=False) for i in range(n)]
     store = open_store(s.state_dir)
     started = time.time()
     for start in range(0, n, 100):
-        http.put("/documents", json=docs[start : start + 100]).raise_for_status()
+        httpx.put(f"{s.base_url}/documents", json=docs[start : start + 100], timeout=60).raise_for_status()
     waited = _until(lambda: not store.missing_vectors(1), timeout=600)
     return round(n / (time.time() - started), 1) if waited is not None else 0.0
 

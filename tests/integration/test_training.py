@@ -288,3 +288,46 @@ def test_a_champion_no_worker_can_load_makes_health_not_ready_then_is_tagged_bro
     assert "failed to load" in tags["broken"] and tags["rolled_back_by"] == "control"
     wait_for(lambda: httpx.get(f"{s.base_url}/health/ready").status_code == 200, what="ready again")
     assert served_version(s) == good
+
+
+class RerankingApp(RankloopClient):
+    """An application with a search engine of its own (played here by rankloop's first stage, read
+    in-process): it sends its top 20 to /rerank and its users react to the /rerank answer."""
+
+    def __init__(self, base_url: str, engine: FirstStage):
+        super().__init__(base_url)
+        self.engine = engine
+        self.request_ids: list[str] = []
+
+    def rank(self, query: str, k: int = 10, user: str | None = None, session: str | None = None, **_: object):
+        answer = self.rerank(query, [c.doc_id for c in self.engine.search(query, 20)], top_n=k, user=user, session=session)
+        self.request_ids.append(answer.request_id)
+        return answer
+
+
+def test_a_model_trained_on_rerank_traffic_passes_the_gate_and_is_promoted(stack, tmp_path):
+    """Last in this module: its traffic adds labels the tests above must not see. Its versions go to
+    a registry of its own, so what the stack serves is untouched."""
+    from services.config import MlflowSettings
+    from services.control.promotion import Promotions
+
+    s = stack["settings"]
+    ds = beir.load(stack["dataset"])
+    engine = FirstStage.current(s.state_dir)
+    app = RerankingApp(s.base_url, engine)
+    stats = simulate(app, ds, "train", 400, UserModel(examination_curve(s.clicklog)), seed=11, progress=False)
+    assert stats.accepted == stats.events > 0
+    labels = open_labels(s.label_store_url)
+    settle_labels(s, labels, timeout=180)
+    df = labels.read()[0]
+    assert df["request_id"].isin(app.request_ids).sum() >= stats.clicks  # every click on a /rerank answer is a label
+    own = s.model_copy(update={"mlflow": MlflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")})
+    registry = open_registry(own)
+    cfg = TrainConfig(epochs=1, batch_size=8, max_seq_length=64, hard_negatives=1)
+    gate = s.gate.model_copy(update={"min_queries": 10, "min_requests": 50})
+    job = TrainingJob(work_dir=tmp_path, depth=20, train=cfg, gate=gate, rules=s.stream.rules)
+    outcome = train_once(registry, labels, engine, job)
+    assert outcome.status == "passed", outcome.message
+    Promotions.connect(own, registry).promote(outcome.version, "rerank traffic", actor="test")
+    champion = registry.champion()
+    assert champion is not None and champion.version == outcome.version
