@@ -53,6 +53,34 @@ def index(
 
 
 @app.command()
+def corpus(last: int = typer.Option(10, min=0, help="audited changes to list, newest first")) -> None:
+    """The living corpus: documents, the last change, declared fields, who indexes, who changed what."""
+    import datetime as dt
+
+    from training.corpus.bm25 import Lease
+    from training.indexing import LEASE_FILE, open_store
+    from training.ranking.first_stage import index_folder
+
+    s = settings()
+    folder = index_folder(s.state_dir)
+    store = open_store(s.state_dir)
+    fields = ", ".join(f"{n} ({t.value})" for n, t in store.declared().items()) or "none"
+    lease = Lease(folder / LEASE_FILE)
+    indexer = "none running" if lease.acquire() else f"pid {lease.holder()}"
+    lease.release()
+    console.print(
+        f"{store.count()} documents, change {store.head()} (BM25 has applied {store.applied('bm25')}); fields: {fields}"
+    )
+    console.print(f"indexer: {indexer}; {len(store.missing_vectors(100_000))} documents waiting to be encoded")
+    table = Table("change", "at", "who", "what", "documents", "first ids")
+    for row in store.audit(last):
+        at = dt.datetime.fromtimestamp(row["at"]).isoformat(timespec="seconds")
+        table.add_row(str(row["seq"]), at, row["actor"], row["action"], str(row["documents"]), ", ".join(row["ids"][:3]))
+    if last:
+        console.print(table)
+
+
+@app.command()
 def variant(
     kind: str = typer.Argument(
         "keyword-stuffed",

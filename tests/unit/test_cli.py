@@ -121,3 +121,23 @@ def test_sigterm_ends_a_command_through_its_finally_blocks(tmp_path):
     started = time.time()
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM and time.time() - started < 30
     assert marker.read_text() == "yes"
+
+
+def test_index_reads_a_file_with_a_field_mapping_and_corpus_shows_the_audited_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANKLOOP_STATE_DIR", str(tmp_path / "state"))
+    rows = [
+        {"sku": "p1", "name": "Trail shoe", "body": "A waterproof trail running shoe.", "lang": "en", "year": 2022},
+        {"sku": "p2", "name": "Broken", "body": "", "lang": "en", "year": 2020},
+    ]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["index", "--input", str(tmp_path / "docs.jsonl"), "--id", "sku", "--text", "body", "--title", "name"]
+    result = runner.invoke(app, [*args, "--field", "lang", "--field", "year:number"])
+    assert result.exit_code == 0, result.output
+    assert "stored 1, refused 1" in result.output and "row 2 (p2): text" in result.output
+    as_names = runner.invoke(app, [*args[:3], "--id", "sku", "--text", "name"])  # the names as texts: both stored
+    assert as_names.exit_code == 0 and "stored 2, refused 0" in as_names.output
+    shown = runner.invoke(app, ["corpus"])
+    assert shown.exit_code == 0, shown.output
+    assert "2 documents" in shown.output and "lang (keyword)" in shown.output and "upsert" in shown.output
+    refused = runner.invoke(app, ["index", "--input", str(tmp_path / "docs.jsonl"), "--id", "nope"])
+    assert refused.exit_code == 1 and "refused 2" in refused.output
