@@ -33,6 +33,7 @@ from schemas.documents import FieldType
 from services.bench.serve import percentile
 from services.config import CorpusSettings, Settings
 from services.local import infra
+from services.local.load import ClientThreads
 from services.local.workers import settle_labels, spawn, wait_healthy, worker_env
 from services.storage import open_labels
 from training.corpus.bm25 import Lease
@@ -144,7 +145,7 @@ def run_corpus_bench(
         infra.down(s)
 
 
-class Traffic:
+class Traffic(ClientThreads):
     """Clients ranking random queries (some filtered, checked) and reranking, until stopped."""
 
     def __init__(self, base_url: str, corpus: Corpus, clients: int = 2):
@@ -198,17 +199,6 @@ class Traffic:
                             http.post("/events", json=[event])
                     else:
                         self.errors += 1
-
-    def __enter__(self) -> Traffic:
-        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(self.clients)]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
 
 
 def marker_of(doc_id: str, revision: int) -> str:

@@ -8,14 +8,37 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Self
 
 import httpx
 
 CLIENTS = 8
 
 
+class ClientThreads:
+    """Client threads, each running `_client(n)` until the `with` block ends."""
+
+    clients: int
+    _stop: threading.Event
+    _threads: list[threading.Thread]
+
+    def _client(self, n: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(self.clients)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
 @dataclass
-class Load:
+class Load(ClientThreads):
     """Clients sending distinct queries (every request a miss, in this load and across loads) until
     stopped; every answer recorded."""
 
@@ -48,17 +71,6 @@ class Load:
                 except httpx.HTTPError:
                     self.log.append((started, (time.time() - started) * 1000, 0, ""))
                 i += 1
-
-    def __enter__(self) -> Load:
-        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(self.clients)]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
 
     def between(self, t0: float, t1: float) -> list[tuple[float, float, int, str]]:
         return [row for row in self.log if t0 <= row[0] < t1]

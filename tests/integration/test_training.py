@@ -312,7 +312,10 @@ def test_a_model_trained_on_rerank_traffic_passes_the_gate_and_is_promoted(stack
     from services.control.promotion import Promotions
 
     s = stack["settings"]
-    ds = beir.load(stack["dataset"])
+    from training.variants import subset
+
+    full = beir.load(stack["dataset"])
+    ds = beir.load(subset(full, tmp_path / "head", {"train": 20}, len(full.corpus)))  # users ask 20 questions, often
     engine = FirstStage.current(s.state_dir)
     app = RerankingApp(s.base_url, engine)
     stats = simulate(app, ds, "train", 400, UserModel(examination_curve(s.clicklog)), seed=11, progress=False)
@@ -324,7 +327,7 @@ def test_a_model_trained_on_rerank_traffic_passes_the_gate_and_is_promoted(stack
     own = s.model_copy(update={"mlflow": MlflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")})
     registry = open_registry(own)
     cfg = TrainConfig(epochs=1, batch_size=8, max_seq_length=64, hard_negatives=1)
-    gate = s.gate.model_copy(update={"min_queries": 10, "min_requests": 50})
+    gate = s.gate.model_copy(update={"min_requests": 50})  # 20 queries: a per-request verdict
     job = TrainingJob(work_dir=tmp_path, depth=20, train=cfg, gate=gate, rules=s.stream.rules)
     outcome = train_once(registry, labels, engine, job)
     assert outcome.status == "passed", outcome.message

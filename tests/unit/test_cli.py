@@ -15,7 +15,16 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
+    """Each command runs in its own folder; the logging it configures (on the runner's stream, closed
+    after the command) is undone, so a later test's background thread never logs to a closed file."""
+    import logging
+
     monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_help_lists_every_command():

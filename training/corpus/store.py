@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,18 @@ class DocumentStore:
             self._local.db = db
         return db
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: other writers wait (BEGIN IMMEDIATE), a failure leaves nothing."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
     def _meta(self, key: str) -> str | None:
         row = self._db().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
@@ -132,10 +145,8 @@ class DocumentStore:
                 raise InvalidInput(f"field name {name!r}: letters, digits and _ only, starting with a letter")
             if name in known and known[name] is not kind:
                 raise InvalidInput(f"field {name!r} is declared as {known[name].value}, not {kind.value}")
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany("INSERT OR IGNORE INTO fields VALUES (?, ?)", [(n, k.value) for n, k in fields.items()])
-        db.execute("COMMIT")
+        with self._transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO fields VALUES (?, ?)", [(n, k.value) for n, k in fields.items()])
 
     # ---- writes -----------------------------------------------------------------------------
     def upsert(
@@ -144,10 +155,8 @@ class DocumentStore:
         """Stores the documents in one transaction, audited as `actor`. Returns the stored ids,
         (index, reason) of the ones refused as older than what is stored, and the change number. `feed`:
         the topic and offsets these documents were read up to, stored in the same transaction."""
-        db = self._db()
         stored, refused = [], []
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             seq = self._next_seq(db)
             for i, doc in enumerate(docs):
                 row = db.execute(
@@ -173,19 +182,13 @@ class DocumentStore:
                 stored.append(doc.id)
             self._audit(db, seq, actor, "upsert", stored)
             self._feed(db, feed)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return stored, refused, seq
 
     def delete(self, ids: list[str], actor: str = "local", feed: Feed | None = None) -> tuple[list[str], list[str], int]:
         """Tombstones the documents, audited as `actor`. Returns (deleted, missing, change number)."""
-        db = self._db()
         deleted: list[str] = []
         missing: list[str] = []
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             seq = self._next_seq(db)
             for doc_id in dict.fromkeys(ids):
                 cur = db.execute(
@@ -196,10 +199,6 @@ class DocumentStore:
                 (deleted if cur.rowcount else missing).append(doc_id)
             self._audit(db, seq, actor, "delete", deleted)
             self._feed(db, feed)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return deleted, missing, seq
 
     @staticmethod
@@ -218,10 +217,8 @@ class DocumentStore:
             db.executemany(upsert, [(f"offset:{topic}:{p}", str(o)) for p, o in offsets.items()])
 
     def set_feed_offsets(self, topic: str, offsets: dict[int, int]) -> None:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        self._feed(db, (topic, offsets))
-        db.execute("COMMIT")
+        with self._transaction() as db:
+            self._feed(db, (topic, offsets))
 
     def feed_offsets(self, topic: str) -> dict[int, int]:
         """partition -> the next offset to read of a documents topic."""
@@ -236,32 +233,24 @@ class DocumentStore:
     def set_vectors(self, vectors: list[tuple[int, str, np.ndarray]]) -> int:
         """Stores encoded vectors as (num, content key, vector), each only if the document still has
         that content (an edit since the encoding began wins). One change number for all."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             seq = self._next_seq(db)
             db.executemany(
                 "UPDATE documents SET vector = ?, seq = ? WHERE num = ? AND content = ? AND deleted = 0",
                 [(np.asarray(v, dtype=np.float32).tobytes(), seq, num, key) for num, key, v in vectors],
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return seq
 
     def keep_inline(self, docs: list[tuple[str, str, str]]) -> None:
         """Keeps the (id, title, body) of candidates an application sent inline to /rerank, so a
         training on their labels can read them."""
         rows = [(d, t, b, content_key(b)) for d, t, b in docs]
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany(
-            "INSERT INTO inline_documents VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET title=excluded.title, "
-            "body=excluded.body, content=excluded.content WHERE inline_documents.content != excluded.content",
-            rows,
-        )
-        db.execute("COMMIT")
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO inline_documents VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET title=excluded.title, "
+                "body=excluded.body, content=excluded.content WHERE inline_documents.content != excluded.content",
+                rows,
+            )
 
     def set_applied(self, name: str, seq: int) -> None:
         db = self._db()
