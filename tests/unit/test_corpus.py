@@ -286,3 +286,13 @@ def test_labels_of_deleted_documents_leave_the_training_data(living_index):
     living_index.store.keep_inline([("kb-9", "", "an inline candidate")])
     df = pd.DataFrame({"doc_id": ["d1", "d3", "kb-9", "never"], "grade": [1, 1, 1, 1]})
     assert in_corpus(df, living_index)["doc_id"].tolist() == ["d1", "kb-9"]
+
+
+def test_a_document_waiting_for_its_vector_is_already_found_by_bm25(living_index):
+    fs = living_index
+    fs.store.upsert([check_document({"id": "nv", "text": "Quokkas are small marsupials."}, {}, 384)])
+    Indexer(fs.store, fs.bm25, None).catch_up()  # no encoder: BM25 only
+    fs.refresh()
+    assert fs.store.missing_vectors(10) and fs.search("quokkas marsupials", 3)[0].doc_id == "nv"
+    catch_up(fs)  # encoded now
+    assert not fs.store.missing_vectors(10) and fs.search("quokkas marsupials", 3)[0].doc_id == "nv"

@@ -184,18 +184,22 @@ class FirstStage:
 
     def _similarity(self, ids: list[str], q: np.ndarray, missing: float | None = None) -> np.ndarray:
         """Cosine of each document's vector to the query; a document not encoded yet (or applied to
-        BM25 before this process read its vector) gets `missing`, by default the lowest score among them."""
+        BM25 before this process read its vector) gets `missing`, by default the median of the others:
+        its BM25 score decides, neither favoured nor buried by a vector it does not have yet."""
         sims = np.full(len(ids), np.nan, dtype=np.float32)
+        known = [(i, self.num_of[d]) for i, d in enumerate(ids) if d in self.num_of]
         with self._lock:
-            for i, d in enumerate(ids):
-                num = self.num_of.get(d)
-                if num is not None:
-                    with contextlib.suppress(RuntimeError):  # no vector yet
+            try:  # one call for all: the common case, every candidate has its vector
+                rows = self.dense.reconstruct_batch(np.array([n for _, n in known], dtype=np.int64))
+                sims[[i for i, _ in known]] = rows @ q
+            except RuntimeError:  # some have none yet (stored without a vector, or not read here yet)
+                for i, num in known:
+                    with contextlib.suppress(RuntimeError):
                         sims[i] = float(self.dense.reconstruct(num) @ q)
         if missing is not None:
             return np.where(np.isnan(sims), missing, sims)
-        known = sims[~np.isnan(sims)]
-        return np.nan_to_num(sims, nan=float(known.min()) if known.size else 0.0)
+        scored = sims[~np.isnan(sims)]
+        return np.nan_to_num(sims, nan=float(np.median(scored)) if scored.size else 0.0)
 
 
 def index_folder(state_dir: Path) -> Path:
