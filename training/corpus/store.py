@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS documents(
   seq INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS documents_seq ON documents(seq);
+CREATE INDEX IF NOT EXISTS documents_unencoded ON documents(num) WHERE vector IS NULL AND deleted = 0;
 CREATE TABLE IF NOT EXISTS audit(seq INTEGER NOT NULL, at REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
   documents INTEGER NOT NULL, ids TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS inline_documents(id TEXT PRIMARY KEY, title TEXT NOT NULL, body TEXT NOT NULL, content TEXT NOT NULL);
@@ -282,7 +283,8 @@ class DocumentStore:
         ]
 
     def missing_vectors(self, limit: int) -> list[tuple[int, str, str]]:
-        """(num, content key, body) of live documents waiting to be encoded."""
+        """(num, content key, body) of live documents waiting to be encoded (a partial index: asked
+        twice a second by the indexer, it never scans the corpus)."""
         return list(
             self._db().execute("SELECT num, content, body FROM documents WHERE vector IS NULL AND deleted = 0 LIMIT ?", (limit,))
         )
