@@ -108,10 +108,3 @@ def read_rows(path: Path, fmt: str | None = None) -> Iterator[dict[str, Any]]:
             yield from batch.to_pylist()
     else:
         raise InvalidInput(f"unknown format {fmt!r}: jsonl, csv or parquet")
-
-
-def beir_corpus(folder: Path) -> Path:
-    path = folder / "corpus.jsonl"
-    if not path.exists():
-        raise InvalidInput(f"{path} not found: a BEIR folder has corpus.jsonl")
-    return path
