@@ -265,16 +265,13 @@ class Worker:
         inline = {c.id: c for c in req.candidates if isinstance(c, InlineCandidate)}
         ids = list(dict.fromkeys(c if isinstance(c, str) else c.id for c in req.candidates))
         indexed = [d for d in ids if d not in inline]
-        unknown = set(indexed) - set(self.first_stage.live(indexed))
-        clash = set(self.first_stage.live(list(inline)))
+        live = self.first_stage.live(ids)  # one read for both checks
+        clash = set(inline) & set(live)
         if clash:
-            raise InvalidInput(
-                f"inline candidates with ids of indexed documents (send the id alone): {', '.join(sorted(clash)[:10])}"
-            )
+            raise InvalidInput(f"inline candidates with ids of indexed documents (send the id alone): {_some(clash)}")
+        unknown = set(indexed) - set(live)
         if unknown:
-            raise InvalidInput(
-                f"candidates not in the index (send them inline with their text): {', '.join(sorted(unknown)[:10])}"
-            )
+            raise InvalidInput(f"candidates not in the index (send them inline with their text): {_some(unknown)}")
         if inline:
             self.first_stage.store.keep_inline([(c.id, c.title, _content(c)) for c in inline.values()])
         text = self.first_stage.text
