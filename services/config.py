@@ -21,7 +21,7 @@ from pydantic_settings import (
 
 from schemas.documents import FieldType
 from services.keys import DEPLOYMENT_PATTERN, Keys
-from training.config import GateConfig, InterleaveConfig, TrainConfig
+from training.config import AnnSettings, GateConfig, InterleaveConfig, TrainConfig
 from training.labels.rules import LabelRules
 
 
@@ -131,6 +131,21 @@ class CorpusSettings(Group):
     )
     refresh_s: float = Field(0.5, gt=0, description="how often a serving worker catches up with document changes")
     max_batch: int = Field(1000, ge=1, description="documents per PUT /documents")
+    ann_from: int = Field(
+        50_000, ge=0, description="documents from which the vector snapshot is approximate (faiss IVF) instead of exact"
+    )
+    ann_recall: float = Field(
+        0.97, gt=0.0, le=1.0, description="recall@100 against exact search the IVF snapshot must reach (nprobe is chosen for it)"
+    )
+    snapshot_after: int = Field(
+        20_000,
+        ge=1,
+        description="changed documents after which the indexer rewrites the vector snapshot "
+        "(each worker holds them in memory until then)",
+    )
+
+    def ann(self) -> AnnSettings:
+        return AnnSettings(self.ann_from, self.ann_recall, self.snapshot_after)
 
 
 class StreamSettings(Group):

@@ -3,6 +3,7 @@ so the configuration object (and `rankloop --help`) never loads torch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -84,3 +85,12 @@ class GateConfig(BaseModel):
     min_queries: int = Field(30, ge=1, description="held-out queries for a per-query verdict; with fewer, requests are compared")
     min_requests: int = Field(200, ge=1, description="held-out requests for a per-request verdict (few distinct queries)")
     min_clustered_queries: int = Field(5, ge=2, description="distinct queries those requests must come from")
+
+
+@dataclass(frozen=True)
+class AnnSettings:
+    """When the snapshot turns approximate, how good it must stay, and how often it is rewritten."""
+
+    ann_from: int = 50_000
+    recall: float = 0.97
+    rebuild_after: int = 20_000  # documents changed since the snapshot (the in-memory part's size)

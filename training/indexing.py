@@ -14,7 +14,9 @@ from typing import Any
 from schemas.documents import Document, FieldType, check_document
 from training import self_check
 from training.beir import Dataset
+from training.config import AnnSettings
 from training.corpus.bm25 import Bm25Index, Lease
+from training.corpus.dense import current_snapshot
 from training.corpus.indexer import Indexer
 from training.corpus.store import DIM, DocumentStore
 from training.progress import Progress, silent
@@ -51,9 +53,11 @@ def load_documents(
     replace: bool = False,
     progress: Progress = silent,
     batch_size: int = 32,
+    ann: AnnSettings = AnnSettings(),
 ) -> LoadReport:
     """Validates and stores `rows`; with `replace`, deletes the live documents not among them. Then
-    encodes and indexes them here, unless a running indexer holds the lease (it applies them)."""
+    encodes and indexes them here (ending with a vector snapshot), unless a running indexer holds the
+    lease (it applies them)."""
     store = open_store(state_dir)
     if fields:
         store.declare(fields)
@@ -102,7 +106,9 @@ def load_documents(
         report.applied_by = lease.holder()
         return report
     try:
-        Indexer(store, Bm25Index(state_dir / "index" / BM25_FOLDER), encoder_function(batch_size)).catch_up(progress)
+        indexer = Indexer(store, Bm25Index(state_dir / "index" / BM25_FOLDER), encoder_function(batch_size), ann=ann)
+        if indexer.catch_up(progress) or current_snapshot(store.path.parent) is None:
+            indexer.snapshot(progress)
     finally:
         lease.release()
     return report

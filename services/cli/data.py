@@ -40,7 +40,7 @@ def index(
     mapping = Mapping(id=id, text=text, title=title, fields=dict(parse_field(f) for f in field), vector=vector)
     with ProgressBar() as progress:
         rows = (mapping.document(row) for row in read_rows(input, format))
-        report = load_documents(s.state_dir, rows, mapping.fields, replace=replace, progress=progress)
+        report = load_documents(s.state_dir, rows, mapping.fields, replace=replace, progress=progress, ann=s.corpus.ann())
     console.print(f"stored {report.stored}, refused {report.refused}, deleted {report.deleted} documents from {input}")
     for row, doc_id, reason in report.refusals:
         console.print(f"  row {row}{f' ({doc_id})' if doc_id else ''}: {reason}")

@@ -326,12 +326,15 @@ class Worker:
         while not self._stop.is_set():
             try:
                 if indexer is None and lease.acquire():
-                    indexer = Indexer(self.first_stage.store, self.first_stage.bm25, self._encode_documents)
+                    indexer = Indexer(
+                        self.first_stage.store, self.first_stage.bm25, self._encode_documents, ann=self.s.corpus.ann()
+                    )
                     log.info("this worker indexes document changes (pid %s)", os.getpid())
                 if indexer is not None:
                     if self.documents_feed is not None:
                         self.documents_feed.poll()
                     indexer.catch_up()
+                    indexer.snapshot_in_background()
                 self.first_stage.refresh()
             except Exception:  # the store or the index is unreadable for a moment: tried again next round
                 log.exception("catching up with document changes failed")

@@ -8,24 +8,39 @@ index` takes it for a bulk load. Each worker's dense vectors catch up on their o
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 
 import numpy as np
 
+from training.config import AnnSettings
 from training.corpus.bm25 import Bm25Index, Bm25Writer
+from training.corpus.dense import build_snapshot, current_snapshot
 from training.corpus.store import DocumentStore
 from training.progress import Progress, silent
 
+log = logging.getLogger("rankloop.corpus")
 Encode = Callable[[list[str]], np.ndarray]
 APPLY_BATCH = 5000
 
 
 class Indexer:
-    def __init__(self, store: DocumentStore, bm25: Bm25Index, encode: Encode | None, encode_batch: int = 64):
+    def __init__(
+        self,
+        store: DocumentStore,
+        bm25: Bm25Index,
+        encode: Encode | None,
+        encode_batch: int = 64,
+        ann: AnnSettings = AnnSettings(),
+    ):
         self.store = store
         self.writer = Bm25Writer(bm25)
         self.encode = encode
         self.encode_batch = encode_batch
+        self.ann = ann
+        self.folder = store.path.parent
+        self._snapshotting: threading.Thread | None = None
 
     def catch_up(self, progress: Progress = silent) -> int:
         """Encodes what lacks a vector, then applies every change up to the store's head to BM25.
@@ -58,3 +73,26 @@ class Indexer:
             done += len(rows)
             progress("embedding documents", done, done + len(self.store.missing_vectors(100_000)))
         return done
+
+    def snapshot_due(self) -> bool:
+        """True when `rebuild_after` documents changed since the vector snapshot (or since none)."""
+        snap = current_snapshot(self.folder)
+        return self.store.changed_since(snap.seq if snap else 0) >= self.ann.rebuild_after
+
+    def snapshot(self, progress: Progress = silent) -> None:
+        """Writes a vector snapshot now (a bulk load ends with one)."""
+        snap = build_snapshot(self.store, self.folder, self.ann, progress)
+        log.info(
+            "vector snapshot of %d documents (%s, recall@100 %s) in %.1f s",
+            snap.documents,
+            snap.kind,
+            snap.recall_at_100,
+            snap.build_s,
+        )
+
+    def snapshot_in_background(self) -> None:
+        """Starts a snapshot when one is due and none is being written: workers keep the changes since
+        the last one in memory, so this bounds that memory without stalling the catch-up loop."""
+        if (self._snapshotting is None or not self._snapshotting.is_alive()) and self.snapshot_due():
+            self._snapshotting = threading.Thread(target=self.snapshot, name="vector-snapshot", daemon=True)
+            self._snapshotting.start()

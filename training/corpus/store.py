@@ -339,6 +339,69 @@ class DocumentStore:
             last = rows[-1][0]
             yield [(d, c, b) for _, d, c, b in rows]
 
+    # ---- vectors, by the document numbers faiss knows them by -------------------------------
+    def count_vectors(self) -> int:
+        return int(self._db().execute("SELECT count(*) FROM documents WHERE deleted = 0 AND vector IS NOT NULL").fetchone()[0])
+
+    def changed_since(self, seq: int) -> int:
+        """Documents changed (or deleted) after change `seq`."""
+        return int(self._db().execute("SELECT count(*) FROM documents WHERE seq > ?", (seq,)).fetchone()[0])
+
+    def iter_vectors(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(numbers, float32 matrix) of every live document with a vector, in chunks by number."""
+        last = 0
+        while True:
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT num, vector FROM documents WHERE num > ? AND deleted = 0 AND vector IS NOT NULL ORDER BY num LIMIT ?",
+                    (last, batch),
+                )
+                .fetchall()
+            )
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield np.array([n for n, _ in rows], dtype=np.int64), _matrix([v for _, v in rows])
+
+    def sample_vectors(self, n: int) -> np.ndarray:
+        """About `n` live vectors spread evenly over the document numbers (an index's training set)."""
+        top = int(self._db().execute("SELECT coalesce(max(num), 0) FROM documents").fetchone()[0])
+        step = max(1, top // max(1, n))
+        rows = (
+            self._db()
+            .execute("SELECT vector FROM documents WHERE num % ? = 0 AND deleted = 0 AND vector IS NOT NULL LIMIT ?", (step, n))
+            .fetchall()
+        )
+        return _matrix([v for (v,) in rows])
+
+    def vectors_of(self, ids: list[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of the live documents among `ids` (one not encoded yet is absent)."""
+        out: dict[str, np.ndarray] = {}
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            for d, v in self._db().execute(
+                f"SELECT id, vector FROM documents WHERE deleted = 0 AND vector IS NOT NULL AND id IN ({marks})", chunk
+            ):
+                out[d] = np.frombuffer(v, dtype=np.float32)
+        return out
+
+    def ids_of(self, nums: list[int]) -> dict[int, str]:
+        """number -> id of the live documents among `nums`."""
+        out: dict[int, str] = {}
+        for chunk in _chunks(nums):
+            marks = ",".join("?" * len(chunk))
+            out.update(self._db().execute(f"SELECT num, id FROM documents WHERE deleted = 0 AND num IN ({marks})", chunk))
+        return out
+
+    def nums_of(self, ids: list[str]) -> list[int]:
+        """The numbers of the live documents among `ids`."""
+        out: list[int] = []
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            out += [n for (n,) in self._db().execute(f"SELECT num FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk)]
+        return out
+
     def matching(self, conditions: list[Condition]) -> list[str]:
         """Ids of the live documents whose fields pass every condition (filters, `schemas.documents`)."""
         where, args = ["deleted = 0"], []
@@ -356,6 +419,17 @@ class DocumentStore:
                 where.append(f"EXISTS (SELECT 1 FROM json_each(fields, ?) WHERE json_each.value IN ({marks}))")
                 args += [path, *values]
         return [d for (d,) in self._db().execute(f"SELECT id FROM documents WHERE {' AND '.join(where)}", args)]
+
+
+def _chunks(items: list, size: int = 500) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _matrix(blobs: list[bytes]) -> np.ndarray:
+    if not blobs:
+        return np.zeros((0, DIM), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1).copy()
 
 
 def _older(doc: Document, version: int | None, updated_at: float | None) -> str | None:

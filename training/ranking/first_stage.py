@@ -3,14 +3,14 @@ fused per query, over the living corpus (`training.corpus`).
 
 An index is a folder `<state>/index/`: the document store, the BM25 segments and the self-check.
 `refresh` catches this process up with the store: BM25 by reloading the reader at the indexer's last
-commit, the vectors by applying the changes since the last it read. `version` names the generation
+commit, the vectors by moving to the indexer's newest snapshot and applying the changes after it
+(`training.corpus.dense`). Vectors of candidates are read from the store, so nothing per document
+is held by a process beyond what faiss maps. `version` names the generation
 served (`<corpus id>.<change number>`), so caches keyed by it never answer from an older corpus.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,8 @@ import numpy as np
 from schemas import FIRST_STAGE, NotFound
 from schemas.documents import Condition
 from training.corpus.bm25 import Bm25Index
-from training.corpus.store import DIM, DocumentStore, StoredDocument, content_key
+from training.corpus.dense import DenseVectors
+from training.corpus.store import DocumentStore, StoredDocument, content_key
 from training.ranking.embedding_cache import EmbeddingCache
 from training.ranking.encoder import base_model_path, encode, load_encoder
 
@@ -69,11 +70,8 @@ class FirstStage:
         self.bm25_weight = BM25_WEIGHT
         # faiss's OpenMP pool next to torch's in one process is a known source of trouble
         faiss.omp_set_num_threads(1)
-        self.dense = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
-        self.doc_of: dict[int, str] = {}  # faiss id (the store's `num`) -> doc id
-        self.num_of: dict[str, int] = {}
-        self.dense_seq = self.bm25_seq = 0
-        self._lock = threading.Lock()  # faiss is not safe to search while it is changed
+        self.dense = DenseVectors(self.store, folder)
+        self.bm25_seq = 0
         self.refresh()
 
     @classmethod
@@ -89,6 +87,10 @@ class FirstStage:
     def corpus_id(self) -> str:
         return self.store.corpus_id
 
+    @property
+    def dense_seq(self) -> int:
+        return self.dense.seq
+
     def refresh(self) -> bool:
         """Applies what changed in the store since the last call; True when anything did."""
         changed = False
@@ -96,26 +98,10 @@ class FirstStage:
         if applied != self.bm25_seq:
             self.bm25.reload()
             self.bm25_seq, changed = applied, True
-        while changes := self.store.changes(self.dense_seq, 20_000):
-            nums = np.array([c.num for c in changes], dtype=np.int64)
-            live = [c for c in changes if not c.deleted and c.vector is not None]
-            with self._lock:
-                self.dense.remove_ids(nums)  # type: ignore[arg-type]  # faiss takes an id array too
-                if live:
-                    vectors = np.stack([c.vector for c in live if c.vector is not None])
-                    self.dense.add_with_ids(vectors, np.array([c.num for c in live], dtype=np.int64))
-                for c in changes:
-                    if c.deleted:
-                        self.doc_of.pop(c.num, None)
-                        self.num_of.pop(c.id, None)
-                    else:
-                        self.doc_of[c.num], self.num_of[c.id] = c.id, c.num
-                self.dense_seq = changes[-1].seq
-            changed = True
-        return changed
+        return self.dense.refresh() or changed
 
     def count(self) -> int:
-        return len(self.num_of)
+        return self.store.count()
 
     def title(self, doc_id: str) -> str:
         doc = self.store.live([doc_id]).get(doc_id)
@@ -142,17 +128,13 @@ class FirstStage:
         apply inside both searches, before `k` is cut)."""
         within = self.store.matching(conditions) if conditions else None
         q_emb = encode(self.encoder, queries)
-        with self._lock:
-            params = None
-            if within is not None:
-                nums = np.array([self.num_of[d] for d in within if d in self.num_of], dtype=np.int64)
-                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(nums))  # type: ignore[call-arg]
-            kd = min(k, self.dense.ntotal)
-            d_idx = self.dense.search(q_emb, kd, params=params)[1] if kd else np.zeros((len(queries), 0), dtype=np.int64)
+        allowed = np.array(self.store.nums_of(within), dtype=np.int64) if within is not None else None
+        found = self.dense.search(q_emb, k, allowed)
+        names = self.store.ids_of(sorted({n for nums in found for n in nums}))
         out: list[list[Candidate]] = []
         for qi, query in enumerate(queries):
             bm = dict(self.bm25.search(query, k, within))
-            ids = list(dict.fromkeys([self.doc_of[int(n)] for n in d_idx[qi] if n >= 0 and int(n) in self.doc_of] + list(bm)))
+            ids = list(dict.fromkeys([names[n] for n in found[qi] if n in names] + list(bm)))
             if not ids:
                 out.append([])
                 continue
@@ -187,15 +169,10 @@ class FirstStage:
         BM25 before this process read its vector) gets `missing`, by default the median of the others:
         its BM25 score decides, neither favoured nor buried by a vector it does not have yet."""
         sims = np.full(len(ids), np.nan, dtype=np.float32)
-        known = [(i, self.num_of[d]) for i, d in enumerate(ids) if d in self.num_of]
-        with self._lock:
-            try:  # one call for all: the common case, every candidate has its vector
-                rows = self.dense.reconstruct_batch(np.array([n for _, n in known], dtype=np.int64))
-                sims[[i for i, _ in known]] = rows @ q
-            except RuntimeError:  # some have none yet (stored without a vector, or not read here yet)
-                for i, num in known:
-                    with contextlib.suppress(RuntimeError):
-                        sims[i] = float(self.dense.reconstruct(num) @ q)
+        vectors = self.store.vectors_of(ids)
+        if vectors:
+            known = [i for i, d in enumerate(ids) if d in vectors]
+            sims[known] = np.stack([vectors[ids[i]] for i in known]) @ q
         if missing is not None:
             return np.where(np.isnan(sims), missing, sims)
         scored = sims[~np.isnan(sims)]
