@@ -36,6 +36,12 @@ class TrainConfig(BaseModel):
         description="share of the train slice's queries kept out of fine-tuning (not out of the feedback memory) "
         "when the tune slice has too few queries training never saw: the unfamiliar mix is tuned on them as unseen",
     )
+    document_tower: Literal["frozen", "tuned"] = Field(
+        "frozen",
+        description="frozen: fine-tune the query side only, scored against the index's own document vectors, so a new "
+        "version is servable in seconds at any corpus size; tuned: fine-tune both sides, which re-embeds every document "
+        "per version (docs/scale.md)",
+    )
     max_seq_length: int = Field(128, ge=16, description="training length; 4x faster than 256 on CPU, inference uses 256")
 
 

@@ -36,7 +36,7 @@ from training.progress import Progress, silent
 from training.ranking.encoder import load_encoder
 from training.ranking.first_stage import FirstStage
 from training.ranking.query import normalise_query
-from training.ranking.rank import Candidates, Text, candidates_for, rank_queries
+from training.ranking.rank import Candidates, candidates_for, rank_queries
 from training.ranking.reranker import FAMILIAR_AT, MemoryEmbeddingCache, Mix, Reranker, save_model_folder, write_meta
 from training.registry import MlflowRegistry
 from training.slices import Debias, Slices, binary, make_slices
@@ -78,6 +78,7 @@ class Fitted:
     model: SentenceTransformer
     stats: FitStats
     seconds: float
+    warm_start: str | None  # the version it started from (None: the base model)
 
 
 @dataclass
@@ -121,13 +122,19 @@ def choose_examples(
 
 
 def fit_challenger(
-    examples: list[Example], incumbent: Incumbent, text: Text, cfg: TrainConfig, progress: Progress = silent
+    examples: list[Example], incumbent: Incumbent, first_stage: FirstStage, cfg: TrainConfig, progress: Progress = silent
 ) -> Fitted:
-    """Fine-tunes from the champion (or the base model)."""
+    """Fine-tunes from the champion when it has the same kind of document tower, else from the base
+    model. A frozen tower trains the query side against the index's vectors."""
     started = time.time()
-    model = load_encoder(incumbent.reranker.folder if incumbent.reranker else None, cfg.max_seq_length)
-    stats = fit(model, examples, text, cfg, progress)
-    return Fitted(model, stats, time.time() - started)
+    champion = incumbent.reranker
+    frozen = cfg.document_tower == "frozen"
+    warm_start = champion is not None and champion.frozen_documents == frozen
+    model = load_encoder(champion.folder if champion is not None and warm_start else None, cfg.max_seq_length)
+    cache = MemoryEmbeddingCache()
+    vectors = (lambda ids: first_stage.base_vectors(ids, first_stage.text, cache)) if frozen else None
+    stats = fit(model, examples, first_stage.text, cfg, progress, document_vectors=vectors)
+    return Fitted(model, stats, time.time() - started, incumbent.version if warm_start else None)
 
 
 @dataclass
@@ -158,8 +165,9 @@ def learn(
     """Fits, saves (with its document embeddings, so serving swaps to it warm) and tunes one challenger."""
     cfg = job.train.model_copy(update={"debias": mode})
     examples, selection = choose_examples(slices, candidates, incumbent, cfg)
-    fitted = fit_challenger(examples, incumbent, first_stage.text, cfg, progress)
-    save_model_folder(fitted.model, folder, Mix(1.0), slices.memory())
+    fitted = fit_challenger(examples, incumbent, first_stage, cfg, progress)
+    tower = {"document_tower": cfg.document_tower}
+    save_model_folder(fitted.model, folder, Mix(1.0), slices.memory(), extra=tower)
     draft = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage, progress=progress)
     mixes = tune_mixes(draft, slices.tune, candidates, first_stage.text, job.depth, job.gate.min_queries, slices.probe)
     tuned = mixes.familiar
@@ -169,10 +177,11 @@ def learn(
         extra={
             "trained_on_labels": slices.labels,
             "trained_until": slices.trained_until,
-            "warm_start": incumbent.version,
+            "warm_start": fitted.warm_start,
             "rerank_depth": job.depth,
             "debias": mode,
             "familiar_at": FAMILIAR_AT,
+            **tower,
         },
         unfamiliar=mixes.unfamiliar,
     )

@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 from torch import nn
@@ -74,9 +75,11 @@ class WeightedListwiseLoss(nn.Module):
         out = self.model(features)["sentence_embedding"]
         return nn.functional.normalize(out.float(), dim=-1)
 
-    def forward(self, queries: list[str], docs: list[str], weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: list[str], docs: list[str] | torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`docs`: texts to embed with the model, or fixed vectors (a frozen document tower); the
+        first len(queries) are the positives, in order."""
         q = self.embed(queries)
-        d = self.embed(docs)  # the first len(queries) docs are the positives, in order
+        d = self.embed(docs) if isinstance(docs, list) else nn.functional.normalize(docs.float(), dim=-1)
         logits = self.scale * q @ d.T
         target = torch.arange(len(queries))
         loss = nn.functional.cross_entropy(logits, target, reduction="none")
@@ -98,9 +101,16 @@ class FitStats:
 
 
 def fit(
-    model: SentenceTransformer, examples: list[Example], text: Callable[[str], str], cfg: TrainConfig, progress: Progress = silent
+    model: SentenceTransformer,
+    examples: list[Example],
+    text: Callable[[str], str],
+    cfg: TrainConfig,
+    progress: Progress = silent,
+    document_vectors: Callable[[list[str]], np.ndarray] | None = None,
 ) -> FitStats:
-    """Trains in place: fp32 master weights, bf16 autocast forward where the CPU has bf16, AdamW with linear warm-up."""
+    """Trains in place: fp32 master weights, bf16 autocast forward where the CPU has bf16, AdamW with
+    linear warm-up. With `document_vectors` (doc ids -> the index's vectors) only queries pass through
+    the model: the document tower stays frozen, and a step costs a fraction of a full one."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.max_seq_length = cfg.max_seq_length
@@ -115,8 +125,8 @@ def fit(
         rng.shuffle(order)
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
-            docs = [text(e.positive) for e in batch]
-            docs += [text(n) for e in batch for n in e.negatives]
+            ids = [e.positive for e in batch] + [n for e in batch for n in e.negatives]
+            docs = torch.from_numpy(document_vectors(ids)) if document_vectors else [text(d) for d in ids]
             weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
             with cpu_autocast():
                 loss = loss_fn([e.query for e in batch], docs, weights)

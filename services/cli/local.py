@@ -140,6 +140,21 @@ def bench_serve(
     _write(result, out, already=True)
 
 
+@bench_app.command("towers")
+def bench_towers(
+    dataset: str = typer.Option(None, help="BEIR folder; default: the `dataset` setting"),
+    train_split: str = "train",
+    eval_split: str = "test",
+    out: Path = typer.Option(Path("towers.json"), help="where the JSON result goes"),
+) -> None:
+    """A frozen vs a tuned document tower on the same labels: quality, training time, time to serve."""
+    from services.bench.towers import run_towers_bench
+
+    s = bench_settings("bench-towers", dataset, 400)
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    _write(run_towers_bench(s, train_split, eval_split, out), out, already=True)
+
+
 @bench_app.command("corpus")
 def bench_corpus(
     documents: int = typer.Option(5000, min=10, help="synthetic documents loaded before the updates"),

@@ -22,7 +22,7 @@ from schemas import FIRST_STAGE, NotFound
 from schemas.documents import Condition
 from training.corpus.bm25 import Bm25Index
 from training.corpus.dense import DenseVectors
-from training.corpus.store import DocumentStore, StoredDocument, content_key
+from training.corpus.store import DIM, DocumentStore, StoredDocument, content_key
 from training.ranking.embedding_cache import EmbeddingCache
 from training.ranking.encoder import base_model_path, encode, load_encoder
 
@@ -146,11 +146,18 @@ class FirstStage:
         return out
 
     def score(self, query: str, doc_ids: list[str], text: Callable[[str], str], cache: EmbeddingCache) -> list[Candidate]:
-        """An application's own candidates under the first stage's dense part, best first (`/rerank`):
-        indexed documents with their stored vectors, inline ones encoded once and cached by content."""
+        """An application's own candidates under the first stage's dense part, best first (`/rerank`)."""
         q = encode(self.encoder, [query])[0]
-        dense = dict(zip(doc_ids, self._similarity(doc_ids, q, missing=np.nan)))
-        unknown = [d for d, v in dense.items() if np.isnan(v)]
+        scores = self.base_vectors(doc_ids, text, cache) @ q if doc_ids else np.zeros(0, dtype=np.float32)
+        fused = minmax(scores)
+        return [Candidate(doc_ids[i], 0.0, float(scores[i]), float(fused[i])) for i in np.argsort(-fused, kind="stable")]
+
+    def base_vectors(self, doc_ids: list[str], text: Callable[[str], str], cache: EmbeddingCache) -> np.ndarray:
+        """The documents under the base encoder, one row each: the stored vectors of indexed ones;
+        one sent inline or not encoded yet is encoded once and cached by its content. This is the
+        frozen document tower a query-side fine-tune is scored against (`training.ranking.reranker`)."""
+        vectors = self.store.vectors_of(doc_ids)
+        unknown = [d for d in doc_ids if d not in vectors]
         if unknown:
             keys = {d: f"{d}@{content_key(text(d))}" for d in unknown}
             found = cache.get_many(FIRST_STAGE, list(keys.values()))
@@ -159,10 +166,10 @@ class FirstStage:
                 fresh = dict(zip((keys[d] for d in todo), encode(self.encoder, [text(d) for d in todo])))
                 cache.put_many(FIRST_STAGE, fresh)
                 found.update(fresh)
-            dense.update({d: float(found[keys[d]] @ q) for d in unknown})
-        scores = np.array([dense[d] for d in doc_ids], dtype=np.float32)
-        fused = minmax(scores)
-        return [Candidate(doc_ids[i], 0.0, float(scores[i]), float(fused[i])) for i in np.argsort(-fused, kind="stable")]
+            vectors.update({d: found[keys[d]] for d in unknown})
+        if not doc_ids:
+            return np.zeros((0, DIM), dtype=np.float32)
+        return np.stack([np.asarray(vectors[d], dtype=np.float32) for d in doc_ids])
 
     def _similarity(self, ids: list[str], q: np.ndarray, missing: float | None = None) -> np.ndarray:
         """Cosine of each document's vector to the query; a document not encoded yet (or applied to

@@ -90,7 +90,8 @@ class Reranker:
         self.cache: EmbeddingCache = cache or MemoryEmbeddingCache()
         self.memory_queries = list(self.prior)
         self.memory = memory_embeddings(self.model, self.folder, self.memory_queries)
-        self.doc_matrix: np.ndarray | None = None  # this version's embedding of every indexed doc (see `warm`)
+        self.frozen_documents = self.meta.get("document_tower") == "frozen"  # see `doc_embeddings`
+        self.doc_matrix: np.ndarray | None = None  # a tuned tower's embedding of every indexed doc (see `warm`)
         self.doc_rows: dict[str, tuple[int, str]] = {}  # doc_id -> (row, content key embedded)
         self.index: FirstStage | None = None
 
@@ -100,7 +101,11 @@ class Reranker:
         machine), computing and saving it first when the folder has none. A training computes it
         with the version; a serving worker that meets a version without one computes it *before*
         it swaps, so a promotion never starts with a cold cache. A row is used only while its
-        document's text is what was embedded: an edited document is embedded again (and cached)."""
+        document's text is what was embedded: an edited document is embedded again (and cached).
+        A version with a frozen document tower has nothing to compute: it reads the index's vectors."""
+        if self.frozen_documents:
+            self.index = index
+            return self
         path = self.folder / doc_matrix_file(index.corpus_id)
         rows_path = path.with_suffix(".rows.json")
         if not path.exists() or not rows_path.exists():
@@ -141,8 +146,14 @@ class Reranker:
         return self.unfamiliar_mix
 
     def doc_embeddings(self, doc_ids: list[str], text: Callable[[str], str]) -> np.ndarray:
-        """This version's embeddings of the documents as they are now: a matrix row while the text is
-        the one embedded, else the cache keyed by the document's content (an edit is a new key)."""
+        """This version's embeddings of the documents as they are now. A frozen document tower: the
+        base encoder's vectors the first stage holds (a new version changes no document vector, so
+        promotion costs the same at any corpus size). A tuned one: a matrix row while the text is the
+        one embedded, else the cache keyed by the document's content (an edit is a new key)."""
+        if self.frozen_documents:
+            if self.index is None:
+                raise RuntimeError(f"version {self.version} scores documents with the index's vectors: warm it first")
+            return self.index.base_vectors(doc_ids, text, self.cache)
         keys = self.index.content_keys(doc_ids) if self.index is not None else {}
         out: dict[str, np.ndarray] = {}
         cached: dict[str, str] = {}  # doc_id -> its cache key
@@ -230,6 +241,8 @@ def save_model_folder(
     prior: Mapping[str, Evidence] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
+    """A version folder; `extra` goes to `rankloop.json` (`document_tower: frozen` marks a model that
+    encodes queries only, scored against the index's own document vectors)."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save(str(folder), safe_serialization=True)
     prior = dict(prior or {})
