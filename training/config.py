@@ -42,6 +42,12 @@ class TrainConfig(BaseModel):
         "version is servable in seconds at any corpus size; tuned: fine-tune both sides, which re-embeds every document "
         "per version (docs/scale.md)",
     )
+    memory_max_queries: int = Field(
+        100_000,
+        ge=0,
+        description="queries a version's feedback memory keeps (those with the most evidence); bounds its size and the "
+        "encoding each version does for it",
+    )
     max_seq_length: int = Field(128, ge=16, description="training length; 4x faster than 256 on CPU, inference uses 256")
 
 

@@ -34,6 +34,7 @@ from training.metrics import feedback_ndcg
 from training.model_card import ModelCard
 from training.progress import Progress, silent
 from training.ranking.encoder import load_encoder
+from training.ranking.feedback_memory import prune
 from training.ranking.first_stage import FirstStage
 from training.ranking.query import normalise_query
 from training.ranking.rank import Candidates, candidates_for, rank_queries
@@ -167,7 +168,8 @@ def learn(
     examples, selection = choose_examples(slices, candidates, incumbent, cfg)
     fitted = fit_challenger(examples, incumbent, first_stage, cfg, progress)
     tower = {"document_tower": cfg.document_tower}
-    save_model_folder(fitted.model, folder, Mix(1.0), slices.memory(), extra=tower)
+    memory = prune(slices.memory(), cfg.memory_max_queries)
+    save_model_folder(fitted.model, folder, Mix(1.0), memory, extra=tower)
     draft = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage, progress=progress)
     mixes = tune_mixes(draft, slices.tune, candidates, first_stage.text, job.depth, job.gate.min_queries, slices.probe)
     tuned = mixes.familiar
@@ -265,7 +267,7 @@ def train_once(
         mlflow.log_metrics({f"{k}_top10_identity_share": v for k, v in slices.top_identity_share.items()})
         mlflow.set_tag("champion_at_start", incumbent.version or FIRST_STAGE)
         tracking.log_fit(chosen.fitted.stats, chosen.fitted.seconds)
-        tracking.log_tuning(chosen.mixes, len(slices.memory()))
+        tracking.log_tuning(chosen.mixes, len(chosen.reranker.memory))
         report = run_gate(incumbent.reranker, chosen.reranker, slices, candidates, text, depth, gate)
         changes = tracking.log_gate(slices.gate, report, slices.rules)
         tracking.log_history(registry.client, registry.name, run.info.run_id, report.result)

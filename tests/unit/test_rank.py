@@ -59,7 +59,7 @@ def test_a_version_loads_its_query_memory_from_its_folder_without_encoding(tiny_
     monkeypatch.setattr(module, "encode", lambda *a, **k: calls.append(a) or encode(*a, **k))
     again = module.Reranker(tiny_model, "1")
     assert calls == []
-    assert np.allclose(again.memory, expected, atol=1e-5)
+    assert np.allclose(again.memory.embeddings, expected, atol=1e-5)
 
 
 def test_a_learned_fusion_reorders_the_candidates_and_picks_the_head(tiny_first_stage, tiny_model):

@@ -81,7 +81,7 @@ def build_snapshot(
             progress("indexing vectors", done, total)
         recall = 1.0
         if nlist:
-            nprobe, recall = _choose_nprobe(store, index, settings.recall, progress)
+            nprobe, recall = _measured_nprobe(store, index, settings.recall, progress)
             faiss.extract_index_ivf(index).nprobe = nprobe
     finally:
         faiss.omp_set_num_threads(threads)
@@ -102,26 +102,33 @@ def build_snapshot(
     return snap
 
 
-def _choose_nprobe(store: DocumentStore, index: faiss.Index, target: float, progress: Progress) -> tuple[int, float]:
-    """The smallest nprobe whose recall@100 against exact search reaches `target`, on sampled
-    document vectors moved off themselves by noise to a cosine of about 0.6 (a query's to a relevant document)."""
+def _measured_nprobe(store: DocumentStore, index: faiss.Index, target: float, progress: Progress) -> tuple[int, float]:
+    """nprobe for the snapshot, on sampled document vectors moved off themselves by noise to a
+    cosine of about 0.6 (a query's to a relevant document)."""
     rng = np.random.default_rng(0)
     queries = store.sample_vectors(RECALL_QUERIES)
     queries = queries + rng.normal(0, 0.07, queries.shape).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    truth = exact_top(store, queries, RECALL_K)
+    return choose_nprobe(index, queries, exact_top(store, queries, RECALL_K), target, progress)
+
+
+def choose_nprobe(
+    index: faiss.Index, queries: np.ndarray, truth: list[np.ndarray], target: float, progress: Progress = silent
+) -> tuple[int, float]:
+    """The smallest nprobe whose recall at len(truth[i]) against the exact answers reaches `target`,
+    and that recall (every list probed, 1.0, when none does)."""
     ivf = faiss.extract_index_ivf(index)
-    best = (ivf.nlist, 1.0)
+    k = len(truth[0]) if truth else 1
     for nprobe in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512):
         if nprobe >= ivf.nlist:
             break
         ivf.nprobe = nprobe
-        found = index.search(queries, RECALL_K)[1]
+        found = index.search(queries, k)[1]
         recall = float(np.mean([len(set(f) & set(t)) / max(1, len(t)) for f, t in zip(found, truth)]))
         progress(f"measuring recall: nprobe {nprobe} -> {recall:.3f}", 1, 1)
         if recall >= target:
             return nprobe, recall
-    return best
+    return ivf.nlist, 1.0
 
 
 def exact_top(store: DocumentStore, queries: np.ndarray, k: int) -> list[np.ndarray]:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
@@ -26,6 +27,7 @@ from training.corpus.store import content_key
 from training.progress import Progress, silent
 from training.ranking.embedding_cache import EmbeddingCache, MemoryEmbeddingCache
 from training.ranking.encoder import encode, load_encoder
+from training.ranking.feedback_memory import INDEX_FILE, Evidence, FeedbackMemory, build_index
 from training.ranking.first_stage import Candidate, FirstStage, minmax
 from training.ranking.model_files import MEMORY_FILE, META_FILE, PRIOR_FILE
 from training.ranking.query import normalise_query
@@ -35,9 +37,6 @@ FAMILIAR_AT = 0.7
 """Cosine (under the version's model) to the nearest query users gave feedback on, from which a query
 counts as familiar. Under all-MiniLM-L6-v2 paraphrases of one question sit above it; on SciFact 54 % of
 test queries have a train query this close, in a 20-query head cut 2 % (docs/ranking.md)."""
-
-Evidence = dict[str, float]
-"""doc_id -> signed, summed label weight users gave it for one query."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,9 @@ class Reranker:
         self.model = load_encoder(self.folder)
         self.cache: EmbeddingCache = cache or MemoryEmbeddingCache()
         self.memory_queries = list(self.prior)
-        self.memory = memory_embeddings(self.model, self.folder, self.memory_queries)
+        self.memory = FeedbackMemory.load(
+            self.folder, self.prior, memory_embeddings(self.model, self.folder, self.memory_queries)
+        )
         self.frozen_documents = self.meta.get("document_tower") == "frozen"  # see `doc_embeddings`
         self.doc_matrix: np.ndarray | None = None  # a tuned tower's embedding of every indexed doc (see `warm`)
         self.doc_rows: dict[str, tuple[int, str]] = {}  # doc_id -> (row, content key embedded)
@@ -135,7 +136,7 @@ class Reranker:
 
     def familiarity(self, query_embedding: np.ndarray) -> float:
         """Cosine to the nearest query of the feedback memory (0 without one)."""
-        return float((self.memory @ query_embedding).max()) if self.memory_queries else 0.0
+        return self.memory.familiarity(query_embedding)
 
     def mix_for(self, query_embedding: np.ndarray) -> Mix:
         """The mix a query is served with: the familiar one near queries users gave feedback on, else
@@ -193,14 +194,11 @@ class Reranker:
         doc_ids = [c.doc_id for c in candidates]
         sims = self.doc_embeddings(doc_ids, text) @ q if doc_ids else np.zeros(0, dtype=np.float32)
         first = minmax(np.array([c.fused for c in candidates], dtype=np.float32))
-        if self.memory_queries:
-            near = self.memory @ q
-            if unseen:
-                near = np.where(near >= FAMILIAR_AT, -np.inf, near)
-            top = [i for i in np.argsort(-near)[:MEMORY_NEIGHBOURS] if np.isfinite(near[i])]
-            neighbours, evidence = near[top], [self.prior[self.memory_queries[i]] for i in top]
-        else:
-            neighbours, evidence = np.zeros(0), []
+        # `unseen` looks further, then drops the familiar ones (a tuning probe may have many near twins)
+        near, pos = self.memory.nearest(q, MEMORY_NEIGHBOURS * (5 if unseen else 1))
+        if unseen:
+            near, pos = near[near < FAMILIAR_AT], pos[near < FAMILIAR_AT]
+        neighbours, evidence = near[:MEMORY_NEIGHBOURS], [self.memory.evidence[i] for i in pos[:MEMORY_NEIGHBOURS]]
         return Features(doc_ids, minmax(sims), first, neighbours, evidence)
 
     @staticmethod
@@ -247,7 +245,9 @@ def save_model_folder(
     model.save(str(folder), safe_serialization=True)
     prior = dict(prior or {})
     (folder / PRIOR_FILE).write_text(json.dumps(prior))
-    np.save(folder / MEMORY_FILE, encode(model, list(prior)))
+    embedded = encode(model, list(prior))
+    np.save(folder / MEMORY_FILE, embedded)
+    faiss.write_index(build_index(embedded), str(folder / INDEX_FILE))
     return write_meta(folder, mix, extra)
 
 
