@@ -155,6 +155,25 @@ def bench_towers(
     _write(run_towers_bench(s, train_split, eval_split, out), out, already=True)
 
 
+@bench_app.command("scale")
+def bench_scale(
+    docs: str = typer.Option("10000,100000,1000000", help="corpus sizes, comma-separated"),
+    workers: int = typer.Option(2, min=1, help="serving worker processes"),
+    queries: int = typer.Option(300, min=10, help="/rank requests timed per size (misses; as many hits)"),
+    out: Path = typer.Option(Path("scale.json"), help="where the JSON result goes (rewritten after each size)"),
+) -> None:
+    """What each corpus size costs: index build, memory per worker, /rank latency, ANN recall, promotion, memory lookup."""
+    from services.bench.scale import run_scale_bench
+
+    try:
+        sizes = [int(n) for n in docs.split(",")]
+    except ValueError:
+        raise InvalidInput(f"--docs {docs!r}: comma-separated whole numbers, e.g. 10000,100000") from None
+    s = bench_settings("bench-scale", None, 500)
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    _write(run_scale_bench(s, sizes, out, workers, queries), out, already=True)
+
+
 @bench_app.command("corpus")
 def bench_corpus(
     documents: int = typer.Option(5000, min=10, help="synthetic documents loaded before the updates"),

@@ -89,3 +89,25 @@ def test_ivf_snapshot_reaches_its_recall_against_exact_search(tmp_path):
     store.delete([f"d{i}" for i in range(4000) if i % 2])  # half deleted after the snapshot: never served
     dense.refresh()
     assert all(store.ids_of(nums).keys() == set(nums) for nums in dense.search(queries, 100))
+
+
+def test_a_generated_corpus_with_its_own_vectors_streams_into_an_ivf_snapshot_without_encoding(tmp_path, monkeypatch):
+    from services.bench.scale import Synthetic
+    from training import indexing
+
+    def no_encoder(batch_size: int = 32):
+        return lambda texts: (_ for _ in ()).throw(AssertionError(f"encoded {len(texts)} documents"))
+
+    monkeypatch.setattr(indexing, "encoder_function", no_encoder)
+    corpus = Synthetic(3000)
+    report = indexing.load_documents(tmp_path, corpus.documents(chunk=700), ann=AnnSettings(ann_from=1000, recall=0.95))
+    assert report.stored == 3000 and report.refused == 0
+    snap = current_snapshot(tmp_path / "index")
+    assert snap is not None and snap.kind == "ivf" and snap.documents == 3000 and (snap.recall_at_100 or 0) >= 0.95
+    store = indexing.open_store(tmp_path)
+    dense = DenseVectors(store, tmp_path / "index")
+    dense.refresh()
+    queries = corpus.query_vectors(40, seed=1)
+    truth = exact_top(store, queries, 100)
+    recall = np.mean([len(set(f) & set(t)) / 100 for f, t in zip(dense.search(queries, 100), truth)])
+    assert recall >= 0.9
