@@ -26,6 +26,7 @@ def index(
     encoded and indexed (by the running serving worker's indexer when one holds the index)."""
     from services.cli.progress import ProgressBar
     from training import beir
+    from training.corpus.dense import current_snapshot, describe
     from training.corpus.files import Mapping, parse_field, read_rows
     from training.indexing import build_index, load_documents
 
@@ -36,6 +37,7 @@ def index(
         with ProgressBar() as progress:
             folder = build_index(ds, s.state_dir, progress=progress)
         console.print(f"index of {len(ds.corpus)} documents ({ds.name}) at {folder}")
+        console.print(describe(current_snapshot(folder)))
         return
     mapping = Mapping(id=id, text=text, title=title, fields=dict(parse_field(f) for f in field), vector=vector)
     with ProgressBar() as progress:
@@ -46,6 +48,7 @@ def index(
         console.print(f"  row {row}{f' ({doc_id})' if doc_id else ''}: {reason}")
     if report.refused > len(report.refusals):
         console.print(f"  ... and {report.refused - len(report.refusals)} more")
+    console.print(describe(current_snapshot(s.state_dir / "index")))
     if report.applied_by:
         console.print(f"the serving worker's indexer (pid {report.applied_by}) makes them searchable within seconds")
     if report.refused and not report.stored:
@@ -58,6 +61,7 @@ def corpus(last: int = typer.Option(10, min=0, help="audited changes to list, ne
     import datetime as dt
 
     from training.corpus.bm25 import Lease
+    from training.corpus.dense import current_snapshot, describe
     from training.indexing import LEASE_FILE, open_store
     from training.ranking.first_stage import index_folder
 
@@ -72,6 +76,7 @@ def corpus(last: int = typer.Option(10, min=0, help="audited changes to list, ne
         f"{store.count()} documents, change {store.head()} (BM25 has applied {store.applied('bm25')}); fields: {fields}"
     )
     console.print(f"indexer: {indexer}; {len(store.missing_vectors(100_000))} documents waiting to be encoded")
+    console.print(describe(current_snapshot(folder)))
     table = Table("change", "at", "who", "what", "documents", "first ids")
     for row in store.audit(last):
         at = dt.datetime.fromtimestamp(row["at"]).isoformat(timespec="seconds")

@@ -143,10 +143,12 @@ def test_index_reads_a_file_with_a_field_mapping_and_corpus_shows_the_audited_lo
     result = runner.invoke(app, [*args, "--field", "lang", "--field", "year:number"])
     assert result.exit_code == 0, result.output
     assert "stored 1, refused 1" in result.output and "row 2 (p2): text" in result.output
+    assert "vectors: 1 in an exact snapshot" in result.output
     as_names = runner.invoke(app, [*args[:3], "--id", "sku", "--text", "name"])  # the names as texts: both stored
     assert as_names.exit_code == 0 and "stored 2, refused 0" in as_names.output
     shown = runner.invoke(app, ["corpus"])
     assert shown.exit_code == 0, shown.output
     assert "2 documents" in shown.output and "lang (keyword)" in shown.output and "upsert" in shown.output
+    assert "vectors: 2 in an exact snapshot" in shown.output
     refused = runner.invoke(app, ["index", "--input", str(tmp_path / "docs.jsonl"), "--id", "nope"])
     assert refused.exit_code == 1 and "refused 2" in refused.output

@@ -48,6 +48,18 @@ class Snapshot:
     bytes: int = 0
 
 
+def describe(snap: Snapshot | None) -> str:
+    """One line for `rankloop index`, `rankloop corpus` and the logs."""
+    if snap is None:
+        return "vectors: no snapshot yet (each worker reads them from the store)"
+    kind = f"IVF, {snap.nlist} lists, nprobe {snap.nprobe}" if snap.kind == "ivf" else "exact"
+    recall = f"recall@100 vs exact {snap.recall_at_100:.3f} on {RECALL_QUERIES} sampled queries; " if snap.kind == "ivf" else ""
+    return (
+        f"vectors: {snap.documents} in an {kind} snapshot at change {snap.seq} ({recall}"
+        f"{snap.bytes / 1e6:.0f} MB, built in {snap.build_s:.1f} s)"
+    )
+
+
 def current_snapshot(folder: Path) -> Snapshot | None:
     try:
         return Snapshot(**json.loads((folder / POINTER_FILE).read_text()))
