@@ -111,3 +111,22 @@ def _rounds_axes(fig: Figure, ax: Any, title: str, hybrid: float, skyline: float
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def scale_panels(path: Path, documents: Sequence[int], panels: dict[str, dict[str, Sequence[float | None]]]) -> Path:
+    """One panel per cost (title -> {series label -> values}), against corpus size on a log axis."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+    for ax, (title, series) in zip(axes if len(panels) > 1 else [axes], panels.items()):
+        for label, values in series.items():
+            points = [(n, v) for n, v in zip(documents, values) if v is not None]
+            ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("documents")
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -34,6 +34,7 @@ from services.control.promotion import Promotions
 from services.local import infra
 from services.local.workers import spawn, stop, wait_healthy, worker_env
 from services.storage import open_registry
+from training import plots
 from training.corpus.dense import DenseVectors, current_snapshot, exact_top
 from training.indexing import load_documents, open_store
 from training.ranking.encoder import load_encoder
@@ -124,8 +125,27 @@ def run_scale_bench(s: Settings, sizes: list[int], out: Path, workers: int = 2, 
         console.print_json(rows[-1].model_dump_json())
         result = ScaleResult(workers=workers, corpus=(__doc__ or "").split("\n\n")[1].replace("\n", " "), rows=rows)
         out.write_text(result.model_dump_json(indent=2))  # each size as it is done: a long run keeps what it measured
+        plot(result, out.with_suffix(".png"))
         shutil.rmtree(size_settings.state_dir, ignore_errors=True)
     return result
+
+
+def plot(result: ScaleResult, path: Path) -> Path:
+    rows = result.rows
+    return plots.scale_panels(
+        path,
+        [r.documents for r in rows],
+        {
+            "/rank (ms)": {
+                "miss p50": [r.rank_miss_ms.p50 for r in rows],
+                "miss p99": [r.rank_miss_ms.p99 for r in rows],
+                "hit p50": [r.rank_hit_ms.p50 for r in rows],
+            },
+            "memory per worker (MB)": {"RSS": [r.rss_mb_per_worker for r in rows], "PSS": [r.pss_mb_per_worker for r in rows]},
+            "seconds": {"index build": [r.index_build_s for r in rows], "promotion ready": [r.promotion_ready_s for r in rows]},
+            "feedback memory lookup (ms)": {"p50": [r.memory_lookup_ms for r in rows]},
+        },
+    )
 
 
 def measure_size(s: Settings, n: int, workers: int, queries: int) -> ScaleRow:
