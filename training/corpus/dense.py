@@ -86,6 +86,7 @@ def build_snapshot(
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIM), DIM, nlist, faiss.METRIC_INNER_PRODUCT)
             progress("training the vector index", 0, 1)
             index.train(store.sample_vectors(min(total, 50 * nlist)))
+            progress("training the vector index", 1, 1)
         done = 0
         for nums, vectors in store.iter_vectors(50_000):
             index.add_with_ids(vectors, nums)
@@ -131,13 +132,12 @@ def choose_nprobe(
     and that recall (every list probed, 1.0, when none does)."""
     ivf = faiss.extract_index_ivf(index)
     k = len(truth[0]) if truth else 1
-    for nprobe in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512):
-        if nprobe >= ivf.nlist:
-            break
+    tried = [n for n in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512) if n < ivf.nlist]
+    for step, nprobe in enumerate(tried, start=1):
         ivf.nprobe = nprobe
         found = index.search(queries, k)[1]
         recall = float(np.mean([len(set(f) & set(t)) / max(1, len(t)) for f, t in zip(found, truth)]))
-        progress(f"measuring recall: nprobe {nprobe} -> {recall:.3f}", 1, 1)
+        progress("choosing nprobe for the recall target", step, len(tried))
         if recall >= target:
             return nprobe, recall
     return ivf.nlist, 1.0
