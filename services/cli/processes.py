@@ -34,6 +34,10 @@ def serve(
         setup_process(s, threads)
         uvicorn.run(create_app(s, build_worker(s)), host=host, port=port, log_level="warning")
         return
+    if s.tracking_uri.startswith("sqlite:"):
+        from services.storage import open_registry
+
+        open_registry(s)  # the first reader of a new sqlite database creates its tables: once, before workers race to
     # each worker process rebuilds these exact settings from a file
     os.environ["RANKLOOP_CONFIG"] = str(s.write_json(s.state_dir / "run" / "serve.json"))
     os.environ["RANKLOOP_TORCH_THREADS"] = str(threads)  # the supervisor loads no model: only its workers do
