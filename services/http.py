@@ -4,7 +4,10 @@ never echo the input back."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +15,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from schemas import ErrorBody, InvalidInput
 from services.auth import ApiKey, KeyStore, Scope
@@ -155,3 +159,17 @@ async def invalid_input(request: Request, exc: Exception) -> JSONResponse:
     """A request that passed its schema but not the server's checks (an undeclared filter field, an
     unknown candidate id): 422 with what was wrong."""
     return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+class NoDelayProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with Nagle's algorithm off on every connection. Under `serve
+    --workers N` uvicorn binds the socket itself with protocol number 0, so asyncio does not turn
+    on TCP_NODELAY for the connections it accepts, and a response written in two parts waits for
+    the client's delayed ACK: a cache hit took 48 ms p50 with two workers instead of 3.5 ms."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)

@@ -163,7 +163,6 @@ def measure_size(s: Settings, n: int, workers: int, queries: int) -> ScaleRow:
 
     infra.down(s)
     infra.up(s)
-    s.serving = s.serving.model_copy(update={"champion_poll_s": 0.5})
     procs = {"serve": spawn(s, "serve", worker_env(s, RANKLOOP_TORCH_THREADS="1"), ("--workers", str(workers)))}
     try:
         wait_healthy(s, procs, timeout=600)

@@ -22,6 +22,7 @@ def serve(
     import uvicorn
 
     from services import logs
+    from services.http import NoDelayProtocol
 
     s = settings()
     logs.configure(s.log_format)
@@ -32,7 +33,7 @@ def serve(
         from services.serve.app import build_worker, create_app
 
         setup_process(s, threads)
-        uvicorn.run(create_app(s, build_worker(s)), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(s, build_worker(s)), host=host, port=port, log_level="warning", http=NoDelayProtocol)
         return
     if s.tracking_uri.startswith("sqlite:"):
         from services.storage import open_registry
@@ -42,7 +43,13 @@ def serve(
     os.environ["RANKLOOP_CONFIG"] = str(s.write_json(s.state_dir / "run" / "serve.json"))
     os.environ["RANKLOOP_TORCH_THREADS"] = str(threads)  # the supervisor loads no model: only its workers do
     uvicorn.run(
-        "services.serve.app:app_from_environment", factory=True, workers=workers, host=host, port=port, log_level="warning"
+        "services.serve.app:app_from_environment",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=NoDelayProtocol,
     )
 
 
