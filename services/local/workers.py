@@ -28,6 +28,9 @@ def worker_env(s: Settings, **overrides: str) -> dict[str, str]:
     path = settings_file(s)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RANKLOOP_")}
     env.update({"RANKLOOP_CONFIG": str(path), "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1")})
+    # MLflow's own variable outranks the settings file, and `mlflow.set_tracking_uri` sets it in this
+    # process: a benchmark that ran one state dir then another spawned workers reading the first's registry
+    env["MLFLOW_TRACKING_URI"] = s.tracking_uri
     env.update(overrides)
     return env
 

@@ -169,3 +169,14 @@ def test_the_default_data_paths_are_found_from_any_directory(tmp_path, monkeypat
     assert (s.clicklog / "impressions.tsv.gz").exists() and Path(s.dataset) == (SHARED_DATA / "scifact").resolve()
     monkeypatch.setenv("RANKLOOP_CLICKLOG", "my-logs")  # a path of the user's own stays as given
     assert Settings().clicklog == Path("my-logs")
+
+
+def test_a_worker_reads_the_registry_of_its_own_settings_whatever_mlflow_was_pointed_at_before(tmp_path, monkeypatch):
+    """`mlflow.set_tracking_uri` sets MLFLOW_TRACKING_URI in the process; a benchmark that measured one
+    state dir and then started workers for another handed them the first one's registry."""
+    from services.local.workers import worker_env
+
+    s = Settings(state_dir=tmp_path / "second")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'first' / 'mlflow.db'}")
+    env = worker_env(s)
+    assert env["MLFLOW_TRACKING_URI"] == s.tracking_uri and "second" in env["MLFLOW_TRACKING_URI"]

@@ -3,10 +3,12 @@
 Why a bi-encoder and not a cross-encoder (docs/ranking.md): the only offline checkpoint is
 all-MiniLM-L6-v2, a bi-encoder; a cross-encoder built on it starts from a random head and, measured
 here, stays below the hybrid first stage, while a bi-encoder fine-tuned with in-batch negatives lifts
-it. Document embeddings per model version are cacheable (Redis in serving), so reranking costs one
-query encoding plus lookups, and a promotion never forces a full re-embedding of the corpus.
+it. By default only its query side is fine-tuned (`document_tower: frozen`): documents keep the
+vectors the index holds, so a promotion embeds nothing (docs/scale.md). A tuned document tower
+embeds the corpus once per version (`warm`).
 
-A model is a folder: the sentence-transformers save (safetensors + config) plus `rankloop.json`.
+A model is a folder: the sentence-transformers save (safetensors + config) plus `rankloop.json`,
+the feedback memory (`feedback_prior.json`, its queries embedded, and their faiss index).
 """
 
 from __future__ import annotations
