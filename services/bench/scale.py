@@ -8,8 +8,10 @@ as an application's own embeddings would). A vector mixes two of 256·sqrt(n/500
 all-MiniLM-L6-v2 embeddings of SciFact (5,183 documents, its 300 test queries) and errs on the hard
 side: mean document-document cosine 0.175 (real 0.151), a query's best document 0.681 (0.628) and
 its 100th 0.276 (0.324); an IVF index with 143 lists finds 0.666 of the exact top 100 probing 16
-lists (real 0.807) and 0.805 probing 32 (0.916). Clusters of points around separate centres, tried first, let
-IVF reach 0.99 probing 2 lists: far easier than real text. A document's text is 40 words drawn Zipf
+lists (real 0.807) and 0.805 probing 32 (0.916). Points clustered around separate centres, tried
+first, let IVF reach 0.99 probing 2 lists: far easier than real text. How hard the mixtures are for
+IVF changes with the size (the themes grow slower than the corpus, so neighbourhoods tighten), which
+is why each row says which nprobe its snapshot needed and what a dense search cost. A document's text is 40 words drawn Zipf
 (s=1.1) from 50,000 made-up words plus 4 words of each of its themes' own 20. A query is 3 words of
 one theme plus one common word (its text goes to `/rank`); for recall, query vectors are fresh
 draws of the same mixture. The feedback memory is measured at as many remembered queries as
@@ -24,6 +26,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import faiss
 import httpx
 import mlflow
 import numpy as np
@@ -69,6 +72,7 @@ class ScaleRow(BaseModel):
     rank_miss_ms: Percentiles
     rank_hit_ms: Percentiles
     recall_at_100_vs_exact: float
+    dense_search_ms: float  # p50 of one query's search of the served vector index (snapshot + changes), one thread
     promotion_ready_s: float | None  # alias moved -> every answer from the new version
     memory_queries: int
     memory_build_s: float
@@ -155,7 +159,10 @@ def plot(result: ScaleResult, path: Path) -> Path:
             },
             "memory per worker (MB)": {"RSS": [r.rss_mb_per_worker for r in rows], "PSS": [r.pss_mb_per_worker for r in rows]},
             "seconds": {"index build": [r.index_build_s for r in rows], "promotion ready": [r.promotion_ready_s for r in rows]},
-            "feedback memory lookup (ms)": {"p50": [r.memory_lookup_ms for r in rows]},
+            "search (ms, p50)": {
+                "dense search": [r.dense_search_ms for r in rows],
+                "feedback memory lookup": [r.memory_lookup_ms for r in rows],
+            },
         },
     )
 
@@ -170,7 +177,7 @@ def measure_size(s: Settings, n: int, workers: int, queries: int) -> ScaleRow:
     folder = s.state_dir / "index"
     snapshot = current_snapshot(folder)
     index_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    recall = measure_recall(s, corpus)
+    recall, dense_ms = measure_recall(s, corpus)
     memory_build_s, memory_ms = measure_memory(corpus, n)
 
     infra.down(s)
@@ -199,6 +206,7 @@ def measure_size(s: Settings, n: int, workers: int, queries: int) -> ScaleRow:
         rank_miss_ms=Percentiles(p50=percentile(miss, 0.5), p99=percentile(miss, 0.99)),
         rank_hit_ms=Percentiles(p50=percentile(hit, 0.5), p99=percentile(hit, 0.99)),
         recall_at_100_vs_exact=recall,
+        dense_search_ms=dense_ms,
         promotion_ready_s=promotion_ready,
         memory_queries=n,
         memory_build_s=memory_build_s,
@@ -206,15 +214,24 @@ def measure_size(s: Settings, n: int, workers: int, queries: int) -> ScaleRow:
     )
 
 
-def measure_recall(s: Settings, corpus: Synthetic, n: int = 200) -> float:
-    """The served vector index (snapshot + changes, as a worker reads it) against an exact scan."""
+def measure_recall(s: Settings, corpus: Synthetic, n: int = 200) -> tuple[float, float]:
+    """The served vector index (snapshot + changes, as a worker reads it) against an exact scan:
+    recall@100, and the p50 milliseconds of one query's search (one thread, as a worker searches)."""
     store = open_store(s.state_dir)
     dense = DenseVectors(store, s.state_dir / "index")
     dense.refresh()
     queries = corpus.query_vectors(n, seed=1)
-    found = dense.search(queries, 100)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    ms, found = [], []
+    for q in queries:
+        started = time.perf_counter()
+        found += dense.search(q[None, :], 100)
+        ms.append((time.perf_counter() - started) * 1000)
+    faiss.omp_set_num_threads(threads)
     truth = exact_top(store, queries, 100)
-    return round(float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)])), 4)
+    recall = round(float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)])), 4)
+    return recall, round(float(np.median(ms)), 2)
 
 
 def measure_memory(corpus: Synthetic, n: int, lookups: int = 500) -> tuple[float, float]:
