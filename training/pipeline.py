@@ -171,7 +171,9 @@ def learn(
     memory = prune(slices.memory(), cfg.memory_max_queries)
     save_model_folder(fitted.model, folder, Mix(1.0), memory, extra=tower)
     draft = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage, progress=progress)
+    progress("tuning the score mix", 0, 1)
     mixes = tune_mixes(draft, slices.tune, candidates, first_stage.text, job.depth, job.gate.min_queries, slices.probe)
+    progress("tuning the score mix", 1, 1)
     tuned = mixes.familiar
     write_meta(
         folder,
@@ -227,6 +229,7 @@ def train_once(
         len(slices.gate),
     )
     text = first_stage.text
+    progress("retrieving candidates", 0, 1)
     candidates = candidates_for(first_stage, slices.queries())
     incumbent = load_incumbent(registry, first_stage)
     examples, selection = choose_examples(slices, candidates, incumbent, cfg)
@@ -268,7 +271,9 @@ def train_once(
         mlflow.set_tag("champion_at_start", incumbent.version or FIRST_STAGE)
         tracking.log_fit(chosen.fitted.stats, chosen.fitted.seconds)
         tracking.log_tuning(chosen.mixes, len(chosen.reranker.memory))
+        progress("gating against the champion", 0, 1)
         report = run_gate(incumbent.reranker, chosen.reranker, slices, candidates, text, depth, gate)
+        progress("logging to MLflow", 0, 1)
         changes = tracking.log_gate(slices.gate, report, slices.rules)
         tracking.log_history(registry.client, registry.name, run.info.run_id, report.result)
         card = ModelCard(

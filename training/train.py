@@ -136,6 +136,6 @@ def fit(
             opt.step()
             sched.step()
             losses.append(float(loss.item()))
-            progress("fine-tuning", len(losses), steps)
+            progress("fine-tuning", len(losses), steps, f"loss {losses[-1]:.3f}")
     model.eval()
     return FitStats(len(losses), losses)

@@ -16,10 +16,10 @@ class ProgressBar:
         self.bar = Progress(console=self.console, transient=True, disable=not self.console.is_terminal)
         self.tasks: dict[str, TaskID] = {}
 
-    def __call__(self, task: str, done: int, total: int) -> None:
+    def __call__(self, task: str, done: int, total: int, note: str = "") -> None:
         if task not in self.tasks:
             self.tasks[task] = self.bar.add_task(task, total=total)
-        self.bar.update(self.tasks[task], completed=done, total=total)
+        self.bar.update(self.tasks[task], completed=done, total=total, description=f"{task} ({note})" if note else task)
 
     def __enter__(self) -> ProgressBar:
         self.bar.start()

@@ -74,6 +74,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="the status as JSO
     windows = ", ".join(st.windows) + (" (now inside)" if st.in_window else " (now outside)")
     t.add_row("windows (UTC)", windows if st.windows else "any time")
     t.add_row("training now", "unknown" if st.training_now is None else "yes" if st.training_now else "no")
+    if st.progress:
+        t.add_row("progress", st.progress.describe())
     t.add_row("labels", f"{st.labels:,} ({st.labels_pending:,} since the last training)")
     t.add_row("next check", st.next)
     t.add_row(

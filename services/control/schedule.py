@@ -31,6 +31,21 @@ class Pause(BaseModel):
     reason: str
 
 
+class TrainingProgress(BaseModel):
+    """Where a running training is: its stage, how far, how it goes, and the time left at its pace."""
+
+    task: str  # e.g. "fine-tuning"
+    done: int
+    total: int
+    note: str  # e.g. "loss 0.812"
+    eta_s: float | None  # seconds left in this stage at its pace so far (None: not known yet)
+    at: float  # when it was reported
+
+    def describe(self) -> str:
+        eta = f", about {self.eta_s:.0f} s left" if self.eta_s is not None else ""
+        return f"{self.task} {self.done}/{self.total}" + (f", {self.note}" if self.note else "") + eta
+
+
 class ScheduleStatus(BaseModel):
     """`rankloop schedule status --json` and the control process's `GET /schedule`."""
 
@@ -40,7 +55,8 @@ class ScheduleStatus(BaseModel):
                 {"paused": None, "windows": ["22:00-06:00"], "in_window": True, "training_now": False, "labels": 48210,
                  "labels_at_last_run": 46000, "labels_pending": 2210, "next": "2210 new labels >= 2000",
                  "last_run_at": 1795300000.0, "last_outcome": "promoted", "last_message": "better by +0.0241 NDCG@10",
-                 "last_version": "7", "last_duration_s": 171.0, "failures_in_a_row": 0, "backoff_until": None, "problems": []}
+                 "last_version": "7", "last_duration_s": 171.0, "failures_in_a_row": 0, "backoff_until": None, "problems": [],
+                 "progress": None}
             ]
         }
     )  # fmt: skip
@@ -61,6 +77,7 @@ class ScheduleStatus(BaseModel):
     failures_in_a_row: int
     backoff_until: float | None
     problems: list[str] = []  # sources that could not be read
+    progress: TrainingProgress | None = None  # the running training's stage (None: none running)
 
 
 def in_windows(windows: list[str], now: float) -> bool:
@@ -168,6 +185,22 @@ def schedule_status(s: Settings, state: ScheduleState, labels: LabelStore, regis
         failures_in_a_row=int(number("failures") or 0),
         backoff_until=backoff,
         problems=problems,
+        progress=training_progress(counters) if training_now else None,
+    )
+
+
+def training_progress(counters: dict[str, str]) -> TrainingProgress | None:
+    """The progress the scheduler last recorded (`services.control.scheduler.RecordedProgress`)."""
+    if not counters.get("progress_task"):
+        return None
+    eta = counters.get("progress_eta_s")
+    return TrainingProgress(
+        task=counters["progress_task"],
+        done=int(float(counters.get("progress_done") or 0)),
+        total=int(float(counters.get("progress_total") or 0)),
+        note=counters.get("progress_note") or "",
+        eta_s=float(eta) if eta else None,
+        at=float(counters.get("progress_at") or 0),
     )
 
 

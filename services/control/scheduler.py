@@ -8,6 +8,7 @@ never promotes. A run that passes the gate is handed to `Promotions` under the d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from schemas import DependencyUnavailable
 from services.config import Settings
 from services.control import schedule
 from services.control.interleaving import check_experiment
@@ -29,6 +31,7 @@ from services.storage.kafka import read_topic
 from training.labels.rules import identity_of
 from training.labels.store import LabelStore
 from training.pipeline import TrainingJob, TrainOutcome, train_once
+from training.progress import Progress, Tracker, silent
 from training.propensity import estimate_examination
 from training.ranking.first_stage import FirstStage
 from training.registry import MlflowRegistry
@@ -96,12 +99,50 @@ class Round:
         return f"{self.fate}: {self.outcome.message}{version}"
 
 
+class RecordedProgress:
+    """A training's progress where operators look: the schedule state (`rankloop schedule status`,
+    the status page, the demo read it) at most once a second, the log at most every `log_every_s`
+    and at each new stage."""
+
+    def __init__(self, state: ScheduleState, log_every_s: float = 15.0):
+        self.state, self.log_every_s = state, log_every_s
+        self.tracker = Tracker()
+        self.written = self.logged = 0.0
+
+    def __call__(self, task: str, done: int, total: int, note: str = "") -> None:
+        new_stage = self.tracker.current is None or self.tracker.current.task != task
+        self.tracker(task, done, total, note)
+        current, now = self.tracker.current, time.time()
+        if current is None:
+            return
+        if new_stage or now - self.written >= 1.0 or done == total:
+            eta = current.eta_s(now)
+            with contextlib.suppress(DependencyUnavailable):  # Redis away: the training goes on, the log still says
+                self.state.write(
+                    progress_task=task,
+                    progress_done=done,
+                    progress_total=total,
+                    progress_note=note,
+                    progress_eta_s="" if eta is None else eta,
+                    progress_at=now,
+                )
+            self.written = now
+        if new_stage or now - self.logged >= self.log_every_s:
+            log.info("training: %s", current.describe())
+            self.logged = now
+
+    def clear(self) -> None:
+        with contextlib.suppress(DependencyUnavailable):
+            self.state.write(progress_task="")
+
+
 def retrain(
     s: Settings,
     promotions: Promotions | None = None,
     labels: LabelStore | None = None,
     first_stage: FirstStage | None = None,
     registry: MlflowRegistry | None = None,
+    progress: Progress = silent,
 ) -> Round:
     """One training run now (what `rankloop train --once` does), then the deployment's policy for a
     version that passed the gate."""
@@ -109,7 +150,7 @@ def retrain(
     labels = labels or open_labels(s.label_store_url)
     promotions = promotions or Promotions.connect(s, registry)
     curve = estimated_examination(s, labels) if s.train.debias != "naive" else None
-    outcome = train_once(registry, labels, first_stage or FirstStage.current(s.state_dir), training_job(s, curve))
+    outcome = train_once(registry, labels, first_stage or FirstStage.current(s.state_dir), training_job(s, curve), progress)
     if outcome.status != "passed" or outcome.version is None:
         return Round(outcome, outcome.status)
     fate = promotions.after_gate(outcome.version, outcome.message, Promotions.policy(s.retrain.auto_promote, s.interleave.share))
@@ -243,17 +284,20 @@ class Scheduler:
             log.info("another training holds the lock")
             return None
         started = time.time()
+        progress = RecordedProgress(self.state)
         with lock:
             try:
                 log.info("retraining: %s", decision.why)
-                done = retrain(self.s, self.promotions, self.labels, self.first_stage, self.registry)
+                done = retrain(self.s, self.promotions, self.labels, self.first_stage, self.registry, progress)
             except Exception as e:
+                progress.clear()
                 self._record(started, "failed", str(e), None)
                 failures = self.state.add_failure()
                 wait = min(self.s.retrain.backoff_s * 2 ** (failures - 1), 6 * 3600)
                 self.state.write(backoff_until=time.time() + wait)
                 log.exception("training failed (%d in a row); backing off %.0fs, nothing promoted", failures, wait)
                 return None
+            progress.clear()
             self._record(started, done.fate, done.outcome.message, done.outcome.version)
             self.state.write(last_labels=done.outcome.labels, last_time=time.time(), failures=0)
             log.info("training %s", done.summary)

@@ -14,6 +14,7 @@ from rich.table import Table
 from schemas import FIRST_STAGE, DependencyUnavailable
 from services.cli.progress import ProgressBar
 from services.config import Settings
+from services.control.schedule import training_progress
 from services.local import infra
 from services.local.simulate import UserModel, examination_curve, simulate
 from services.local.workers import served_version, spawn, stop, wait_healthy, worker_env
@@ -135,9 +136,12 @@ def run_demo(s: Settings, quick: bool, keep_running: bool) -> None:
 def _wait_for_training(s: Settings, procs: dict, deadline: float, start_version: str) -> str:
     """Waits while the scheduler trains (it holds the training lock), up to the deadline."""
     state = open_schedule_state(s.redis_url, s.keys)
-    with console.status("the scheduler is training a challenger (see .rankloop/run/schedule.log)"):
+    waiting = "the scheduler is training a challenger (see .rankloop/run/schedule.log)"
+    with console.status(waiting) as shown:
         time.sleep(SCHEDULER_CHECK_S + 2)  # let the scheduler notice the labels and take the lock
         while time.time() < deadline:
+            progress = training_progress(state.read())
+            shown.update(f"training a challenger: {progress.describe()}" if progress else waiting)
             if procs["schedule"].poll() is not None:
                 raise DependencyUnavailable("the scheduler exited; see .rankloop/run/schedule.log")
             version = served_version(s)
@@ -147,7 +151,7 @@ def _wait_for_training(s: Settings, procs: dict, deadline: float, start_version:
                 # training finished: promoted versions show up within the serving poll interval
                 time.sleep(8)
                 return served_version(s)
-            time.sleep(3)
+            time.sleep(1)
     return start_version
 
 

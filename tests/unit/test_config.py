@@ -180,3 +180,33 @@ def test_a_worker_reads_the_registry_of_its_own_settings_whatever_mlflow_was_poi
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'first' / 'mlflow.db'}")
     env = worker_env(s)
     assert env["MLFLOW_TRACKING_URI"] == s.tracking_uri and "second" in env["MLFLOW_TRACKING_URI"]
+
+
+def test_a_running_training_shows_its_stage_steps_loss_and_time_left(tmp_path, monkeypatch):
+    """Training ran silent for minutes: `schedule status`, the status page and the demo had nothing
+    to show but "training now: yes"."""
+    import time as clock
+
+    from services.control import scheduler
+    from services.control.schedule import schedule_status
+    from services.storage.memory import MemoryLabelStore, MemoryScheduleState
+    from training.registry import MlflowRegistry
+
+    s = Settings(state_dir=tmp_path)
+    registry = MlflowRegistry.reader(f"sqlite:///{tmp_path}/mlflow.db", "m", tmp_path)
+    state = MemoryScheduleState()
+    now = [1000.0]
+    monkeypatch.setattr(clock, "time", lambda: now[0])
+    progress = scheduler.RecordedProgress(state)
+    with state:  # the training lock is held while it runs
+        progress("fine-tuning", 0, 100, "")
+        now[0] += 30
+        progress("fine-tuning", 25, 100, "loss 0.812")
+        st = schedule_status(s, state, MemoryLabelStore([]), registry)
+        assert st.progress is not None and (st.progress.task, st.progress.done, st.progress.total) == ("fine-tuning", 25, 100)
+        assert st.progress.note == "loss 0.812" and st.progress.eta_s == 90.0  # 30 s for a quarter
+        assert st.progress.describe() == "fine-tuning 25/100, loss 0.812, about 90 s left"
+        progress.clear()
+        assert schedule_status(s, state, MemoryLabelStore([]), registry).progress is None
+    progress("gating against the champion", 0, 1)
+    assert schedule_status(s, state, MemoryLabelStore([]), registry).progress is None  # no lock: nothing running
