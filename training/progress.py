@@ -27,12 +27,14 @@ class Tracked:
     total: int = 0
     note: str = ""
     started: float = field(default_factory=lambda: time.time())
+    first_done: int | None = None  # units already done at the first report: the pace counts from there
 
     def eta_s(self, now: float | None = None) -> float | None:
-        if self.done <= 0 or self.total <= 0 or self.done > self.total:
+        """None until a unit finished after the first report (a pace of nothing is no estimate)."""
+        if self.first_done is None or self.done <= self.first_done or self.total <= 0 or self.done > self.total:
             return None
         elapsed = (now or time.time()) - self.started
-        return round(elapsed / self.done * (self.total - self.done), 1)
+        return round(elapsed / (self.done - self.first_done) * (self.total - self.done), 1)
 
     def describe(self) -> str:
         eta = self.eta_s()
@@ -51,5 +53,5 @@ class Tracker:
 
     def __call__(self, task: str, done: int, total: int, note: str = "") -> None:
         if self.current is None or self.current.task != task:
-            self.current = Tracked(task)
+            self.current = Tracked(task, first_done=done)
         self.current.done, self.current.total, self.current.note = done, total, note

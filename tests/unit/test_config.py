@@ -199,13 +199,14 @@ def test_a_running_training_shows_its_stage_steps_loss_and_time_left(tmp_path, m
     monkeypatch.setattr(clock, "time", lambda: now[0])
     progress = scheduler.RecordedProgress(state)
     with state:  # the training lock is held while it runs
-        progress("fine-tuning", 0, 100, "")
+        progress("fine-tuning", 1, 100, "loss 0.903")  # the first report comes after a first step
+        assert schedule_status(s, state, MemoryLabelStore([]), registry).progress.eta_s is None  # type: ignore[union-attr]
         now[0] += 30
         progress("fine-tuning", 25, 100, "loss 0.812")
         st = schedule_status(s, state, MemoryLabelStore([]), registry)
         assert st.progress is not None and (st.progress.task, st.progress.done, st.progress.total) == ("fine-tuning", 25, 100)
-        assert st.progress.note == "loss 0.812" and st.progress.eta_s == 90.0  # 30 s for a quarter
-        assert st.progress.describe() == "fine-tuning 25/100, loss 0.812, about 90 s left"
+        assert st.progress.note == "loss 0.812" and st.progress.eta_s == 93.8  # 30 s for 24 steps, 75 to go
+        assert st.progress.describe() == "fine-tuning 25/100, loss 0.812, about 94 s left"
         progress.clear()
         assert schedule_status(s, state, MemoryLabelStore([]), registry).progress is None
     progress("gating against the champion", 0, 1)
