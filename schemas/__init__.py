@@ -16,7 +16,15 @@ from schemas.api import (
     Rejection,
     RollbackRequest,
 )
-from schemas.errors import DependencyUnavailable, InvalidInput, InvalidState, NotFound, RankloopError, RequestFailed
+from schemas.errors import (
+    DependencyUnavailable,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    RankloopError,
+    RequestFailed,
+    TooManyRequests,
+)
 from schemas.events import (
     ALL_SCHEMAS,
     CLOCK_SKEW_S,
@@ -68,6 +76,7 @@ __all__ = [
     "RequestFailed",
     "RollbackRequest",
     "ShownItem",
+    "TooManyRequests",
     "encodable",
     "export_json_schemas",
 ]

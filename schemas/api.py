@@ -9,6 +9,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from schemas.documents import MAX_TEXT_CHARS, FieldValue, Filters
 from schemas.events import Id, Identity, QueryText, RejectCode, encodable
+from schemas.trust import MAX_TOKEN_CHARS
+
+UserToken = Annotated[str, Field(min_length=1, max_length=MAX_TOKEN_CHARS, pattern=r"^[A-Za-z0-9._=-]+$")]
 
 MAX_RERANK_CANDIDATES = 1000
 
@@ -29,6 +32,11 @@ class RankRequest(BaseModel):
     k: Annotated[int, Field(ge=1, le=100)] = 10
     user: Identity | None = None
     session: Identity | None = None
+    user_token: UserToken | None = Field(
+        None,
+        description="vouches for `user`: rl1 token the application signed with its user-signing secret "
+        "(`schemas.trust.sign_user`); feedback of a signed user counts as that user's, of any other as its network's",
+    )
     filters: Filters | None = Field(
         None,
         description='over declared fields: a value is exact ("lang": "en"), a list is any of ("tags": ["a", "b"]), '
@@ -73,6 +81,11 @@ class RerankRequest(BaseModel):
     top_n: Annotated[int, Field(ge=1, le=MAX_RERANK_CANDIDATES)] | None = Field(None, description="how many to return; none: all")
     user: Identity | None = None
     session: Identity | None = None
+    user_token: UserToken | None = Field(
+        None,
+        description="vouches for `user`: rl1 token the application signed with its user-signing secret "
+        "(`schemas.trust.sign_user`); feedback of a signed user counts as that user's, of any other as its network's",
+    )
     fields: bool = Field(False, description="return each document's fields")
 
 

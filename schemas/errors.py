@@ -27,5 +27,13 @@ class InvalidInput(RankloopError):
     """An argument or setting that can never work (e.g. the eval split also feeding training)."""
 
 
+class TooManyRequests(RankloopError):
+    """A limit was reached; `retry_after` seconds until it lets the request through (a 429)."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class RequestFailed(RankloopError):
     """The serving worker answered an SDK call with an unexpected status."""

@@ -94,6 +94,10 @@ class ImpressionEvent(Event):
         None, description="set when the ranking interleaved this challenger with the champion (`model_version`)"
     )
     api_key: str | None = Field(None, description="name of the API key that asked for this ranking (set by the server)")
+    user_verified: bool = Field(
+        False, description="`user` came with a user token signed by the application (set by the server; docs/security.md)"
+    )
+    client: str | None = Field(None, description="the network prefix the request came from (set by the server)")
     timestamp: float = Field(default_factory=now, description="unix seconds")
 
 
@@ -121,6 +125,9 @@ class InteractionEvent(Event):
     )
     api_key: str | None = Field(
         None, description="name of the API key that sent it: set by the server, a client's value is replaced"
+    )
+    client: str | None = Field(
+        None, description="the network prefix it was sent from: set by the server, a client's value is replaced"
     )
 
     @property
@@ -156,6 +163,12 @@ class LabelledExample(Event):
     api_keys: list[str] = Field(
         default_factory=list, description="names of the API keys behind the request: its ranking's and its events'"
     )
+    source: str | None = Field(
+        None,
+        description='who vouches for it: "user:<id>" (a signed user), else "net:<prefix>" (the network the feedback '
+        "came from); none on labels from before sources were recorded (they count per identity)",
+    )
+    trusted: bool | None = Field(None, description="the source is a signed user (none: not assessed, counts as before)")
     challenger_version: str | None = Field(None, description="the impression interleaved this challenger with the champion")
     team: Team | None = Field(None, description="which of the two ranks the document higher (none: both alike)")
     credit: float | None = Field(None, description="what a like on it earns the challenger (negative: the champion)")

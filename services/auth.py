@@ -126,6 +126,45 @@ class KeyStore:
         return None
 
 
+class UserSecret:
+    """The deployment's user-signing secret (`auth.user_secret_file`, mode 0600): an application's
+    backend signs the ids of users it authenticated with it (`schemas.trust.sign_user`), and /rank
+    counts feedback of a signed user as that user's. Re-read when the file changes, like the key file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._loaded: tuple[tuple[int, int] | None, str | None] = (None, None)
+
+    def get(self) -> str | None:
+        """The secret, or None while there is none (then no user can be signed)."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        seen = (st.st_ino, st.st_mtime_ns)
+        with self._lock:
+            if self._loaded[0] != seen:
+                self._loaded = (seen, self.path.read_text().strip() or None)
+            return self._loaded[1]
+
+    def ensure(self) -> str:
+        """The secret, made once if there is none."""
+        if (found := self.get()) is not None:
+            return found
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(secrets.token_urlsafe(32))
+        os.chmod(tmp, 0o600)
+        try:
+            os.link(tmp, self.path)  # atomic and never replaces one another process just made
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return str(self.get())
+
+
 def describe(keys: KeyFile) -> str:
     rows = [
         {"name": k.name, "scopes": [s.value for s in k.scopes], "created_at": k.created_at, "revoked": k.revoked_at is not None}

@@ -161,6 +161,14 @@ class StreamSettings(Group):
         10, ge=0, description="positive events one identity may send for one (query, doc) per burst window; 0: no limit"
     )
     burst_window_s: float = Field(600.0, gt=0, description="the click-burst window")
+    anomaly_window_s: float = Field(3600.0, gt=0, description="the window a (query, doc)'s positive rate is watched over")
+    anomaly_ratio: float = Field(
+        5.0, gt=1, description="positives over what the positions it was shown at predict that make a (query, doc) anomalous"
+    )
+    anomaly_min_positives: int = Field(20, ge=1, description="positives in the window before a (query, doc) can be held")
+    anomaly_min_identities: int = Field(
+        5, ge=0, description="distinct unsigned identities among them before it is held for review; 0: no holds"
+    )
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus metrics of a stream worker (on metrics_host); 0: off")
     rules: LabelRules = LabelRules()
 
@@ -201,6 +209,19 @@ class AuthSettings(Group):
     rank_per_s: float = Field(1000.0, ge=0, description="POST /rank per second per API key; 0: no limit")
     events_per_s: float = Field(100.0, ge=0, description="POST /events (batches) per second per API key; 0: no limit")
     burst_s: float = Field(2.0, gt=0, description="a bucket holds this many seconds of its rate: short bursts pass")
+    user_secret_file: Path | None = Field(
+        None, description="the user-signing secret applications sign user ids with; unset: user_secret in the state dir"
+    )
+    new_identities_per_min: float = Field(
+        60.0,
+        ge=0,
+        description="unsigned user/session ids /rank sees for the first time, per minute per API key (per network "
+        "without keys); over it: 429. Signed users are not limited; 0: no limit",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses of reverse proxies whose X-Forwarded-For names the client (else the socket's peer is)",
+    )
 
 
 class Settings(BaseSettings):
@@ -295,6 +316,10 @@ class Settings(BaseSettings):
     @property
     def keys_file(self) -> Path:
         return self.auth.keys_file or self.state_dir / "api_keys.json"
+
+    @property
+    def user_secret_file(self) -> Path:
+        return self.auth.user_secret_file or self.state_dir / "user_secret"
 
     @property
     def versions_dir(self) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from schemas import ErrorBody, InvalidInput
+from schemas import ErrorBody, InvalidInput, TooManyRequests
+from schemas.trust import network_prefix
 from services.auth import ApiKey, KeyStore, Scope
 from services.config import Settings
 
@@ -53,7 +55,7 @@ def new_app(s: Settings, title: str, description: str, lifespan: Callable[[FastA
         title=title,
         lifespan=lifespan,
         description=description,
-        exception_handlers={RequestValidationError: validation_error, InvalidInput: invalid_input},
+        exception_handlers={RequestValidationError: validation_error, InvalidInput: invalid_input, TooManyRequests: too_many},
     )
     app.state.settings = s
     app.state.key_gate = KeyGate(KeyStore(s.keys_file), s.auth.required)
@@ -159,6 +161,22 @@ async def invalid_input(request: Request, exc: Exception) -> JSONResponse:
     """A request that passed its schema but not the server's checks (an undeclared filter field, an
     unknown candidate id): 422 with what was wrong."""
     return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+async def too_many(request: Request, exc: Exception) -> JSONResponse:
+    """A limit the server checks past the route's dependencies (new identities per key): 429 with Retry-After."""
+    wait = exc.retry_after if isinstance(exc, TooManyRequests) else 1.0
+    return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+def client_network(request: Request, trusted_proxies: list[str]) -> str | None:
+    """The network prefix of the client (`schemas.trust.network_prefix`): the socket's peer, or, when the
+    peer is one of `auth.trusted_proxies`, the last address its X-Forwarded-For appended."""
+    peer = request.client.host if request.client else None
+    if peer in trusted_proxies:
+        forwarded = [a.strip() for a in request.headers.get("x-forwarded-for", "").split(",") if a.strip()]
+        peer = forwarded[-1] if forwarded else peer
+    return network_prefix(peer)
 
 
 class NoDelayProtocol(H11Protocol):

@@ -72,6 +72,14 @@ class Keys:
     def rate_bucket(self, identity: str) -> str:
         return f"{self.deployment}:rate:{identity}"
 
+    def known_identity(self, scope: str, identity_hash: str) -> str:
+        """Marks an unsigned user/session id `scope` (a key, or a network) already brought; the hash tag
+        keeps it in one cluster slot with the scope's new-identity bucket."""
+        return f"{self.deployment}:ident:{{{scope}}}:{identity_hash}"
+
+    def new_identity_bucket(self, scope: str) -> str:
+        return f"{self.deployment}:newid:{{{scope}}}"
+
     def activity(self, minute: int) -> str:
         """Hash of counts in one minute (unix seconds // 60): events, labels, dead:<code>."""
         return f"{self.deployment}:activity:{minute}"

@@ -36,6 +36,7 @@ from schemas import (
     RequestFailed,
 )
 from schemas.documents import DeletedResponse, DocumentsResponse
+from schemas.trust import sign_user
 from services.keys import Keys
 
 log = logging.getLogger("rankloop.sdk")
@@ -78,7 +79,8 @@ class EventHelpers(Generic[Answer]):
 class RankloopClient(EventHelpers[EventsResponse]):
     """`url` is the serving worker; `api_key` one from `rankloop keys create` (scopes rank and
     events:write). With `kafka` set, interactions go straight to the broker (kafka-python producer,
-    acks=all) instead of POST /events. `deployment` names the topics."""
+    acks=all) instead of POST /events. `deployment` names the topics. `user_secret` (from `rankloop keys
+    user-secret`; on a backend only) signs every `user` it passes, so their feedback counts as people's."""
 
     def __init__(
         self,
@@ -87,7 +89,9 @@ class RankloopClient(EventHelpers[EventsResponse]):
         deployment: str = "rankloop",
         timeout: float = 30.0,
         api_key: str | None = None,
+        user_secret: str | None = None,
     ):
+        self.user_secret = user_secret
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=url, timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=32))
         self.topic = Keys(deployment).interactions
@@ -96,6 +100,11 @@ class RankloopClient(EventHelpers[EventsResponse]):
             from kafka import KafkaProducer
 
             self.producer = KafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=5, retries=5)
+
+    def _vouch(self, user: str | None) -> dict[str, str]:
+        """A user token for `user` when this client holds the user-signing secret (a backend that
+        authenticated the user): the server then counts the user's feedback as a person's."""
+        return {"user_token": sign_user(self.user_secret, user)} if self.user_secret and user else {}
 
     def rank(
         self,
@@ -107,7 +116,7 @@ class RankloopClient(EventHelpers[EventsResponse]):
         fields: bool = False,
     ) -> RankResponse:
         """The top `k` for a query, among documents passing `filters` (`{"lang": "en", "year": {"gte": 2020}}`)."""
-        body: dict[str, Any] = {"query": query, "k": k, "user": user, "session": session}
+        body: dict[str, Any] = {"query": query, "k": k, "user": user, "session": session, **self._vouch(user)}
         if filters:
             body["filters"] = filters
         if fields:
@@ -128,6 +137,7 @@ class RankloopClient(EventHelpers[EventsResponse]):
         """Your own candidates in the served model's order: ids of indexed documents, or inline
         `{"id", "text", "title"?}` documents. Report clicks on the answer as for `rank`."""
         body = {"query": query, "candidates": list(candidates), "top_n": top_n, "user": user, "session": session}
+        body.update(self._vouch(user))
         r = self.http.post("/rerank", json=body)
         if r.status_code != 200:
             raise RequestFailed(f"/rerank answered {r.status_code}: {r.text}")

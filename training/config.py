@@ -49,6 +49,13 @@ class TrainConfig(BaseModel):
         "encoding each version does for it",
     )
     max_seq_length: int = Field(128, ge=16, description="training length; 4x faster than 256 on CPU, inference uses 256")
+    unverified_weight: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="what a source the server cannot vouch for (a network, not a signed user) counts next to a signed "
+        "user, in training and in the gate (docs/security.md)",
+    )
 
 
 InterleaveMethod = Literal["optimized", "team_draft"]
@@ -97,6 +104,18 @@ class GateConfig(BaseModel):
     min_queries: int = Field(30, ge=1, description="held-out queries for a per-query verdict; with fewer, requests are compared")
     min_requests: int = Field(200, ge=1, description="held-out requests for a per-request verdict (few distinct queries)")
     min_clustered_queries: int = Field(5, ge=2, description="distinct queries those requests must come from")
+    min_trusted_sources: int = Field(
+        1, ge=0, description="signed users (distinct) a held-out query's positives need to count in the verdict"
+    )
+    max_query_share: float = Field(
+        0.5, gt=0.0, le=1.0, description="most of the gain one query may carry while fewer than min_queries decide"
+    )
+    max_unsupported_rise: int = Field(
+        5,
+        ge=1,
+        description="places a document may climb into a query's top 10 without rise_sources signed users' positives on it",
+    )
+    rise_sources: int = Field(1, ge=1, description="distinct signed users that make a document's rise believable")
 
 
 @dataclass(frozen=True)

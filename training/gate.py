@@ -18,7 +18,7 @@ from scipy.stats import wilcoxon
 from training.config import GateConfig
 from training.labels.feedback import QueryFeedback
 from training.metrics import feedback_ndcg, per_query, ranking_to_run
-from training.ranking.query import query_key
+from training.ranking.query import normalise_query, query_key
 from training.ranking.rank import Candidates, Ranking, Text, rank, rank_queries
 from training.ranking.reranker import Reranker
 from training.slices import Slices
@@ -38,8 +38,26 @@ class GateResult:
     requests: int = 0  # units when the gate compared requests clustered by query (0: it compared queries)
 
 
+def carried_by_one(names: list[str], contributions: np.ndarray, cap: float) -> str | None:
+    """Why a gain rests on one query (its share of the positive contributions above `cap`), or None:
+    an attacker who moved one query's answers must not pass a gate that averages over a few."""
+    positive = np.clip(contributions, 0, None)
+    if cap >= 1.0 or positive.sum() <= 0:
+        return None
+    top = int(np.argmax(positive))
+    share = float(positive[top] / positive.sum())
+    if share <= cap:
+        return None
+    return f"the gain rests on one query: {names[top]!r} carries {share:.0%} of it (gate.max_query_share {cap:.0%})"
+
+
 def decide(
-    champion: dict[str, float], challenger: dict[str, float], margin: float, p_max: float, min_queries: int = 10
+    champion: dict[str, float],
+    challenger: dict[str, float],
+    margin: float,
+    p_max: float,
+    min_queries: int = 10,
+    max_query_share: float = 1.0,
 ) -> GateResult:
     qids = sorted(set(champion) & set(challenger))
     a = np.array([champion[q] for q in qids])
@@ -56,6 +74,8 @@ def decide(
         passed, reason = False, f"mean gain {gain:+.4f} below margin {margin}"
     elif p > p_max:
         passed, reason = False, f"not significant: p={p:.3g} > {p_max}"
+    elif carried := carried_by_one(qids, diff, max_query_share):
+        passed, reason = False, carried
     else:
         passed, reason = True, f"better by {gain:+.4f} NDCG@10 on {len(qids)} queries (p={p:.3g})"
     return GateResult(
@@ -73,6 +93,7 @@ def decide_clustered(
     min_clusters: int,
     resamples: int = 2000,
     seed: int = 0,
+    max_query_share: float = 1.0,
 ) -> GateResult:
     """Paired per request (`champion[i]`, `challenger[i]` for the request in `clusters[i]`, its query).
     One-sided cluster bootstrap: whole queries are resampled with replacement and the mean gain over
@@ -100,6 +121,8 @@ def decide_clustered(
         passed, reason = False, f"mean gain {gain:+.4f} below margin {margin} ({n} requests of {len(names)} queries)"
     elif p > p_max:
         passed, reason = False, f"not significant: p={p:.3g} > {p_max} ({n} requests of {len(names)} queries, cluster bootstrap)"
+    elif carried := carried_by_one(names, sums, max_query_share):
+        passed, reason = False, carried
     else:
         passed, reason = (
             True,
@@ -144,7 +167,7 @@ def compare_on_feedback(
     return GateReport(
         base,
         new,
-        decide(base, new, gate.margin, gate.p_value, gate.min_queries),
+        decide(base, new, gate.margin, gate.p_value, gate.min_queries, gate.max_query_share),
         {q: [d for d, _ in r] for q, r in before.items()},
         {q: [d for d, _ in r] for q, r in after.items()},
     )
@@ -188,6 +211,7 @@ def compare_on_requests(
         gate.p_value,
         gate.min_requests,
         gate.min_clustered_queries,
+        max_query_share=gate.max_query_share,
     )
     by_query: dict[str, tuple[list[float], list[float]]] = {}
     for r in rids:
@@ -203,6 +227,56 @@ def compare_on_requests(
     )
 
 
+@dataclass(frozen=True)
+class Rise:
+    """A document the challenger put far higher than the champion did, on a query of the labels."""
+
+    query: str
+    doc_id: str
+    champion_rank: int
+    challenger_rank: int
+    signed_sources: int
+
+    def __str__(self) -> str:
+        return (
+            f"doc {self.doc_id!r} rose from {self.champion_rank} to {self.challenger_rank} on {self.query!r} "
+            f"with {self.signed_sources} signed users' positives behind it"
+        )
+
+
+def unsupported_rises(
+    champion: Reranker | None,
+    challenger: Reranker,
+    slices: Slices,
+    candidates: Candidates,
+    text: Text,
+    depth: int,
+    gate: GateConfig,
+) -> list[Rise]:
+    """Documents with positive feedback from fewer than `gate.rise_sources` signed users that the
+    challenger ranks in a query's top 10, more than `gate.max_unsupported_rise` places above the
+    champion: what fake clicks from sources nobody vouches for would do, whatever the gate's sample says."""
+    suspects: dict[str, set[str]] = {}
+    for fb in [*slices.train, *slices.tune, *slices.gate]:
+        backed = slices.support.get(normalise_query(fb.query), {})
+        weak = {d for d in fb.positives() if len(backed.get(d, ())) < gate.rise_sources}
+        if weak and fb.query in candidates:
+            suspects.setdefault(fb.query, set()).update(weak)
+    if not suspects:
+        return []
+    before = rank_queries(list(suspects), candidates, champion, text, depth)
+    after = rank_queries(list(suspects), candidates, challenger, text, depth)
+    rises = []
+    for query, docs in suspects.items():
+        old = {d: i + 1 for i, (d, _) in enumerate(before[query])}
+        new = {d: i + 1 for i, (d, _) in enumerate(after[query])}
+        for d in sorted(docs):
+            if d in new and new[d] <= 10 and old.get(d, len(old) + 1) - new[d] > gate.max_unsupported_rise:
+                signed = len(slices.support.get(normalise_query(query), {}).get(d, set()))
+                rises.append(Rise(query, d, old.get(d, len(old) + 1), new[d], signed))
+    return rises
+
+
 def run_gate(
     champion: Reranker | None,
     challenger: Reranker,
@@ -213,7 +287,20 @@ def run_gate(
     gate: GateConfig,
 ) -> GateReport:
     """Per query while there are `gate.min_queries` distinct held-out queries; with fewer, per request
-    clustered by query (a few head queries asked many times still get a verdict)."""
+    clustered by query (a few head queries asked many times still get a verdict). Held-out queries
+    without `gate.min_trusted_sources` signed users behind their positives are left out (the slices
+    do), and a challenger that passes is refused still if it lifted documents no signed user backs."""
     if len(slices.gate) >= gate.min_queries:
-        return compare_on_feedback(champion, challenger, slices.gate, candidates, text, depth, gate)
-    return compare_on_requests(champion, challenger, slices.gate_requests, candidates, text, depth, gate)
+        report = compare_on_feedback(champion, challenger, slices.gate, candidates, text, depth, gate)
+    else:
+        report = compare_on_requests(champion, challenger, slices.gate_requests, candidates, text, depth, gate)
+    result = report.result
+    if slices.untrusted_gate_queries:
+        result.reason += (
+            f"; {slices.untrusted_gate_queries} held-out queries left out (< {gate.min_trusted_sources} signed users)"
+        )
+    if result.passed and (rises := unsupported_rises(champion, challenger, slices, candidates, text, depth, gate)):
+        more = f" and {len(rises) - 1} more" if len(rises) > 1 else ""
+        result.passed = False
+        result.reason = f"refused: {rises[0]}{more} (gate.rise_sources {gate.rise_sources}); the gate had said: {result.reason}"
+    return report

@@ -11,7 +11,15 @@ from typing import Literal
 import pandas as pd
 
 from training.config import GateConfig, TrainConfig
-from training.labels.feedback import QueryFeedback, aggregate, split_by_identity, split_by_time, top_identity_share
+from training.labels.feedback import (
+    QueryFeedback,
+    aggregate,
+    sources_of_query,
+    split_by_identity,
+    split_by_time,
+    top_identity_share,
+    trusted_sources,
+)
 from training.labels.rules import LabelRules
 from training.labels.store import Lineage
 from training.ranking.reranker import Evidence
@@ -34,6 +42,8 @@ class Slices:
     trained_until: float  # newest label timestamp in the train slice
     top_identity_share: dict[str, float]  # per slice: share of labels from its 10 most prolific identities
     probe: list[QueryFeedback] = field(default_factory=list)  # train queries kept out of fine-tuning (`probe_queries`)
+    support: dict[str, dict[str, set[str]]] = field(default_factory=dict)  # query -> doc -> signed sources behind its positives
+    untrusted_gate_queries: int = 0  # held-out queries left out of the verdict: fewer than gate.min_trusted_sources
 
     def queries(self) -> list[str]:
         return [fb.query for fbs in (self.train, self.tune, self.gate) for fb in fbs]
@@ -62,12 +72,22 @@ def make_slices(
         else split_by_time(df, gate.tune_fraction, gate.fraction)
     )
     mode: Debias = "ips" if cfg.debias == "ips" else "naive"  # `auto` slices once per mode (train_once)
-    agg = {k: list(aggregate(v, mode, cfg.max_ips).values()) for k, v in frames.items()}
+    agg = {k: list(aggregate(v, mode, cfg.max_ips, cfg.unverified_weight).values()) for k, v in frames.items()}
     train = frames["train"]
+    support = trusted_sources(df)
+    gate_support = trusted_sources(frames["gate"])
+
+    def vouched(fb: QueryFeedback) -> bool:  # the verdict counts queries whose held-out positives signed users sent
+        return sources_of_query(gate_support, fb.query) >= gate.min_trusted_sources
+
     gate_requests = frames["gate"].groupby("request_id", sort=False)  # in order of arrival (labels are read so)
     per_request = [
-        (str(rid), fb) for rid, rows in gate_requests for fb in aggregate(rows, mode, cfg.max_ips).values() if fb.positives()
+        (str(rid), fb)
+        for rid, rows in gate_requests
+        for fb in aggregate(rows, mode, cfg.max_ips, cfg.unverified_weight).values()
+        if fb.positives() and vouched(fb)
     ]
+    held_out = [fb for fb in agg["gate"] if fb.positives()]
     tune = [fb for fb in agg["tune"] if fb.positives()]
     return Slices(
         len(df),
@@ -76,11 +96,13 @@ def make_slices(
         train,
         agg["train"],
         tune,
-        [fb for fb in agg["gate"] if fb.positives()],
+        [fb for fb in held_out if vouched(fb)],
         per_request,
         float(train["timestamp"].max()) if len(train) else 0.0,
         {k: round(top_identity_share(v), 4) for k, v in frames.items()},
         probe_queries(agg["train"], tune, cfg.probe_fraction, gate.min_queries, cfg.seed),
+        support,
+        sum(not vouched(fb) for fb in held_out),
     )
 
 

@@ -25,9 +25,8 @@ from services.cli.progress import ProgressBar
 from services.config import Settings
 from services.control.scheduler import impression_click_log, retrain, training_job
 from services.local import infra
-from services.local.simulate import UserModel, examination_curve, simulate
+from services.local.simulate import UserModel, app_client, examination_curve, simulate
 from services.local.workers import served_version, settle_labels, spawn, stop, wait_healthy, worker_env
-from services.sdk import RankloopClient
 from services.storage import open_labels, open_registry
 from services.storage.memory import MemoryLabelStore
 from training import beir, plots, self_check
@@ -220,7 +219,7 @@ def _run(
     reranker = None
     try:
         wait_healthy(s, procs)
-        sdk = RankloopClient(s.base_url, deployment=s.deployment)
+        sdk = app_client(s)
         events = 0
         for r in range(1, rounds + 1):
             t = time.time()

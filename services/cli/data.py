@@ -130,14 +130,13 @@ def simulate(
     concurrency: int = typer.Option(4, help="simulated users at a time"),
 ) -> None:
     """Play simulated users against /rank and emit their interactions through the SDK."""
-    from services.local.simulate import UserModel, examination_curve
+    from services.local.simulate import UserModel, app_client, examination_curve
     from services.local.simulate import simulate as run
-    from services.sdk import RankloopClient
     from training import beir
 
     s = settings()
     ds = beir.load(dataset or s.dataset, s.state_dir / "datasets")
-    client = RankloopClient(url or s.base_url, deployment=s.deployment)
+    client = app_client(s, url)
     stats = run(client, ds, split, sessions, UserModel(examination_curve(s.clicklog)), seed, concurrency=concurrency)
     console.print(stats)
 

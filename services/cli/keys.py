@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from services.auth import KeyStore, Scope, describe
+from services.auth import KeyStore, Scope, UserSecret, describe
 from services.cli.base import app, console, settings
 
 keys_app = typer.Typer(help="API keys for /rank, /events and admin routes (stored hashed)", no_args_is_help=True)
@@ -37,3 +37,14 @@ def revoke(name: str) -> None:
     """Revokes the active key NAME; workers refuse it from their next request."""
     _store().revoke(name)
     console.print(f"revoked {name}")
+
+
+@keys_app.command("user-secret")
+def user_secret() -> None:
+    """Prints the deployment's user-signing secret (made on first use): give it to the backend that
+    authenticates your users, which signs their ids with it (`schemas.trust.sign_user`, or the SDK's
+    `user_secret`). Feedback of a signed user counts as that user's; docs/security.md says why."""
+    s = settings()
+    secret = UserSecret(s.user_secret_file).ensure()
+    console.print(f"user-signing secret of {s.user_secret_file} (keep it on servers, never in a browser):")
+    print(secret)

@@ -16,7 +16,7 @@ from services.cli.progress import ProgressBar
 from services.config import Settings
 from services.control.schedule import training_progress
 from services.local import infra
-from services.local.simulate import UserModel, examination_curve, simulate
+from services.local.simulate import UserModel, app_client, examination_curve, simulate
 from services.local.workers import served_version, spawn, stop, wait_healthy, worker_env
 from services.sdk import RankloopClient
 from services.storage import open_labels, open_registry, open_schedule_state
@@ -96,7 +96,7 @@ def run_demo(s: Settings, quick: bool, keep_running: bool) -> None:
     try:
         with console.status("waiting for the serving worker"):
             wait_healthy(s, procs)
-        client = RankloopClient(s.base_url)
+        client = app_client(s)
         _show_rejection(client, client.rank(ds.queries[next(iter(ds.qrels("train")))]))
         start_version = client.rank("warm").model_version
         console.print(f"serving [bold]{start_version}[/]; simulating users on the train queries until a model is promoted")

@@ -16,6 +16,8 @@ from pathlib import Path
 from rich.progress import Progress
 
 from schemas import NotFound
+from services.auth import UserSecret
+from services.config import Settings
 from services.sdk import RankloopClient
 from training.beir import Dataset
 
@@ -101,6 +103,13 @@ def session_events(rng: random.Random, user: UserModel, items, qrels: dict[str, 
         else:
             out.append((it.doc_id, "skip", None))
     return out
+
+
+def app_client(s: Settings, url: str | None = None, api_key: str | None = None) -> RankloopClient:
+    """The client of the simulated application: like a real backend that authenticated its users, it
+    signs their ids with the deployment's user-signing secret (made if there is none)."""
+    secret = UserSecret(s.user_secret_file).ensure()
+    return RankloopClient(url or s.base_url, deployment=s.deployment, api_key=api_key, user_secret=secret)
 
 
 def simulate(

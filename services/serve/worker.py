@@ -43,10 +43,13 @@ from schemas import (
     RejectCode,
     Rejection,
     ShownItem,
+    TooManyRequests,
     encodable,
 )
 from schemas.api import InlineCandidate, RerankRequest
 from schemas.documents import Condition, DeletedResponse, DocumentRefusal, DocumentsResponse, check_document, parse_filters
+from schemas.trust import BadToken, verify_user
+from services.auth import UserSecret
 from services.config import Settings
 from services.serve.documents_feed import DocumentFeed
 from services.serve.metrics import ServingMetrics
@@ -57,6 +60,7 @@ from training.corpus.indexer import Indexer
 from training.corpus.store import DIM
 from training.indexing import LEASE_FILE
 from training.interleave import INTERLEAVING, STAGE_TAG, Interleaved, interleave
+from training.labels.rules import identity_of
 from training.ranking.embedding_cache import EmbeddingCache
 from training.ranking.encoder import encode
 from training.ranking.first_stage import Candidate, FirstStage
@@ -93,6 +97,17 @@ def validation_detail(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'event'}: {err['msg']}" for err in e.errors())
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Who a ranking was for, as the server vouches for it (`Worker.origin`): on its impression."""
+
+    api_key: str | None
+    user: str | None
+    session: str | None
+    verified: bool  # `user` came with a valid user token
+    client: str | None  # the network prefix of the caller
+
+
 class Worker:
     def __init__(
         self,
@@ -124,6 +139,7 @@ class Worker:
         self.retry_after: dict[str, float] = {}  # version -> when a version found broken is tried again
         self.behind_since: float | None = None  # when the registry's champion began to differ from what is served
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # how its reports name it
+        self.user_secret = UserSecret(s.user_secret_file)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._swap_lock = threading.Lock()
@@ -158,8 +174,44 @@ class Worker:
         seed = self.s.serving.explore_seed
         return self.rng if seed is None else random.Random(f"{seed}|{req.query}|{req.user}|{req.session}")
 
-    def rank(self, req: RankRequest, api_key: str | None = None) -> RankResponse:
+    def origin(self, req: RankRequest | RerankRequest, api_key: str | None, client: str | None) -> Origin:
+        """Who asks, as far as the server can vouch: a `user_token` must verify (else 422), and an
+        unsigned user/session id never seen from this key (or network) takes a token of
+        `auth.new_identities_per_min` (else 429). With Redis down the limit is not enforced."""
+        user, verified = req.user, False
+        if req.user_token is not None:
+            secret = self.user_secret.get()
+            if secret is None:
+                raise InvalidInput(
+                    "user_token given, but this deployment has no user-signing secret (`rankloop keys user-secret`)"
+                )
+            try:
+                signed = verify_user(secret, req.user_token)
+            except BadToken as e:
+                raise InvalidInput(str(e)) from None
+            if user is not None and user != signed:
+                raise InvalidInput("user_token vouches for another user than `user`")
+            user, verified = signed, True
+        per_s = self.s.auth.new_identities_per_min / 60
+        identity = identity_of(user, req.session)
+        if per_s > 0 and not verified and identity is not None:
+            scope = f"key:{api_key}" if api_key else f"net:{client}"
+            try:
+                wait = self.caches.limits.admit_identity(scope, identity, per_s, max(1.0, per_s * 60), 86400)
+            except DependencyUnavailable:
+                wait = 0.0
+            if wait > 0:
+                self.metrics.rate_limited.labels("new-identity").inc()
+                raise TooManyRequests(
+                    f"more than {self.s.auth.new_identities_per_min:g} new unsigned user/session ids per minute from "
+                    f"{scope}; sign your users' ids (user_token, docs/security.md) or retry in {wait:.0f}s",
+                    wait,
+                )
+        return Origin(api_key, user, req.session, verified, client)
+
+    def rank(self, req: RankRequest, api_key: str | None = None, client: str | None = None) -> RankResponse:
         started = time.perf_counter()
+        origin = self.origin(req, api_key, client)
         serving = self.serving  # one reference for the whole request: a swap cannot change it midway
         challenger = self.challenger
         rng = self._rng_for(req)
@@ -174,7 +226,7 @@ class Worker:
         else:
             items, explored = explore(items, rng, self.s.serving.explore_rate, self.s.serving.explore_depth)
         response = self._respond(serving, items, req.k, req.fields)
-        self._record(req.query, req.user, req.session, response, serving, explored, mixed, challenger, api_key, started, hit)
+        self._record(req.query, origin, response, serving, explored, mixed, challenger, started, hit)
         return response
 
     def _respond(self, serving: Serving, items: list[list], k: int, fields: bool, inline: dict | None = None) -> RankResponse:
@@ -196,14 +248,12 @@ class Worker:
     def _record(
         self,
         query: str,
-        user: str | None,
-        session: str | None,
+        origin: Origin,
         response: RankResponse,
         serving: Serving,
         explored: bool,
         mixed: Interleaved | None,
         challenger: Serving | None,
-        api_key: str | None,
         started: float,
         hit: bool,
     ) -> None:
@@ -211,8 +261,10 @@ class Worker:
         impression = ImpressionEvent(
             request_id=response.request_id,
             query=query,
-            user=user,
-            session=session,
+            user=origin.user,
+            session=origin.session,
+            user_verified=origin.verified,
+            client=origin.client,
             items=[
                 ShownItem(doc_id=it.doc_id, position=it.position, score=it.score, **_credited(mixed, i))
                 for i, it in enumerate(response.items)
@@ -221,7 +273,7 @@ class Worker:
             index_version=self.first_stage.version,
             explored=explored,
             challenger_version=challenger.version if mixed and challenger else None,
-            api_key=api_key,
+            api_key=origin.api_key,
         )
         if self.publisher.publish_later(self.keys.impressions, response.request_id, impression):
             self.metrics.impressions.inc()  # handed to the buffer; it reaches the broker when the broker is there
@@ -256,11 +308,12 @@ class Worker:
         return items, False
 
     # ---- the application's own candidates -------------------------------------------------
-    def rerank(self, req: RerankRequest, api_key: str | None = None) -> RankResponse:
+    def rerank(self, req: RerankRequest, api_key: str | None = None, client: str | None = None) -> RankResponse:
         """The application's candidates in the served model's order, recorded as an impression like
         a /rank answer. Inline candidates' texts are kept in the document store (not indexed), so
         the training that learns from this answer's clicks reads them. Unknown ids are a 422."""
         started = time.perf_counter()
+        origin = self.origin(req, api_key, client)
         serving = self.serving
         inline = {c.id: c for c in req.candidates if isinstance(c, InlineCandidate)}
         ids = list(dict.fromkeys(c if isinstance(c, str) else c.id for c in req.candidates))
@@ -287,7 +340,7 @@ class Worker:
         )
         items = [[d, sc] for d, sc in ranking]
         response = self._respond(serving, items, req.top_n or len(items), req.fields, inline)
-        self._record(req.query, req.user, req.session, response, serving, False, None, None, api_key, started, False)
+        self._record(req.query, origin, response, serving, False, None, None, started, False)
         return response
 
     # ---- documents -----------------------------------------------------------------------
@@ -380,7 +433,7 @@ class Worker:
         return future
 
     # ---- event intake --------------------------------------------------------------------
-    def ingest(self, events: list, api_key: str | None = None) -> tuple[list[str], list[Rejection]]:
+    def ingest(self, events: list, api_key: str | None = None, client: str | None = None) -> tuple[list[str], list[Rejection]]:
         """Validates each event on its own; valid ones are written to the broker (acks=all) before
         the answer, so "accepted" means durable. Duplicates (in the batch or seen before) are rejected;
         an event that was not recorded is forgotten by de-duplication, so a retry is accepted.
@@ -394,7 +447,9 @@ class Worker:
         received = time.time()  # the server's clock: what windows and training slices go by
         for i, raw in enumerate(events):
             try:
-                event = InteractionEvent.model_validate(raw).model_copy(update={"received_at": received, "api_key": api_key})
+                event = InteractionEvent.model_validate(raw).model_copy(
+                    update={"received_at": received, "api_key": api_key, "client": client}
+                )
                 if ahead := event.future_dated():
                     rejected.append(Rejection(index=i, event_id=event.event_id, code=RejectCode.bad_timestamp, detail=ahead))
                     continue

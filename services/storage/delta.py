@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas import InvalidInput, LabelledExample
-from training.labels.store import Lineage, Purge, apply_purges, describe, frame, latest_revisions
+from training.labels.store import Hold, Lineage, Purge, apply_holds, apply_purges, describe, frame, latest_holds, latest_revisions
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -40,6 +40,8 @@ LABEL_SCHEMA = pa.schema(
         ("challenger_version", pa.string()),  # added later: a table from before gets the columns on its next write
         ("team", pa.string()),
         ("credit", pa.float64()),  # added with optimized interleaving, as challenger_version was
+        ("source", pa.string()),  # added with the trust model: older rows read as not assessed
+        ("trusted", pa.bool_()),
         ("timestamp", pa.float64()),
         ("stored_at", pa.float64()),  # when the store wrote the row: compaction's cut
     ]
@@ -47,11 +49,13 @@ LABEL_SCHEMA = pa.schema(
 TRAINING_COLUMNS = [
     "label_id", "revision", "request_id", "query", "doc_id", "position", "grade", "weight", "propensity",
     "signals", "identity", "api_keys", "timestamp", "model_version", "challenger_version", "team", "credit",
+    "source", "trusted",
 ]  # fmt: skip
 """What training, its lineage, purges and the interleaving tally need: a read leaves the rest (event ids,
 the index version) on disk."""
 COMPACTED_AWAY = "rankloop-compacted-away"  # an app transaction: superseded revisions compaction removed, in total
 PURGE_SCHEMA = pa.schema([("purge", pa.string())])
+HOLD_SCHEMA = pa.schema([("hold", pa.string())])
 
 
 class DeltaLabelStore:
@@ -61,6 +65,7 @@ class DeltaLabelStore:
     def __init__(self, uri: str | Path):
         self.uri = str(uri)
         self.purges_uri = f"{self.uri.rstrip('/')}/_purges"  # "_": Delta's vacuum leaves it alone
+        self.holds_uri = f"{self.uri.rstrip('/')}/_holds"
         self._table: Any = None
 
     def _open(self, version: int | None = None) -> Any:
@@ -152,6 +157,7 @@ class DeltaLabelStore:
         present = {f.name for f in table.schema().fields}  # a table written before a column existed lacks it
         raw = table.to_pyarrow_table(columns=[c for c in wanted if c in present]).to_pandas()
         df = apply_purges(latest_revisions(raw.reindex(columns=wanted)), purges)
+        df, held = apply_holds(df, self.holds())
         lineage = {
             "location": self.uri,
             "format": "delta",
@@ -160,6 +166,7 @@ class DeltaLabelStore:
             "contributions": self._contributions(table),
             **describe(df),
             "purges": len(purges),
+            "held": held,
         }
         return df, lineage
 
@@ -207,3 +214,18 @@ class DeltaLabelStore:
         row = pa.Table.from_pylist([{"purge": purge.model_dump_json()}], schema=PURGE_SCHEMA)
         write_deltalake(self.purges_uri, row, mode="append")
         return before - len(self.read()[0]) if count else 0
+
+    def holds(self) -> list[Hold]:
+        from deltalake import DeltaTable
+
+        if not DeltaTable.is_deltatable(self.holds_uri):
+            return []
+        rows = DeltaTable(self.holds_uri).to_pyarrow_table().column("hold").to_pylist()
+        return latest_holds([Hold.model_validate_json(r) for r in rows])
+
+    def hold(self, hold: Hold) -> None:
+        from deltalake import write_deltalake
+
+        write_deltalake(
+            self.holds_uri, pa.Table.from_pylist([{"hold": hold.model_dump_json()}], schema=HOLD_SCHEMA), mode="append"
+        )

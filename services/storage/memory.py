@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from schemas import DeadLetter, LabelledExample
 from services.storage.protocols import Caches, WorkerReport
-from training.labels.store import Lineage, Purge, apply_purges, describe, frame, latest_revisions
+from training.labels.store import Hold, Lineage, Purge, apply_holds, apply_purges, describe, frame, latest_holds, latest_revisions
 from training.ranking.embedding_cache import MemoryEmbeddingCache
 
 
@@ -98,6 +98,7 @@ class MemoryRateLimiter:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.buckets: dict[str, tuple[float, float]] = {}  # identity -> (tokens, at)
+        self.known: dict[tuple[str, str], float] = {}  # (scope, identity) -> remembered until
 
     def take(self, identity: str, rate_per_s: float, burst: float) -> float:
         now = self.clock()
@@ -105,6 +106,15 @@ class MemoryRateLimiter:
         tokens = min(burst, tokens + (now - at) * rate_per_s)
         wait = 0.0 if tokens >= 1 else (1 - tokens) / rate_per_s
         self.buckets[identity] = (tokens - 1 if wait == 0 else tokens, now)
+        return wait
+
+    def admit_identity(self, scope: str, identity: str, rate_per_s: float, burst: float, remember_s: float) -> float:
+        now = self.clock()
+        if self.known.get((scope, identity), -1.0) > now:
+            return 0.0
+        wait = self.take(f"newid:{scope}", rate_per_s, burst)
+        if wait == 0:
+            self.known[(scope, identity)] = now + remember_s
         return wait
 
 
@@ -178,6 +188,7 @@ class MemoryLabelStore:
         self.writes: list[int] = [len(self.rows)] if self.rows else []  # rows after each write
         self.positions: dict[str, int] = {}
         self._purges: list[Purge] = []
+        self._holds: list[Hold] = []
 
     def write(self, labels: list[LabelledExample], positions: dict[str, int]) -> bool:
         if positions and all(self.positions.get(src, -1) >= last for src, last in positions.items()):
@@ -197,7 +208,9 @@ class MemoryLabelStore:
     def read(self, version: int | None = None) -> tuple[pd.DataFrame, Lineage]:
         rows = self.rows if version is None else self.rows[: self.writes[version]]
         df = apply_purges(latest_revisions(frame(rows)), self._purges) if rows else frame([])
-        return df, {**describe(df), "contributions": len(rows), "purges": len(self._purges), "table_version": self.version()}
+        df, held = apply_holds(df, self.holds())
+        lineage = {**describe(df), "contributions": len(rows), "purges": len(self._purges), "held": held}
+        return df, {**lineage, "table_version": self.version()}
 
     def count(self) -> int:
         return len(self.rows)
@@ -221,6 +234,12 @@ class MemoryLabelStore:
         before = len(self.read()[0]) if count else 0
         self._purges.append(purge)
         return before - len(self.read()[0]) if count else 0
+
+    def holds(self) -> list[Hold]:
+        return latest_holds(self._holds)
+
+    def hold(self, hold: Hold) -> None:
+        self._holds.append(hold)
 
 
 class MemoryDeadLetterLog:

@@ -37,6 +37,11 @@ class RateLimiter(Protocol):
         """Takes one token: 0.0 when allowed, else the seconds until one is available.
         Raises DependencyUnavailable when the shared store is down."""
 
+    def admit_identity(self, scope: str, identity: str, rate_per_s: float, burst: float, remember_s: float) -> float:
+        """An identity `scope` brought before passes (0.0); a new one takes a token of the scope's
+        new-identity bucket and is remembered for `remember_s`, else the seconds until a token is free.
+        Raises DependencyUnavailable when the shared store is down."""
+
 
 class Activity(Protocol):
     """Counts per minute shared by every process and replica (events accepted, labels written, dead

@@ -131,16 +131,32 @@ return tostring(wait)
 """
 
 
+NEW_IDENTITY = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return '0' end
+""" + TOKEN_BUCKET.replace("KEYS[1]", "KEYS[2]").replace(
+    "return tostring(wait)", "if wait == 0 then redis.call('SET', KEYS[1], 1, 'EX', ARGV[3]) end\nreturn tostring(wait)"
+)
+
+
 class RedisRateLimiter:
     """A token bucket per identity in one Lua script (atomic across replicas, Redis's own clock)."""
 
     def __init__(self, redis: Redis, keys: Keys):
         self.keys = keys
         self.script = redis.register_script(TOKEN_BUCKET)
+        self.new_identity = redis.register_script(NEW_IDENTITY)
 
     def take(self, identity: str, rate_per_s: float, burst: float) -> float:
         try:
             return float(self.script(keys=[self.keys.rate_bucket(identity)], args=[rate_per_s, burst]))
+        except RedisError as e:
+            raise DependencyUnavailable(f"redis: {e}") from e
+
+    def admit_identity(self, scope: str, identity: str, rate_per_s: float, burst: float, remember_s: float) -> float:
+        digest = hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
+        keys = [self.keys.known_identity(scope, digest), self.keys.new_identity_bucket(scope)]
+        try:
+            return float(self.new_identity(keys=keys, args=[rate_per_s, burst, int(remember_s)]))
         except RedisError as e:
             raise DependencyUnavailable(f"redis: {e}") from e
 

@@ -44,6 +44,7 @@ class StreamMetrics:
         self.labels = Counter("rankloop_stream_labels", "labels (revisions) emitted", registry=r)
         self.dead_letters = Counter("rankloop_stream_dead_letters", "dead letters by reason", ["code"], registry=r)
         self.bursts = Counter("rankloop_click_bursts", "identities found sending a click burst (quarantined)", registry=r)
+        self.holds = Counter("rankloop_label_holds", "(query, doc) pairs held for review as anomalous", registry=r)
         self.online_counts = Counter(
             "rankloop_online",
             "what users did with a model version's rankings, counted when a request is forgotten (services.online): "
@@ -64,6 +65,9 @@ class StreamMetrics:
 
     def burst(self) -> None:
         self.bursts.inc()
+
+    def held(self) -> None:
+        self.holds.inc()
 
     def online(self, version: str, name: str, n: float) -> None:
         self.online_counts.labels(version, name).inc(n)
@@ -167,7 +171,9 @@ def create_app(s: Settings) -> faust.App:
         fetched = app.consumer.highwater(tp)
         return max(fetched or 0, ends.get(tp, 0)) if fetched is not None or tp in ends else None
 
-    cfg = JoinConfig(keys, s.stream.rules, s.stream.join_window_s, s.stream.burst_limit, s.stream.burst_window_s)
+    st = s.stream
+    anomaly = (st.anomaly_window_s, st.anomaly_ratio, st.anomaly_min_positives, st.anomaly_min_identities)
+    cfg = JoinConfig(keys, st.rules, st.join_window_s, st.burst_limit, st.burst_window_s, anomaly)
     processor = JoinProcessor(
         cfg,
         open_labels(s.label_store_url),

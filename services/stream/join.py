@@ -16,7 +16,9 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from schemas import CLOCK_SKEW_S, DeadLetter, ImpressionEvent, InteractionEvent, LabelledExample, RejectCode
+from services.stream.anomaly import PositiveRates
 from training.labels.rules import POSITIVE, EmittedLabel, LabelRules, changed_labels, identity_of, label_request
+from training.labels.store import Hold
 from training.ranking.query import normalise_query
 
 Kind = Literal["impression", "interaction"]
@@ -73,6 +75,7 @@ class StepResult:
     labels: list[LabelledExample] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     bursts: list[Burst] = field(default_factory=list)  # identities that started a burst with this message
+    holds: list[Hold] = field(default_factory=list)  # (query, doc) pairs this message made anomalous
     repeated: bool = False  # a message already applied (redelivered, or resent unchanged): counted, not labelled
 
 
@@ -156,8 +159,10 @@ def step(
     window_s: float,
     now: float,
     bursts: ClickBursts | None = None,
+    rates: PositiveRates | None = None,
 ) -> StepResult:
-    """Applies one raw message to a request's state (and, for a joined positive event, to `bursts`)."""
+    """Applies one raw message to a request's state (and, for a joined positive event, to `bursts` and
+    `rates`; an impression's shows to `rates`)."""
     state = state.model_copy() if state else RequestState(first_seen=now)
     ev: ImpressionEvent | InteractionEvent
     try:
@@ -176,9 +181,11 @@ def step(
                 None, dead=[_dead(source, RejectCode.duplicate_impression, "duplicate impression for request_id", payload)]
             )
         state.impression = ev
+        if rates is not None:
+            rates.shown(ev, now)
         ok, result = [], StepResult(state)
         for buffered in state.events:  # interactions that arrived before their impression
-            if _admit(state.impression, buffered, window_s, source, bursts, now, buffered.model_dump_json(), result):
+            if _admit(state.impression, buffered, window_s, source, bursts, rates, now, buffered.model_dump_json(), result):
                 ok.append(buffered)
         state.events = ok
         return _relabel(state, rules, result)
@@ -189,13 +196,14 @@ def step(
             return StepResult(None, repeated=True)  # redelivered after a restart (or resent unchanged): already counted
         return StepResult(None, dead=[_dead(source, RejectCode.duplicate_event, "duplicate event_id", payload)])
     if state.impression is not None:
-        refused = StepResult(None)
-        if not _admit(state.impression, ev, window_s, source, bursts, now, payload, refused):
-            return refused
+        checked = StepResult(None)
+        if not _admit(state.impression, ev, window_s, source, bursts, rates, now, payload, checked):
+            return checked
+        checked.state = state
     state.events = [*state.events, ev]
     if state.impression is None:
         return StepResult(state)  # waits for its impression (or the sweep) with the event kept in state
-    return _relabel(state, rules, StepResult(state))
+    return _relabel(state, rules, checked)
 
 
 def same_content(a: InteractionEvent, b: InteractionEvent) -> bool:
@@ -228,12 +236,13 @@ def _admit(
     window_s: float,
     source: str,
     bursts: ClickBursts | None,
+    rates: PositiveRates | None,
     now: float,
     payload: str,
     result: StepResult,
 ) -> bool:
     """Whether an interaction counts for its impression; if not, its dead letter (and a newly
-    reported burst) go into `result`."""
+    reported burst) go into `result`; if so, a hold it set off does."""
     problem = check_against(imp, ev, window_s)
     if problem is None and bursts is not None:
         found = bursts.record(imp, ev, now)
@@ -244,6 +253,8 @@ def _admit(
                 result.bursts.append(burst)
     if problem:
         result.dead.append(_dead(source, problem[0], problem[1], payload))
+    elif rates is not None and (hold := rates.positive(imp, ev, now)):
+        result.holds.append(hold)
     return problem is None
 
 

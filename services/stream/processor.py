@@ -13,6 +13,9 @@ worker; so it runs, and is tested, without a broker.
   (`ExpiryIndex`), by the partition's stream time, a watermark over the two input topics.
 - A click burst (`ClickBursts`) is dead-lettered and its identity quarantined: a purge recorded in the
   label store, so training never sees its labels (`rankloop labels purges` lists it).
+- A (query, doc) clicked far above what its positions predict by many unsigned identities
+  (`anomaly.PositiveRates`) is held: a hold recorded in the label store keeps its labels out of
+  training until an operator releases or purges them (`rankloop labels holds`).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from schemas import CLOCK_SKEW_S, DeadLetter, LabelledExample
 from services.keys import Keys
 from services.online import request_counts
 from services.storage import Activity
+from services.stream.anomaly import PositiveRates
 from services.stream.join import Burst, ClickBursts, ExpiryIndex, Kind, RequestState, step, sweep
 from training.labels.rules import LabelRules
-from training.labels.store import LabelStore, Purge, label_source
+from training.labels.store import Hold, LabelStore, Purge, label_source
 
 log = logging.getLogger("rankloop.stream")
 Partition = tuple[str, int]  # (topic, partition)
@@ -77,6 +81,7 @@ class JoinMetrics(Protocol):
     def labelled(self, n: int) -> None: ...
     def dead_lettered(self, code: str) -> None: ...
     def burst(self) -> None: ...
+    def held(self) -> None: ...
     def online(self, version: str, name: str, n: float) -> None: ...
 
 
@@ -87,6 +92,7 @@ class JoinConfig:
     window_s: float
     burst_limit: int
     burst_window_s: float
+    anomaly: tuple[float, float, int, int] = (3600.0, 5.0, 20, 0)  # window_s, ratio, min_positives, min_identities (0: off)
 
 
 @dataclass
@@ -115,6 +121,8 @@ class JoinProcessor:
     def __post_init__(self) -> None:
         self.bursts = ClickBursts(self.cfg.burst_limit, self.cfg.burst_window_s)
         self.quarantined = {p.identity for p in self.store.purges() if p.whole_identity}
+        self.rates = PositiveRates(*self.cfg.anomaly, examination=self.cfg.rules.examination)
+        self.rates.flagged |= {(h.query, h.doc_id) for h in self.store.holds()}  # held, released or purged: decided once
 
     # ---- one batch -----------------------------------------------------------------------
     async def join_batch(self, batch: Iterable[Message], owned: set[Partition], now: float | None = None) -> None:
@@ -143,7 +151,7 @@ class JoinProcessor:
             # the broker's time of the message: lag in the stream never makes an event late, and a
             # replay after a restart decides as the first pass did
             when = msg.timestamp or now
-            result = step(self.load(key), msg.topic, kind, msg.value, self.cfg.rules, window, when, self.bursts)
+            result = step(self.load(key), msg.topic, kind, msg.value, self.cfg.rules, window, when, self.bursts, self.rates)
             if result.state is not None and key:
                 result.state.partition = msg.partition
                 self.live[key] = changed[key] = result.state
@@ -162,6 +170,8 @@ class JoinProcessor:
             self.metrics.joined(msg.topic)
             for burst in result.bursts:
                 self.quarantine(burst)
+            for hold in result.holds:
+                self.hold(hold)
             labels += result.labels
         await self.outputs.send_dead(dead)
         for d in dead:
@@ -206,6 +216,12 @@ class JoinProcessor:
         self.store.purge(Purge(identity=burst.identity, reason=reason, actor="stream", at=time.time()), count=False)
         self.quarantined.add(burst.identity)
         log.warning("%s", reason)
+
+    def hold(self, hold: Hold) -> None:
+        """A (query, doc) under attack: its labels stay out of training until an operator decides."""
+        self.metrics.held()
+        self.store.hold(hold)
+        log.warning("%s (hold %s; `rankloop labels holds`)", hold.reason, hold.hold_id)
 
     async def store_labels(
         self, labels: list[LabelledExample], replay_labels: list[LabelledExample], positions: dict[str, int]

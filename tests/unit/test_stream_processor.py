@@ -57,11 +57,12 @@ class Counts:
 
     def dead_lettered(self, code: str) -> None: ...
     def burst(self) -> None: ...
+    def held(self) -> None: ...
     def online(self, version: str, name: str, n: float) -> None: ...
 
 
-def processor(store: MemoryLabelStore, table: Table, ends: dict | None = None) -> JoinProcessor:
-    cfg = JoinConfig(KEYS, LabelRules(), WINDOW, burst_limit=10, burst_window_s=600.0)
+def processor(store: MemoryLabelStore, table: Table, ends: dict | None = None, anomaly=(3600.0, 5.0, 20, 0)) -> JoinProcessor:
+    cfg = JoinConfig(KEYS, LabelRules(), WINDOW, burst_limit=10, burst_window_s=600.0, anomaly=anomaly)
     return JoinProcessor(
         cfg,
         store,
@@ -164,3 +165,19 @@ def test_an_assignment_learns_where_the_group_stands_so_an_idle_partition_is_cau
     p.assigned({(KEYS.impressions, 3): 10, (KEYS.interactions, 3): 7})  # committed: the next offsets to read
     assert p.stream_time(3, 5000.0) == 5000.0
     assert p.lag([(KEYS.impressions, 3), (KEYS.interactions, 3)], lambda tp: None) == {KEYS.impressions: 0, KEYS.interactions: 0}
+
+
+def test_clicks_from_many_unsigned_ids_on_a_low_document_are_held_not_trained_on():
+    store, table = MemoryLabelStore(), Table()
+    p = processor(store, table, anomaly=(3600.0, 5.0, 20, 5))
+    docs = tuple(f"d{i}" for i in range(1, 21))
+    batch = []
+    for i in range(100):
+        imp = impression(f"r{i}", docs=docs, timestamp=1000.0 + i, query="statins", user=f"bot-{i}")
+        ev = interaction("d15", "click", request_id=f"r{i}", timestamp=1000.5 + i, received_at=1000.5 + i)
+        batch += [msg(KEYS.impressions, i, imp), msg(KEYS.interactions, i, ev)]
+    asyncio.run(p.join_batch(batch, {(KEYS.impressions, 0), (KEYS.interactions, 0)}, now=1200.0))
+    [hold] = store.holds()
+    assert (hold.query, hold.doc_id, hold.status) == ("statins", "d15", "held")
+    df, lineage = store.read()
+    assert "d15" not in set(df["doc_id"]) and lineage["held"] == 100  # stored, held for review, not trained on

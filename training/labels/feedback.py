@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from training.ranking.query import normalise_query
@@ -58,37 +59,85 @@ class QueryFeedback:
         return {d: (2 if s >= 2 else 1) for d, s in self.positives().items()}
 
 
-IDENTITY_CAP = 2.0  # the weight of the strongest single label: one identity's say on one (query, doc)
+SOURCE_CAP = 2.0  # the weight of the strongest single label: one source's say on one (query, doc)
 
 
-def aggregate(df: pd.DataFrame, debias: Literal["naive", "ips"] = "naive", max_ips: float = 5.0) -> dict[str, QueryFeedback]:
-    """Sums signed label weights per (query, doc) across requests, each identity's share capped.
+def source_column(df: pd.DataFrame) -> pd.Series:
+    """Who vouches for each label (`training.labels.rules.source_of`): its source, else (labels from
+    before sources, or written past the server) its identity, else the label itself."""
+    fallback = (
+        "label:" + df["label_id"].astype(str)
+        if "label_id" in df.columns
+        else pd.Series([f"row:{i}" for i in range(len(df))], index=df.index)
+    )
+    out = fallback
+    if "identity" in df.columns:
+        out = df["identity"].where(df["identity"].map(lambda v: isinstance(v, str)), out)
+    if "source" in df.columns:
+        out = df["source"].where(df["source"].map(lambda v: isinstance(v, str)), out)
+    return out
+
+
+def unverified(df: pd.DataFrame) -> pd.Series:
+    """Labels whose source the server could not vouch for (`trusted` False; None counts as before)."""
+    return (
+        df["trusted"].map(lambda v: v is False or v is np.False_) if "trusted" in df.columns else pd.Series(False, index=df.index)
+    )
+
+
+def aggregate(
+    df: pd.DataFrame, debias: Literal["naive", "ips"] = "naive", max_ips: float = 5.0, unverified_weight: float = 1.0
+) -> dict[str, QueryFeedback]:
+    """Sums signed label weights per (query, doc) across sources, each source's share capped.
 
     debias="ips" multiplies each *positive* label by min(1/propensity, max_ips): a click at a rarely
     examined position is stronger evidence. Negatives are not reweighted (an unexamined skip was
     never a skip), and clipping bounds the variance the issue measured as harmful.
 
-    One identity (a user, else a session) adds at most +-IDENTITY_CAP to a (query, doc), however
-    many requests it made: 2,000 clicks from one user weigh like one user's. Labels without an
-    identity count one by one (nothing to group them by).
+    One source (a signed user, else the network the feedback came from) adds at most +-SOURCE_CAP to
+    a (query, doc), however many requests or user ids it brought: 2,000 clicks from one user, or
+    from 500 ids minted on one network, weigh like one user's. So a (query, doc)'s evidence grows
+    with the distinct sources agreeing, and a source the server could not vouch for counts
+    `unverified_weight` of a signed user's (`train.unverified_weight`).
     """
-    shares: dict[tuple[str, str, str], float] = {}
-    unattributed = 0
-    has_identity = "identity" in df.columns
-    for row in df.itertuples(index=False):
-        w = float(row.weight) * (1 if int(row.grade) > 0 else -1)
-        if debias == "ips" and int(row.grade) > 0:
-            w *= min(1.0 / float(row.propensity), max_ips)
-        who = row.identity if has_identity and isinstance(row.identity, str) else None
-        if who is None:
-            who, unattributed = f"#{unattributed}", unattributed + 1
-        key = (normalise_query(str(row.query)), str(row.doc_id), who)
-        shares[key] = shares.get(key, 0.0) + w
+    if df.empty:
+        return {}
+    sign = np.where(df["grade"].astype(int) > 0, 1.0, -1.0)
+    w = df["weight"].astype(float).to_numpy() * sign
+    if debias == "ips":
+        boost = np.minimum(1.0 / df["propensity"].astype(float).to_numpy(), max_ips)
+        w = np.where(sign > 0, w * boost, w)
+    rows = pd.DataFrame(
+        {
+            "query": df["query"].astype(str).map(normalise_query),
+            "doc": df["doc_id"].astype(str),
+            "source": source_column(df),
+            "w": w,
+            "trust": np.where(unverified(df), unverified_weight, 1.0),
+        }
+    )
+    shares = rows.groupby(["query", "doc", "source"], sort=False).agg(w=("w", "sum"), trust=("trust", "min"))
+    shares["say"] = shares["w"].clip(-SOURCE_CAP, SOURCE_CAP) * shares["trust"]
     out: dict[str, QueryFeedback] = {}
-    for (query, doc, _who), w in shares.items():
-        fb = out.setdefault(query, QueryFeedback(query))
-        fb.evidence[doc] = fb.evidence.get(doc, 0.0) + max(-IDENTITY_CAP, min(IDENTITY_CAP, w))
+    for (query, doc), say in shares.groupby(level=["query", "doc"], sort=False)["say"].sum().items():
+        fb = out.setdefault(str(query), QueryFeedback(str(query)))
+        fb.evidence[str(doc)] = float(say)
     return out
+
+
+def trusted_sources(df: pd.DataFrame) -> dict[str, dict[str, set[str]]]:
+    """Per (normalised) query and doc: the distinct sources the server vouches for that sent a positive
+    label for it. What the gate asks before it believes a document rose, or counts a query's verdict."""
+    pos = df[(df["grade"].astype(int) > 0) & ~unverified(df)] if len(df) else df
+    out: dict[str, dict[str, set[str]]] = {}
+    for query, doc, source in zip(pos["query"].astype(str), pos["doc_id"].astype(str), source_column(pos), strict=True):
+        out.setdefault(normalise_query(query), {}).setdefault(doc, set()).add(str(source))
+    return out
+
+
+def sources_of_query(support: dict[str, dict[str, set[str]]], query: str) -> int:
+    """Distinct vouched-for sources behind a query's positives."""
+    return len(set().union(*support.get(normalise_query(query), {}).values()))
 
 
 def top_identity_share(df: pd.DataFrame, top: int = 10) -> float:

@@ -53,6 +53,17 @@ def identity_of(user: str | None, session: str | None) -> str | None:
     return f"session:{session}" if session else None
 
 
+def source_of(impression: ImpressionEvent, events: Iterable[InteractionEvent]) -> tuple[str | None, bool | None]:
+    """(source, trusted) of a request's labels: a signed user is its own source; any other feedback is
+    its network's (where its events came from, else where the ranking was asked from), since user
+    ids cost nothing to mint and networks do. (None, None): the server recorded neither (events written
+    straight to the broker by an application's backend, labels from before sources)."""
+    if impression.user_verified and impression.user:
+        return f"user:{impression.user}", True
+    network = next((e.client for e in events if e.client), None) or impression.client
+    return (f"net:{network}", False) if network else (None, None)
+
+
 def label_request(
     impression: ImpressionEvent,
     interactions: Iterable[InteractionEvent],
@@ -80,6 +91,7 @@ def label_request(
         by_doc.setdefault(ev.doc_id, []).append(ev)
 
     named = [impression.api_key, *(e.api_key for evs in by_doc.values() for e in evs)]
+    source, trusted = source_of(impression, (e for evs in by_doc.values() for e in evs))
     api_keys = sorted({k for k in named if k is not None})
     positive_positions = [positions[d] for d, evs in by_doc.items() if any(e.type in POSITIVE for e in evs)]
     lowest_positive = max(positive_positions, default=0)
@@ -111,6 +123,8 @@ def label_request(
             index_version=impression.index_version,
             identity=identity_of(impression.user, impression.session),
             api_keys=api_keys,
+            source=source,
+            trusted=trusted,
             challenger_version=impression.challenger_version,
             team=teams[doc_id][0],
             credit=teams[doc_id][1],

@@ -6,13 +6,15 @@ every read); the stores themselves are adapters in `services.storage` (a Delta L
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import hashlib
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
 from schemas import LabelledExample
+from training.ranking.query import normalise_query
 
 Lineage = dict[str, Any]
 """Where a set of labels came from: table and version, offsets per partition, counts by grade and signal."""
@@ -24,6 +26,8 @@ class Purge(BaseModel):
 
     identity: str | None = None  # "user:<id>" or "session:<id>", as on the labels
     api_key: str | None = None  # the name of a key that ranked or sent events for the label's request
+    query: str | None = None  # labels of this query (compared in normal form) ...
+    doc_id: str | None = None  # ... and/or this document (a purged hold sets both)
     since: float | None = None  # label time (server time), inclusive
     until: float | None = None
     reason: str
@@ -33,7 +37,7 @@ class Purge(BaseModel):
     @property
     def whole_identity(self) -> bool:
         """A quarantine: every label of the identity, past and future, whatever key or time."""
-        return self.identity is not None and (self.api_key, self.since, self.until) == (None, None, None)
+        return self.identity is not None and (self.api_key, self.since, self.until, self.query, self.doc_id) == (None,) * 5
 
     def matches(self, df: pd.DataFrame) -> pd.Series:
         hit = pd.Series(True, index=df.index)
@@ -46,6 +50,10 @@ class Purge(BaseModel):
             hit &= df["timestamp"] >= self.since
         if self.until is not None:
             hit &= df["timestamp"] <= self.until
+        if self.doc_id is not None:
+            hit &= df["doc_id"] == self.doc_id
+        if self.query is not None and hit.any():
+            hit &= df["query"].astype(str).map(normalise_query) == normalise_query(self.query)
         return hit
 
 
@@ -53,6 +61,58 @@ def apply_purges(df: pd.DataFrame, purges: list[Purge]) -> pd.DataFrame:
     for purge in purges:
         df = df[~purge.matches(df)]
     return df.reset_index(drop=True)
+
+
+HoldStatus = Literal["held", "released", "purged"]
+
+
+class Hold(BaseModel):
+    """A (query, doc) whose positives jumped far above what its positions predict, from many
+    identities nobody vouches for: its labels from `since` on stay out of training until someone
+    releases (they train again) or purges them (a `Purge` of the pair from `since`, for good).
+    The stream records holds (`services.stream.anomaly`); `rankloop labels holds` lists them."""
+
+    hold_id: str
+    query: str  # in normal form
+    doc_id: str
+    since: float  # label time (server time) from which the pair's labels are held
+    reason: str
+    actor: str
+    at: float
+    status: HoldStatus = "held"
+    decided_by: str | None = None
+    decided_at: float | None = None
+    decision: str | None = None
+
+    def matches(self, df: pd.DataFrame) -> pd.Series:
+        hit = (df["doc_id"] == self.doc_id) & (df["timestamp"] >= self.since)
+        if hit.any():
+            hit &= df["query"].astype(str).map(normalise_query) == self.query
+        return hit
+
+    def as_purge(self, actor: str, reason: str, at: float) -> Purge:
+        return Purge(query=self.query, doc_id=self.doc_id, since=self.since, reason=reason, actor=actor, at=at)
+
+
+def hold_id(query: str, doc_id: str, since: float) -> str:
+    return hashlib.blake2b(f"{normalise_query(query)}|{doc_id}|{since:.0f}".encode(), digest_size=6).hexdigest()
+
+
+def latest_holds(rows: list[Hold]) -> list[Hold]:
+    """Holds are appended, never rewritten: the last row of each id is its state."""
+    latest: dict[str, Hold] = {}
+    for h in rows:
+        latest[h.hold_id] = h
+    return sorted(latest.values(), key=lambda h: h.at)
+
+
+def apply_holds(df: pd.DataFrame, holds: list[Hold]) -> tuple[pd.DataFrame, int]:
+    """The labels no hold in force covers, and how many were held."""
+    held = pd.Series(False, index=df.index)
+    for h in holds:
+        if h.status == "held":
+            held |= h.matches(df)
+    return df[~held].reset_index(drop=True), int(held.sum())
 
 
 class LabelStore(Protocol):
@@ -93,6 +153,12 @@ class LabelStore(Protocol):
     def purge(self, purge: Purge, count: bool = True) -> int:
         """Takes the matching labels out of every later read (and of labels written later, as a
         redelivered shard); returns how many it took out now (0 without `count`, which costs a read)."""
+
+    def holds(self) -> list[Hold]:
+        """Every hold ever recorded, in its latest state, oldest first."""
+
+    def hold(self, hold: Hold) -> None:
+        """Records a hold (or a new state of one): reads leave out what a hold in force covers."""
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from schemas import ALL_SCHEMAS, MAX_ID_CHARS, DeadLetter, DependencyUnavailable, ErrorBody, EventsResponse
 from services.auth import ApiKey, Scope
 from services.dead_letters import DeadLetterLog, DeadLetterQuery, find_dead_letters
-from services.http import NO_KEY, caller, parse_json
+from services.http import NO_KEY, caller, client_network, parse_json
 from services.serve.deps import WorkerDep, events_limit
 from services.serve.routes.ranking import LIMITED
 
@@ -64,7 +64,8 @@ async def events(request: Request, worker: WorkerDep, key: ApiKey | None = Depen
     if len(batch) > worker.s.serving.max_batch:
         raise HTTPException(413, f"batch of {len(batch)} events exceeds the limit of {worker.s.serving.max_batch}")
     try:
-        accepted, rejected = await run_in_threadpool(worker.ingest, batch, key.name if key else None)
+        client = client_network(request, worker.s.auth.trusted_proxies)
+        accepted, rejected = await run_in_threadpool(worker.ingest, batch, key.name if key else None, client)
     except DependencyUnavailable as e:
         raise HTTPException(503, str(e), headers={"Retry-After": "5"}) from None
     answer = EventsResponse(accepted=accepted, rejected=rejected)
