@@ -1,10 +1,14 @@
 """`rankloop bench poison`: can fake clicks move a document users never chose?
 
-A clean round of simulated users on the train queries trains and promotes a champion. Then, per case,
-while `case_sessions` more simulated users go on using the service, an attacker with `identities`
-user ids sends `clicks` clicks (each with a long dwell) for one irrelevant document per attacked
-query, a document the champion ranks between 15th and 20th, each after a real /rank request, with
-timestamps backdated by `backdate_s`. The next training runs on all of it and is gated as the
+A clean round of simulated users on the train queries trains and promotes a champion. The simulated
+application holds an API key and signs its users' ids (as a backend that authenticated them does).
+Then, per case, while `case_sessions` more simulated users go on using the service, an attacker with
+`identities` user ids it makes up (unsigned) sends `clicks` clicks (each with a long dwell) for one
+irrelevant document per attacked query, a document the champion ranks between 15th and 20th, each
+after a real /rank request, with timestamps backdated by `backdate_s`. The attacker uses the
+application's key (as a web page exposes it), or in the keyed case a key of its own with
+`events:write`. Each case attacks queries of its own, so one case's holds do not shield the next.
+The next training runs on all of it and is gated as the
 scheduler's would be; the case records where the targets rank in the challenger and in
 the champion afterwards, whether the challenger was promoted, and clean NDCG@10 on the eval split
 (which never feeds training). Every case starts from the clean champion without the previous
@@ -22,25 +26,26 @@ from __future__ import annotations
 import random
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pandas as pd
 from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import Progress
 
-from schemas import FIRST_STAGE
+from schemas import FIRST_STAGE, RequestFailed
+from services.auth import KeyStore, Scope
 from services.cli.progress import ProgressBar
 from services.config import Settings
 from services.control.promotion import Promotions
 from services.control.scheduler import estimated_examination, retrain, training_job
 from services.local import infra
-from services.local.simulate import UserModel, examination_curve, simulate
-from services.local.workers import served_version, settle_labels, spawn, stop, wait_healthy, worker_env
+from services.local.simulate import UserModel, app_client, examination_curve, simulate
+from services.local.workers import settle_labels, spawn, stop, wait_healthy, worker_env
 from services.sdk import RankloopClient
 from services.storage import open_labels, open_registry
 from services.storage.kafka import read_topic
@@ -74,11 +79,13 @@ class PoisonTarget(BaseModel):
 
 class PoisonCase(BaseModel):
     identities: int
+    keyed: bool = False  # the attacker used an API key of its own, not the application's
     clicks: int
     accepted: int
     rejected: dict[str, int]
     dead_letters: dict[str, int]
     quarantined_identities: int
+    holds: int = 0  # (query, doc) pairs the stream held for review during the case
     target_rank_before: int  # the best (lowest) rank of any target
     target_rank_control: int | None
     target_rank_challenger: int | None
@@ -95,10 +102,12 @@ class PoisonCase(BaseModel):
 
 class PoisonChecks(BaseModel):
     """The issue's targets, computed from the cases that were run (None: no such case). A target
-    "in the top 10" counts against the attack only where the control does not have it as high."""
+    "in the top N" counts against the attack only where the control does not have it as high."""
 
     one_identity_never_in_top_10: bool | None  # of any challenger, promoted or not
-    many_identities_never_in_top_3_of_a_promoted_model: bool | None
+    never_in_top_3_of_a_promoted_model: bool
+    never_more_than_3_above_control: bool  # of any challenger, promoted or not
+    few_identities_quarantined: bool | None  # every identity of the 1- and 20-identity cases
     clean_ndcg_at_most_0_005_lower: bool  # than before the case; real users go on, so it may rise
     clean_ndcg_at_most_0_005_below_control: bool
 
@@ -109,7 +118,8 @@ class PoisonPlan(BaseModel):
     dataset: str
     train_split: str = "train"
     eval_split: str = "test"
-    identities: list[int] = [1, 20]
+    identities: list[int] = [1, 20, 500, 5000]
+    keyed_identities: int = 500  # one more case: this many identities behind the attacker's own key (0: none)
     clicks: int = 5000  # per case, spread over the identities and the attacked queries
     queries: int = 5
     sessions: int = 3000  # simulated users of the clean round
@@ -121,6 +131,7 @@ class PoisonPlan(BaseModel):
 class PoisonBenchResult(BaseModel):
     plan: PoisonPlan
     burst_limit: int  # stream.burst_limit of the run (0: bursts not detected)
+    defences: dict[str, float] = {}  # the trust settings of the run (docs/security.md)
     clean_champion: str
     clean_ndcg: float
     cases: list[PoisonCase]
@@ -156,11 +167,15 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
         return evaluate_ranker(ds, plan.eval_split, eval_cands, reranker, fs.text, depth)["ndcg@10"]
 
     s.serving = s.serving.model_copy(update={"champion_poll_s": 5.0, "explore_seed": plan.seed})
+    keys = KeyStore(s.keys_file)
+    _, app_key = keys.create("app", [Scope.rank, Scope.events_write])
+    _, own_key = keys.create("attacker", [Scope.rank, Scope.events_write])
     procs = {name: spawn(s, name, worker_env(s, RANKLOOP_TORCH_THREADS="1")) for name in ("serve", "stream")}
     timings: dict[str, float] = {}
+    cases_planned = [(n, False) for n in plan.identities] + ([(plan.keyed_identities, True)] if plan.keyed_identities else [])
     try:
         wait_healthy(s, procs)
-        sdk = RankloopClient(s.base_url, deployment=s.deployment)
+        sdk = app_client(s, api_key=app_key)
         t = time.time()
         users = UserModel(examination_curve(s.clicklog))
         simulate(sdk, ds, plan.train_split, plan.sessions, users, seed=plan.seed)
@@ -172,17 +187,20 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
         clean_version, clean_model = champion()
         clean_score = clean_ndcg(clean_model)
         timings["clean_round_s"] = time.time() - t
-        targets = choose_targets(ds, plan.train_split, fs, clean_model, depth, plan.queries, plan.seed)
-        console.print(f"clean champion {clean_version}: {plan.eval_split} NDCG@10 {clean_score:.4f}; targets {targets}")
+        n_targets = plan.queries * len(cases_planned)
+        chosen = list(choose_targets(ds, plan.train_split, fs, clean_model, depth, n_targets, plan.seed).items())
+        console.print(f"clean champion {clean_version}: {plan.eval_split} NDCG@10 {clean_score:.4f}")
         cases = []
-        for i, n in enumerate(plan.identities, start=1):
+        for i, (n, keyed) in enumerate(cases_planned, start=1):
+            targets = dict(chosen[(i - 1) * plan.queries : i * plan.queries])
 
             def clean_traffic(i: int = i) -> None:
                 simulate(sdk, ds, plan.train_split, plan.case_sessions, users, seed=plan.seed * 1000 + i, progress=False)
 
+            attacker = RankloopClient(s.base_url, deployment=s.deployment, api_key=own_key if keyed else app_key)
             case = attack_case(
                 s,
-                sdk,
+                attacker,
                 registry,
                 labels,
                 fs,
@@ -195,12 +213,14 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
                 champion,
                 clean_ndcg,
                 clean_traffic,
+                keyed,
             )
             cases.append(case)
             console.print(
-                f"{n} identities, {plan.clicks} clicks: target best rank {case.target_rank_before} -> control "
-                f"{case.target_rank_control}, challenger {case.target_rank_challenger}, champion {case.target_rank_after}; "
-                f"promoted {case.promoted}; clean NDCG@10 {case.clean_ndcg_before:.4f} -> {case.clean_ndcg_after:.4f}"
+                f"{n} identities{' (own key)' if keyed else ''}, {plan.clicks} clicks: target best rank "
+                f"{case.target_rank_before} -> control {case.target_rank_control}, challenger {case.target_rank_challenger}, "
+                f"champion {case.target_rank_after}; promoted {case.promoted}; clean NDCG@10 "
+                f"{case.clean_ndcg_before:.4f} -> {case.clean_ndcg_after:.4f}"
             )
             if registry.champion() and registry.champion().version != clean_version:  # type: ignore[union-attr]
                 back = "bench poison: the clean champion back for the next case"
@@ -212,6 +232,15 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
     result = PoisonBenchResult(
         plan=plan,
         burst_limit=s.stream.burst_limit,
+        defences={
+            "train.unverified_weight": s.train.unverified_weight,
+            "auth.new_identities_per_min": s.auth.new_identities_per_min,
+            "stream.anomaly_min_identities": s.stream.anomaly_min_identities,
+            "stream.anomaly_ratio": s.stream.anomaly_ratio,
+            "gate.min_trusted_sources": s.gate.min_trusted_sources,
+            "gate.max_query_share": s.gate.max_query_share,
+            "gate.max_unsupported_rise": s.gate.max_unsupported_rise,
+        },
         clean_champion=clean_version,
         clean_ndcg=round(clean_score, 4),
         cases=cases,
@@ -223,9 +252,17 @@ def _run(s: Settings, plan: PoisonPlan, out: Path) -> PoisonBenchResult:
     return result
 
 
+def served(s: Settings) -> str | None:
+    """The version the serving worker serves, from its open readiness route (keys are on in this bench)."""
+    try:
+        return str(httpx.get(f"{s.base_url}/health/ready", timeout=10).json().get("model_version"))
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def await_served(s: Settings, version: str, timeout: float = 120) -> None:
     deadline = time.time() + timeout
-    while served_version(s) != version and time.time() < deadline:
+    while served(s) != version and time.time() < deadline:
         time.sleep(1)
 
 
@@ -274,11 +311,13 @@ def attack_case(
     champion: Callable[[], tuple[str, Reranker | None]],
     clean_ndcg: Callable[[Reranker | None], float],
     clean_traffic: Callable[[], None],
+    keyed: bool = False,
 ) -> PoisonCase:
     depth = s.serving.rerank_depth
     cands = candidates_for(fs, list(targets))
     before = {q: target_rank(q, d, cands[q], clean_model, fs, depth) or 0 for q, d in targets.items()}
-    who = [f"attacker-{n_identities}-{i}" for i in range(n_identities)]
+    who = [f"attacker-{n_identities}{'k' if keyed else ''}-{i}" for i in range(n_identities)]
+    holds_before = {h.hold_id for h in labels.holds()}
     dead_before = dead_letter_codes(s)
     accepted, rejected = 0, Counter[str]()
     lock = threading.Lock()
@@ -289,7 +328,12 @@ def attack_case(
         nonlocal accepted
         query, user = queries[i % len(queries)], who[i % len(who)]
         for _ in range(10):  # an explored (shuffled) answer may not show the target: ask again
-            ranked = sdk.rank(query, k=TARGET_POSITIONS.stop + 5, user=user, session=uuid.uuid4().hex)
+            try:
+                ranked = sdk.rank(query, k=TARGET_POSITIONS.stop + 5, user=user)
+            except RequestFailed as e:  # 429: the key's (or network's) budget of new identities is spent
+                with lock:
+                    rejected["rank_" + ("new_identity_limit" if "429" in str(e) else "failed")] += 1
+                return
             if targets[query] in {it.doc_id for it in ranked.items}:
                 break
         else:
@@ -340,15 +384,24 @@ def attack_case(
             labels.purge(
                 Purge(identity=f"user:{user}", reason="bench poison: end of case", actor="bench", at=time.time()), count=False
             )
+    new_holds = [h for h in labels.holds() if h.hold_id not in holds_before]
+    for h in new_holds:  # the operator's verdict on what the stream held: the attack's, purged up to now
+        end = time.time()
+        labels.hold(h.model_copy(update={"status": "purged", "decided_by": "bench", "decided_at": end, "decision": "attack"}))
+        labels.purge(
+            h.as_purge("bench", "bench poison: held pair, end of case", end).model_copy(update={"until": end}), count=False
+        )
     challenger_ranks = [r.rank_challenger for r in rows if r.rank_challenger is not None]
     control_ranks = [r.rank_control for r in rows if r.rank_control is not None]
     return PoisonCase(
         identities=n_identities,
+        keyed=keyed,
         clicks=clicks,
         accepted=accepted,
         rejected=dict(rejected),
         dead_letters=dict(dead),
         quarantined_identities=sum(1 for u in who if f"user:{u}" in quarantined),
+        holds=len(new_holds),
         target_rank_before=min(r.rank_before for r in rows),
         target_rank_control=min(control_ranks) if control_ranks else None,
         target_rank_challenger=min(challenger_ranks) if challenger_ranks else None,
@@ -370,14 +423,16 @@ def attack_case(
 
 def checks(cases: list[PoisonCase]) -> PoisonChecks:
     one = [c for c in cases if c.identities == 1]
-    many = [c for c in cases if c.identities > 1]
+    few = [c for c in cases if c.identities <= 20 and not c.keyed]
     return PoisonChecks(
         one_identity_never_in_top_10=all(t.attack_held_off(10) for c in one for t in c.targets) if one else None,
-        many_identities_never_in_top_3_of_a_promoted_model=all(
-            t.attack_held_off(3) for c in many if c.promoted for t in c.targets
-        )
-        if many
-        else None,
+        never_in_top_3_of_a_promoted_model=all(t.attack_held_off(3) for c in cases if c.promoted for t in c.targets),
+        never_more_than_3_above_control=all(
+            t.rank_challenger is None or t.rank_control is None or t.rank_challenger >= t.rank_control - 3
+            for c in cases
+            for t in c.targets
+        ),
+        few_identities_quarantined=all(c.quarantined_identities == c.identities for c in few) if few else None,
         clean_ndcg_at_most_0_005_lower=all(c.clean_ndcg_after >= c.clean_ndcg_before - 0.005 for c in cases),
         clean_ndcg_at_most_0_005_below_control=all(
             c.clean_ndcg_control is None or c.clean_ndcg_after >= c.clean_ndcg_control - 0.005 for c in cases

@@ -245,7 +245,8 @@ def bench_dedup(
 @bench_app.command("poison")
 def bench_poison(
     dataset: str = typer.Option(None, help="BEIR folder; default: the `dataset` setting"),
-    identities: list[int] = typer.Option([1, 20], help="attacker identities per case (repeat for several cases)"),
+    identities: list[int] = typer.Option([1, 20, 500, 5000], help="attacker identities per case (repeat for several cases)"),
+    keyed_identities: int = typer.Option(500, help="one more case: this many identities behind the attacker's own key; 0: none"),
     clicks: int = typer.Option(5000, help="fake clicks per case, spread over the identities and queries"),
     queries: int = typer.Option(5, help="attacked train queries, one irrelevant target document each"),
     sessions: int = typer.Option(3000, help="simulated sessions of the clean round"),
@@ -262,6 +263,7 @@ def bench_poison(
     plan = PoisonPlan(
         dataset=s.dataset,
         identities=identities,
+        keyed_identities=keyed_identities,
         clicks=clicks,
         queries=queries,
         sessions=sessions,

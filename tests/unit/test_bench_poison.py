@@ -28,10 +28,19 @@ def test_one_identity_fails_the_check_if_any_challenger_puts_a_target_in_the_top
     assert not checks([case(1, [target(7, control=8)], True)]).one_identity_never_in_top_10
 
 
-def test_many_identities_fail_only_through_a_promoted_model_in_the_top_3():
-    assert checks([case(20, [target(2)], False)]).many_identities_never_in_top_3_of_a_promoted_model
-    assert not checks([case(20, [target(2)], True)]).many_identities_never_in_top_3_of_a_promoted_model
-    assert checks([case(20, [target(2, control=2)], True)]).many_identities_never_in_top_3_of_a_promoted_model
+def test_the_top_3_counts_only_through_a_promoted_model_and_3_places_above_the_control_through_any():
+    assert checks([case(500, [target(2, control=4)], False)]).never_in_top_3_of_a_promoted_model
+    assert not checks([case(500, [target(2, control=4)], True)]).never_in_top_3_of_a_promoted_model
+    assert checks([case(500, [target(2, control=2)], True)]).never_in_top_3_of_a_promoted_model
+    assert checks([case(5000, [target(9, control=12)], False)]).never_more_than_3_above_control
+    assert not checks([case(5000, [target(8, control=12)], False)]).never_more_than_3_above_control  # rejected counts too
+
+
+def test_the_few_identity_cases_must_have_every_identity_quarantined():
+    quarantined = case(20, [], True).model_copy(update={"quarantined_identities": 20})
+    assert checks([quarantined]).few_identities_quarantined
+    assert not checks([case(20, [], True)]).few_identities_quarantined
+    assert checks([case(500, [], True)]).few_identities_quarantined is None  # many ids: other defences answer
 
 
 def test_clean_quality_may_rise_but_not_fall_by_more_than_0_005_and_absent_cases_give_no_verdict():
