@@ -11,7 +11,8 @@ import mlflow
 import pytest
 
 from schemas import InvalidState
-from services.local.simulate import UserModel, examination_curve, simulate
+from services.auth import UserSecret
+from services.local.simulate import UserModel, app_client, examination_curve, simulate
 from services.local.workers import settle_labels
 from services.sdk import RankloopClient
 from services.storage import open_labels, open_registry
@@ -35,7 +36,7 @@ def trained(stack):
     ds = beir.load(stack["dataset"])
     labels = open_labels(s.label_store_url)
     user = UserModel(examination_curve(s.clicklog))
-    stats = simulate(RankloopClient(s.base_url), ds, "train", 60, user, seed=3, progress=False)
+    stats = simulate(app_client(s), ds, "train", 60, user, seed=3, progress=False)
     assert stats.accepted == stats.events > 0
     settle_labels(s, labels, timeout=120)  # every event sent has its labels stored: the same labels each run
     registry = open_registry(s)
@@ -294,8 +295,8 @@ class RerankingApp(RankloopClient):
     """An application with a search engine of its own (played here by rankloop's first stage, read
     in-process): it sends its top 20 to /rerank and its users react to the /rerank answer."""
 
-    def __init__(self, base_url: str, engine: FirstStage):
-        super().__init__(base_url)
+    def __init__(self, base_url: str, engine: FirstStage, user_secret: str):
+        super().__init__(base_url, user_secret=user_secret)  # signs its users, as a backend that authenticated them
         self.engine = engine
         self.request_ids: list[str] = []
 
@@ -315,7 +316,7 @@ def test_rerank_traffic_trains_a_version_that_the_gate_judges(stack, tmp_path):
     full = beir.load(stack["dataset"])
     ds = beir.load(subset(full, tmp_path / "head", {"train": 20}, len(full.corpus)))  # users ask 20 questions, often
     engine = FirstStage.current(s.state_dir)
-    app = RerankingApp(s.base_url, engine)
+    app = RerankingApp(s.base_url, engine, UserSecret(s.user_secret_file).ensure())
     stats = simulate(app, ds, "train", 400, UserModel(examination_curve(s.clicklog)), seed=11, progress=False)
     assert stats.accepted == stats.events > 0
     labels = open_labels(s.label_store_url)
