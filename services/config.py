@@ -165,7 +165,7 @@ class StreamSettings(Group):
     anomaly_ratio: float = Field(
         5.0, gt=1, description="positives over what the positions it was shown at predict that make a (query, doc) anomalous"
     )
-    anomaly_min_positives: int = Field(20, ge=1, description="positives in the window before a (query, doc) can be held")
+    anomaly_min_positives: int = Field(10, ge=1, description="positives in the window before a (query, doc) can be held")
     anomaly_min_identities: int = Field(
         5, ge=0, description="distinct unsigned identities among them before it is held for review; 0: no holds"
     )

@@ -180,15 +180,18 @@ def test_the_same_clicks_from_signed_users_or_at_the_top_are_not_held():
 
 
 def test_held_labels_leave_training_until_released_and_a_purged_hold_stays_out():
-    store = MemoryLabelStore([lab for i in range(5) for lab in labels_of(shown(f"a{i}", f"bot-{i}"), "d15")])
+    rules = LabelRules()  # a click at 15th implies skips of the 14 documents above it
+    fake = [lab for i in range(5) for lab in label_request(shown(f"a{i}", f"bot-{i}"), [click(f"a{i}", "d15")], rules).values()]
+    person = list(label_request(shown("p1", "u-1", verified=True), [click("p1", "d2")], rules).values())
+    store = MemoryLabelStore(fake + person)
     hold = Hold(hold_id=hold_id("q", "d15", 900.0), query="q", doc_id="d15", since=900.0, reason="test", actor="stream", at=1.0)
     store.hold(hold)
     df, lineage = store.read()
-    assert df.empty and lineage["held"] == 5
+    assert set(df["request_id"]) == {"p1"} and lineage["held"] == len(fake)  # the signed user's labels train on
     store.hold(hold.model_copy(update={"status": "released"}))
-    assert len(store.read()[0]) == 5
+    assert len(store.read()[0]) == len(fake) + len(person)
     store.purge(hold.as_purge("cli:ops", "fake", 2.0), count=False)
-    assert store.read()[0].empty
+    assert "d15" not in set(store.read()[0]["doc_id"])
 
 
 # ---- a gate the attacker cannot grade -------------------------------------------------------------

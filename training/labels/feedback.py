@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from training.labels.store import unverified
 from training.ranking.query import normalise_query
 from training.ranking.reranker import Evidence
 
@@ -76,13 +77,6 @@ def source_column(df: pd.DataFrame) -> pd.Series:
     if "source" in df.columns:
         out = df["source"].where(df["source"].map(lambda v: isinstance(v, str)), out)
     return out
-
-
-def unverified(df: pd.DataFrame) -> pd.Series:
-    """Labels whose source the server could not vouch for (`trusted` False; None counts as before)."""
-    return (
-        df["trusted"].map(lambda v: v is False or v is np.False_) if "trusted" in df.columns else pd.Series(False, index=df.index)
-    )
 
 
 def aggregate(

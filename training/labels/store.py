@@ -63,6 +63,13 @@ def apply_purges(df: pd.DataFrame, purges: list[Purge]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def unverified(df: pd.DataFrame) -> pd.Series:
+    """Labels whose source the server could not vouch for (`trusted` False; None counts as before)."""
+    if "trusted" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df["trusted"].map(lambda v: v is False or v is np.False_)
+
+
 HoldStatus = Literal["held", "released", "purged"]
 
 
@@ -85,12 +92,15 @@ class Hold(BaseModel):
     decision: str | None = None
 
     def matches(self, df: pd.DataFrame) -> pd.Series:
-        hit = (df["doc_id"] == self.doc_id) & (df["timestamp"] >= self.since)
+        """The pair's labels, and every unsigned label of the query (the skips a fake click implies
+        on the documents above it), from `since` on."""
+        hit = ((df["doc_id"] == self.doc_id) | unverified(df)) & (df["timestamp"] >= self.since)
         if hit.any():
             hit &= df["query"].astype(str).map(normalise_query) == self.query
         return hit
 
     def as_purge(self, actor: str, reason: str, at: float) -> Purge:
+        """The pair's labels from `since` on, for good (the query's other unsigned labels train again)."""
         return Purge(query=self.query, doc_id=self.doc_id, since=self.since, reason=reason, actor=actor, at=at)
 
 
