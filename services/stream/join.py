@@ -207,8 +207,9 @@ def step(
 
 
 def same_content(a: InteractionEvent, b: InteractionEvent) -> bool:
-    """The same event seen twice: equal but for the time the stream stamped on receipt."""
-    return a.model_dump(exclude={"received_at"}) == b.model_dump(exclude={"received_at"})
+    """The same event seen twice: equal but for what a server stamped on receipt (time, key, network)."""
+    stamped = {"received_at", "api_key", "client"}
+    return a.model_dump(exclude=stamped) == b.model_dump(exclude=stamped)
 
 
 def check_against(imp: ImpressionEvent, ev: InteractionEvent, window_s: float) -> tuple[RejectCode, str] | None:

@@ -109,10 +109,13 @@ def hold_id(query: str, doc_id: str, since: float) -> str:
 
 
 def latest_holds(rows: list[Hold]) -> list[Hold]:
-    """Holds are appended, never rewritten: the last row of each id is its state."""
+    """Holds are appended, never rewritten, and a table need not read its rows back in order: a hold's
+    state is its decided row if it has one (a hold is decided once), else the held one."""
     latest: dict[str, Hold] = {}
     for h in rows:
-        latest[h.hold_id] = h
+        seen = latest.get(h.hold_id)
+        if seen is None or (h.decided_at or 0.0) > (seen.decided_at or 0.0):
+            latest[h.hold_id] = h
     return sorted(latest.values(), key=lambda h: h.at)
 
 
