@@ -188,7 +188,7 @@ def test_held_labels_leave_training_until_released_and_a_purged_hold_stays_out()
     store.hold(hold)
     df, lineage = store.read()
     assert set(df["request_id"]) == {"p1"} and lineage["held"] == len(fake)  # the signed user's labels train on
-    store.hold(hold.model_copy(update={"status": "released"}))
+    store.hold(hold.model_copy(update={"status": "released", "decided_by": "cli:ops", "decided_at": 2.0}))
     assert len(store.read()[0]) == len(fake) + len(person)
     store.purge(hold.as_purge("cli:ops", "fake", 2.0), count=False)
     assert "d15" not in set(store.read()[0]["doc_id"])
