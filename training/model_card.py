@@ -96,7 +96,8 @@ def _card(c: ModelCard, outcome: str) -> str:
         f"{c.lineage.get('queries', 0):,} queries; by grade {grades or '-'}; by signal {signals or '-'}.",
         f"- Label store: {c.lineage.get('location', 'memory')}, table version {c.lineage.get('table_version', '-')} "
         f"(`rankloop labels show --version {c.lineage.get('table_version', 'N')}` reads it again), "
-        f"{c.lineage.get('purges', 0)} purges applied (`lineage.json`; the labels are also the run's `labels` dataset input).",
+        f"{c.lineage.get('purges', 0)} purges applied, {c.lineage.get('held', 0):,} labels held for review "
+        "(`rankloop labels holds`; `lineage.json`; the labels are also the run's `labels` dataset input).",
         f"- {c.examples:,} training examples: {c.selection.get('fresh_queries', 0)} queries with labels newer than "
         f"{champion}, {c.selection.get('replay_queries', 0)} older ones replayed; labels up to {when} (server time).",
         f"- Labels from the 10 most prolific identities: {shares or '-'} (a high share is a flood from a few users).",
