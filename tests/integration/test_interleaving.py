@@ -9,7 +9,7 @@ import pytest
 
 from services.control.interleaving import check_experiment
 from services.control.promotion import MlflowAliases, Promotions
-from services.sdk import RankloopClient
+from services.local.simulate import app_client
 from services.storage import open_labels, open_registry
 from tests.integration.conftest import wait_for
 from training.config import InterleaveConfig
@@ -24,7 +24,7 @@ QUERY = "vitamin D and bone density"
 
 def test_users_clicks_on_the_challengers_documents_promote_it(stack, tmp_path):
     s, worker = stack["settings"], stack["worker"]
-    client = RankloopClient(s.base_url)
+    client = app_client(s)  # signs its users: their clicks are people's, not an anomaly to hold
     saved, saved_registry = worker.s, worker.registry
     try:
         # no exploration: a shuffled first ranking would make `liked` any of the top 10, perhaps the
@@ -53,7 +53,7 @@ def test_users_clicks_on_the_challengers_documents_promote_it(stack, tmp_path):
         assert worker.challenger is not None and worker.challenger.version == version
         requests = []
         for n in range(12):
-            ranked = client.rank(QUERY, k=10, session=f"interleave-{n}")
+            ranked = client.rank(QUERY, k=10, user=f"interleave-{n}")
             assert liked in [it.doc_id for it in ranked.items]  # the challenger's first pick is always shown
             client.emit([client.event(ranked.request_id, liked, "click")])
             requests.append(ranked.request_id)
