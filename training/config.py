@@ -48,6 +48,10 @@ class TrainConfig(BaseModel):
         description="queries a version's feedback memory keeps (those with the most evidence); bounds its size and the "
         "encoding each version does for it",
     )
+    combiner: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: learn a LightGBM lambdarank combiner on the tune slice and keep it when it beats the tuned mixes",
+    )
     max_seq_length: int = Field(128, ge=16, description="training length; 4x faster than 256 on CPU, inference uses 256")
     unverified_weight: float = Field(
         0.5,

@@ -67,6 +67,7 @@ class ModelCard:
     mix: dict[str, Any]
     depth: int
     debias: dict[str, float] | None = None
+    combiner: dict[str, Any] | None = None  # kept, held-out and mix NDCG@10, feature importance
 
     def render(self, outcome: str) -> str:
         """Markdown; `changes` sorted by delta, best first."""
@@ -80,6 +81,7 @@ def _card(c: ModelCard, outcome: str) -> str:
     signals = ", ".join(f"{k}: {v:,}" for k, v in c.lineage.get("by_signal", {}).items())
     shares = ", ".join(f"{k} {v:.1%}" for k, v in c.identity_share.items())
     debias = c.debias or {}
+    comb = c.combiner or {}
     wins = [q for q in c.changes if q.delta > 0][:SHOWN]
     losses = [q for q in reversed(c.changes) if q.delta < 0][:SHOWN]
     lines = [
@@ -125,7 +127,20 @@ def _card(c: ModelCard, outcome: str) -> str:
         "## How it ranks",
         "",
         f"A bi-encoder fine-tuned from {champion if c.champion_version else 'all-MiniLM-L6-v2'} on the labels above; serving"
-        f" reranks the first stage's top {c.depth} with it, mixed as {c.mix}. As an MLflow pyfunc model it scores"
-        " (query, document) pairs: `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({'query': [...], 'document': [...]}))`.",
+        f" reranks the first stage's top {c.depth} with it, "
+        + (
+            f"scored by a learned LightGBM lambdarank combiner (NDCG@10 on held-out tune queries {comb['held_out']:.4f}"
+            f" vs the tuned mixes' {comb['mix']:.4f}; feature importance {comb['importance']}), under the fusion of {c.mix}."
+            if comb.get("kept")
+            else f"mixed as {c.mix}"
+            + (
+                f" (a learned combiner scored {comb['held_out']:.4f} on held-out tune queries,"
+                f" the mixes {comb['mix']:.4f}: not kept)."
+                if comb.get("held_out") is not None
+                else "."
+            )
+        )
+        + " As an MLflow pyfunc model it scores (query, document) pairs with the fine-tuned encoder:"
+        " `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({'query': [...], 'document': [...]}))`.",
     ]
     return "\n".join(lines) + "\n"

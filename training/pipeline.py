@@ -33,6 +33,7 @@ from training.labels.store import LabelStore
 from training.metrics import feedback_ndcg
 from training.model_card import ModelCard
 from training.progress import Progress, silent
+from training.ranking.combiner import COMBINER_FILE, WITHOUT_MEMORY_FILE
 from training.ranking.encoder import load_encoder
 from training.ranking.feedback_memory import prune
 from training.ranking.first_stage import FirstStage
@@ -42,7 +43,7 @@ from training.ranking.reranker import FAMILIAR_AT, MemoryEmbeddingCache, Mix, Re
 from training.registry import MlflowRegistry
 from training.slices import Debias, Slices, binary, make_slices
 from training.train import Example, FitStats, build_examples, fit, select_for_training
-from training.tuning import TunedMixes, tune_mixes
+from training.tuning import CombinerChoice, TunedMixes, learn_combiner, tune_mixes
 
 log = logging.getLogger("rankloop.training")
 
@@ -149,7 +150,8 @@ class Learner:
     fitted: Fitted
     folder: Path
     mixes: TunedMixes
-    reranker: Reranker  # under the tuned mixes
+    combiner: CombinerChoice | None  # None: `train.combiner` off
+    reranker: Reranker  # as it will serve: the learned combiner when kept, else the tuned mixes
     held_out: float = 0.0  # NDCG@10 on the tune slice's clicks, the yardstick both modes share
 
 
@@ -163,7 +165,8 @@ def learn(
     job: TrainingJob,
     progress: Progress = silent,
 ) -> Learner:
-    """Fits, saves (with its document embeddings, so serving swaps to it warm) and tunes one challenger."""
+    """Fits, saves (with its document embeddings, so serving swaps to it warm) and tunes one challenger:
+    the mixes, then the learned combiner, kept when it beats them on held-out tune queries."""
     cfg = job.train.model_copy(update={"debias": mode})
     examples, selection = choose_examples(slices, candidates, incumbent, cfg)
     fitted = fit_challenger(examples, incumbent, first_stage, cfg, progress)
@@ -173,8 +176,17 @@ def learn(
     draft = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage, progress=progress)
     progress("tuning the score mix", 0, 1)
     mixes = tune_mixes(draft, slices.tune, candidates, first_stage.text, job.depth, job.gate.min_queries, slices.probe)
-    progress("tuning the score mix", 1, 1)
     tuned = mixes.familiar
+    mixed = draft.with_mix(tuned.mix, mixes.unfamiliar)
+    progress("tuning the score mix", 1, 1)
+    choice = None
+    if cfg.combiner == "auto":
+        progress("learning a combiner", 0, 1)
+        choice = learn_combiner(mixed, slices.tune, candidates, first_stage.text, job.depth, job.gate.min_queries, cfg.seed)
+        progress("learning a combiner", 1, 1)
+        if choice.combiner is not None and choice.without_memory is not None:  # both kept for review and comparison
+            choice.combiner.save(folder / COMBINER_FILE)
+            choice.without_memory.save(folder / WITHOUT_MEMORY_FILE)
     write_meta(
         folder,
         tuned.mix,
@@ -185,11 +197,13 @@ def learn(
             "rerank_depth": job.depth,
             "debias": mode,
             "familiar_at": FAMILIAR_AT,
+            "scorer": "combiner" if choice and choice.kept else "mix",
             **tower,
         },
         unfamiliar=mixes.unfamiliar,
     )
-    return Learner(mode, slices, examples, selection, fitted, folder, mixes, draft.with_mix(tuned.mix, mixes.unfamiliar))
+    served = mixed.with_combiner(choice.combiner) if choice and choice.combiner and choice.kept else mixed
+    return Learner(mode, slices, examples, selection, fitted, folder, mixes, choice, served)
 
 
 def in_corpus(df: pd.DataFrame, first_stage: FirstStage) -> pd.DataFrame:
@@ -271,6 +285,8 @@ def train_once(
         mlflow.set_tag("champion_at_start", incumbent.version or FIRST_STAGE)
         tracking.log_fit(chosen.fitted.stats, chosen.fitted.seconds)
         tracking.log_tuning(chosen.mixes, len(chosen.reranker.memory))
+        if chosen.combiner is not None:
+            tracking.log_combiner(chosen.combiner)
         progress("gating against the champion", 0, 1)
         report = run_gate(incumbent.reranker, chosen.reranker, slices, candidates, text, depth, gate)
         progress("logging to MLflow", 0, 1)
@@ -289,6 +305,7 @@ def train_once(
             mix={**tuned.mix.as_dict(), "unfamiliar": chosen.mixes.unfamiliar.as_dict()},
             depth=depth,
             debias={c.mode: c.held_out for c in learners} if len(learners) > 1 else None,
+            combiner=chosen.combiner.summary() if chosen.combiner else None,
         )
         result = report.result
         (folder / "README.md").write_text(card.render("passed the gate" if result.passed else "rejected by the gate"))

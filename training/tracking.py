@@ -29,7 +29,7 @@ from training.model_card import ModelCard, QueryChange, moves
 from training.ranking.query import query_key
 from training.ranking.reranker import Mix
 from training.train import FitStats
-from training.tuning import TunedMixes
+from training.tuning import CombinerChoice, TunedMixes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -111,6 +111,18 @@ def log_fit(stats: FitStats, seconds: float) -> None:
     for start in range(0, len(steps), 1000):  # MLflow takes at most 1000 metrics per batch
         MlflowClient().log_batch(run.info.run_id, metrics=steps[start : start + 1000], synchronous=True)
     mlflow.log_metrics({"train_loss_first": stats.loss_first, "train_loss_last": stats.loss_last, "train_seconds": seconds})
+
+
+def log_combiner(choice: CombinerChoice) -> None:
+    """Whether the learned combiner replaced the mixes, both held-out figures, and what it weighs."""
+    mlflow.log_param("scorer", "combiner" if choice.kept else "mix")
+    figures = {"combiner_tune_queries": choice.queries, "mix_tune_ndcg10": choice.mix_ndcg}
+    if choice.held_out_ndcg is not None:
+        figures["combiner_held_out_ndcg10"] = choice.held_out_ndcg
+    mlflow.log_metrics(figures)
+    if choice.combiner is not None and choice.without_memory is not None:
+        importance = {"with memory": choice.combiner.importance(), "without memory": choice.without_memory.importance()}
+        mlflow.log_dict(importance, "combiner_importance.json")
 
 
 def log_tuning(mixes: TunedMixes, memory_queries: int) -> None:

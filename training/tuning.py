@@ -1,16 +1,19 @@
-"""Tuning a version's score mix on the tune slice: the first stage's fusion, then the weights of the
-model similarity and the feedback memory, for familiar and for unfamiliar queries. Every candidate
-mix ranks through `training.ranking.rank`, as serving will."""
+"""Tuning how a version scores on the tune slice: the first stage's fusion, then the weights of the
+model similarity and the feedback memory, for familiar and for unfamiliar queries; then a learned
+combiner that replaces those mixes when it does better on tune queries it did not learn from. Every
+candidate ranks through `training.ranking.rank`, as serving will."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from training.labels.feedback import QueryFeedback
 from training.metrics import feedback_ndcg
+from training.ranking.combiner import FEATURES, MEMORY_FEATURES, Combiner, train_combiner
 from training.ranking.first_stage import fuse
 from training.ranking.rank import Candidates, Text, rank
 from training.ranking.reranker import FAMILIAR_AT, Mix, Reranker
@@ -19,6 +22,7 @@ ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]  # weight of the model similarity vs the fi
 BETAS = [0.0, 0.25, 0.5, 1.0, 2.0]  # weight of the feedback memory
 TAUS = [0.3, 0.5, 0.7]  # similarity below which a past query's feedback is not borrowed
 FUSIONS = [None, 0.0, 0.25, 0.75, 1.0]  # the first stage's BM25 weight (None: the index's, 0.5 by default)
+COMBINER_FOLDS = 3
 
 
 @dataclass(frozen=True)
@@ -113,3 +117,52 @@ def tune_mixes(
         len(unfamiliar),
         len(probe),
     )
+
+
+@dataclass(frozen=True)
+class CombinerChoice:
+    """The learned combiner against the tuned mixes on the tune slice, and which one the version keeps."""
+
+    combiner: Combiner | None  # None: too few tune queries to learn from
+    without_memory: Combiner | None  # the learned parts without the feedback memory (design comparison)
+    held_out_ndcg: float | None  # the combiner's mean NDCG@10 on tune queries it was not trained on (k-fold)
+    mix_ndcg: float  # the tuned mixes', on the same queries (tuned on them: a bar the combiner must clear)
+    queries: int
+
+    @property
+    def kept(self) -> bool:
+        return self.held_out_ndcg is not None and self.held_out_ndcg > self.mix_ndcg
+
+    def summary(self) -> dict[str, Any]:
+        """What the model card says of it."""
+        importance = self.combiner.importance() if self.combiner else {}
+        top = dict(sorted(importance.items(), key=lambda kv: -kv[1])[:4])
+        return {"kept": self.kept, "held_out": self.held_out_ndcg, "mix": self.mix_ndcg, "importance": top}
+
+
+def learn_combiner(
+    reranker: Reranker, tune: list[QueryFeedback], candidates: Candidates, text: Text, depth: int, min_queries: int, seed: int
+) -> CombinerChoice:
+    """Trains a LightGBM lambdarank combiner on the tune slice (`training.ranking.combiner`), kept when
+    its k-fold held-out NDCG@10 beats what the tuned mixes score on those very queries. Its features
+    come from `reranker` (tuned mixes, feedback memory from the train slice), ranked under the familiar
+    mix's fusion, exactly as `rank` will serve them."""
+    served = {fb.query: rank(fb.query, candidates[fb.query], reranker, text, depth) for fb in tune}
+    mix_ndcg = float(np.mean(list(feedback_ndcg(tune, served).values()) or [0.0]))
+    if len(tune) < min_queries:
+        return CombinerChoice(None, None, None, mix_ndcg, len(tune))
+    fusion = reranker.mix.bm25_weight
+    heads = {fb.query: candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion) for fb in tune}
+    groups = [(reranker.features(fb.query, heads[fb.query][:depth], text), fb.qrels()) for fb in tune]
+    names = list(FEATURES)
+    order = np.random.default_rng(seed).permutation(len(tune))
+    held_out: dict[str, list[tuple[str, float]]] = {}
+    for k in range(COMBINER_FOLDS):
+        test = {int(i) for i in order[k::COMBINER_FOLDS]}
+        scored = reranker.with_combiner(train_combiner([g for i, g in enumerate(groups) if i not in test], names, seed))
+        for i in test:
+            fb, (f, _) = tune[i], groups[i]
+            held_out[fb.query] = rank(fb.query, candidates[fb.query], scored, text, depth, features=f)
+    cv = float(np.mean(list(feedback_ndcg(tune, held_out).values()) or [0.0]))
+    without_memory = train_combiner(groups, [n for n in names if n not in MEMORY_FEATURES], seed)
+    return CombinerChoice(train_combiner(groups, names, seed), without_memory, cv, mix_ndcg, len(tune))

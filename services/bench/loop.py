@@ -41,6 +41,7 @@ from training.ranking.reranker import Reranker
 from training.registry import MlflowRegistry
 
 console = Console()
+WITHOUT_MEMORY = ("bi-encoder + first stage (no memory)", "learned combiner (no memory)")  # designs of `evaluate_designs`
 Metrics = dict[str, float]
 
 
@@ -87,6 +88,7 @@ class BenchChecks(BaseModel):
     # the last champion's first stage alone, under the fusion it learned, vs the better of BM25 and dense alone
     learned_first_stage_ndcg_at_10: float | None = None
     learned_first_stage_reaches_best_part: bool | None = None
+    learned_parts_without_memory_lift: float | None = None  # best design without the feedback memory, minus the hybrid
 
 
 class LoopBenchResult(BaseModel):
@@ -346,6 +348,7 @@ def checks(
     fusion_only = (designs or {}).get("learned first stage (fusion only)")
     learned = fusion_only["ndcg@10"] if fusion_only else None
     best_part = max(baselines["bm25"]["ndcg@10"], baselines["dense"]["ndcg@10"])
+    alone = [v["ndcg@10"] for k, v in (designs or {}).items() if k in WITHOUT_MEMORY]
     return BenchChecks(
         final_champion_ndcg_at_10=last,
         share_of_skyline_lift=round((last - hybrid) / sky_lift, 4) if sky_lift > 0 else None,
@@ -357,6 +360,7 @@ def checks(
         promoted_within_2_rounds=any(r.promoted for r in rounds[:2]) if head_mode else None,
         learned_first_stage_ndcg_at_10=learned,
         learned_first_stage_reaches_best_part=None if learned is None else learned >= best_part - 1e-9,
+        learned_parts_without_memory_lift=round(max(alone) - hybrid, 4) if alone else None,
     )
 
 
@@ -440,6 +444,12 @@ def write(result: LoopBenchResult, out: Path) -> None:
     lines += [row(f"round {r.round} champion v{r.model_version}", r.eval) for r in result.rounds]
     lines += [row(f"final, {k} labels", v) for k, v in result.final.items()]
     lines += [row(f"final champion as: {k}", v) for k, v in result.designs.items()]
+    if result.designs:
+        lines += ["", "| final champion as | NDCG@10 | on unfamiliar queries | unfamiliar queries |", "|---|---|---|---|"]
+        lines += [
+            f"| {k} | {v['ndcg@10']:.4f} | {v.get('ndcg@10 unfamiliar')} | {v.get('unfamiliar_queries')} |"
+            for k, v in result.designs.items()
+        ]
     if result.final_winner_on_train_split:
         lines += [
             "",

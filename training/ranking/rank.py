@@ -36,17 +36,19 @@ def rank(
     tail. `mix` overrides the model's own (tuning, design comparisons); `features` of the head, when
     already computed, are reused (tuning scores one set of features under many mixes), and so is the
     reranker's `query_embedding` (serving computes it alongside the first stage). Without `mix` the
-    version picks its own by the query's familiarity (`Reranker.mix_for`). A mix with its own fusion
-    re-orders the candidates first, so it also picks which of them the reranker sees."""
+    version scores with its learned combiner when it has one (under its mix's fusion), else picks a mix
+    by the query's familiarity (`Reranker.mix_for`). A mix with its own fusion re-orders the candidates
+    first, so it also picks which of them the reranker sees."""
     if reranker is None:
         return first_stage_order(candidates)
+    combiner = reranker.combiner if mix is None else None
     if mix is None:
         query_embedding = query_embedding if query_embedding is not None else reranker.embed_query(query)
-        mix = reranker.mix_for(query_embedding)
+        mix = reranker.mix if combiner is not None else reranker.mix_for(query_embedding)
     if mix.bm25_weight is not None:
         candidates = fuse(candidates, mix.bm25_weight)
     head = features if features is not None else reranker.features(query, candidates[:depth], text, query_embedding)
-    scores = Reranker.combine(head, mix)
+    scores = combiner.score(head) if combiner is not None else Reranker.combine(head, mix)
     order = np.argsort(-scores, kind="stable")
     return [(head.doc_ids[i], float(scores[i])) for i in order] + first_stage_order(candidates[depth:])
 

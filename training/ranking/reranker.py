@@ -27,6 +27,7 @@ from sentence_transformers import SentenceTransformer
 
 from training.corpus.store import content_key
 from training.progress import Progress, silent
+from training.ranking.combiner import COMBINER_FILE, WITHOUT_MEMORY_FILE, Combiner, memory_scores
 from training.ranking.embedding_cache import EmbeddingCache, MemoryEmbeddingCache
 from training.ranking.encoder import encode, load_encoder
 from training.ranking.feedback_memory import INDEX_FILE, Evidence, FeedbackMemory, build_index
@@ -65,10 +66,16 @@ class Features:
     first_stage: np.ndarray  # fused BM25 + dense, min-max scaled
     neighbours: np.ndarray  # past queries' similarity to this one, best first
     evidence: list[Evidence]  # what users said for each of those past queries
+    bm25: np.ndarray  # the first stage's parts, min-max scaled
+    dense: np.ndarray
+    dense_cosine: np.ndarray  # the base encoder's cosine, as retrieved
+    similarity_cosine: np.ndarray  # the fine-tuned encoder's cosine
+    document_prior: np.ndarray  # each document's summed feedback over every remembered query
 
 
 class Reranker:
-    """A model version: the fine-tuned encoder, its tuned `Mix` and its feedback memory.
+    """A model version: the fine-tuned encoder, how it scores (its tuned `Mix`, or a learned
+    `Combiner` when that won on the tune slice) and its feedback memory.
 
     The feedback memory is what users said about this query *and queries like it*: for the
     `MEMORY_NEIGHBOURS` most similar past queries q' (cosine s under this model), each doc gets
@@ -90,6 +97,11 @@ class Reranker:
         self.model = load_encoder(self.folder)
         self.cache: EmbeddingCache = cache or MemoryEmbeddingCache()
         self.memory_queries = list(self.prior)
+        self.document_prior: dict[str, float] = {}
+        for said in self.prior.values():
+            for d, v in said.items():
+                self.document_prior[d] = self.document_prior.get(d, 0.0) + v
+        self.combiner = Combiner.load(self.folder / COMBINER_FILE) if self.meta.get("scorer") == "combiner" else None
         self.memory = FeedbackMemory.load(
             self.folder, self.prior, memory_embeddings(self.model, self.folder, self.memory_queries)
         )
@@ -131,10 +143,22 @@ class Reranker:
 
     def with_mix(self, mix: Mix, unfamiliar: Mix | None = None) -> Reranker:
         """The same model (shared weights and caches) under another mix (and another one for unfamiliar
-        queries; None: `mix` for every query)."""
+        queries; None: `mix` for every query), scored by the mix."""
         other = copy.copy(self)
-        other.mix, other.unfamiliar_mix = mix, unfamiliar
+        other.mix, other.unfamiliar_mix, other.combiner = mix, unfamiliar, None
         return other
+
+    def with_combiner(self, combiner: Combiner) -> Reranker:
+        """The same model scored by `combiner` (under the familiar mix's fusion)."""
+        other = copy.copy(self)
+        other.combiner = combiner
+        return other
+
+    def stored_combiner(self, memory: bool = True) -> Combiner | None:
+        """The combiner trained with the version (kept or not; `memory=False`: the one trained without
+        the feedback memory's features), for comparing designs (`training.evaluate.evaluate_designs`)."""
+        path = self.folder / (COMBINER_FILE if memory else WITHOUT_MEMORY_FILE)
+        return Combiner.load(path) if path.exists() else None
 
     def familiarity(self, query_embedding: np.ndarray) -> float:
         """Cosine to the nearest query of the feedback memory (0 without one)."""
@@ -196,25 +220,21 @@ class Reranker:
         doc_ids = [c.doc_id for c in candidates]
         sims = self.doc_embeddings(doc_ids, text) @ q if doc_ids else np.zeros(0, dtype=np.float32)
         first = minmax(np.array([c.fused for c in candidates], dtype=np.float32))
+        dense = np.array([c.dense for c in candidates], dtype=np.float32)
+        prior = np.array([self.document_prior.get(d, 0.0) for d in doc_ids], dtype=np.float32)
         # `unseen` looks further, then drops the familiar ones (a tuning probe may have many near twins)
         near, pos = self.memory.nearest(q, MEMORY_NEIGHBOURS * (5 if unseen else 1))
         if unseen:
             near, pos = near[near < FAMILIAR_AT], pos[near < FAMILIAR_AT]
         neighbours, evidence = near[:MEMORY_NEIGHBOURS], [self.memory.evidence[i] for i in pos[:MEMORY_NEIGHBOURS]]
-        return Features(doc_ids, minmax(sims), first, neighbours, evidence)
+        bm25 = minmax(np.array([c.bm25 for c in candidates], dtype=np.float32))
+        return Features(doc_ids, minmax(sims), first, neighbours, evidence, bm25, minmax(dense), dense, sims, prior)
 
     @staticmethod
     def combine(f: Features, mix: Mix) -> np.ndarray:
         scores = mix.alpha * f.similarity + (1 - mix.alpha) * f.first_stage
         if mix.beta:
-            index = {d: i for i, d in enumerate(f.doc_ids)}
-            memory = np.zeros(len(f.doc_ids))
-            for s, said in zip(f.neighbours, f.evidence):
-                w = max(0.0, (float(s) - mix.tau) / (1 - mix.tau))
-                for d, v in said.items():
-                    if w and d in index:
-                        memory[index[d]] += w * v
-            scores = scores + mix.beta * np.tanh(memory)
+            scores = scores + mix.beta * np.tanh(memory_scores(f, mix.tau))
         return scores
 
 
@@ -265,7 +285,7 @@ def mix_from(values: Mapping[str, Any]) -> Mix:
 
 def write_meta(folder: Path, mix: Mix, extra: Mapping[str, Any] | None = None, unfamiliar: Mix | None = None) -> Path:
     """The version's mixes and lineage (tuned mixes are written after the weights were saved)."""
-    meta = {"kind": "bi-encoder", **mix.as_dict(), **(extra or {})}
+    meta = {"kind": "bi-encoder", "scorer": "mix", **mix.as_dict(), **(extra or {})}
     if unfamiliar is not None:
         meta["unfamiliar"] = unfamiliar.as_dict()
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))

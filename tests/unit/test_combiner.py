@@ -1,0 +1,66 @@
+"""The learned combiner: kept when it beats the tuned mixes on tune queries it did not learn from,
+saved with the version, served by `rank`, and set aside by any mix override."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from training.labels.feedback import QueryFeedback
+from training.ranking.combiner import COMBINER_FILE, FEATURES, WITHOUT_MEMORY_FILE
+from training.ranking.first_stage import Candidate
+from training.ranking.rank import first_stage_order, rank
+from training.ranking.reranker import Mix, Reranker
+from training.tuning import learn_combiner
+
+WORDS = ["tax", "rail", "opera", "chess", "glacier", "violin", "harbour", "tariff", "satellite", "pottery"]
+
+
+def popular_answer_tune_slice() -> tuple[list[QueryFeedback], dict[str, list[Candidate]]]:
+    """40 queries unlike the one the memory knows, each answered by d7 (the document users chose there
+    too), which the first stage ranks 6th: only the document's click-through prior points at it."""
+    feedback, cands = [], {}
+    for i in range(40):
+        query = f"{WORDS[i % 10]} {WORDS[(i * 3 + 1) % 10]} schedule {i}"
+        order = ["d1", "d2", "d3", "d4", "d5", "d7", "d6", "d8"]
+        order = order[i % 3 :] + order[: i % 3] if i % 3 != 2 else order  # d7 in 3rd..6th place
+        cands[query] = [Candidate(d, 8.0 - r, 0.8 - r / 20, 1.0 - r / 10) for r, d in enumerate(order)]
+        feedback.append(QueryFeedback(query, {"d7": 2.0}))
+    return feedback, cands
+
+
+def test_a_combiner_that_finds_what_the_mix_cannot_express_is_kept(tiny_first_stage, tiny_model):
+    feedback, cands = popular_answer_tune_slice()
+    reranker = Reranker(tiny_model, "1").with_mix(Mix(0.0, 2.0, 0.5))
+    choice = learn_combiner(reranker, feedback, cands, tiny_first_stage.text, 8, min_queries=30, seed=1)
+    assert choice.held_out_ndcg is not None and choice.held_out_ndcg > 0.95 > choice.mix_ndcg
+    assert choice.kept and choice.combiner is not None
+    assert max(choice.combiner.importance(), key=lambda n: choice.combiner.importance()[n]) == "document_prior"
+    assert choice.without_memory is not None and "document_prior" not in choice.without_memory.names
+
+
+def test_too_few_tune_queries_train_no_combiner(tiny_first_stage, tiny_model):
+    feedback, cands = popular_answer_tune_slice()
+    choice = learn_combiner(Reranker(tiny_model, "1"), feedback[:5], cands, tiny_first_stage.text, 8, min_queries=30, seed=1)
+    assert choice.combiner is None and not choice.kept and choice.held_out_ndcg is None
+
+
+def test_a_version_that_kept_its_combiner_is_served_by_it_and_a_mix_sets_it_aside(tiny_first_stage, tiny_model, tmp_path):
+    feedback, cands = popular_answer_tune_slice()
+    choice = learn_combiner(Reranker(tiny_model, "1"), feedback, cands, tiny_first_stage.text, 8, min_queries=30, seed=1)
+    assert choice.combiner is not None and choice.without_memory is not None
+    folder = shutil.copytree(tiny_model, tmp_path / "version")
+    choice.combiner.save(folder / COMBINER_FILE)
+    choice.without_memory.save(folder / WITHOUT_MEMORY_FILE)
+    meta = json.loads((folder / "rankloop.json").read_text())
+    (folder / "rankloop.json").write_text(json.dumps({**meta, "scorer": "combiner"}))
+
+    version = Reranker(folder, "2")
+    assert version.combiner is not None and version.combiner.names == list(FEATURES)
+    query = "glacier opera timetable"  # a new query: d7 is 6th in the first stage
+    served = rank(query, cands[feedback[0].query], version, tiny_first_stage.text, 8)
+    assert served[0][0] == "d7"
+    as_mix = rank(query, cands[feedback[0].query], version, tiny_first_stage.text, 8, mix=Mix(0.0))
+    assert [d for d, _ in as_mix] == [d for d, _ in first_stage_order(cands[feedback[0].query])]
+    assert version.with_mix(Mix(0.0)).combiner is None and version.combiner is not None
+    assert Reranker(tiny_model, "1").combiner is None  # a version that kept its mixes

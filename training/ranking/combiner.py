@@ -1,0 +1,125 @@
+"""The learned combiner: a LightGBM `lambdarank` model over every signal a candidate has, in place of
+the four-number `Mix` grid (what Metarank and most learning-to-rank stacks use).
+
+Its features are what serving computes anyway (`Reranker.features`): the first stage and its two
+parts, the fine-tuned similarity, the feedback memory at two radii, how close the nearest remembered
+query is, and the document's click-through prior over every remembered query. Scores that are
+evidence of relevance are monotone (more of one never lowers a document), which keeps a model
+learned from a hundred-odd tune queries from inventing rules it cannot support. A version keeps the
+combiner only when it beat the tuned grid on held-out tune queries (`training.tuning.learn_combiner`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightgbm as lgb
+import numpy as np
+
+if TYPE_CHECKING:
+    from training.ranking.reranker import Features
+
+FEATURES: dict[str, int] = {  # name -> monotone constraint (1: more never ranks lower; 0: free)
+    "first_stage": 1,  # fused BM25 + dense under the learned fusion, min-max over the head
+    "bm25": 1,  # min-max over the head
+    "dense": 1,
+    "dense_cosine": 1,  # comparable across queries, unlike the min-max scores
+    "first_stage_rank": -1,  # position in the first stage / depth
+    "similarity": 1,  # the fine-tuned encoder, min-max
+    "similarity_cosine": 1,
+    "memory_near": 1,  # feedback of past queries within cosine 0.7 (paraphrases), tanh
+    "memory_wide": 1,  # within cosine 0.3
+    "familiarity": 0,  # cosine to the nearest remembered query (says how far to trust the memory)
+    "document_prior": 1,  # tanh of the document's summed feedback over every remembered query
+}
+MEMORY_FEATURES = frozenset({"memory_near", "memory_wide", "familiarity", "document_prior"})
+NEAR_TAU, WIDE_TAU = 0.7, 0.3
+COMBINER_FILE = "combiner.txt"
+WITHOUT_MEMORY_FILE = "combiner-without-memory.txt"  # the learned parts alone, for the design comparison
+
+
+def memory_scores(f: Features, tau: float) -> np.ndarray:
+    """Per candidate: sum over the remembered neighbours q' of w(s) * evidence(q', doc), with
+    w(s) = max(0, (s - tau) / (1 - tau)) (the same query has w = 1)."""
+    index = {d: i for i, d in enumerate(f.doc_ids)}
+    out = np.zeros(len(f.doc_ids))
+    for s, said in zip(f.neighbours, f.evidence):
+        w = max(0.0, (float(s) - tau) / (1 - tau))
+        if w:
+            for d, v in said.items():
+                if d in index:
+                    out[index[d]] += w * v
+    return out
+
+
+def feature_matrix(f: Features, names: list[str]) -> np.ndarray:
+    """One row per candidate of the head, one column per name of `FEATURES`."""
+    n = len(f.doc_ids)
+    columns = {
+        "first_stage": lambda: f.first_stage,
+        "bm25": lambda: f.bm25,
+        "dense": lambda: f.dense,
+        "dense_cosine": lambda: f.dense_cosine,
+        "first_stage_rank": lambda: np.arange(n) / max(1, n),
+        "similarity": lambda: f.similarity,
+        "similarity_cosine": lambda: f.similarity_cosine,
+        "memory_near": lambda: np.tanh(memory_scores(f, NEAR_TAU)),
+        "memory_wide": lambda: np.tanh(memory_scores(f, WIDE_TAU)),
+        "familiarity": lambda: np.full(n, float(f.neighbours[0]) if len(f.neighbours) else 0.0),
+        "document_prior": lambda: np.tanh(f.document_prior),
+    }
+    return np.column_stack([np.asarray(columns[name](), dtype=np.float64) for name in names]) if n else np.zeros((0, len(names)))
+
+
+@dataclass(frozen=True)
+class Combiner:
+    """A trained lambdarank booster and the features it reads, in order."""
+
+    booster: lgb.Booster
+    names: list[str]
+
+    def score(self, f: Features) -> np.ndarray:
+        if not f.doc_ids:
+            return np.zeros(0)
+        return np.asarray(self.booster.predict(feature_matrix(f, self.names), num_threads=1), dtype=np.float64)
+
+    def save(self, path: Path) -> None:
+        self.booster.save_model(str(path))
+        path.with_suffix(".json").write_text(json.dumps({"features": self.names}))
+
+    @classmethod
+    def load(cls, path: Path) -> Combiner:
+        names = json.loads(path.with_suffix(".json").read_text())["features"]
+        return cls(lgb.Booster(model_file=str(path)), names)
+
+    def importance(self) -> dict[str, float]:
+        """Total gain per feature, as shares (what the model card and MLflow show)."""
+        gain = self.booster.feature_importance(importance_type="gain")
+        total = float(gain.sum()) or 1.0
+        return {n: round(float(g) / total, 4) for n, g in zip(self.names, gain)}
+
+
+def train_combiner(groups: list[tuple[Features, dict[str, int]]], names: list[str], seed: int, rounds: int = 150) -> Combiner:
+    """Lambdarank on one group per query: its head's features and its graded relevance (doc -> grade;
+    every other candidate 0). Small trees, many rows per leaf, monotone evidence, one thread."""
+    x = np.vstack([feature_matrix(f, names) for f, _ in groups])
+    y = np.concatenate([[grades.get(d, 0) for d in f.doc_ids] for f, grades in groups])
+    params = {
+        "objective": "lambdarank",
+        "lambdarank_truncation_level": 20,
+        "label_gain": [0, 1, 3],
+        "learning_rate": 0.05,
+        "num_leaves": 7,
+        "min_data_in_leaf": 20,
+        "feature_fraction": 0.9,
+        "monotone_constraints": [FEATURES[n] for n in names],
+        "num_threads": 1,
+        "deterministic": True,
+        "seed": seed,
+        "verbose": -1,
+    }
+    data = lgb.Dataset(x, y, group=[len(f.doc_ids) for f, _ in groups], feature_name=names)
+    return Combiner(lgb.train(params, data, num_boost_round=rounds), names)
