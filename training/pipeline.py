@@ -182,7 +182,9 @@ def learn(
     choice = None
     if cfg.combiner == "auto":
         progress("learning a combiner", 0, 1)
-        choice = learn_combiner(mixed, slices.tune, candidates, first_stage.text, job.depth, job.gate.min_queries, cfg.seed)
+        choice = learn_combiner(
+            mixed, slices.tune, slices.train, candidates, first_stage.text, job.depth, job.gate.min_queries, cfg.seed
+        )
         progress("learning a combiner", 1, 1)
         if choice.combiner is not None and choice.without_memory is not None:  # both kept for review and comparison
             choice.combiner.save(folder / COMBINER_FILE)

@@ -23,6 +23,7 @@ BETAS = [0.0, 0.25, 0.5, 1.0, 2.0]  # weight of the feedback memory
 TAUS = [0.3, 0.5, 0.7]  # similarity below which a past query's feedback is not borrowed
 FUSIONS = [None, 0.0, 0.25, 0.75, 1.0]  # the first stage's BM25 weight (None: the index's, 0.5 by default)
 COMBINER_FOLDS = 3
+COMBINER_MAX_TRAIN_QUERIES = 2000  # bounds the combiner's cost at any label count (a feature row per candidate)
 
 
 @dataclass(frozen=True)
@@ -141,12 +142,21 @@ class CombinerChoice:
 
 
 def learn_combiner(
-    reranker: Reranker, tune: list[QueryFeedback], candidates: Candidates, text: Text, depth: int, min_queries: int, seed: int
+    reranker: Reranker,
+    tune: list[QueryFeedback],
+    train: list[QueryFeedback],
+    candidates: Candidates,
+    text: Text,
+    depth: int,
+    min_queries: int,
+    seed: int,
 ) -> CombinerChoice:
-    """Trains a LightGBM lambdarank combiner on the tune slice (`training.ranking.combiner`), kept when
-    its k-fold held-out NDCG@10 beats what the tuned mixes score on those very queries. Its features
-    come from `reranker` (tuned mixes, feedback memory from the train slice), ranked under the familiar
-    mix's fusion, exactly as `rank` will serve them."""
+    """Trains a LightGBM lambdarank combiner (`training.ranking.combiner`) on the train slice's queries
+    (up to `COMBINER_MAX_TRAIN_QUERIES`, each as if the feedback memory did not hold it) and the tune
+    slice's; the fine-tuned similarity's weight beside it is chosen on held-out tune queries only. It
+    is kept when its k-fold held-out NDCG@10 on the tune slice beats what the tuned mixes score on
+    those very queries. Features come from `reranker` (its feedback memory is the train slice), ranked
+    under the familiar mix's fusion, exactly as `rank` will serve them."""
     served = {fb.query: rank(fb.query, candidates[fb.query], reranker, text, depth) for fb in tune}
     mix_ndcg = float(np.mean(list(feedback_ndcg(tune, served).values()) or [0.0]))
     if len(tune) < min_queries:
@@ -154,15 +164,31 @@ def learn_combiner(
     fusion = reranker.mix.bm25_weight
     heads = {fb.query: candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion) for fb in tune}
     groups = [(reranker.features(fb.query, heads[fb.query][:depth], text), fb.qrels()) for fb in tune]
-    names = list(FEATURES)
-    order = np.random.default_rng(seed).permutation(len(tune))
-    held_out: dict[str, list[tuple[str, float]]] = {}
-    for k in range(COMBINER_FOLDS):
-        test = {int(i) for i in order[k::COMBINER_FOLDS]}
-        scored = reranker.with_combiner(train_combiner([g for i, g in enumerate(groups) if i not in test], names, seed))
-        for i in test:
-            fb, (f, _) = tune[i], groups[i]
-            held_out[fb.query] = rank(fb.query, candidates[fb.query], scored, text, depth, features=f)
-    cv = float(np.mean(list(feedback_ndcg(tune, held_out).values()) or [0.0]))
-    without_memory = train_combiner(groups, [n for n in names if n not in MEMORY_FEATURES], seed)
-    return CombinerChoice(train_combiner(groups, names, seed), without_memory, cv, mix_ndcg, len(tune))
+    rng = np.random.default_rng(seed)
+    learned = [fb for fb in train if fb.positives()]
+    learned = [learned[int(i)] for i in sorted(rng.permutation(len(learned))[:COMBINER_MAX_TRAIN_QUERIES])]
+    base = []
+    for fb in learned:
+        head = candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion)
+        base.append((reranker.features(fb.query, head[:depth], text, leave_out=True), fb.qrels()))
+    order = rng.permutation(len(tune))
+    folds = [{int(i) for i in order[k::COMBINER_FOLDS]} for k in range(COMBINER_FOLDS)]
+
+    def cross_validated(names: list[str]) -> tuple[Combiner, float]:
+        """The combiner on every query, with the similarity weight whose k-fold held-out NDCG@10 on
+        the tune slice was best, and that figure."""
+        held_out: dict[float, dict[str, list[tuple[str, float]]]] = {w: {} for w in ALPHAS}
+        for test in folds:
+            fold = train_combiner(base + [g for i, g in enumerate(groups) if i not in test], names, seed)
+            for w in ALPHAS:
+                scored = reranker.with_combiner(fold.with_similarity(w))
+                for i in test:
+                    fb, (f, _) = tune[i], groups[i]
+                    held_out[w][fb.query] = rank(fb.query, candidates[fb.query], scored, text, depth, features=f)
+        cv = {w: float(np.mean(list(feedback_ndcg(tune, r).values()) or [0.0])) for w, r in held_out.items()}
+        best = max(cv, key=lambda w: cv[w])
+        return train_combiner(base + groups, names, seed).with_similarity(best), cv[best]
+
+    combiner, cv = cross_validated(list(FEATURES))
+    without_memory, _ = cross_validated([n for n in FEATURES if n not in MEMORY_FEATURES])
+    return CombinerChoice(combiner, without_memory, cv, mix_ndcg, len(tune))

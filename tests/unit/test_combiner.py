@@ -32,7 +32,7 @@ def popular_answer_tune_slice() -> tuple[list[QueryFeedback], dict[str, list[Can
 def test_a_combiner_that_finds_what_the_mix_cannot_express_is_kept(tiny_first_stage, tiny_model):
     feedback, cands = popular_answer_tune_slice()
     reranker = Reranker(tiny_model, "1").with_mix(Mix(0.0, 2.0, 0.5))
-    choice = learn_combiner(reranker, feedback, cands, tiny_first_stage.text, 8, min_queries=30, seed=1)
+    choice = learn_combiner(reranker, feedback, [], cands, tiny_first_stage.text, 8, min_queries=30, seed=1)
     assert choice.held_out_ndcg is not None and choice.held_out_ndcg > 0.95 > choice.mix_ndcg
     assert choice.kept and choice.combiner is not None
     assert max(choice.combiner.importance(), key=lambda n: choice.combiner.importance()[n]) == "document_prior"
@@ -41,13 +41,13 @@ def test_a_combiner_that_finds_what_the_mix_cannot_express_is_kept(tiny_first_st
 
 def test_too_few_tune_queries_train_no_combiner(tiny_first_stage, tiny_model):
     feedback, cands = popular_answer_tune_slice()
-    choice = learn_combiner(Reranker(tiny_model, "1"), feedback[:5], cands, tiny_first_stage.text, 8, min_queries=30, seed=1)
+    choice = learn_combiner(Reranker(tiny_model, "1"), feedback[:5], [], cands, tiny_first_stage.text, 8, min_queries=30, seed=1)
     assert choice.combiner is None and not choice.kept and choice.held_out_ndcg is None
 
 
 def test_a_version_that_kept_its_combiner_is_served_by_it_and_a_mix_sets_it_aside(tiny_first_stage, tiny_model, tmp_path):
     feedback, cands = popular_answer_tune_slice()
-    choice = learn_combiner(Reranker(tiny_model, "1"), feedback, cands, tiny_first_stage.text, 8, min_queries=30, seed=1)
+    choice = learn_combiner(Reranker(tiny_model, "1"), feedback, [], cands, tiny_first_stage.text, 8, min_queries=30, seed=1)
     assert choice.combiner is not None and choice.without_memory is not None
     folder = shutil.copytree(tiny_model, tmp_path / "version")
     choice.combiner.save(folder / COMBINER_FILE)
@@ -64,3 +64,16 @@ def test_a_version_that_kept_its_combiner_is_served_by_it_and_a_mix_sets_it_asid
     assert [d for d, _ in as_mix] == [d for d, _ in first_stage_order(cands[feedback[0].query])]
     assert version.with_mix(Mix(0.0)).combiner is None and version.combiner is not None
     assert Reranker(tiny_model, "1").combiner is None  # a version that kept its mixes
+
+
+def test_a_train_query_teaches_the_combiner_as_if_the_memory_did_not_hold_it(tiny_first_stage, tiny_model):
+    """Otherwise every train query would find its own answer in the memory and its prior, and the
+    combiner would learn to trust both more than a new query can."""
+    query = "does vitamin D prevent fractures"  # the query the memory holds (d7)
+    reranker = Reranker(tiny_model, "1")
+    cands = tiny_first_stage.search(query, 8)
+    seen = reranker.features(query, cands, tiny_first_stage.text)
+    left_out = reranker.features(query, cands, tiny_first_stage.text, leave_out=True)
+    d7 = seen.doc_ids.index("d7")
+    assert seen.neighbours[0] > 0.99 and seen.document_prior[d7] == 3.0
+    assert len(left_out.neighbours) == 0 and left_out.document_prior[d7] == 0.0

@@ -212,10 +212,12 @@ class Reranker:
         text: Callable[[str], str],
         query_embedding: np.ndarray | None = None,
         unseen: bool = False,
+        leave_out: bool = False,
     ) -> Features:
         """`query_embedding`, when given, is `embed_query(query)` computed already (serving computes it
         while the first stage retrieves). `unseen`: as if the memory knew nothing within `FAMILIAR_AT` of
-        the query (how tuning asks what a held-out query would get were it new)."""
+        the query (how tuning asks what a held-out query would get were it new). `leave_out`: as if the
+        memory did not hold this very query (how the combiner learns from train queries)."""
         q = query_embedding if query_embedding is not None else self.embed_query(query)
         doc_ids = [c.doc_id for c in candidates]
         sims = self.doc_embeddings(doc_ids, text) @ q if doc_ids else np.zeros(0, dtype=np.float32)
@@ -223,9 +225,15 @@ class Reranker:
         dense = np.array([c.dense for c in candidates], dtype=np.float32)
         prior = np.array([self.document_prior.get(d, 0.0) for d in doc_ids], dtype=np.float32)
         # `unseen` looks further, then drops the familiar ones (a tuning probe may have many near twins)
-        near, pos = self.memory.nearest(q, MEMORY_NEIGHBOURS * (5 if unseen else 1))
+        near, pos = self.memory.nearest(q, MEMORY_NEIGHBOURS * (5 if unseen else 1) + int(leave_out))
         if unseen:
             near, pos = near[near < FAMILIAR_AT], pos[near < FAMILIAR_AT]
+        if leave_out:
+            key = normalise_query(query)
+            own = self.prior.get(key, {})
+            keep = np.array([self.memory_queries[i] != key for i in pos], dtype=bool)
+            near, pos = near[keep], pos[keep]
+            prior = prior - np.array([own.get(d, 0.0) for d in doc_ids], dtype=np.float32)
         neighbours, evidence = near[:MEMORY_NEIGHBOURS], [self.memory.evidence[i] for i in pos[:MEMORY_NEIGHBOURS]]
         bm25 = minmax(np.array([c.bm25 for c in candidates], dtype=np.float32))
         return Features(doc_ids, minmax(sims), first, neighbours, evidence, bm25, minmax(dense), dense, sims, prior)
