@@ -16,14 +16,14 @@ from training.metrics import feedback_ndcg
 from training.ranking.combiner import FEATURES, MEMORY_FEATURES, Combiner, train_combiner
 from training.ranking.first_stage import fuse
 from training.ranking.rank import Candidates, Text, rank
-from training.ranking.reranker import FAMILIAR_AT, Mix, Reranker
+from training.ranking.reranker import FAMILIAR_AT, Features, Mix, Reranker
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]  # weight of the model similarity vs the first-stage score
 BETAS = [0.0, 0.25, 0.5, 1.0, 2.0]  # weight of the feedback memory
 TAUS = [0.3, 0.5, 0.7]  # similarity below which a past query's feedback is not borrowed
 FUSIONS = [None, 0.0, 0.25, 0.75, 1.0]  # the first stage's BM25 weight (None: the index's, 0.5 by default)
 COMBINER_FOLDS = 3
-COMBINER_MAX_TRAIN_QUERIES = 2000  # bounds the combiner's cost at any label count (a feature row per candidate)
+COMBINER_MAX_TRAIN_QUERIES = 1000  # bounds the combiner's cost at any label count (a feature row per candidate)
 
 
 @dataclass(frozen=True)
@@ -163,14 +163,19 @@ def learn_combiner(
         return CombinerChoice(None, None, None, mix_ndcg, len(tune))
     fusion = reranker.mix.bm25_weight
     heads = {fb.query: candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion) for fb in tune}
-    groups = [(reranker.features(fb.query, heads[fb.query][:depth], text), fb.qrels()) for fb in tune]
     rng = np.random.default_rng(seed)
     learned = [fb for fb in train if fb.positives()]
     learned = [learned[int(i)] for i in sorted(rng.permutation(len(learned))[:COMBINER_MAX_TRAIN_QUERIES])]
-    base = []
     for fb in learned:
-        head = candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion)
-        base.append((reranker.features(fb.query, head[:depth], text, leave_out=True), fb.qrels()))
+        heads[fb.query] = candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion)
+    embedded = dict(zip(heads, reranker.embed_queries(list(heads))))
+
+    def group(fb: QueryFeedback, leave_out: bool) -> tuple[Features, dict[str, int]]:
+        head = heads[fb.query][:depth]
+        return reranker.features(fb.query, head, text, embedded[fb.query], leave_out=leave_out), fb.qrels()
+
+    groups = [group(fb, False) for fb in tune]
+    base = [group(fb, True) for fb in learned]
     order = rng.permutation(len(tune))
     folds = [{int(i) for i in order[k::COMBINER_FOLDS]} for k in range(COMBINER_FOLDS)]
 

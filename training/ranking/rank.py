@@ -42,9 +42,11 @@ def rank(
     if reranker is None:
         return first_stage_order(candidates)
     combiner = reranker.combiner if mix is None else None
-    if mix is None:
+    if combiner is not None:
+        mix = reranker.mix
+    elif mix is None:
         query_embedding = query_embedding if query_embedding is not None else reranker.embed_query(query)
-        mix = reranker.mix if combiner is not None else reranker.mix_for(query_embedding)
+        mix = reranker.mix_for(query_embedding)
     if mix.bm25_weight is not None:
         candidates = fuse(candidates, mix.bm25_weight)
     head = features if features is not None else reranker.features(query, candidates[:depth], text, query_embedding)

@@ -205,6 +205,10 @@ class Reranker:
         """The query as this version embeds it (what `features` compares documents with)."""
         return encode(self.model, [normalise_query(query)])[0]
 
+    def embed_queries(self, queries: list[str]) -> np.ndarray:
+        """`embed_query` of many queries, in batches (training computes features for thousands)."""
+        return encode(self.model, [normalise_query(q) for q in queries])
+
     def features(
         self,
         query: str,
