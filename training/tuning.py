@@ -14,9 +14,10 @@ import numpy as np
 from training.labels.feedback import QueryFeedback
 from training.metrics import feedback_ndcg
 from training.ranking.combiner import FEATURES, MEMORY_FEATURES, Combiner, train_combiner
+from training.ranking.features import Features
 from training.ranking.first_stage import fuse
 from training.ranking.rank import Candidates, Text, rank
-from training.ranking.reranker import FAMILIAR_AT, Features, Mix, Reranker
+from training.ranking.reranker import FAMILIAR_AT, Mix, Reranker
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]  # weight of the model similarity vs the first-stage score
 BETAS = [0.0, 0.25, 0.5, 1.0, 2.0]  # weight of the feedback memory

@@ -18,15 +18,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import lightgbm as lgb
 import numpy as np
 
+from training.ranking.features import Features, memory_scores
 from training.ranking.first_stage import minmax
-
-if TYPE_CHECKING:
-    from training.ranking.reranker import Features
 
 FEATURES: dict[str, int] = {  # name -> monotone constraint (1: more never ranks lower; 0: free)
     "first_stage": 1,  # fused BM25 + dense under the learned fusion, min-max over the head
@@ -43,20 +40,6 @@ MEMORY_FEATURES = frozenset({"memory_near", "memory_wide", "familiarity", "docum
 NEAR_TAU, WIDE_TAU = 0.7, 0.3
 COMBINER_FILE = "combiner.txt"
 WITHOUT_MEMORY_FILE = "combiner-without-memory.txt"  # the learned parts alone, for the design comparison
-
-
-def memory_scores(f: Features, tau: float) -> np.ndarray:
-    """Per candidate: sum over the remembered neighbours q' of w(s) * evidence(q', doc), with
-    w(s) = max(0, (s - tau) / (1 - tau)) (the same query has w = 1)."""
-    index = {d: i for i, d in enumerate(f.doc_ids)}
-    out = np.zeros(len(f.doc_ids))
-    for s, said in zip(f.neighbours, f.evidence):
-        w = max(0.0, (float(s) - tau) / (1 - tau))
-        if w:
-            for d, v in said.items():
-                if d in index:
-                    out[index[d]] += w * v
-    return out
 
 
 def feature_matrix(f: Features, names: list[str]) -> np.ndarray:

@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from training.ranking.features import Features
 from training.ranking.first_stage import Candidate, FirstStage, fuse
-from training.ranking.reranker import Features, Mix, Reranker
+from training.ranking.reranker import Mix, Reranker
 
 Ranking = list[tuple[str, float]]
 """(doc_id, score), best first."""

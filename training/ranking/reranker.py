@@ -27,9 +27,10 @@ from sentence_transformers import SentenceTransformer
 
 from training.corpus.store import content_key
 from training.progress import Progress, silent
-from training.ranking.combiner import COMBINER_FILE, WITHOUT_MEMORY_FILE, Combiner, memory_scores
+from training.ranking.combiner import COMBINER_FILE, WITHOUT_MEMORY_FILE, Combiner
 from training.ranking.embedding_cache import EmbeddingCache, MemoryEmbeddingCache
 from training.ranking.encoder import encode, load_encoder
+from training.ranking.features import Features, memory_scores
 from training.ranking.feedback_memory import INDEX_FILE, Evidence, FeedbackMemory, build_index
 from training.ranking.first_stage import Candidate, FirstStage, minmax
 from training.ranking.model_files import MEMORY_FILE, META_FILE, PRIOR_FILE
@@ -55,22 +56,6 @@ class Mix:
 
     def as_dict(self) -> dict[str, float | None]:
         return asdict(self)
-
-
-@dataclass
-class Features:
-    """Per-candidate signals the final score mixes; computed once, combined under any mix."""
-
-    doc_ids: list[str]
-    similarity: np.ndarray  # fine-tuned bi-encoder, min-max scaled over the candidates
-    first_stage: np.ndarray  # fused BM25 + dense, min-max scaled
-    neighbours: np.ndarray  # past queries' similarity to this one, best first
-    evidence: list[Evidence]  # what users said for each of those past queries
-    bm25: np.ndarray  # the first stage's parts, min-max scaled
-    dense: np.ndarray
-    dense_cosine: np.ndarray  # the base encoder's cosine, as retrieved
-    similarity_cosine: np.ndarray  # the fine-tuned encoder's cosine
-    document_prior: np.ndarray  # each document's summed feedback over every remembered query
 
 
 class Reranker:
@@ -240,7 +225,7 @@ class Reranker:
             prior = prior - np.array([own.get(d, 0.0) for d in doc_ids], dtype=np.float32)
         neighbours, evidence = near[:MEMORY_NEIGHBOURS], [self.memory.evidence[i] for i in pos[:MEMORY_NEIGHBOURS]]
         bm25 = minmax(np.array([c.bm25 for c in candidates], dtype=np.float32))
-        return Features(doc_ids, minmax(sims), first, neighbours, evidence, bm25, minmax(dense), dense, sims, prior)
+        return Features(doc_ids, minmax(sims), first, neighbours, evidence, bm25, minmax(dense), dense, prior)
 
     @staticmethod
     def combine(f: Features, mix: Mix) -> np.ndarray:
