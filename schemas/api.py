@@ -152,6 +152,7 @@ class ModelInfo(BaseModel):
                     "model_version": "3",
                     "index_version": "a1b2c3d4e5f6",
                     "mix": {"alpha": 0.75, "beta": 0.5, "tau": 0.5, "bm25_weight": 0.25},
+                    "scorer": "mix",
                     "loaded_at": 1793486011.7,
                     "model_name": "rankloop-reranker",
                     "last_swap_error": None,
@@ -169,6 +170,11 @@ class ModelInfo(BaseModel):
     )
     unfamiliar_mix: dict[str, float | None] | None = Field(
         None, description="the mix for queries unlike any users gave feedback on; null: `mix` for every query"
+    )
+    scorer: Literal["first stage", "mix", "combiner"] = Field(
+        "mix",
+        description="what scores the head: the tuned mixes, or the learned LightGBM combiner (under `mix`'s fusion), "
+        "or nothing before a model is promoted",
     )
     loaded_at: float
     model_name: str

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from training.gate import GateResult
 from training.model_card import ModelCard, QueryChange, moves
 
@@ -38,3 +40,18 @@ def test_the_card_states_the_gate_the_labels_and_the_biggest_wins_and_losses():
     wins, losses = card.split("## Biggest wins")[1].split("## Biggest losses")
     assert "vitamin d and bones" in wins and "d7 (4→1)" in wins and "flat query" not in wins
     assert "statins / liver" in losses and "+0.400" not in losses  # a | in a query cannot break the table
+
+
+def test_the_card_says_whether_the_learned_combiner_or_the_mixes_score():
+
+    gate = GateResult(True, 0.61, 0.64, 0.03, 0.004, 40, 20, 8, "+0.0300 NDCG@10 on 40 queries (p=0.004)")
+    base = ModelCard(
+        model_name="m", gate=gate, champion_version=None, lineage={}, examples=1, selection={}, identity_share={},
+        trained_until=0.0, changes=[], mix={"alpha": 0.25}, depth=50,
+    )  # fmt: skip
+    kept = {"kept": True, "held_out": 0.8047, "mix": 0.8028, "importance": {"first_stage": 0.61}}
+    card = replace(base, combiner=kept).render("passed")
+    assert "learned LightGBM lambdarank combiner" in card and "0.8047" in card and "first_stage" in card
+    lost = replace(base, combiner={**kept, "kept": False, "held_out": 0.79}).render("passed")
+    assert "mixed as {'alpha': 0.25}" in lost and "0.7900" in lost and "not kept" in lost
+    assert "not kept" not in base.render("passed")

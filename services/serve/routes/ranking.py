@@ -64,6 +64,7 @@ def model(worker: WorkerDep) -> ModelInfo:
         index_version=worker.first_stage.version,
         mix=sv.reranker.mix.as_dict() if sv.reranker else None,
         unfamiliar_mix=sv.reranker.unfamiliar_mix.as_dict() if sv.reranker and sv.reranker.unfamiliar_mix else None,
+        scorer="first stage" if sv.reranker is None else "combiner" if sv.reranker.combiner else "mix",
         loaded_at=sv.loaded_at,
         model_name=worker.keys.model_name,
         last_swap_error=worker.last_swap_error,
