@@ -19,7 +19,7 @@ from training.config import GateConfig
 from training.labels.feedback import QueryFeedback
 from training.metrics import feedback_ndcg, per_query, ranking_to_run
 from training.ranking.query import normalise_query, query_key
-from training.ranking.rank import Candidates, Ranking, Text, rank, rank_queries
+from training.ranking.rank import Candidates, Ranking, Text, rank_queries
 from training.ranking.reranker import Reranker
 from training.slices import Slices
 
@@ -154,15 +154,16 @@ def compare_on_feedback(
 ) -> GateReport:
     """Per-query NDCG@10 of both rankers on held-out feedback, and the gate's decision.
 
-    Both rank only the documents users judged for the query (clicked, skipped, rejected): the
+    Both are scored on the documents users judged for the query (clicked, skipped, rejected): the
     feedback was collected under the champion, so a document it never showed has no label and would
     count as irrelevant, a bias that favours the champion whatever the challenger is worth. Measured
     in a loop benchmark: on all candidates the gate rejected a challenger that was +0.026 NDCG@10
-    better on SciFact test; on judged documents it found +0.022, p=4e-5 (docs/retraining.md)."""
+    better on SciFact test; on judged documents it found +0.022, p=4e-5 (docs/retraining.md). The
+    order of those documents is each ranker's order of every candidate, as serving shows it
+    (`judged_orders`)."""
     queries = [f.query for f in feedback]
-    judged = {f.query: [c for c in candidates[f.query] if c.doc_id in f.evidence] for f in feedback}
-    before = rank_queries(queries, judged, champion, text, depth)
-    after = rank_queries(queries, judged, challenger, text, depth)
+    before = judged_orders(feedback, rank_queries(queries, candidates, champion, text, depth))
+    after = judged_orders(feedback, rank_queries(queries, candidates, challenger, text, depth))
     base, new = feedback_ndcg(feedback, before), feedback_ndcg(feedback, after)
     return GateReport(
         base,
@@ -171,6 +172,13 @@ def compare_on_feedback(
         {q: [d for d, _ in r] for q, r in before.items()},
         {q: [d for d, _ in r] for q, r in after.items()},
     )
+
+
+def judged_orders(feedback: list[QueryFeedback], rankings: dict[str, Ranking]) -> dict[str, Ranking]:
+    """Each query's ranking restricted to the documents its feedback judged. Ranking the judged
+    documents alone would score a learned combiner on inputs it never serves (its min-max scaled
+    features and positions over a handful of documents instead of the whole head)."""
+    return {fb.query: [(d, s) for d, s in rankings[fb.query] if d in fb.evidence] for fb in feedback}
 
 
 def compare_on_requests(
@@ -185,24 +193,22 @@ def compare_on_requests(
     """The gate for few distinct queries: NDCG@10 of both rankers per held-out request (on the
     documents judged in that request), decided by a cluster bootstrap over queries. The per-query
     figures it reports are the means of their requests."""
-    units = []
+    queries = list(dict.fromkeys(fb.query for _, fb in requests))  # each query ranked once, restricted per request
+    full = {
+        "before": rank_queries(queries, candidates, champion, text, depth),
+        "after": rank_queries(queries, candidates, challenger, text, depth),
+    }
+    rankings: dict[str, dict[str, Ranking]] = {side: {} for side in full}
     orders: dict[str, tuple[Ranking, Ranking]] = {}  # per query: the first request's two rankings
     for rid, fb in requests:
-        judged = [c for c in candidates[fb.query] if c.doc_id in fb.evidence]
-        units.append((rid, fb, judged))
-    rankings: dict[str, dict[str, Ranking]] = {"before": {}, "after": {}}
-    seen: dict[tuple[str, tuple[str, ...]], tuple[Ranking, Ranking]] = {}
-    for rid, fb, judged in units:  # requests of one query usually show the same documents: rank those once
-        key = (fb.query, tuple(sorted(c.doc_id for c in judged)))
-        if key not in seen:
-            seen[key] = (rank(fb.query, judged, champion, text, depth), rank(fb.query, judged, challenger, text, depth))
-        rankings["before"][rid], rankings["after"][rid] = seen[key]
-        orders.setdefault(fb.query, seen[key])
-    qrels = {rid: fb.qrels() for rid, fb, _ in units}
+        for side, ranked in full.items():
+            rankings[side][rid] = [(d, s) for d, s in ranked[fb.query] if d in fb.evidence]
+        orders.setdefault(fb.query, (rankings["before"][rid], rankings["after"][rid]))
+    qrels = {rid: fb.qrels() for rid, fb in requests}
     before = per_query(qrels, ranking_to_run(rankings["before"]), "ndcg@10")
     after = per_query(qrels, ranking_to_run(rankings["after"]), "ndcg@10")
-    rids = [rid for rid, _, _ in units if rid in before and rid in after]
-    query_of = {rid: fb.query for rid, fb, _ in units}
+    rids = [rid for rid, _ in requests if rid in before and rid in after]
+    query_of = {rid: fb.query for rid, fb in requests}
     result = decide_clustered(
         [query_key(query_of[r]) for r in rids],
         [before[r] for r in rids],

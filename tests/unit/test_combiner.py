@@ -77,3 +77,26 @@ def test_a_train_query_teaches_the_combiner_as_if_the_memory_did_not_hold_it(tin
     d7 = seen.doc_ids.index("d7")
     assert seen.neighbours[0] > 0.99 and seen.document_prior[d7] == 3.0
     assert len(left_out.neighbours) == 0 and left_out.document_prior[d7] == 0.0
+
+
+def test_the_gate_scores_the_judged_documents_in_the_order_serving_shows_them(tiny_first_stage, tiny_model):
+    """A combiner's features are scaled over the whole head: ranked alone, the few judged documents
+    would be scored on inputs serving never gives it. The gate restricts the served order instead."""
+    from training.config import GateConfig
+    from training.gate import compare_on_feedback, compare_on_requests
+
+    feedback, cands = popular_answer_tune_slice()
+    choice = learn_combiner(Reranker(tiny_model, "1"), feedback, [], cands, tiny_first_stage.text, 8, min_queries=30, seed=1)
+    assert choice.combiner is not None
+    challenger = Reranker(tiny_model, "1").with_combiner(choice.combiner.with_similarity(0.5))
+    skipped = [("d1", "d5"), ("d2", "d8"), ("d3", "d6"), ("d4", "d8")]  # what users skipped beside d7
+    held_out = [QueryFeedback(fb.query, {"d7": 2.0, a: -1.0, b: -1.0}) for fb, (a, b) in zip(feedback, skipped * 10)]
+    report = compare_on_feedback(None, challenger, held_out, cands, tiny_first_stage.text, 8, GateConfig(min_queries=1))
+    by_request = compare_on_requests(
+        None, challenger, [(f"r{i}", fb) for i, fb in enumerate(held_out)], cands, tiny_first_stage.text, 8, GateConfig()
+    )
+    for fb in held_out:
+        served = [d for d, _ in rank(fb.query, cands[fb.query], challenger, tiny_first_stage.text, 8) if d in fb.evidence]
+        assert report.challenger_order[fb.query] == served
+    assert by_request.challenger_order == report.challenger_order
+    assert report.result.challenger_mean == 1.0  # d7 first wherever it is served first
