@@ -174,6 +174,7 @@ def learn(
     memory = prune(slices.memory(), cfg.memory_max_queries)
     save_model_folder(fitted.model, folder, Mix(1.0), memory, extra=tower)
     draft = Reranker(folder, "challenger", MemoryEmbeddingCache()).warm(first_stage, progress=progress)
+    draft.embed_queries(slices.queries())  # in batches, once: tuning, the combiner and the gate ask for them many times
     progress("tuning the score mix", 0, 1)
     mixes = tune_mixes(draft, slices.tune, candidates, first_stage.text, job.depth, job.gate.min_queries, slices.probe)
     tuned = mixes.familiar

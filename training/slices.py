@@ -38,7 +38,8 @@ class Slices:
     train: list[QueryFeedback]
     tune: list[QueryFeedback]  # queries with at least one positive
     gate: list[QueryFeedback]  # likewise
-    gate_requests: list[tuple[str, QueryFeedback]]  # the gate slice per request (request_id, its feedback)
+    gate_requests: list[tuple[str, QueryFeedback]]  # the gate slice per request (request_id, its feedback); empty
+    # when it has gate.min_queries queries (the gate then compares queries; one aggregation per request cost ~30 s at 45k labels)
     trained_until: float  # newest label timestamp in the train slice
     top_identity_share: dict[str, float]  # per slice: share of labels from its 10 most prolific identities
     probe: list[QueryFeedback] = field(default_factory=list)  # train queries kept out of fine-tuning (`probe_queries`)
@@ -80,14 +81,16 @@ def make_slices(
     def vouched(fb: QueryFeedback) -> bool:  # the verdict counts queries whose held-out positives signed users sent
         return sources_of_query(gate_support, fb.query) >= gate.min_trusted_sources
 
-    gate_requests = frames["gate"].groupby("request_id", sort=False)  # in order of arrival (labels are read so)
-    per_request = [
-        (str(rid), fb)
-        for rid, rows in gate_requests
-        for fb in aggregate(rows, mode, cfg.max_ips, cfg.unverified_weight).values()
-        if fb.positives() and vouched(fb)
-    ]
     held_out = [fb for fb in agg["gate"] if fb.positives()]
+    per_request = []
+    if sum(vouched(fb) for fb in held_out) < gate.min_queries:  # only then does the gate compare requests
+        gate_requests = frames["gate"].groupby("request_id", sort=False)  # in order of arrival (labels are read so)
+        per_request = [
+            (str(rid), fb)
+            for rid, rows in gate_requests
+            for fb in aggregate(rows, mode, cfg.max_ips, cfg.unverified_weight).values()
+            if fb.positives() and vouched(fb)
+        ]
     tune = [fb for fb in agg["tune"] if fb.positives()]
     return Slices(
         len(df),

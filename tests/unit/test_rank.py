@@ -174,3 +174,21 @@ def test_probe_queries_tune_the_unfamiliar_mix_as_if_unseen(tiny_first_stage, ti
     probe = [QueryFeedback(QUERY, {"d7": 1.0})]
     mixes = tune_mixes(reranker, feedback, cands, tiny_first_stage.text, 8, min_queries=2, probe=probe)
     assert (mixes.unfamiliar_queries, mixes.probe_queries) == (1, 1) and mixes.unfamiliar_grid  # 1 + 1 reach 2
+
+
+def test_a_version_encodes_a_query_once_and_forgets_past_its_bound(tiny_model, monkeypatch):
+    """Tuning and the gate ask for the same queries many times: encoded one by one every time, they
+    took half of a 45k-label training."""
+    from training.ranking import reranker as module
+    from training.ranking.encoder import encode
+
+    version = module.Reranker(tiny_model, "1")
+    calls: list[int] = []
+    monkeypatch.setattr(module, "encode", lambda model, texts: calls.append(len(texts)) or encode(model, texts))
+    first = version.embed_query("Statins and  muscle pain")
+    assert (version.embed_query("statins and muscle pain") == first).all() and calls == [1]
+    version.with_mix(Mix(0.0)).embed_queries(["statins and muscle pain", "coffee and the liver", "coffee and the liver"])
+    assert calls == [1, 1]  # the copy shares what the version remembers; only the new query, once
+    monkeypatch.setattr(module, "QUERY_VECTORS", 2)
+    version.embed_queries(["sleep and memory"])
+    assert len(version.query_vectors) <= 2 and calls == [1, 1, 1]

@@ -37,6 +37,7 @@ from training.ranking.model_files import MEMORY_FILE, META_FILE, PRIOR_FILE
 from training.ranking.query import normalise_query
 
 MEMORY_NEIGHBOURS = 10
+QUERY_VECTORS = 50_000  # query embeddings a version remembers (~80 MB)
 FAMILIAR_AT = 0.7
 """Cosine (under the version's model) to the nearest query users gave feedback on, from which a query
 counts as familiar. Under all-MiniLM-L6-v2 paraphrases of one question sit above it; on SciFact 54 % of
@@ -94,6 +95,7 @@ class Reranker:
         self.doc_matrix: np.ndarray | None = None  # a tuned tower's embedding of every indexed doc (see `warm`)
         self.doc_rows: dict[str, tuple[int, str]] = {}  # doc_id -> (row, content key embedded)
         self.index: FirstStage | None = None
+        self.query_vectors: dict[str, np.ndarray] = {}  # shared by `with_mix` copies: same model, same vectors
 
     def warm(self, index: FirstStage, batch: int = 256, progress: Progress = silent) -> Reranker:
         """Makes every document of `index` cost a row lookup instead of an encoding: loads this
@@ -187,12 +189,29 @@ class Reranker:
         return np.stack([out[d] for d in doc_ids])
 
     def embed_query(self, query: str) -> np.ndarray:
-        """The query as this version embeds it (what `features` compares documents with)."""
-        return encode(self.model, [normalise_query(query)])[0]
+        """The query as this version embeds it (what `features` compares documents with); remembered,
+        since tuning and the gate ask for the same queries many times."""
+        key = normalise_query(query)
+        found = self.query_vectors.get(key)
+        return found if found is not None else self.embed_queries([key])[0]
 
     def embed_queries(self, queries: list[str]) -> np.ndarray:
-        """`embed_query` of many queries, in batches (training computes features for thousands)."""
-        return encode(self.model, [normalise_query(q) for q in queries])
+        """`embed_query` of many queries, the ones not remembered encoded in batches (a training asks
+        for thousands: one at a time they took half of a 45k-label run)."""
+        keys = [normalise_query(q) for q in queries]
+        known: dict[str, np.ndarray] = {}  # a local view: another thread may clear the cache meanwhile
+        for k in keys:
+            found = self.query_vectors.get(k)
+            if found is not None:
+                known[k] = found
+        missing = list(dict.fromkeys(k for k in keys if k not in known))
+        if missing:
+            fresh = dict(zip(missing, encode(self.model, missing)))
+            if len(self.query_vectors) + len(missing) > QUERY_VECTORS:
+                self.query_vectors.clear()  # bounded: a serving worker meets unbounded distinct queries
+            self.query_vectors.update(fresh)
+            known.update(fresh)
+        return np.stack([known[k] for k in keys]) if keys else np.zeros((0, 0), dtype=np.float32)
 
     def features(
         self,
