@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,9 +118,10 @@ class Reranker:
                 for doc_id, key, _ in chunk:
                     rows[doc_id] = [len(rows), key]
                 progress(f"embedding {total} documents for version {self.version}", len(rows), total)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+            writer = f"{os.getpid()}-{threading.get_ident()}"  # two threads may warm one version at once
+            tmp = path.with_suffix(f".{writer}.tmp.npy")
             np.save(tmp, np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float16))
-            rows_tmp = rows_path.with_suffix(f".{os.getpid()}.tmp")
+            rows_tmp = rows_path.with_suffix(f".{writer}.tmp")
             rows_tmp.write_text(json.dumps(rows))
             rows_tmp.replace(rows_path)
             tmp.replace(path)  # atomic: another process never reads half a matrix
