@@ -1,6 +1,9 @@
-"""IR metrics through ranx (a well-kept, numba-backed implementation), per query and mean."""
+"""IR metrics through ranx (a well-kept, numba-backed implementation), per query and mean; tuning's
+inner loop scores NDCG@10 directly (`feedback_ndcg`), checked against ranx in the unit tests."""
 
 from __future__ import annotations
+
+import math
 
 from ranx import Qrels, Run, evaluate
 
@@ -42,8 +45,24 @@ def ranking_to_run(rankings: dict[str, list[tuple[str, float]]]) -> dict[str, di
     return run
 
 
+def ndcg_at(qrels: dict[str, int], ranked: list[str], k: int = 10) -> float:
+    """NDCG@k as ranx computes it (gain = grade, discount log2(rank + 1)), for one ranked list."""
+    ideal = sorted((g for g in qrels.values() if g > 0), reverse=True)[:k]
+    best = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+    if best == 0:
+        return 0.0
+    top = list(dict.fromkeys(ranked))[:k]
+    return sum(qrels.get(d, 0) / math.log2(i + 2) for i, d in enumerate(top) if qrels.get(d, 0) > 0) / best
+
+
 def feedback_ndcg(feedback: list[QueryFeedback], rankings: dict[str, list[tuple[str, float]]]) -> dict[str, float]:
-    """Per-query NDCG@10 of `rankings` (query -> ranked (doc, score)) against what users said (tuning and the gate)."""
-    qrels = {query_key(fb.query): fb.qrels() for fb in feedback}
-    run = ranking_to_run({query_key(q): r for q, r in rankings.items()})
-    return per_query(qrels, run, "ndcg@10")
+    """Per-query NDCG@10 of `rankings` (query -> ranked (doc, score)) against what users said (tuning and
+    the gate). Computed here, not through ranx: tuning scores ~100k rankings a training, and building
+    ranx's typed dictionaries per call took 52 s of a 254 s training at 45k labels."""
+    ranked = {query_key(q): [d for d, _ in r] for q, r in rankings.items()}
+    scores = {}
+    for fb in feedback:
+        key, qrels = query_key(fb.query), fb.qrels()
+        if any(g > 0 for g in qrels.values()):
+            scores[key] = ndcg_at(qrels, ranked.get(key, []))
+    return scores

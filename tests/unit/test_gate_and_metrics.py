@@ -8,8 +8,9 @@ from services.control.schedule import should_train
 from training.config import TrainConfig
 from training.gate import decide
 from training.labels.feedback import QueryFeedback
-from training.metrics import mean_metrics, per_query, ranking_to_run
+from training.metrics import feedback_ndcg, mean_metrics, per_query, ranking_to_run
 from training.ranking.first_stage import minmax
+from training.ranking.query import query_key
 from training.train import select_for_training
 
 
@@ -146,3 +147,21 @@ def test_with_few_distinct_queries_the_gate_compares_requests_clustered_by_query
     assert report.result.requests == 240 and report.result.queries == 6
     assert "requests of 6 queries" in report.result.reason and "only 6 held-out queries" not in report.result.reason
     assert set(report.champion) == set(report.challenger) and len(report.champion) == 6
+
+
+def test_feedback_ndcg_agrees_with_ranx_on_graded_feedback():
+    rng = random.Random(3)
+    docs = [f"d{i}" for i in range(30)]
+    feedback, rankings = [], {}
+    for q in range(40):
+        picked = rng.sample(docs, rng.randint(1, 6))
+        evidence = {d: rng.choice([1.0, 2.5, -1.0]) for d in picked}  # graded, some negative
+        feedback.append(QueryFeedback(f"query {q}", evidence))
+        if q % 7:  # some queries have no ranking: they score 0 under both
+            rankings[f"query {q}"] = [(d, 0.0) for d in rng.sample(docs, 20)]
+    ours = feedback_ndcg(feedback, rankings)
+    qrels = {query_key(fb.query): fb.qrels() for fb in feedback}
+    theirs = per_query(qrels, ranking_to_run({query_key(q): r for q, r in rankings.items()}), "ndcg@10")
+    assert ours.keys() == theirs.keys()
+    assert all(math.isclose(ours[q], theirs[q], abs_tol=1e-9) for q in ours)
+    assert 0 < np.mean(list(ours.values())) < 1
