@@ -156,7 +156,8 @@ def learn_combiner(
     (up to `COMBINER_MAX_TRAIN_QUERIES`, each as if the feedback memory did not hold it) and the tune
     slice's; the fine-tuned similarity's weight beside it is chosen on held-out tune queries only. It
     is kept when its k-fold held-out NDCG@10 on the tune slice beats what the tuned mixes score on
-    those very queries. Features come from `reranker` (its feedback memory is the train slice), ranked
+    those very queries. Features come from `reranker` (its feedback memory is the train slice; the
+    corpus's document features when its index offers any), ranked
     under the familiar mix's fusion, exactly as `rank` will serve them."""
     served = {fb.query: rank(fb.query, candidates[fb.query], reranker, text, depth) for fb in tune}
     mix_ndcg = float(np.mean(list(feedback_ndcg(tune, served).values()) or [0.0]))
@@ -171,9 +172,12 @@ def learn_combiner(
         heads[fb.query] = candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion)
     embedded = dict(zip(heads, reranker.embed_queries(list(heads))))
 
+    documents = reranker.index.document_features() if reranker.index is not None else []
+
     def group(fb: QueryFeedback, leave_out: bool) -> tuple[Features, dict[str, int]]:
         head = heads[fb.query][:depth]
-        return reranker.features(fb.query, head, text, embedded[fb.query], leave_out=leave_out), fb.qrels()
+        f = reranker.features(fb.query, head, text, embedded[fb.query], leave_out=leave_out, documents=documents)
+        return f, fb.qrels()
 
     groups = [group(fb, False) for fb in tune]
     base = [group(fb, True) for fb in learned]
@@ -195,6 +199,7 @@ def learn_combiner(
         best = max(cv, key=lambda w: cv[w])
         return train_combiner(base + groups, names, seed).with_similarity(best), cv[best]
 
-    combiner, cv = cross_validated(list(FEATURES))
-    without_memory, _ = cross_validated([n for n in FEATURES if n not in MEMORY_FEATURES])
+    names = list(FEATURES) + documents
+    combiner, cv = cross_validated(names)
+    without_memory, _ = cross_validated([n for n in names if n not in MEMORY_FEATURES])
     return CombinerChoice(combiner, without_memory, cv, mix_ndcg, len(tune))

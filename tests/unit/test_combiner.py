@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
+
 from training.labels.feedback import QueryFeedback
 from training.ranking.combiner import COMBINER_FILE, FEATURES, WITHOUT_MEMORY_FILE
 from training.ranking.first_stage import Candidate
@@ -100,3 +102,40 @@ def test_the_gate_scores_the_judged_documents_in_the_order_serving_shows_them(ti
         assert report.challenger_order[fb.query] == served
     assert by_request.challenger_order == report.challenger_order
     assert report.result.challenger_mean == 1.0  # d7 first wherever it is served first
+
+
+def test_a_combiner_learns_from_the_number_fields_and_ages_the_corpus_gives(living_index, tiny_model, tmp_path):
+    """Users choose d5, the best-rated document, whatever they ask; nothing but its `rating` field says
+    so (the memory points at d7). A version that learned it reads the field when it serves."""
+    from schemas.documents import Document, FieldType
+    from tests.unit.conftest import DOCS
+
+    living_index.store.declare({"rating": FieldType.number})
+    ratings = {"d5": 5.0, "d7": 2.0, "d1": 3.0}
+    living_index.store.upsert(
+        [
+            Document(id=d, title=t, text=x, fields={"rating": ratings[d]} if d in ratings else {}, updated_at=1.7e9)
+            for d, (t, x) in DOCS.items()
+        ]
+    )
+    assert living_index.document_features() == ["field_rating", "age_days"]
+    columns = living_index.document_numbers(["d5", "d2"], ["field_rating", "age_days"])
+    assert columns["field_rating"][0] == 5.0 and np.isnan(columns["field_rating"][1]) and columns["age_days"][0] > 300
+
+    feedback, cands = popular_answer_tune_slice()
+    feedback = [QueryFeedback(fb.query, {"d5": 2.0}) for fb in feedback]
+    folder = shutil.copytree(tiny_model, tmp_path / "version")
+    reranker = Reranker(folder, "1").warm(living_index).with_mix(Mix(0.0, 2.0, 0.5))
+    choice = learn_combiner(reranker, feedback, [], cands, living_index.text, 8, min_queries=30, seed=1)
+    assert choice.kept and choice.combiner is not None and choice.without_memory is not None
+    assert choice.combiner.document_features == ["field_rating", "age_days"]
+    importance = choice.combiner.importance()
+    assert max(importance, key=lambda n: importance[n]) == "field_rating"
+    assert "field_rating" in choice.without_memory.names
+
+    choice.combiner.save(folder / COMBINER_FILE)
+    meta = json.loads((folder / "rankloop.json").read_text())
+    (folder / "rankloop.json").write_text(json.dumps({**meta, "scorer": "combiner"}))
+    version = Reranker(folder, "2").warm(living_index)
+    served = rank("glacier opera timetable", cands[feedback[0].query], version, living_index.text, 8)
+    assert served[0][0] == "d5"

@@ -301,6 +301,28 @@ class DocumentStore:
                 out[d] = StoredDocument(d, t, json.loads(f), c)
         return out
 
+    def has_ages(self) -> bool:
+        """Whether any live document carries the application's `updated_at` (what an age is read from)."""
+        row = self._db().execute("SELECT 1 FROM documents WHERE deleted = 0 AND updated_at IS NOT NULL LIMIT 1").fetchone()
+        return row is not None
+
+    def numbers(self, ids: list[str], fields: list[str]) -> dict[str, dict[str, float]]:
+        """Per live document among `ids`: its numeric `fields` that are set, and `updated_at` (unix
+        seconds) when the application sent one. What a learned combiner reads of a document."""
+        out: dict[str, dict[str, float]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for d, f, at in self._db().execute(
+                f"SELECT id, fields, updated_at FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk
+            ):
+                stored = json.loads(f) if fields else {}
+                values = {n: float(stored[n]) for n in fields if isinstance(stored.get(n), (int, float))}
+                if at is not None:
+                    values["updated_at"] = float(at)
+                out[d] = values
+        return out
+
     def content_keys(self, ids: list[str]) -> dict[str, str]:
         """Content keys of the live and inline documents among `ids`."""
         out: dict[str, str] = {}

@@ -2,8 +2,9 @@
 the four-number `Mix` grid (what Metarank and most learning-to-rank stacks use).
 
 Its features are what serving computes anyway (`Reranker.features`): the first stage and its two
-parts, the feedback memory at two radii, how close the nearest remembered query is, and the
-document's click-through prior over every remembered query. Scores that are evidence of relevance
+parts, the feedback memory at two radii, how close the nearest remembered query is, the
+document's click-through prior over every remembered query, and what the corpus says of the document
+(its declared number fields, its age). Scores that are evidence of relevance
 are monotone (more of one never lowers a document), which keeps the model from inventing rules its
 labels cannot support. The fine-tuned similarity is not among them: it was fitted on the very train
 queries the combiner learns from, where it looks far better than on a new query (given the feature,
@@ -36,6 +37,8 @@ FEATURES: dict[str, int] = {  # name -> monotone constraint (1: more never ranks
     "familiarity": 0,  # cosine to the nearest remembered query (says how far to trust the memory)
     "document_prior": 1,  # tanh of the document's summed feedback over every remembered query
 }
+# Beside these, the corpus's own document features (`training.ranking.features.document_feature_names`:
+# declared number fields, age), free of constraints: what they mean is the deployment's.
 MEMORY_FEATURES = frozenset({"memory_near", "memory_wide", "familiarity", "document_prior"})
 NEAR_TAU, WIDE_TAU = 0.7, 0.3
 COMBINER_FILE = "combiner.txt"
@@ -43,7 +46,7 @@ WITHOUT_MEMORY_FILE = "combiner-without-memory.txt"  # the learned parts alone, 
 
 
 def feature_matrix(f: Features, names: list[str]) -> np.ndarray:
-    """One row per candidate of the head, one column per name of `FEATURES`."""
+    """One row per candidate of the head, one column per name (of `FEATURES`, or a document feature)."""
     n = len(f.doc_ids)
     columns = {
         "first_stage": lambda: f.first_stage,
@@ -56,7 +59,12 @@ def feature_matrix(f: Features, names: list[str]) -> np.ndarray:
         "familiarity": lambda: np.full(n, float(f.neighbours[0]) if len(f.neighbours) else 0.0),
         "document_prior": lambda: np.tanh(f.document_prior),
     }
-    return np.column_stack([np.asarray(columns[name](), dtype=np.float64) for name in names]) if n else np.zeros((0, len(names)))
+    missing = np.full(n, np.nan)  # a document feature the corpus no longer has (a field undeclared)
+
+    def column(name: str) -> np.ndarray:
+        return np.asarray(columns[name]() if name in columns else f.documents.get(name, missing), dtype=np.float64)
+
+    return np.column_stack([column(name) for name in names]) if n else np.zeros((0, len(names)))
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,11 @@ class Combiner:
             return np.zeros(0)
         learned = minmax(np.asarray(self.booster.predict(feature_matrix(f, self.names), num_threads=1), dtype=np.float64))
         return (1 - self.similarity_weight) * learned + self.similarity_weight * f.similarity
+
+    @property
+    def document_features(self) -> list[str]:
+        """The corpus features it reads (`Reranker.features` looks them up only then)."""
+        return [n for n in self.names if n not in FEATURES]
 
     def with_similarity(self, weight: float) -> Combiner:
         return replace(self, similarity_weight=weight)
@@ -106,7 +119,7 @@ def train_combiner(groups: list[tuple[Features, dict[str, int]]], names: list[st
         "num_leaves": 7,
         "min_data_in_leaf": 20,
         "feature_fraction": 0.9,
-        "monotone_constraints": [FEATURES[n] for n in names],
+        "monotone_constraints": [FEATURES.get(n, 0) for n in names],
         "num_threads": 1,
         "deterministic": True,
         "seed": seed,

@@ -3,7 +3,7 @@ a `Mix` or the learned `Combiner` turns them into scores)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,6 +23,31 @@ class Features:
     dense: np.ndarray
     dense_cosine: np.ndarray  # the base encoder's cosine, as retrieved
     document_prior: np.ndarray  # each document's summed feedback over every remembered query
+    documents: dict[str, np.ndarray] = field(default_factory=dict)  # what the documents say: `DOCUMENT_FEATURES`
+
+
+FIELD_FEATURE = "field_"  # + a declared number field of the corpus: its value per document, NaN when unset
+AGE_FEATURE = "age_days"  # days since the document's `updated_at` (as the application sent it), NaN when unset
+
+
+def document_feature_names(declared_numbers: list[str], has_ages: bool) -> list[str]:
+    """The document features a corpus offers: each declared number field, and the age when documents
+    carry `updated_at`."""
+    return [FIELD_FEATURE + n for n in sorted(declared_numbers)] + ([AGE_FEATURE] if has_ages else [])
+
+
+def document_columns(
+    doc_ids: list[str], values: dict[str, dict[str, float]], names: list[str], now: float
+) -> dict[str, np.ndarray]:
+    """`values` (doc -> its number fields and `updated_at`, `DocumentStore.numbers`) as one column per
+    feature name; NaN where a document has no value (LightGBM learns where missing values go)."""
+
+    def value(doc: dict[str, float], name: str) -> float:
+        if name == AGE_FEATURE:
+            return (now - doc["updated_at"]) / 86400 if "updated_at" in doc else np.nan
+        return doc.get(name.removeprefix(FIELD_FEATURE), np.nan)
+
+    return {n: np.array([value(values.get(d, {}), n) for d in doc_ids], dtype=np.float64) for n in names}
 
 
 def memory_scores(f: Features, tau: float) -> np.ndarray:

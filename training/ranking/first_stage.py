@@ -11,6 +11,7 @@ served (`<corpus id>.<change number>`), so caches keyed by it never answer from 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,13 @@ import faiss
 import numpy as np
 
 from schemas import FIRST_STAGE, NotFound
-from schemas.documents import Condition
+from schemas.documents import Condition, FieldType
 from training.corpus.bm25 import Bm25Index
 from training.corpus.dense import DenseVectors
 from training.corpus.store import DIM, DocumentStore, StoredDocument, content_key
 from training.ranking.embedding_cache import EmbeddingCache
 from training.ranking.encoder import base_model_path, encode, load_encoder
+from training.ranking.features import FIELD_FEATURE, document_columns, document_feature_names
 
 STORE_FILE, BM25_FOLDER = "documents.sqlite", "bm25"
 BM25_WEIGHT = 0.5  # chosen on SciFact *train* queries: 0.0->0.660, 0.3->0.716, 0.5->0.731, 1.0->0.699
@@ -119,6 +121,18 @@ class FirstStage:
 
     def content_keys(self, doc_ids: list[str]) -> dict[str, str]:
         return self.store.content_keys(doc_ids)
+
+    def document_features(self) -> list[str]:
+        """What a learned combiner can read of this corpus's documents (`training.ranking.features`)."""
+        numbers = [n for n, kind in self.store.declared().items() if kind is FieldType.number]
+        return document_feature_names(numbers, self.store.has_ages())
+
+    def document_numbers(self, doc_ids: list[str], names: list[str]) -> dict[str, np.ndarray]:
+        """One column per document feature name, one row per document (NaN where unset)."""
+        if not names or not doc_ids:
+            return {n: np.full(len(doc_ids), np.nan) for n in names}
+        fields = [n.removeprefix(FIELD_FEATURE) for n in names if n.startswith(FIELD_FEATURE)]
+        return document_columns(doc_ids, self.store.numbers(doc_ids, fields), names, time.time())
 
     def search(self, query: str, k: int = 100, conditions: list[Condition] | None = None) -> list[Candidate]:
         return self.search_many([query], k, conditions)[0]

@@ -223,11 +223,14 @@ class Reranker:
         query_embedding: np.ndarray | None = None,
         unseen: bool = False,
         leave_out: bool = False,
+        documents: list[str] | None = None,
     ) -> Features:
         """`query_embedding`, when given, is `embed_query(query)` computed already (serving computes it
         while the first stage retrieves). `unseen`: as if the memory knew nothing within `FAMILIAR_AT` of
         the query (how tuning asks what a held-out query would get were it new). `leave_out`: as if the
-        memory did not hold this very query (how the combiner learns from train queries)."""
+        memory did not hold this very query (how the combiner learns from train queries). `documents`:
+        the document features to read from the corpus (None: those this version's combiner reads, so a
+        version without them costs no lookup)."""
         q = query_embedding if query_embedding is not None else self.embed_query(query)
         doc_ids = [c.doc_id for c in candidates]
         sims = self.doc_embeddings(doc_ids, text) @ q if doc_ids else np.zeros(0, dtype=np.float32)
@@ -246,7 +249,9 @@ class Reranker:
             prior = prior - np.array([own.get(d, 0.0) for d in doc_ids], dtype=np.float32)
         neighbours, evidence = near[:MEMORY_NEIGHBOURS], [self.memory.evidence[i] for i in pos[:MEMORY_NEIGHBOURS]]
         bm25 = minmax(np.array([c.bm25 for c in candidates], dtype=np.float32))
-        return Features(doc_ids, minmax(sims), first, neighbours, evidence, bm25, minmax(dense), dense, prior)
+        wanted = documents if documents is not None else (self.combiner.document_features if self.combiner else [])
+        numbers = self.index.document_numbers(doc_ids, wanted) if wanted and self.index is not None else {}
+        return Features(doc_ids, minmax(sims), first, neighbours, evidence, bm25, minmax(dense), dense, prior, numbers)
 
     @staticmethod
     def combine(f: Features, mix: Mix) -> np.ndarray:
