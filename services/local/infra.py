@@ -159,20 +159,35 @@ def up(s: Settings) -> list[Component]:
 
 def stop(s: Settings, name: str, timeout: float = 10.0) -> bool:
     """Stops one locally started component ("kafka", "redis", or a worker) and waits for it to exit."""
-    pid_file = s.state_dir / "run" / f"{name}.pid"
-    if not pid_file.exists():
-        return False
-    try:
-        pid = int(pid_file.read_text())
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, ValueError, PermissionError):
+    return bool(_stop_all(s, [name], timeout))
+
+
+def _stop_all(s: Settings, names: list[str], timeout: float) -> list[str]:
+    """SIGTERM to each component's process group, then waits until every one has exited; one still
+    running after `timeout` is killed. Returns "name (pid N)" of those that were running."""
+    running: dict[str, int] = {}
+    for name in names:
+        pid_file = s.state_dir / "run" / f"{name}.pid"
+        try:
+            pid = int(pid_file.read_text())
+            os.killpg(pid, signal.SIGTERM)
+            running[name] = pid
+        except (FileNotFoundError, ProcessLookupError, ValueError, PermissionError):
+            pass
         pid_file.unlink(missing_ok=True)
-        return False
     deadline = time.time() + timeout
-    while time.time() < deadline and _alive(pid):
+    while time.time() < deadline and any(_alive(pid) for pid in running.values()):
         time.sleep(0.1)
-    pid_file.unlink(missing_ok=True)
-    return True
+    for pid in running.values():
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+            killed_by = time.time() + 2.0
+            while time.time() < killed_by and _alive(pid):
+                time.sleep(0.05)
+    return [f"{name} (pid {pid})" for name, pid in running.items()]
 
 
 def _alive(pid: int) -> bool:
@@ -188,18 +203,15 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:  # exited, waiting for another parent to reap it (Linux)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
-def down(s: Settings) -> list[str]:
-    stopped = []
+def down(s: Settings, timeout: float = 10.0) -> list[str]:
+    """Stops every locally started component and returns once each has exited: an `up` right after
+    (the next seed of `bench loop --repeat`) must start its own broker, not find the old one's port
+    still open and watch it close (seed 1 of a repeat failed so)."""
     run = s.state_dir / "run"
-    for pid_file in sorted(run.glob("*.pid")) if run.exists() else []:
-        try:
-            pid = int(pid_file.read_text())
-            os.killpg(pid, signal.SIGTERM)
-            stopped.append(f"{pid_file.stem} (pid {pid})")
-        except (ProcessLookupError, ValueError, PermissionError):
-            pass
-        pid_file.unlink(missing_ok=True)
-    return stopped
+    return _stop_all(s, sorted(p.stem for p in run.glob("*.pid")) if run.exists() else [], timeout)
