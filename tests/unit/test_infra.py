@@ -9,7 +9,9 @@ import time
 from services.config import Settings
 from services.local import infra
 
-SLOW_TO_STOP = "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.0), sys.exit(0)))\ntime.sleep(60)\n"
+SLOW_TO_STOP = (
+    "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.0), sys.exit(0)))\ntime.sleep(60)\n"
+)
 DEAF = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n"
 
 
