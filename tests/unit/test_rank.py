@@ -126,7 +126,8 @@ def test_too_few_unfamiliar_tune_queries_leave_them_the_safe_mix(tiny_first_stag
 
 def test_the_fusion_is_learned_on_the_first_stage_alone_and_both_mixes_use_it(tiny_first_stage, tiny_model):
     """The memory of a repeated query answers it under any fusion; the first stage alone still tells
-    which fusion ranks users' choices first, and both mixes (and the safe one) carry it."""
+    which fusion ranks users' choices first, and both mixes (and the safe one) carry it, unless too few
+    queries taught it: then queries unlike them keep the index's fusion."""
     from training.labels.feedback import QueryFeedback
     from training.ranking.first_stage import Candidate
     from training.tuning import tune_fusion, tune_mixes
@@ -136,8 +137,10 @@ def test_the_fusion_is_learned_on_the_first_stage_alone_and_both_mixes_use_it(ti
     feedback = [QueryFeedback(QUERY, {"d3": 2.0, "d2": -1.0, "d4": -1.0, "d6": -1.0})]
     reranker = Reranker(tiny_model, "1")
     assert tune_fusion(reranker, feedback, {QUERY: cands}, tiny_first_stage.text, 8) in (0.75, 1.0)
-    mixes = tune_mixes(reranker, feedback, {QUERY: cands}, tiny_first_stage.text, 8, min_queries=30)
+    mixes = tune_mixes(reranker, feedback, {QUERY: cands}, tiny_first_stage.text, 8, min_queries=1)
     assert mixes.familiar.mix.bm25_weight == mixes.unfamiliar.bm25_weight in (0.75, 1.0)
+    few = tune_mixes(reranker, feedback, {QUERY: cands}, tiny_first_stage.text, 8, min_queries=30)
+    assert few.familiar.mix.bm25_weight in (0.75, 1.0) and few.unfamiliar.bm25_weight is None
 
 
 def test_probe_queries_are_kept_out_of_training_only_when_the_tune_slice_needs_them():
