@@ -23,7 +23,7 @@ class Features:
     dense: np.ndarray
     dense_cosine: np.ndarray  # the base encoder's cosine, as retrieved
     document_prior: np.ndarray  # each document's summed feedback over every remembered query
-    documents: dict[str, np.ndarray] = field(default_factory=dict)  # what the documents say: `DOCUMENT_FEATURES`
+    documents: dict[str, np.ndarray] = field(default_factory=dict)  # what the corpus says: `document_feature_names`
 
 
 FIELD_FEATURE = "field_"  # + a declared number field of the corpus: its value per document, NaN when unset
