@@ -83,6 +83,7 @@ class StoredDocument:
     title: str
     fields: dict
     content: str
+    updated_at: float | None = None  # as the application sent it (what a document's age is read from)
 
 
 class DocumentStore:
@@ -295,33 +296,16 @@ class DocumentStore:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for d, t, f, c in self._db().execute(
-                f"SELECT id, title, fields, content FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk
+            for d, t, f, c, at in self._db().execute(
+                f"SELECT id, title, fields, content, updated_at FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk
             ):
-                out[d] = StoredDocument(d, t, json.loads(f), c)
+                out[d] = StoredDocument(d, t, json.loads(f), c, at)
         return out
 
     def has_ages(self) -> bool:
         """Whether any live document carries the application's `updated_at` (what an age is read from)."""
         row = self._db().execute("SELECT 1 FROM documents WHERE deleted = 0 AND updated_at IS NOT NULL LIMIT 1").fetchone()
         return row is not None
-
-    def numbers(self, ids: list[str], fields: list[str]) -> dict[str, dict[str, float]]:
-        """Per live document among `ids`: its numeric `fields` that are set, and `updated_at` (unix
-        seconds) when the application sent one. What a learned combiner reads of a document."""
-        out: dict[str, dict[str, float]] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for d, f, at in self._db().execute(
-                f"SELECT id, fields, updated_at FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk
-            ):
-                stored = json.loads(f) if fields else {}
-                values = {n: float(stored[n]) for n in fields if isinstance(stored.get(n), (int, float))}
-                if at is not None:
-                    values["updated_at"] = float(at)
-                out[d] = values
-        return out
 
     def content_keys(self, ids: list[str]) -> dict[str, str]:
         """Content keys of the live and inline documents among `ids`."""

@@ -37,17 +37,21 @@ def document_feature_names(declared_numbers: list[str], has_ages: bool) -> list[
 
 
 def document_columns(
-    doc_ids: list[str], values: dict[str, dict[str, float]], names: list[str], now: float
+    doc_ids: list[str], found: dict[str, tuple[dict, float | None]], names: list[str], now: float
 ) -> dict[str, np.ndarray]:
-    """`values` (doc -> its number fields and `updated_at`, `DocumentStore.numbers`) as one column per
-    feature name; NaN where a document has no value (LightGBM learns where missing values go)."""
+    """`found` (doc -> its fields and `updated_at`) as one column per feature name; NaN where a
+    document has no number there (LightGBM learns where missing values go)."""
 
-    def value(doc: dict[str, float], name: str) -> float:
+    def value(doc: tuple[dict, float | None] | None, name: str) -> float:
+        if doc is None:
+            return np.nan
+        fields, updated_at = doc
         if name == AGE_FEATURE:
-            return (now - doc["updated_at"]) / 86400 if "updated_at" in doc else np.nan
-        return doc.get(name.removeprefix(FIELD_FEATURE), np.nan)
+            return (now - updated_at) / 86400 if updated_at is not None else np.nan
+        number = fields.get(name.removeprefix(FIELD_FEATURE))
+        return float(number) if isinstance(number, (int, float)) and not isinstance(number, bool) else np.nan
 
-    return {n: np.array([value(values.get(d, {}), n) for d in doc_ids], dtype=np.float64) for n in names}
+    return {n: np.array([value(found.get(d), n) for d in doc_ids], dtype=np.float64) for n in names}
 
 
 def memory_scores(f: Features, tau: float) -> np.ndarray:

@@ -26,7 +26,7 @@ from training.corpus.dense import DenseVectors
 from training.corpus.store import DIM, DocumentStore, StoredDocument, content_key
 from training.ranking.embedding_cache import EmbeddingCache
 from training.ranking.encoder import base_model_path, encode, load_encoder
-from training.ranking.features import FIELD_FEATURE, document_columns, document_feature_names
+from training.ranking.features import document_columns, document_feature_names
 
 STORE_FILE, BM25_FOLDER = "documents.sqlite", "bm25"
 BM25_WEIGHT = 0.5  # chosen on SciFact *train* queries: 0.0->0.660, 0.3->0.716, 0.5->0.731, 1.0->0.699
@@ -129,10 +129,8 @@ class FirstStage:
 
     def document_numbers(self, doc_ids: list[str], names: list[str]) -> dict[str, np.ndarray]:
         """One column per document feature name, one row per document (NaN where unset)."""
-        if not names or not doc_ids:
-            return {n: np.full(len(doc_ids), np.nan) for n in names}
-        fields = [n.removeprefix(FIELD_FEATURE) for n in names if n.startswith(FIELD_FEATURE)]
-        return document_columns(doc_ids, self.store.numbers(doc_ids, fields), names, time.time())
+        found = {d: (doc.fields, doc.updated_at) for d, doc in self.store.live(doc_ids).items()} if names else {}
+        return document_columns(doc_ids, found, names, time.time())
 
     def search(self, query: str, k: int = 100, conditions: list[Condition] | None = None) -> list[Candidate]:
         return self.search_many([query], k, conditions)[0]
