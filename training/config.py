@@ -24,6 +24,12 @@ class TrainConfig(BaseModel):
         description="ips: clicks weighted by 1/examination; auto: fit both, keep the one better on the tune slice's clicks "
         "(which wins depends on the deployment's traffic)",
     )
+    debias_recheck_growth: float = Field(
+        4.0,
+        ge=1.0,
+        description="with auto: once a run has compared both learners, later runs fit only the one it chose (half the "
+        "time) until the labels have grown this many times; 1: compare in every run",
+    )
     max_ips: float = Field(5.0, ge=1.0)
     max_weight: float = Field(4.0, gt=0)
     replay_fraction: float = Field(0.5, ge=0.0, description="old queries replayed per new one when warm-starting")

@@ -67,11 +67,19 @@ class ModelCard:
     mix: dict[str, Any]
     depth: int
     debias: dict[str, float] | None = None
+    debias_carried: tuple[str, str, int, float] | None = None  # (mode, champion, labels it compared at, recheck growth)
     combiner: dict[str, Any] | None = None  # kept, held-out and mix NDCG@10, feature importance
 
     def render(self, outcome: str) -> str:
         """Markdown; `changes` sorted by delta, best first."""
         return _card(self, outcome)
+
+
+def _carried(mode: str, champion: str, compared_at: int, growth: float) -> str:
+    return (
+        f"- Learner {'debiased' if mode == 'ips' else 'naive'}, carried from v{champion}: both learners were last compared "
+        f"at {compared_at:,} labels, and are again from {int(growth * compared_at):,} (`train.debias_recheck_growth`)."
+    )
 
 
 def _card(c: ModelCard, outcome: str) -> str:
@@ -112,6 +120,7 @@ def _card(c: ModelCard, outcome: str) -> str:
             if debias
             else []
         ),
+        *([_carried(*c.debias_carried)] if c.debias_carried else []),
         "",
         "## Biggest wins",
         "",

@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import mlflow
 import numpy as np
@@ -112,6 +113,29 @@ def load_incumbent(registry: MlflowRegistry, first_stage: FirstStage) -> Incumbe
     return Incumbent(current.version, champion)
 
 
+@dataclass(frozen=True)
+class LearnerPlan:
+    """Which debias modes a run fits, and the label count at which both were last compared."""
+
+    modes: list[Debias]
+    compared_at: int
+    carried_from: str | None = None  # the champion whose comparison chose the one mode (None: decided now)
+
+
+def plan_learners(cfg: TrainConfig, labels: int, champion: Mapping[str, Any] | None, version: str | None) -> LearnerPlan:
+    """`auto` compares the naive and the debiased learner, which costs a second fine-tune; which one
+    wins is a property of the deployment's traffic, so the champion's choice is carried until the
+    labels have grown `debias_recheck_growth` times since that comparison."""
+    if cfg.debias != "auto":
+        return LearnerPlan([cfg.debias], 0)
+    meta = champion or {}
+    chosen, compared_at = meta.get("debias"), int(meta.get("debias_compared_at", 0))
+    growth = cfg.debias_recheck_growth
+    if chosen in ("naive", "ips") and compared_at > 0 and growth > 1 and labels < growth * compared_at:
+        return LearnerPlan([chosen], compared_at, version)
+    return LearnerPlan(["naive", "ips"], labels)
+
+
 def choose_examples(
     slices: Slices, candidates: Candidates, incumbent: Incumbent, cfg: TrainConfig
 ) -> tuple[list[Example], dict[str, int]]:
@@ -163,6 +187,7 @@ def learn(
     first_stage: FirstStage,
     folder: Path,
     job: TrainingJob,
+    plan: LearnerPlan,
     progress: Progress = silent,
 ) -> Learner:
     """Fits, saves (with its document embeddings, so serving swaps to it warm) and tunes one challenger:
@@ -199,6 +224,7 @@ def learn(
             "warm_start": fitted.warm_start,
             "rerank_depth": job.depth,
             "debias": mode,
+            "debias_compared_at": plan.compared_at,
             "familiar_at": FAMILIAR_AT,
             "scorer": "combiner" if choice and choice.kept else "mix",
             **tower,
@@ -227,13 +253,15 @@ def train_once(
 ) -> TrainOutcome:
     """Trains, gates, logs and registers one challenger; says whether it passed. With `train.debias`
     auto, a naive and a debiased learner are both fitted and the one better on the tune slice's clicks
-    goes to the gate."""
+    goes to the gate, or the champion's choice is carried (`plan_learners`)."""
     cfg, gate, depth = job.train, job.gate, job.depth
     df, lineage = labels.read()
     df = in_corpus(df, first_stage)
     if df.empty:
         return TrainOutcome("skipped", "no labels yet")
-    modes: list[Debias] = ["naive", "ips"] if cfg.debias == "auto" else [cfg.debias]
+    incumbent = load_incumbent(registry, first_stage)
+    plan = plan_learners(cfg, len(df), incumbent.reranker.meta if incumbent.reranker else None, incumbent.version)
+    modes = plan.modes
     per_mode = {
         m: make_slices(df, lineage, cfg.model_copy(update={"debias": m}), gate, job.rules, job.examination) for m in modes
     }
@@ -248,7 +276,6 @@ def train_once(
     text = first_stage.text
     progress("retrieving candidates", 0, 1)
     candidates = candidates_for(first_stage, slices.queries())
-    incumbent = load_incumbent(registry, first_stage)
     examples, selection = choose_examples(slices, candidates, incumbent, cfg)
     contributions = int(lineage.get("contributions", slices.labels))
     if not examples:
@@ -262,7 +289,7 @@ def train_once(
         mlflow.start_run(run_name=f"challenger-{time.strftime('%Y%m%d-%H%M%S')}") as run,
         tempfile.TemporaryDirectory(dir=job.work_dir) as tmp,
     ):
-        learners = [learn(m, per_mode[m], incumbent, candidates, first_stage, Path(tmp) / m, job, progress) for m in modes]
+        learners = [learn(m, per_mode[m], incumbent, candidates, first_stage, Path(tmp) / m, job, plan, progress) for m in modes]
         yardstick = binary(per_mode[modes[0]].tune)
         for learner in learners:  # both modes judged on the same held-out clicks, weighted by neither
             rankings = rank_queries([fb.query for fb in yardstick], candidates, learner.reranker, text, depth)
@@ -283,7 +310,7 @@ def train_once(
             incumbent.version or "all-MiniLM-L6-v2",
             job.examination is not None,
         )
-        tracking.log_debias({c.mode: c.held_out for c in learners}, chosen.mode)
+        tracking.log_debias({c.mode: c.held_out for c in learners}, chosen.mode, plan.carried_from)
         mlflow.log_metrics({f"{k}_top10_identity_share": v for k, v in slices.top_identity_share.items()})
         mlflow.set_tag("champion_at_start", incumbent.version or FIRST_STAGE)
         tracking.log_fit(chosen.fitted.stats, chosen.fitted.seconds)
@@ -308,6 +335,9 @@ def train_once(
             mix={**tuned.mix.as_dict(), "unfamiliar": chosen.mixes.unfamiliar.as_dict()},
             depth=depth,
             debias={c.mode: c.held_out for c in learners} if len(learners) > 1 else None,
+            debias_carried=(chosen.mode, plan.carried_from, plan.compared_at, cfg.debias_recheck_growth)
+            if plan.carried_from
+            else None,
             combiner=chosen.combiner.summary() if chosen.combiner else None,
         )
         result = report.result

@@ -95,9 +95,12 @@ def log_inputs(
     )
 
 
-def log_debias(held_out: dict[str, float], chosen: str) -> None:
-    """Which learner the run kept (`train.debias=auto` fits the naive and the debiased one)."""
+def log_debias(held_out: dict[str, float], chosen: str, carried_from: str | None = None) -> None:
+    """Which learner the run kept (`train.debias=auto` fits the naive and the debiased one, or carries
+    the champion's choice: `debias_carried_from` names that version)."""
     mlflow.log_param("debias_chosen", chosen)
+    if carried_from:
+        mlflow.log_param("debias_carried_from", carried_from)
     if len(held_out) > 1:
         mlflow.log_metrics({f"tune_clicks_ndcg10_{mode}": v for mode, v in held_out.items()})
 

@@ -55,3 +55,26 @@ def test_the_card_says_whether_the_learned_combiner_or_the_mixes_score():
     lost = replace(base, combiner={**kept, "kept": False, "held_out": 0.79}).render("passed")
     assert "mixed as {'alpha': 0.25}" in lost and "0.7900" in lost and "not kept" in lost
     assert "not kept" not in base.render("passed")
+
+
+def test_auto_compares_both_learners_then_carries_the_choice_until_the_labels_grow():
+    from training.config import TrainConfig
+    from training.pipeline import plan_learners
+
+    auto = TrainConfig()  # debias auto, recheck at 4x the labels
+    assert plan_learners(auto, 15_000, None, None).modes == ["naive", "ips"]  # no champion: compare
+    compared = {"debias": "ips", "debias_compared_at": 15_000}
+    carried = plan_learners(auto, 45_000, compared, "2")
+    assert carried.modes == ["ips"] and carried.compared_at == 15_000 and carried.carried_from == "2"
+    again = plan_learners(auto, 60_000, compared, "2")
+    assert again.modes == ["naive", "ips"] and again.compared_at == 60_000 and again.carried_from is None
+    assert plan_learners(auto, 16_000, {"debias": "ips"}, "2").modes == ["naive", "ips"]  # a champion that never compared
+    assert plan_learners(TrainConfig(debias_recheck_growth=1.0), 16_000, compared, "2").modes == ["naive", "ips"]
+    assert plan_learners(TrainConfig(debias="naive"), 16_000, compared, "2").modes == ["naive"]
+
+    gate = GateResult(True, 0.61, 0.64, 0.03, 0.004, 40, 20, 8, "+0.0300 NDCG@10 on 40 queries (p=0.004)")
+    card = ModelCard(
+        model_name="m", gate=gate, champion_version="2", lineage={}, examples=1, selection={}, identity_share={},
+        trained_until=0.0, changes=[], mix={}, depth=50, debias_carried=("ips", "2", 15_000, 4.0),
+    ).render("passed")  # fmt: skip
+    assert "Learner debiased, carried from v2" in card and "15,000 labels" in card and "60,000" in card
