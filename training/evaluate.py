@@ -12,7 +12,8 @@ from training.beir import Dataset
 from training.metrics import mean_metrics, ranking_to_run
 from training.ranking.first_stage import Candidate, minmax
 from training.ranking.rank import rank_queries
-from training.ranking.reranker import FAMILIAR_AT, Mix, Reranker
+from training.ranking.reranker import FAMILIAR_AT, Mix, Reranker, mix_from
+from training.tuning import FUSION_ONLY, NO_BI_ENCODER, NO_MEMORY
 
 
 def evaluate_ranker(
@@ -50,10 +51,10 @@ def evaluate_first_stage_parts(ds: Dataset, split: str, candidates: dict[str, li
     return out
 
 
-DESIGNS: dict[str, Callable[[Mix], Mix]] = {  # a served mix -> the mix of each design
-    "learned first stage (fusion only)": lambda m: replace(m, alpha=0.0, beta=0.0),
-    "bi-encoder + first stage (no memory)": lambda m: replace(m, alpha=m.alpha if m.alpha > 0 else 0.5, beta=0.0),
-    "first stage + feedback memory (no bi-encoder)": lambda m: replace(m, alpha=0.0, beta=m.beta if m.beta > 0 else 0.5),
+DESIGNS: dict[str, Callable[[Mix], Mix]] = {  # a served mix -> each design's, for a version without its own
+    FUSION_ONLY: lambda m: replace(m, alpha=0.0, beta=0.0),
+    NO_MEMORY: lambda m: replace(m, alpha=m.alpha if m.alpha > 0 else 0.5, beta=0.0),
+    NO_BI_ENCODER: lambda m: replace(m, alpha=0.0, beta=m.beta if m.beta > 0 else 0.5),
     "bi-encoder + first stage + feedback memory (tuned mix)": lambda m: m,
 }
 COMBINER_DESIGNS = {  # design -> trained with the feedback memory's features
@@ -65,9 +66,11 @@ COMBINER_DESIGNS = {  # design -> trained with the feedback memory's features
 def evaluate_designs(
     ds: Dataset, split: str, candidates: dict[str, list[Candidate]], reranker: Reranker, text: Callable[[str], str], depth: int
 ) -> dict[str, dict]:
-    """The served model against its own parts: where does the lift come from? A part the served
-    model switched off is evaluated at weight 0.5; each mix design applies to the familiar and the
-    unfamiliar mix alike and routes queries as serving does; the weights used are recorded. The learned
+    """The served model against its own parts: where does the lift come from? Each part design is
+    rated at the mixes tuned for it on the version's tune slice (`TunedMixes.designs`, in the version's
+    meta); a version without them (written by hand, or before) gets its served mixes with the part
+    switched off, at weight 0.5 where the served mix had none. Every mix design routes queries to a
+    familiar and an unfamiliar mix as serving does; the weights used are recorded. The learned
     combiners trained with the version (with and without the feedback memory) are rated too, kept or
     not. Each design also reports its NDCG@10 on the split's unfamiliar queries: those no query with
     feedback is within `FAMILIAR_AT` of, where only what generalises can help."""
@@ -75,9 +78,14 @@ def evaluate_designs(
     queries = {qid: ds.queries[qid] for qid in qrels}
     unfamiliar = {qid for qid, q in queries.items() if reranker.familiarity(reranker.embed_query(q)) < FAMILIAR_AT}
     variants: dict[str, tuple[Reranker, dict[str, Any]]] = {}
+    tuned = reranker.meta.get("designs", {})
     for name, design in DESIGNS.items():
-        familiar = design(reranker.mix)
-        other = design(reranker.unfamiliar_mix) if reranker.unfamiliar_mix else None
+        other: Mix | None
+        if name in tuned:
+            familiar, other = mix_from(tuned[name]), mix_from(tuned[name]["unfamiliar"])
+        else:
+            familiar = design(reranker.mix)
+            other = design(reranker.unfamiliar_mix) if reranker.unfamiliar_mix else None
         weights: dict[str, Any] = {**familiar.as_dict(), "unfamiliar": other.as_dict() if other else None}
         variants[name] = (reranker.with_mix(familiar, other), weights)
     for name, memory in COMBINER_DESIGNS.items():

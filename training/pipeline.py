@@ -227,6 +227,7 @@ def learn(
             "debias_compared_at": plan.compared_at,
             "familiar_at": FAMILIAR_AT,
             "scorer": "combiner" if choice and choice.kept else "mix",
+            "designs": mixes.designs(),
             **tower,
         },
         unfamiliar=mixes.unfamiliar,

@@ -6,6 +6,7 @@ candidate ranks through `training.ranking.rank`, as serving will."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +27,15 @@ FUSIONS = [None, 0.0, 0.25, 0.75, 1.0]  # the first stage's BM25 weight (None: t
 COMBINER_FOLDS = 3
 COMBINER_MAX_TRAIN_QUERIES = 1000  # bounds the combiner's cost at any label count (a feature row per candidate)
 
+FUSION_ONLY = "learned first stage (fusion only)"
+NO_MEMORY = "bi-encoder + first stage (no memory)"
+NO_BI_ENCODER = "first stage + feedback memory (no bi-encoder)"
+PART_DESIGNS: dict[str, Callable[[Mix], bool]] = {  # a design of the comparison -> the mixes it may use
+    FUSION_ONLY: lambda m: m.alpha == 0 and m.beta == 0,
+    NO_MEMORY: lambda m: m.beta == 0,
+    NO_BI_ENCODER: lambda m: m.alpha == 0,
+}
+
 
 @dataclass(frozen=True)
 class Tuned:
@@ -43,6 +53,21 @@ class TunedMixes:
     familiar_queries: int
     unfamiliar_queries: int
     probe_queries: int = 0  # train queries not fine-tuned on, tuned on as unseen beside the unfamiliar ones
+
+    def designs(self) -> dict[str, dict[str, Any]]:
+        """Each design of `PART_DESIGNS` at its own best mixes in the grids already scored, for the design
+        comparison (`training.evaluate.evaluate_designs`). A part switched off in the served mix is not
+        that design at its best: tuned beside the memory, the bi-encoder's weight stayed 0.25 on familiar
+        queries; tuned without it, 0.75, worth +0.021 NDCG@10 on SciFact test (docs/ranking.md)."""
+
+        def best(grid: dict[Mix, float], allowed: Callable[[Mix], bool]) -> Mix:
+            return max((m for m in grid if allowed(m)), key=lambda m: grid[m])
+
+        out = {}
+        for name, allowed in PART_DESIGNS.items():
+            other = best(self.unfamiliar_grid, allowed) if self.unfamiliar_grid else self.unfamiliar
+            out[name] = {**best(self.familiar.grid, allowed).as_dict(), "unfamiliar": other.as_dict()}
+        return out
 
 
 def tune_mix(

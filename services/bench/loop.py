@@ -39,9 +39,10 @@ from training.ranking.first_stage import FirstStage
 from training.ranking.rank import candidates_for
 from training.ranking.reranker import Reranker
 from training.registry import MlflowRegistry
+from training.tuning import FUSION_ONLY, NO_MEMORY
 
 console = Console()
-WITHOUT_MEMORY = ("bi-encoder + first stage (no memory)", "learned combiner (no memory)")  # designs of `evaluate_designs`
+WITHOUT_MEMORY = (NO_MEMORY, "learned combiner (no memory)")  # designs of `evaluate_designs`
 Metrics = dict[str, float]
 
 
@@ -345,7 +346,7 @@ def checks(
     sky_lift = skyline["ndcg@10"] - hybrid
     evals = [hybrid] + [r.eval["ndcg@10"] for r in champions]
     trains = [baselines_train["hybrid"]["ndcg@10"]] + [r.train["ndcg@10"] for r in champions]
-    fusion_only = (designs or {}).get("learned first stage (fusion only)")
+    fusion_only = (designs or {}).get(FUSION_ONLY)
     learned = fusion_only["ndcg@10"] if fusion_only else None
     best_part = max(baselines["bm25"]["ndcg@10"], baselines["dense"]["ndcg@10"])
     alone = [v["ndcg@10"] for k, v in (designs or {}).items() if k in WITHOUT_MEMORY]

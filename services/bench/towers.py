@@ -28,9 +28,9 @@ from training.ranking.first_stage import FirstStage
 from training.ranking.rank import candidates_for
 from training.ranking.reranker import Reranker
 from training.registry import MlflowRegistry
+from training.tuning import NO_MEMORY
 
 console = Console()
-NO_MEMORY = "bi-encoder + first stage (no memory)"
 
 
 class TowerResult(BaseModel):

@@ -46,6 +46,35 @@ def test_design_comparison_leaves_the_served_mix_alone(tiny_first_stage, tiny_mo
     )
 
 
+def test_each_part_design_is_rated_at_the_mixes_tuned_for_it(tiny_first_stage, tiny_model, tmp_path):
+    """Switching a part off in the served mix understates a design: its own best mix in the tune grid
+    is what the version records and the comparison rates."""
+    import json
+    import shutil
+
+    from tests.unit.conftest import write_beir
+    from training.tuning import FUSION_ONLY, NO_BI_ENCODER, NO_MEMORY, SAFE_MIX, Tuned, TunedMixes
+
+    served = Mix(0.25, 0.25, 0.5)
+    grid = {served: 0.9, Mix(1.0, 0.0, 0.3): 0.8, Mix(0.25, 0.0, 0.3): 0.7, Mix(0.0, 0.5, 0.5): 0.85, Mix(0.0, 0.0, 0.3): 0.6}
+    mixes = TunedMixes(Tuned(served, grid), SAFE_MIX, {}, 40, 2)
+    designs = mixes.designs()
+    assert (designs[NO_MEMORY]["alpha"], designs[NO_MEMORY]["beta"]) == (1.0, 0.0)
+    assert (designs[NO_BI_ENCODER]["alpha"], designs[NO_BI_ENCODER]["beta"]) == (0.0, 0.5)
+    assert (designs[FUSION_ONLY]["alpha"], designs[FUSION_ONLY]["beta"]) == (0.0, 0.0)
+    assert all(d["unfamiliar"] == SAFE_MIX.as_dict() for d in designs.values())  # too few unfamiliar queries to tune
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    meta = json.loads((folder / "rankloop.json").read_text())
+    (folder / "rankloop.json").write_text(json.dumps({**meta, "designs": designs}))
+    ds = load(write_beir(tmp_path / "beir"))
+    cands = {QUERY: tiny_first_stage.search(QUERY, 8)}
+    rated = evaluate_designs(ds, "test", cands, Reranker(folder, "1"), tiny_first_stage.text, 8)
+    assert rated[NO_MEMORY]["weights"]["alpha"] == 1.0 and rated[NO_MEMORY]["weights"]["unfamiliar"]["alpha"] == 0.0
+    assert rated[NO_BI_ENCODER]["weights"]["beta"] == 0.5
+
+
 def test_a_version_loads_its_query_memory_from_its_folder_without_encoding(tiny_model, monkeypatch):
     """A swap must not encode the feedback memory beside live requests: the version carries it."""
     import numpy as np
