@@ -51,6 +51,23 @@ def _table(rows: list[QueryChange]) -> list[str]:
 
 
 @dataclass(frozen=True)
+class CarriedLearner:
+    """A debias mode this run took from the champion's comparison instead of comparing again."""
+
+    mode: str
+    champion: str
+    compared_at: int  # labels when both learners were last compared
+    recheck_growth: float  # `train.debias_recheck_growth`
+
+    def line(self) -> str:
+        return (
+            f"- Learner {'debiased' if self.mode == 'ips' else 'naive'}, carried from v{self.champion}: both learners were "
+            f"last compared at {self.compared_at:,} labels, and are again from "
+            f"{int(self.recheck_growth * self.compared_at):,} (`train.debias_recheck_growth`)."
+        )
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """What a version's card says, all but the outcome: training knows whether the version passed the
     gate, the control plane decides what becomes of it (promoted, interleaving, awaiting approval)."""
@@ -67,19 +84,12 @@ class ModelCard:
     mix: dict[str, Any]
     depth: int
     debias: dict[str, float] | None = None
-    debias_carried: tuple[str, str, int, float] | None = None  # (mode, champion, labels it compared at, recheck growth)
+    debias_carried: CarriedLearner | None = None
     combiner: dict[str, Any] | None = None  # kept, held-out and mix NDCG@10, feature importance
 
     def render(self, outcome: str) -> str:
         """Markdown; `changes` sorted by delta, best first."""
         return _card(self, outcome)
-
-
-def _carried(mode: str, champion: str, compared_at: int, growth: float) -> str:
-    return (
-        f"- Learner {'debiased' if mode == 'ips' else 'naive'}, carried from v{champion}: both learners were last compared "
-        f"at {compared_at:,} labels, and are again from {int(growth * compared_at):,} (`train.debias_recheck_growth`)."
-    )
 
 
 def _card(c: ModelCard, outcome: str) -> str:
@@ -120,7 +130,7 @@ def _card(c: ModelCard, outcome: str) -> str:
             if debias
             else []
         ),
-        *([_carried(*c.debias_carried)] if c.debias_carried else []),
+        *([c.debias_carried.line()] if c.debias_carried else []),
         "",
         "## Biggest wins",
         "",

@@ -32,7 +32,7 @@ from training.gate import GateResult, run_gate
 from training.labels.rules import LabelRules
 from training.labels.store import LabelStore
 from training.metrics import feedback_ndcg
-from training.model_card import ModelCard
+from training.model_card import CarriedLearner, ModelCard
 from training.progress import Progress, silent
 from training.ranking.combiner import COMBINER_FILE, WITHOUT_MEMORY_FILE
 from training.ranking.encoder import load_encoder
@@ -336,7 +336,7 @@ def train_once(
             mix={**tuned.mix.as_dict(), "unfamiliar": chosen.mixes.unfamiliar.as_dict()},
             depth=depth,
             debias={c.mode: c.held_out for c in learners} if len(learners) > 1 else None,
-            debias_carried=(chosen.mode, plan.carried_from, plan.compared_at, cfg.debias_recheck_growth)
+            debias_carried=CarriedLearner(chosen.mode, plan.carried_from, plan.compared_at, cfg.debias_recheck_growth)
             if plan.carried_from
             else None,
             combiner=chosen.combiner.summary() if chosen.combiner else None,

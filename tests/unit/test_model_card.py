@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from training.gate import GateResult
-from training.model_card import ModelCard, QueryChange, moves
+from training.model_card import CarriedLearner, ModelCard, QueryChange, moves
 
 
 def test_moves_name_the_documents_that_changed_rank_most():
@@ -75,6 +75,6 @@ def test_auto_compares_both_learners_then_carries_the_choice_until_the_labels_gr
     gate = GateResult(True, 0.61, 0.64, 0.03, 0.004, 40, 20, 8, "+0.0300 NDCG@10 on 40 queries (p=0.004)")
     card = ModelCard(
         model_name="m", gate=gate, champion_version="2", lineage={}, examples=1, selection={}, identity_share={},
-        trained_until=0.0, changes=[], mix={}, depth=50, debias_carried=("ips", "2", 15_000, 4.0),
+        trained_until=0.0, changes=[], mix={}, depth=50, debias_carried=CarriedLearner("ips", "2", 15_000, 4.0),
     ).render("passed")  # fmt: skip
     assert "Learner debiased, carried from v2" in card and "15,000 labels" in card and "60,000" in card
