@@ -236,6 +236,26 @@ def test_files_with_a_field_mapping_load_and_bad_rows_are_refused_one_by_one(tmp
             assert report.refused == 3 and any("not JSON" in r for r in reasons)
 
 
+def test_whether_any_document_has_an_age_is_read_from_an_index_not_the_whole_table(tmp_path):
+    import sqlite3
+
+    from schemas.documents import Document
+    from training.corpus.store import DocumentStore
+
+    path = tmp_path / "documents.sqlite"
+    store = DocumentStore(path)
+    store.upsert([Document(id=f"d{i}", text=f"document {i}") for i in range(20)])
+    assert not store.has_ages()
+    store.upsert([Document(id="aged", text="dated", updated_at=1_700_000_000.0)])
+    assert store.has_ages()
+    store.delete(["aged"])
+    assert not store.has_ages()
+    plan = sqlite3.connect(path).execute(
+        "EXPLAIN QUERY PLAN SELECT 1 FROM documents WHERE deleted = 0 AND updated_at IS NOT NULL LIMIT 1"
+    )
+    assert "documents_aged" in " ".join(str(row) for row in plan)
+
+
 WRITER = """
 import sys
 from pathlib import Path

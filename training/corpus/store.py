@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS documents(
 );
 CREATE INDEX IF NOT EXISTS documents_seq ON documents(seq);
 CREATE INDEX IF NOT EXISTS documents_unencoded ON documents(num) WHERE vector IS NULL AND deleted = 0;
+CREATE INDEX IF NOT EXISTS documents_aged ON documents(num) WHERE updated_at IS NOT NULL AND deleted = 0;
 CREATE TABLE IF NOT EXISTS audit(seq INTEGER NOT NULL, at REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
   documents INTEGER NOT NULL, ids TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS inline_documents(id TEXT PRIMARY KEY, title TEXT NOT NULL, body TEXT NOT NULL, content TEXT NOT NULL);
@@ -303,7 +304,9 @@ class DocumentStore:
         return out
 
     def has_ages(self) -> bool:
-        """Whether any live document carries the application's `updated_at` (what an age is read from)."""
+        """Whether any live document carries the application's `updated_at` (what an age is read from).
+        Answered from the partial index `documents_aged`: without it, a corpus with no ages was read
+        whole, every row of it, once per training."""
         row = self._db().execute("SELECT 1 FROM documents WHERE deleted = 0 AND updated_at IS NOT NULL LIMIT 1").fetchone()
         return row is not None
 
