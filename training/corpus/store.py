@@ -303,6 +303,19 @@ class DocumentStore:
                 out[d] = StoredDocument(d, t, json.loads(f), c, at)
         return out
 
+    def numbers(self, ids: list[str]) -> dict[str, tuple[dict, float | None]]:
+        """The fields and `updated_at` of the live documents among `ids`: what a learned combiner reads
+        per candidate, without their text (`live` brings titles and content a head does not need)."""
+        out: dict[str, tuple[dict, float | None]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for d, f, at in self._db().execute(
+                f"SELECT id, fields, updated_at FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk
+            ):
+                out[d] = (json.loads(f), at)
+        return out
+
     def has_ages(self) -> bool:
         """Whether any live document carries the application's `updated_at` (what an age is read from).
         Answered from the partial index `documents_aged`: without it, a corpus with no ages was read

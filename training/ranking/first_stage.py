@@ -129,7 +129,7 @@ class FirstStage:
 
     def document_numbers(self, doc_ids: list[str], names: list[str]) -> dict[str, np.ndarray]:
         """One column per document feature name, one row per document (NaN where unset)."""
-        found = {d: (doc.fields, doc.updated_at) for d, doc in self.store.live(doc_ids).items()} if names else {}
+        found = self.store.numbers(doc_ids) if names else {}
         return document_columns(doc_ids, found, names, time.time())
 
     def search(self, query: str, k: int = 100, conditions: list[Condition] | None = None) -> list[Candidate]:
