@@ -149,6 +149,7 @@ def log_tuning(mixes: TunedMixes, memory_queries: int) -> None:
             "tune_familiar_queries": mixes.familiar_queries,
             "tune_unfamiliar_queries": mixes.unfamiliar_queries,
             "tune_probe_queries": mixes.probe_queries,
+            "tune_twinless_probes": mixes.twinless_probes,
         }
     )
 

@@ -224,3 +224,34 @@ def test_a_version_encodes_a_query_once_and_forgets_past_its_bound(tiny_model, m
     monkeypatch.setattr(module, "QUERY_VECTORS", 2)
     version.embed_queries(["sleep and memory"])
     assert len(version.query_vectors) <= 2 and calls == [1, 1, 1]
+
+
+def test_a_probe_with_a_fine_tuned_twin_does_not_tune_the_models_weight_for_unfamiliar_queries(tiny_first_stage, tmp_path):
+    """A paraphrase the model was fine-tuned on makes a probe familiar to the model, whatever the memory
+    pretends: only probes without such a twin say how the model does on a new query. Without enough of
+    them the unfamiliar mix is tuned on every probe, but without the model (alpha 0)."""
+    from training.labels.feedback import QueryFeedback
+    from training.ranking.encoder import load_encoder
+    from training.ranking.reranker import save_model_folder
+    from training.tuning import ALPHAS, tune_mixes, without_twins
+
+    twin, trained = "does vitamin d prevent bone fractures", "does vitamin d prevent fractures"
+    alone = "which enzymes break down dietary starch"
+    memory = {twin: {"d7": 1.0}, trained: {"d7": 1.0}, alone: {"d2": 1.0}, "is coffee linked to heart attacks": {"d3": 1.0}}
+    folder = save_model_folder(load_encoder(), tmp_path / "model", Mix(0.5, 0.5, 0.5), memory)
+    reranker = Reranker(folder, "1").warm(tiny_first_stage)
+    assert reranker.familiarity(reranker.embed_query(twin)) >= 0.7  # the premise: the two are twins
+    probes = [QueryFeedback(twin, {"d7": 1.0}), QueryFeedback(alone, {"d2": 1.0})]
+    assert [fb.query for fb in without_twins(reranker, probes)] == [alone]
+    # two probes that are twins of each other are both unseen by the model: both kept
+    both = [QueryFeedback(twin, {"d7": 1.0}), QueryFeedback(trained, {"d7": 1.0})]
+    assert len(without_twins(reranker, both)) == 2
+
+    tune = [QueryFeedback(trained, {"d7": 2.0})]  # familiar: in the memory
+    cands = {q: tiny_first_stage.search(q, 8) for q in (twin, trained, alone)}
+    twinned = tune_mixes(reranker, tune, cands, tiny_first_stage.text, 8, 1, probes[:1])
+    assert (twinned.probe_queries, twinned.twinless_probes) == (1, 0)
+    assert {m.alpha for m in twinned.unfamiliar_grid} == {0.0} and twinned.unfamiliar.alpha == 0.0
+    measured = tune_mixes(reranker, tune, cands, tiny_first_stage.text, 8, 1, probes[1:])
+    assert (measured.probe_queries, measured.twinless_probes) == (1, 1)
+    assert {m.alpha for m in measured.unfamiliar_grid} == set(ALPHAS)
