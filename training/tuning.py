@@ -60,7 +60,7 @@ class TunedMixes:
         """Each design of `PART_DESIGNS` at its own best mixes in the grids already scored, for the design
         comparison (`training.evaluate.evaluate_designs`). A part switched off in the served mix is not
         that design at its best: tuned beside the memory, the bi-encoder's weight stayed 0.25 on familiar
-        queries; tuned without it, 0.75, worth +0.021 NDCG@10 on SciFact test (docs/ranking.md)."""
+        queries; tuned without it, 0.75, worth +0.019 NDCG@10 on SciFact test (seed 0, docs/ranking.md)."""
 
         def best(grid: dict[Mix, float], allowed: Callable[[Mix], bool]) -> Mix:
             return max((m for m in grid if allowed(m)), key=lambda m: grid[m])
