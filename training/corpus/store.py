@@ -291,30 +291,22 @@ class DocumentStore:
             self._db().execute("SELECT num, content, body FROM documents WHERE vector IS NULL AND deleted = 0 LIMIT ?", (limit,))
         )
 
-    def live(self, ids: list[str]) -> dict[str, StoredDocument]:
-        """The live documents among `ids` (deleted and unknown ones are absent)."""
-        out: dict[str, StoredDocument] = {}
+    def _live_rows(self, columns: str, ids: list[str]) -> Iterator[tuple]:
+        """`columns` of the live documents among `ids`, 500 ids a query (under SQLite's variable limit)."""
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for d, t, f, c, at in self._db().execute(
-                f"SELECT id, title, fields, content, updated_at FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk
-            ):
-                out[d] = StoredDocument(d, t, json.loads(f), c, at)
-        return out
+            yield from self._db().execute(f"SELECT {columns} FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk)
+
+    def live(self, ids: list[str]) -> dict[str, StoredDocument]:
+        """The live documents among `ids` (deleted and unknown ones are absent)."""
+        rows = self._live_rows("id, title, fields, content, updated_at", ids)
+        return {d: StoredDocument(d, t, json.loads(f), c, at) for d, t, f, c, at in rows}
 
     def numbers(self, ids: list[str]) -> dict[str, tuple[dict, float | None]]:
         """The fields and `updated_at` of the live documents among `ids`: what a learned combiner reads
         per candidate, without their text (`live` brings titles and content a head does not need)."""
-        out: dict[str, tuple[dict, float | None]] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for d, f, at in self._db().execute(
-                f"SELECT id, fields, updated_at FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk
-            ):
-                out[d] = (json.loads(f), at)
-        return out
+        return {d: (json.loads(f), at) for d, f, at in self._live_rows("id, fields, updated_at", ids)}
 
     def has_ages(self) -> bool:
         """Whether any live document carries the application's `updated_at` (what an age is read from).
