@@ -18,7 +18,7 @@ from training.ranking.combiner import FEATURES, MEMORY_FEATURES, Combiner, train
 from training.ranking.features import Features
 from training.ranking.first_stage import fuse
 from training.ranking.query import normalise_query
-from training.ranking.rank import Candidates, Text, rank
+from training.ranking.rank import Candidates, Ranking, Text, rank
 from training.ranking.reranker import FAMILIAR_AT, Mix, Reranker
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]  # weight of the model similarity vs the first-stage score
@@ -81,21 +81,57 @@ def tune_mix(
     fusions: list[float | None] = FUSIONS,
     unseen: frozenset[str] = frozenset(),
     alphas: list[float] = ALPHAS,
+    paraphrases: bool = False,
 ) -> Tuned:
     """Mean NDCG@10 on the tune slice for every mix, the first stage's fusion included (ties go to the
     first fusion listed); the head's features are computed once per query and fusion. `unseen` queries
-    are ranked as if the feedback memory knew nothing near them (probe queries)."""
+    are ranked as if the feedback memory knew nothing near them (probe queries). With `paraphrases`,
+    each remembered query also counts as its own paraphrase (`paraphrase_features`)."""
     grid: dict[Mix, float] = {}
     for fusion in fusions:
         heads = {fb.query: candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion) for fb in feedback}
         feats = [(fb, reranker.features(fb.query, heads[fb.query][:depth], text, unseen=fb.query in unseen)) for fb in feedback]
+        again = paraphrase_features(reranker, feedback, heads, text, depth) if paraphrases else {}
         for a, b, t in itertools.product(alphas, BETAS, TAUS):
             if b == 0 and t != TAUS[0]:
                 continue  # tau only matters when the memory is used
             mix = Mix(a, b, t, fusion)
             rankings = {fb.query: rank(fb.query, candidates[fb.query], reranker, text, depth, mix, f) for fb, f in feats}
-            grid[mix] = float(np.mean(list(feedback_ndcg(feedback, rankings).values()) or [0.0]))
+            reworded = {q: rank(q, candidates[q], reranker, text, depth, mix, f) for q, f in again.items()}
+            grid[mix] = pooled_ndcg(feedback, rankings, reworded)
     return Tuned(max(grid, key=lambda m: grid[m]), grid)
+
+
+def paraphrase_features(
+    reranker: Reranker,
+    feedback: list[QueryFeedback],
+    heads: Candidates,
+    text: Text,
+    depth: int,
+    embedded: dict[str, np.ndarray] | None = None,
+    documents: list[str] | None = None,
+) -> dict[str, Features]:
+    """Remembered tune queries as if asked in other words: each one's head with its own feedback hidden
+    from the memory (`leave_out`), for those a remembered twin within `FAMILIAR_AT` still serves as
+    familiar. A familiar query is a repeat or a paraphrase; scored on repeats alone, where the query's
+    own feedback answers at similarity 1, the memory's radius and weight come out too timid for
+    paraphrases (docs/ranking.md)."""
+    out = {}
+    for fb in feedback:
+        if normalise_query(fb.query) not in reranker.prior:
+            continue
+        q = embedded.get(fb.query) if embedded else None
+        f = reranker.features(fb.query, heads[fb.query][:depth], text, q, leave_out=True, documents=documents)
+        if len(f.neighbours) and f.neighbours[0] >= FAMILIAR_AT:
+            out[fb.query] = f
+    return out
+
+
+def pooled_ndcg(feedback: list[QueryFeedback], asked: dict[str, Ranking], reworded: dict[str, Ranking]) -> float:
+    """Mean NDCG@10 over the queries as asked and, pooled with them, their paraphrases' rankings."""
+    scores = list(feedback_ndcg(feedback, asked).values())
+    scores += list(feedback_ndcg([fb for fb in feedback if fb.query in reworded], reworded).values())
+    return float(np.mean(scores or [0.0]))
 
 
 def tune_fusion(
@@ -143,8 +179,9 @@ def tune_mixes(
     probe: list[QueryFeedback] | None = None,
 ) -> TunedMixes:
     """Learns the first stage's fusion on the whole tune slice, then tunes a mix on its familiar
-    queries (`FAMILIAR_AT`) and one on its unfamiliar ones, joined by the `probe` queries (train queries
-    the model was not fine-tuned on, ranked as if the memory knew nothing near them) when too few. The
+    queries (`FAMILIAR_AT`; each as asked and as its own paraphrase) and one on its unfamiliar ones,
+    joined by the `probe` queries (train queries the model was not fine-tuned on, ranked as if the
+    memory knew nothing near them) when too few. The
     memory's weight can be tuned on any probe; the model's only on probes without a fine-tuned twin
     (`without_twins`): with fewer than `min_queries` of those, the unfamiliar mix does without the model.
     With fewer than `min_queries` of both (a few head queries make all the traffic) nothing says how the
@@ -162,7 +199,7 @@ def tune_mixes(
         probe = twinless
     pool, unseen = unfamiliar + probe, frozenset(fb.query for fb in probe)
     alphas = ALPHAS if model_measured else [0.0]
-    tuned = tune_mix(reranker, familiar or feedback, candidates, text, depth, [fusion])
+    tuned = tune_mix(reranker, familiar or feedback, candidates, text, depth, [fusion], paraphrases=True)
     other = tune_mix(reranker, pool, candidates, text, depth, [fusion], unseen, alphas) if len(pool) >= min_queries else None
     return TunedMixes(
         tuned,
@@ -214,9 +251,8 @@ def learn_combiner(
     corpus's document features when its index offers any), ranked
     under the familiar mix's fusion, exactly as `rank` will serve them."""
     served = {fb.query: rank(fb.query, candidates[fb.query], reranker, text, depth) for fb in tune}
-    mix_ndcg = float(np.mean(list(feedback_ndcg(tune, served).values()) or [0.0]))
     if len(tune) < min_queries:
-        return CombinerChoice(None, None, None, mix_ndcg, len(tune))
+        return CombinerChoice(None, None, None, pooled_ndcg(tune, served, {}), len(tune))
     fusion = reranker.mix.bm25_weight
     heads = {fb.query: candidates[fb.query] if fusion is None else fuse(candidates[fb.query], fusion) for fb in tune}
     rng = np.random.default_rng(seed)
@@ -235,13 +271,18 @@ def learn_combiner(
 
     groups = [group(fb, False) for fb in tune]
     base = [group(fb, True) for fb in learned]
+    # the tune queries as their own paraphrases too, as the mixes were tuned (`paraphrase_features`)
+    again = paraphrase_features(reranker, tune, heads, text, depth, embedded, documents)
+    reworded = {q: rank(q, candidates[q], reranker, text, depth, features=f) for q, f in again.items()}
+    mix_ndcg = pooled_ndcg(tune, served, reworded)
     order = rng.permutation(len(tune))
     folds = [{int(i) for i in order[k::COMBINER_FOLDS]} for k in range(COMBINER_FOLDS)]
 
     def cross_validated(names: list[str]) -> tuple[Combiner, float]:
         """The combiner on every query, with the similarity weight whose k-fold held-out NDCG@10 on
         the tune slice was best, and that figure."""
-        held_out: dict[float, dict[str, list[tuple[str, float]]]] = {w: {} for w in ALPHAS}
+        held_out: dict[float, dict[str, Ranking]] = {w: {} for w in ALPHAS}
+        held_out_reworded: dict[float, dict[str, Ranking]] = {w: {} for w in ALPHAS}
         for test in folds:
             fold = train_combiner(base + [g for i, g in enumerate(groups) if i not in test], names, seed)
             for w in ALPHAS:
@@ -249,7 +290,10 @@ def learn_combiner(
                 for i in test:
                     fb, (f, _) = tune[i], groups[i]
                     held_out[w][fb.query] = rank(fb.query, candidates[fb.query], scored, text, depth, features=f)
-        cv = {w: float(np.mean(list(feedback_ndcg(tune, r).values()) or [0.0])) for w, r in held_out.items()}
+                    if fb.query in again:
+                        ranked = rank(fb.query, candidates[fb.query], scored, text, depth, features=again[fb.query])
+                        held_out_reworded[w][fb.query] = ranked
+        cv = {w: pooled_ndcg(tune, held_out[w], held_out_reworded[w]) for w in ALPHAS}
         best = max(cv, key=lambda w: cv[w])
         return train_combiner(base + groups, names, seed).with_similarity(best), cv[best]
 
