@@ -255,3 +255,33 @@ def test_a_probe_with_a_fine_tuned_twin_does_not_tune_the_models_weight_for_unfa
     measured = tune_mixes(reranker, tune, cands, tiny_first_stage.text, 8, 1, probes[1:])
     assert (measured.probe_queries, measured.twinless_probes) == (1, 1)
     assert {m.alpha for m in measured.unfamiliar_grid} == set(ALPHAS)
+
+
+def test_the_familiar_mix_is_scored_on_each_remembered_query_as_its_own_paraphrase_too(tiny_first_stage, tmp_path):
+    """A familiar query is a repeat or a paraphrase. Scored on repeats alone, the query's own feedback
+    answers at similarity 1 whatever the memory's radius; hidden (`leave_out`), what its remembered
+    twins said is what a paraphrase would get."""
+    from training.labels.feedback import QueryFeedback
+    from training.ranking.encoder import load_encoder
+    from training.ranking.reranker import save_model_folder
+    from training.tuning import paraphrase_features, tune_mix
+
+    trained, twin = "does vitamin d prevent fractures", "does vitamin d prevent bone fractures"
+    alone, unknown = "which enzymes break down dietary starch", "is coffee linked to heart attacks"
+    memory = {trained: {"d7": 1.0}, twin: {"d3": 1.0}, alone: {"d2": 1.0}}  # the twin's users chose d3
+    folder = save_model_folder(load_encoder(), tmp_path / "model", Mix(0.5, 0.5, 0.5), memory)
+    reranker = Reranker(folder, "1").warm(tiny_first_stage)
+    tune = [QueryFeedback(trained, {"d7": 2.0}), QueryFeedback(alone, {"d2": 1.0}), QueryFeedback(unknown, {"d3": 1.0})]
+    cands = {q: tiny_first_stage.search(q, 8) for q in (trained, alone, unknown)}
+    assert "d7" in {c.doc_id for c in cands[trained]}
+
+    again = paraphrase_features(reranker, tune, cands, tiny_first_stage.text, 8)
+    assert list(again) == [trained]  # `alone` has no twin left, `unknown` is not remembered
+    reworded = again[trained]
+    assert 0.7 <= reworded.neighbours[0] < 0.99 and {"d3": 1.0} in reworded.evidence and {"d7": 1.0} not in reworded.evidence
+
+    bold = Mix(0.0, 2.0, 0.3)
+    as_asked = tune_mix(reranker, tune[:1], cands, tiny_first_stage.text, 8, [None])
+    pooled = tune_mix(reranker, tune[:1], cands, tiny_first_stage.text, 8, [None], paraphrases=True)
+    assert as_asked.grid[bold] == 1.0  # its own feedback puts d7 first
+    assert pooled.grid[bold] < 1.0  # as a paraphrase, the twin's d3 comes first
