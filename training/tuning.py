@@ -115,7 +115,7 @@ def paraphrase_features(
     from the memory (`leave_out`), for those a remembered twin within `FAMILIAR_AT` still serves as
     familiar. A familiar query is a repeat or a paraphrase; scored on repeats alone, where the query's
     own feedback answers at similarity 1, the memory's radius and weight come out too timid for
-    paraphrases (docs/ranking.md)."""
+    paraphrases (SciFact seed 0: tau 0.7 -> 0.5, tuned mixes 0.7871 -> 0.7923 on test; docs/ranking.md)."""
     out = {}
     for fb in feedback:
         if normalise_query(fb.query) not in reranker.prior:
