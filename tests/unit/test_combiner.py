@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 
 from training.labels.feedback import QueryFeedback
-from training.ranking.combiner import COMBINER_FILE, FEATURES, WITHOUT_MEMORY_FILE
+from training.ranking.combiner import COMBINER_FILE, FEATURES, WITHOUT_MEMORY_FILE, Combiner, feature_matrix, train_combiner
 from training.ranking.first_stage import Candidate
 from training.ranking.rank import first_stage_order, rank
 from training.ranking.reranker import Mix, Reranker
@@ -139,3 +139,28 @@ def test_a_combiner_learns_from_the_number_fields_and_ages_the_corpus_gives(livi
     version = Reranker(folder, "2").warm(living_index)
     served = rank("glacier opera timetable", cands[feedback[0].query], version, living_index.text, 8)
     assert served[0][0] == "d5"
+
+
+def test_a_new_combiner_does_not_learn_where_users_were_shown_a_document(tiny_first_stage, tiny_model):
+    """The first-stage rank is where clicks were shown: learned from clicks it explains position bias."""
+    feedback, cands = popular_answer_tune_slice()
+    choice = learn_combiner(Reranker(tiny_model, "1"), feedback, [], cands, tiny_first_stage.text, 8, min_queries=30, seed=1)
+    assert choice.combiner is not None and choice.without_memory is not None
+    assert "first_stage_rank" not in choice.combiner.names + choice.without_memory.names
+    assert "first_stage_rank" not in FEATURES
+
+
+def test_a_combiner_saved_with_the_retired_rank_feature_still_scores_by_it(tiny_first_stage, tiny_model, tmp_path):
+    """A champion trained before the rank was retired keeps serving as it was trained: the rank is
+    computed for it, not looked up in the corpus as a document feature."""
+    feedback, cands = popular_answer_tune_slice()
+    reranker = Reranker(tiny_model, "1")
+    names = ["first_stage", "first_stage_rank"]
+    groups = [(reranker.features(fb.query, cands[fb.query], tiny_first_stage.text), {"d7": 2}) for fb in feedback]
+    path = tmp_path / COMBINER_FILE
+    train_combiner(groups, names, seed=1).save(path)
+    old = Combiner.load(path)
+    assert old.names == names and old.document_features == []
+    head = groups[0][0]
+    assert np.allclose(feature_matrix(head, names)[:, 1], np.arange(len(head.doc_ids)) / len(head.doc_ids))
+    assert np.isfinite(old.score(head)).all()
