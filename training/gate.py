@@ -1,7 +1,9 @@
 """The promotion gate: a challenger passes only when it is better on held-out feedback.
 
 Paired over queries (the same queries, the same candidates), one-sided Wilcoxon signed-rank test
-plus a minimum mean gain: a model that is merely as good, or better by noise, is not promoted.
+plus a minimum mean gain: a model that is merely as good, or better by noise, is not promoted. The
+test ranks the queries the two models score differently; the ones they score alike carry no evidence
+either way (docs/retraining.md).
 
 Traffic with few distinct queries asked many times (a help centre, an internal tool) never reaches
 a floor of distinct queries; there the unit is the request, and since requests of one query are not
@@ -67,7 +69,7 @@ def decide(
     gain = float(diff.mean()) if len(diff) else 0.0
     p = 1.0
     if wins + losses > 0:
-        p = float(wilcoxon(b, a, alternative="greater", zero_method="zsplit").pvalue)
+        p = float(wilcoxon(b, a, alternative="greater", zero_method="wilcox").pvalue)
     if len(qids) < min_queries:
         passed, reason = False, f"only {len(qids)} held-out queries (< {min_queries})"
     elif gain < margin:
