@@ -125,6 +125,25 @@ def bench_loop_compare(
         raise typer.Exit(1)
 
 
+@bench_app.command("replay")
+def bench_replay(
+    run: Path = typer.Argument(..., help="a `bench loop` result (one seed): its rounds' label counts and eval split"),
+    run_state: Path = typer.Argument(..., help="that run's state folder (.rankloop/bench-s<seed>-<time>): index and labels"),
+    dataset: str = typer.Option(None, help="BEIR folder of the run; default: the `dataset` setting"),
+    out: Path = typer.Option(Path("replay.json"), help="where the JSON result goes"),
+) -> None:
+    """The run's rounds trained again on the labels it stored, under the current settings (e.g.
+    RANKLOOP_TRAIN__EPOCHS=4): each round's gate, champion and designs on the eval split."""
+    from services.bench.replay import run_replay
+
+    for path in (run, run_state / "labels"):
+        if not path.exists():
+            raise InvalidInput(f"{path} does not exist")
+    s = bench_settings("bench-replay", dataset, 0)
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    _write(run_replay(s, run, run_state, out), out, already=True)
+
+
 @bench_app.command("serve")
 def bench_serve(
     dataset: str = typer.Option(None, help="BEIR folder; default: the `dataset` setting"),

@@ -266,3 +266,18 @@ def test_the_store_says_which_revisions_it_holds_so_a_replay_writes_only_what_is
     assert store.stored_revisions(asked, since=0.0) == {("r1:d1", 1), ("r1:d1", 2)}
     # a replay-only batch (no new offsets) is written, not mistaken for one already stored
     assert store.write([_label(7)], {}) and store.stored_revisions([_label(7)], since=0.0) == {("r7:d1", 1)}
+
+
+def test_a_replay_reads_each_round_at_the_first_table_version_holding_its_labels(tmp_path):
+    """`rankloop bench replay` trains a run's round on the labels as they stood then, not on the final
+    table's first rows: a label revised later (r0..r3 here) is read at its revision of that time."""
+    from services.bench.replay import LabelsAsOf, version_holding
+    from services.storage.delta import DeltaLabelStore
+
+    store = DeltaLabelStore(tmp_path / "labels")
+    store.write([_label(n) for n in range(10)], {"interactions@t-p0": 9})  # version 0: 10 labels (round 1)
+    store.write([_label(n, revision=2, grade=2) for n in range(4)], {"interactions@t-p0": 13})  # still 10
+    store.write([_label(n) for n in range(10, 15)], {"interactions@t-p0": 18})  # 15 labels (round 2)
+    assert version_holding(store, 10) == 0 and version_holding(store, 11) == 2 and version_holding(store, 15) == 2
+    round_one, _ = LabelsAsOf(store, version_holding(store, 10)).read()
+    assert len(round_one) == 10 and set(round_one["revision"]) == {1}
