@@ -14,12 +14,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(
-        4,
-        ge=1,
-        description="passes over the examples; with the frozen document tower 4 instead of 2 cost ~25 s a SciFact round "
-        "and lifted the learned parts without the memory by 0.0043-0.0106 NDCG@10 (docs/benchmark.md)",
-    )
+    epochs: int = Field(2, ge=1)
     batch_size: int = Field(16, ge=2)
     lr: float = Field(5e-5, gt=0)
     hard_negatives: int = Field(2, ge=0)
