@@ -23,9 +23,11 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from services.config import Settings
+from services.control.promotion import MlflowAliases, Promotions
 from services.control.scheduler import training_job
 from services.storage import open_registry
 from services.storage.delta import DeltaLabelStore
+from services.storage.memory import MemoryPublisher
 from training import beir
 from training.evaluate import evaluate_designs, evaluate_ranker
 from training.labels.store import Lineage
@@ -34,7 +36,6 @@ from training.ranking.embedding_cache import MemoryEmbeddingCache
 from training.ranking.first_stage import FirstStage
 from training.ranking.rank import candidates_for
 from training.ranking.reranker import Reranker
-from training.registry import CHAMPION
 
 console = Console()
 
@@ -88,6 +89,8 @@ def run_replay(s: Settings, run: Path, run_state: Path, out: Path) -> ReplayResu
     fs = FirstStage.current(run_state)
     store = DeltaLabelStore(run_state / "labels" / s.deployment)
     registry = open_registry(s)
+    # the replay's own registry; no serving worker listens, so its model events go nowhere
+    promotions = Promotions(registry, MlflowAliases(registry), MemoryPublisher(), s.keys.model_events)
     job = training_job(s)
     cands = candidates_for(fs, [ds.queries[q] for q in ds.qrels(eval_split)])
     rounds = []
@@ -97,7 +100,7 @@ def run_replay(s: Settings, run: Path, run_state: Path, out: Path) -> ReplayResu
         outcome = train_once(registry, labels, fs, job)  # type: ignore[arg-type]
         seconds = time.time() - started
         if outcome.status == "passed":
-            registry.client.set_registered_model_alias(registry.name, CHAMPION, str(outcome.version))
+            promotions.promote(str(outcome.version), outcome.message, "bench replay")
         champion = registry.champion()
         served, designs = None, {}
         if champion is not None:
