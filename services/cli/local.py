@@ -139,6 +139,13 @@ def bench_replay(
     for path in (run, run_state / "labels"):
         if not path.exists():
             raise InvalidInput(f"{path} does not exist")
+    try:
+        bench = json.loads(run.read_text())
+        valid = isinstance(bench["eval_split"], str) and all(int(r["labels"]) > 0 for r in bench["rounds"])
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise InvalidInput(f"{run} is not a `bench loop` result of one seed (rounds with labels, eval_split)")
     s = bench_settings("bench-replay", dataset, 0)
     s.state_dir.mkdir(parents=True, exist_ok=True)
     _write(run_replay(s, run, run_state, out), out, already=True)

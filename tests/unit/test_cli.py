@@ -152,3 +152,13 @@ def test_index_reads_a_file_with_a_field_mapping_and_corpus_shows_the_audited_lo
     assert "vectors: 2 in an exact snapshot" in shown.output
     refused = runner.invoke(app, ["index", "--input", str(tmp_path / "docs.jsonl"), "--id", "nope"])
     assert refused.exit_code == 1 and "refused 2" in refused.output
+
+
+def test_bench_replay_names_a_run_it_cannot_replay_instead_of_a_traceback(tmp_path):
+    (tmp_path / "state" / "labels").mkdir(parents=True)
+    summary = tmp_path / "repeat.json"
+    summary.write_text(json.dumps({"seeds": [0, 1, 2], "runs": []}))  # a --repeat summary, not one seed's run
+    result = runner.invoke(app, ["bench", "replay", str(summary), str(tmp_path / "state")])
+    assert result.exit_code == 1 and "not a `bench loop` result of one seed" in result.output, result.output
+    result = runner.invoke(app, ["bench", "replay", str(summary), str(tmp_path / "elsewhere")])
+    assert result.exit_code == 1 and "elsewhere/labels does not exist" in result.output, result.output
