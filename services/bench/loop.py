@@ -238,6 +238,7 @@ def _run(
                 deadline = time.time() + 120
                 while served_version(s) != outcome.version and time.time() < deadline:
                     time.sleep(1)
+            t_served = time.time()  # the round ends here; rating its champion is the bench's own work
             champion = registry.champion()
             reranker = Reranker(registry.fetch(champion), champion.version).warm(fs) if champion else None
             ev, tr = evaluate(reranker)
@@ -256,7 +257,11 @@ def _run(
                     served_version=served_version(s),
                     eval=ev,
                     train=tr,
-                    seconds={"simulate_and_label": t_train - t, "train_and_gate": time.time() - t_train},
+                    seconds={
+                        "simulate_and_label": t_train - t,
+                        "train_and_gate": t_served - t_train,
+                        "evaluate": time.time() - t_served,
+                    },
                 )
             )
             console.print(
