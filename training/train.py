@@ -116,8 +116,12 @@ def fit(
     model.max_seq_length = cfg.max_seq_length
     model.train()
     loss_fn = WeightedListwiseLoss(model)
+    # The word-piece table is half the model (11.7M of 22.7M weights) and a few thousand queries touch
+    # a sliver of it; frozen, AdamW skips it (a step 0.108 -> 0.093 s) and unseen words keep their meaning.
+    model[0].auto_model.get_input_embeddings().requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters; the per-tensor loop took 0.15 s of a 0.5 s step on 2 cores
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, fused=True)
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.01, fused=True)
     steps = max(1, cfg.epochs * ((len(examples) + cfg.batch_size - 1) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
     losses: list[float] = []
@@ -133,7 +137,7 @@ def fit(
                 loss = loss_fn([e.query for e in batch], docs, weights)
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
             sched.step()
             losses.append(float(loss.item()))

@@ -50,12 +50,14 @@ def test_a_query_side_fine_tune_moves_queries_towards_their_fixed_documents(livi
         return float(q @ docs["d7"] - max(q @ docs["d1"], q @ docs["d2"]))
 
     before = margin()
+    words = model[0].auto_model.get_input_embeddings().weight.detach().clone()
     examples = [Example(query, "d7", ["d1", "d2"], 1.0), Example("sleep and remembering", "d6", ["d3"], 1.0)] * 8
     vectors = lambda ids: np.stack([fs.store.vectors_of([d])[d] for d in ids])  # noqa: E731
     stats = fit(model, examples, fs.text, TrainConfig(epochs=2, batch_size=4, lr=1e-4), document_vectors=vectors)
     assert stats.steps == 8  # (in-batch duplicates of one pair keep the loss itself flat)
     assert margin() > before + 0.05
     assert np.allclose(fs.store.vectors_of(["d7"])["d7"], docs["d7"])  # the documents' side never moved
+    assert model[0].auto_model.get_input_embeddings().weight.equal(words)  # nor the word-piece table
 
 
 def test_prune_keeps_the_queries_with_the_most_evidence():
