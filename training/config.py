@@ -19,7 +19,7 @@ class TrainConfig(BaseModel):
     lr: float = Field(
         2e-4,
         gt=0,
-        description="peak learning rate (linear warm-up, then decay); 2e-4 learns in 2 epochs more than 5e-5 in 4 (docs/benchmark.md)",
+        description="peak learning rate (warm-up, then linear decay): 2e-4 learns more in 2 epochs than 5e-5 in 4",
     )
     hard_negatives: int = Field(2, ge=0)
     retriever_negatives_from_top: int = Field(20, ge=1)
