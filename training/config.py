@@ -37,7 +37,9 @@ class TrainConfig(BaseModel):
     max_ips: float = Field(5.0, ge=1.0)
     max_weight: float = Field(4.0, gt=0)
     replay_fraction: float = Field(0.5, ge=0.0, description="old queries replayed per new one when warm-starting")
-    max_examples: int = Field(1500, ge=1, description="bounds a run's time (~9 examples/s/epoch on 2 CPU cores)")
+    max_examples: int = Field(
+        1500, ge=1, description="bounds a run's time (~60 examples/s/epoch on 2 CPU cores with the frozen document tower)"
+    )
     seed: int = 13
     probe_fraction: float = Field(
         0.1,
