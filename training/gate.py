@@ -293,11 +293,13 @@ def run_gate(
     text: Text,
     depth: int,
     gate: GateConfig,
+    served: Reranker | None = None,
 ) -> GateReport:
     """Per query while there are `gate.min_queries` distinct held-out queries; with fewer, per request
     clustered by query (a few head queries asked many times still get a verdict). Held-out queries
     without `gate.min_trusted_sources` signed users behind their positives are left out (the slices
-    do), and a challenger that passes is refused still if it lifted documents no signed user backs."""
+    do), and a challenger that passes is refused still if it lifted documents no signed user backs:
+    as `served`, the challenger with the memory it will serve with (every label, the gate slice's too)."""
     if len(slices.gate) >= gate.min_queries:
         report = compare_on_feedback(champion, challenger, slices.gate, candidates, text, depth, gate)
     else:
@@ -307,7 +309,7 @@ def run_gate(
         result.reason += (
             f"; {slices.untrusted_gate_queries} held-out queries left out (< {gate.min_trusted_sources} signed users)"
         )
-    if result.passed and (rises := unsupported_rises(champion, challenger, slices, candidates, text, depth, gate)):
+    if result.passed and (rises := unsupported_rises(champion, served or challenger, slices, candidates, text, depth, gate)):
         more = f" and {len(rises) - 1} more" if len(rises) > 1 else ""
         result.passed = False
         result.reason = f"refused: {rises[0]}{more} (gate.rise_sources {gate.rise_sources}); the gate had said: {result.reason}"

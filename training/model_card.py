@@ -86,6 +86,7 @@ class ModelCard:
     debias: dict[str, float] | None = None
     debias_carried: CarriedLearner | None = None
     combiner: dict[str, Any] | None = None  # kept, held-out and mix NDCG@10, feature importance
+    memory: tuple[int, int] | None = None  # queries in the feedback memory: as measured (train slice), as served
 
     def render(self, outcome: str) -> str:
         """Markdown; `changes` sorted by delta, best first."""
@@ -158,6 +159,12 @@ def _card(c: ModelCard, outcome: str) -> str:
                 if comb.get("held_out") is not None
                 else "."
             )
+        )
+        + (
+            f" Its feedback memory serves {c.memory[1]:,} queries' feedback, every label above; tuning and the gate"
+            f" measured it with the train slice's {c.memory[0]:,}."
+            if c.memory
+            else ""
         )
         + " As an MLflow pyfunc model it scores (query, document) pairs with the fine-tuned encoder:"
         " `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({'query': [...], 'document': [...]}))`.",

@@ -40,7 +40,7 @@ from training.ranking.feedback_memory import prune
 from training.ranking.first_stage import FirstStage
 from training.ranking.query import normalise_query
 from training.ranking.rank import Candidates, candidates_for, rank_queries
-from training.ranking.reranker import FAMILIAR_AT, MemoryEmbeddingCache, Mix, Reranker, save_model_folder, write_meta
+from training.ranking.reranker import FAMILIAR_AT, MemoryEmbeddingCache, Mix, Reranker, save_memory, save_model_folder, write_meta
 from training.registry import MlflowRegistry
 from training.slices import Debias, Slices, binary, make_slices
 from training.train import Example, FitStats, build_examples, fit, select_for_training
@@ -175,7 +175,7 @@ class Learner:
     folder: Path
     mixes: TunedMixes
     combiner: CombinerChoice | None  # None: `train.combiner` off
-    reranker: Reranker  # as it will serve: the learned combiner when kept, else the tuned mixes
+    reranker: Reranker  # as measured: the learned combiner when kept, else the tuned mixes; the train slice's memory
     held_out: float = 0.0  # NDCG@10 on the tune slice's clicks, the yardstick both modes share
 
 
@@ -234,6 +234,15 @@ def learn(
     )
     served = mixed.with_combiner(choice.combiner) if choice and choice.combiner and choice.kept else mixed
     return Learner(mode, slices, examples, selection, fitted, folder, mixes, choice, served)
+
+
+def serve_every_label(chosen: Learner, first_stage: FirstStage, max_queries: int) -> Reranker:
+    """Gives the chosen challenger's folder the memory it will serve with, every label's
+    (`Slices.served_memory`), once it has been measured with the train slice's; returns it as served.
+    Its own tune and gate slices are older than any later gate slice (the split is by time), so a
+    champion serving them never sees the next verdict's feedback."""
+    save_memory(chosen.fitted.model, chosen.folder, prune(chosen.slices.served_memory(), max_queries))
+    return Reranker(chosen.folder, "challenger", MemoryEmbeddingCache()).warm(first_stage)
 
 
 def in_corpus(df: pd.DataFrame, first_stage: FirstStage) -> pd.DataFrame:
@@ -315,11 +324,12 @@ def train_once(
         mlflow.log_metrics({f"{k}_top10_identity_share": v for k, v in slices.top_identity_share.items()})
         mlflow.set_tag("champion_at_start", incumbent.version or FIRST_STAGE)
         tracking.log_fit(chosen.fitted.stats, chosen.fitted.seconds)
-        tracking.log_tuning(chosen.mixes, len(chosen.reranker.memory))
+        served = serve_every_label(chosen, first_stage, cfg.memory_max_queries)
+        tracking.log_tuning(chosen.mixes, len(chosen.reranker.memory), len(served.memory))
         if chosen.combiner is not None:
             tracking.log_combiner(chosen.combiner)
         progress("gating against the champion", 0, 1)
-        report = run_gate(incumbent.reranker, chosen.reranker, slices, candidates, text, depth, gate)
+        report = run_gate(incumbent.reranker, chosen.reranker, slices, candidates, text, depth, gate, served)
         progress("logging to MLflow", 0, 1)
         changes = tracking.log_gate(slices.gate, report, slices.rules)
         tracking.log_history(registry.client, registry.name, run.info.run_id, report.result)
@@ -340,6 +350,7 @@ def train_once(
             if plan.carried_from
             else None,
             combiner=chosen.combiner.summary() if chosen.combiner else None,
+            memory=(len(chosen.reranker.memory), len(served.memory)),
         )
         result = report.result
         (folder / "README.md").write_text(card.render("passed the gate" if result.passed else "rejected by the gate"))

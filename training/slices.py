@@ -45,13 +45,26 @@ class Slices:
     probe: list[QueryFeedback] = field(default_factory=list)  # train queries kept out of fine-tuning (`probe_queries`)
     support: dict[str, dict[str, set[str]]] = field(default_factory=dict)  # query -> doc -> signed sources behind its positives
     untrusted_gate_queries: int = 0  # held-out queries left out of the verdict: fewer than gate.min_trusted_sources
+    every: list[QueryFeedback] = field(default_factory=list)  # every label, train | tune | gate, aggregated per query
 
     def queries(self) -> list[str]:
         return [fb.query for fbs in (self.train, self.tune, self.gate) for fb in fbs]
 
     def memory(self) -> dict[str, Evidence]:
-        """The feedback memory a model trained on these slices serves with."""
-        return {fb.query: {d: round(v, 4) for d, v in fb.evidence.items()} for fb in self.train}
+        """The feedback memory a challenger is measured with: the train slice's. Tuning and the gate
+        judge it on the tune and gate slices, so their feedback must not be in it yet."""
+        return remembered(self.train)
+
+    def served_memory(self) -> dict[str, Evidence]:
+        """The feedback memory a version serves with once measured: every label it was trained at.
+        The tune and gate slices are the newest feedback (a third of it, by time); held out of the
+        memory for good, they would reach users only a round later, or never when the gate refuses the
+        next challenger (SciFact, six final versions: test NDCG@10 +0.0009 to +0.0070, docs/ranking.md)."""
+        return remembered(self.every)
+
+
+def remembered(feedback: list[QueryFeedback]) -> dict[str, Evidence]:
+    return {fb.query: {d: round(v, 4) for d, v in fb.evidence.items()} for fb in feedback}
 
 
 def make_slices(
@@ -106,6 +119,7 @@ def make_slices(
         probe_queries(agg["train"], tune, cfg.probe_fraction, gate.min_queries, cfg.seed),
         support,
         sum(not vouched(fb) for fb in held_out),
+        list(aggregate(df, mode, cfg.max_ips, cfg.unverified_weight).values()),
     )
 
 

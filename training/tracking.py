@@ -128,8 +128,9 @@ def log_combiner(choice: CombinerChoice) -> None:
         mlflow.log_dict(importance, "combiner_importance.json")
 
 
-def log_tuning(mixes: TunedMixes, memory_queries: int) -> None:
-    """Both grids, both chosen mixes, and how many tune queries each was chosen on."""
+def log_tuning(mixes: TunedMixes, memory_queries: int, served_memory_queries: int) -> None:
+    """Both grids, both chosen mixes, how many tune queries each was chosen on, and the feedback
+    memory's size as measured (train slice) and as served (every label)."""
 
     def named(grid: dict[Mix, float]) -> dict[str, float]:
         return {f"alpha={m.alpha} beta={m.beta} tau={m.tau} bm25_weight={m.bm25_weight}": v for m, v in grid.items()}
@@ -141,6 +142,7 @@ def log_tuning(mixes: TunedMixes, memory_queries: int) -> None:
             **chosen.as_dict(),
             **{f"unfamiliar_{k}": v for k, v in mixes.unfamiliar.as_dict().items()},
             "memory_queries": memory_queries,
+            "served_memory_queries": served_memory_queries,
         }
     )
     mlflow.log_metrics(

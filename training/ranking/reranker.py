@@ -288,12 +288,18 @@ def save_model_folder(
     encodes queries only, scored against the index's own document vectors)."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save(str(folder), safe_serialization=True)
-    prior = dict(prior or {})
+    save_memory(model, folder, prior or {})
+    return write_meta(folder, mix, extra)
+
+
+def save_memory(model: SentenceTransformer, folder: Path, prior: Mapping[str, Evidence]) -> None:
+    """A version's feedback memory: what was said per query, those queries as the version embeds them,
+    and their ANN index (replacing any the folder held)."""
+    prior = dict(prior)
     (folder / PRIOR_FILE).write_text(json.dumps(prior))
     embedded = encode(model, list(prior))
     np.save(folder / MEMORY_FILE, embedded)
     faiss.write_index(build_index(embedded), str(folder / INDEX_FILE))
-    return write_meta(folder, mix, extra)
 
 
 def mix_from(values: Mapping[str, Any]) -> Mix:
