@@ -68,6 +68,10 @@ def test_training_run_is_logged_and_registered_but_not_promoted_without_evidence
     assert run.data.tags["label_table"].endswith(f"@v{lineage['table_version']}")  # the exact labels, by time travel
     model_files = {a.path for a in client.list_artifacts(outcome.run_id, "model")}
     assert "model/model.safetensors" in model_files and "model/rankloop.json" in model_files
+    # measured with the train slice's feedback memory, it serves with every label's: the held-out queries' too
+    served = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/model/feedback_prior.json")
+    measured = int(run.data.params["memory_queries"])
+    assert len(served) == int(run.data.params["served_memory_queries"]) > measured > 0
 
 
 def test_a_version_is_reviewable_in_mlflow(stack, trained):

@@ -215,6 +215,21 @@ def test_held_out_queries_without_signed_users_do_not_count_in_the_verdict():
     assert slices.untrusted_gate_queries == 5
 
 
+def test_the_served_memory_holds_the_held_out_slices_the_measured_one_does_not():
+    """Tuning and the gate measure a challenger with the train slice's memory; once measured it serves
+    with every label's, so the newest feedback (the tune and gate slices) reaches users at promotion."""
+    people = [
+        lab.model_copy(update={"timestamp": 1000.0 + i})
+        for i in range(200)
+        for lab in labels_of(shown(f"p{i}", f"u-{i}", verified=True, query=f"asked {i // 10}"), "d2")
+    ]  # queries asked in turn: the last ones only in the newest labels, the held-out slices
+    slices = make_slices(frame_of(people), {}, TrainConfig(), GateConfig(fraction=0.2, tune_fraction=0.1), LabelRules())
+    held_out = {fb.query for fb in slices.tune + slices.gate}
+    assert held_out and not held_out & set(slices.memory())
+    assert set(slices.served_memory()) == set(slices.memory()) | held_out
+    assert all(slices.served_memory()[q]["d2"] > 0 for q in held_out)
+
+
 def test_a_document_lifted_by_feedback_nobody_vouches_for_is_refused_and_one_signed_user_is_enough(tiny_first_stage, tiny_model):
     from training.ranking.rank import candidates_for, rank
     from training.ranking.reranker import Reranker
