@@ -285,6 +285,15 @@ def unsupported_rises(
     return rises
 
 
+@dataclass(frozen=True)
+class AsServed:
+    """Champion and challenger with the feedback memories they serve with, every label's; a verdict
+    measures each with its train slice's (`Reranker.as_measured`)."""
+
+    champion: Reranker | None
+    challenger: Reranker
+
+
 def run_gate(
     champion: Reranker | None,
     challenger: Reranker,
@@ -293,13 +302,14 @@ def run_gate(
     text: Text,
     depth: int,
     gate: GateConfig,
-    served: Reranker | None = None,
+    served: AsServed | None = None,
 ) -> GateReport:
     """Per query while there are `gate.min_queries` distinct held-out queries; with fewer, per request
     clustered by query (a few head queries asked many times still get a verdict). Held-out queries
     without `gate.min_trusted_sources` signed users behind their positives are left out (the slices
-    do), and a challenger that passes is refused still if it lifted documents no signed user backs:
-    as `served`, the challenger with the memory it will serve with (every label, the gate slice's too)."""
+    do), and a challenger that passes is refused still if it lifted documents no signed user backs,
+    ranked as both are `served` (every label's memory, the gate slice's too) when that is given: the
+    verdict compares them as each was measured, the rise check what users would see change."""
     if len(slices.gate) >= gate.min_queries:
         report = compare_on_feedback(champion, challenger, slices.gate, candidates, text, depth, gate)
     else:
@@ -309,7 +319,8 @@ def run_gate(
         result.reason += (
             f"; {slices.untrusted_gate_queries} held-out queries left out (< {gate.min_trusted_sources} signed users)"
         )
-    if result.passed and (rises := unsupported_rises(champion, served or challenger, slices, candidates, text, depth, gate)):
+    before, after = (served.champion, served.challenger) if served else (champion, challenger)
+    if result.passed and (rises := unsupported_rises(before, after, slices, candidates, text, depth, gate)):
         more = f" and {len(rises) - 1} more" if len(rises) > 1 else ""
         result.passed = False
         result.reason = f"refused: {rises[0]}{more} (gate.rise_sources {gate.rise_sources}); the gate had said: {result.reason}"

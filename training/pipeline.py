@@ -28,7 +28,7 @@ from sentence_transformers import SentenceTransformer
 from schemas import FIRST_STAGE
 from training import tracking
 from training.config import GateConfig, TrainConfig
-from training.gate import GateResult, run_gate
+from training.gate import AsServed, GateResult, run_gate
 from training.labels.rules import LabelRules
 from training.labels.store import LabelStore
 from training.metrics import feedback_ndcg
@@ -38,6 +38,7 @@ from training.ranking.combiner import COMBINER_FILE, WITHOUT_MEMORY_FILE
 from training.ranking.encoder import load_encoder
 from training.ranking.feedback_memory import prune
 from training.ranking.first_stage import FirstStage
+from training.ranking.model_files import MEASURED_PRIOR_FILE, PRIOR_FILE
 from training.ranking.query import normalise_query
 from training.ranking.rank import Candidates, candidates_for, rank_queries
 from training.ranking.reranker import FAMILIAR_AT, MemoryEmbeddingCache, Mix, Reranker, save_memory, save_model_folder, write_meta
@@ -238,9 +239,9 @@ def learn(
 
 def serve_every_label(chosen: Learner, first_stage: FirstStage, max_queries: int) -> Reranker:
     """Gives the chosen challenger's folder the memory it will serve with, every label's
-    (`Slices.served_memory`), once it has been measured with the train slice's; returns it as served.
-    Its own tune and gate slices are older than any later gate slice (the split is by time), so a
-    champion serving them never sees the next verdict's feedback."""
+    (`Slices.served_memory`), once it has been measured with the train slice's (kept beside it: a
+    later gate compares it as measured, `Reranker.as_measured`); returns it as served."""
+    (chosen.folder / PRIOR_FILE).replace(chosen.folder / MEASURED_PRIOR_FILE)  # what a later gate measures it with
     save_memory(chosen.fitted.model, chosen.folder, prune(chosen.slices.served_memory(), max_queries))
     return Reranker(chosen.folder, "challenger", MemoryEmbeddingCache()).warm(first_stage)
 
@@ -329,7 +330,9 @@ def train_once(
         if chosen.combiner is not None:
             tracking.log_combiner(chosen.combiner)
         progress("gating against the champion", 0, 1)
-        report = run_gate(incumbent.reranker, chosen.reranker, slices, candidates, text, depth, gate, served)
+        measured = incumbent.reranker.as_measured() if incumbent.reranker else None
+        as_served = AsServed(incumbent.reranker, served)
+        report = run_gate(measured, chosen.reranker, slices, candidates, text, depth, gate, as_served)
         progress("logging to MLflow", 0, 1)
         changes = tracking.log_gate(slices.gate, report, slices.rules)
         tracking.log_history(registry.client, registry.name, run.info.run_id, report.result)

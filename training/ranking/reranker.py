@@ -34,7 +34,7 @@ from training.ranking.encoder import encode, load_encoder
 from training.ranking.features import Features, memory_scores
 from training.ranking.feedback_memory import INDEX_FILE, Evidence, FeedbackMemory, build_index
 from training.ranking.first_stage import Candidate, FirstStage, minmax
-from training.ranking.model_files import MEMORY_FILE, META_FILE, PRIOR_FILE
+from training.ranking.model_files import MEASURED_PRIOR_FILE, MEMORY_FILE, META_FILE, PRIOR_FILE
 from training.ranking.query import normalise_query
 
 MEMORY_NEIGHBOURS = 10
@@ -84,10 +84,7 @@ class Reranker:
         self.model = load_encoder(self.folder)
         self.cache: EmbeddingCache = cache or MemoryEmbeddingCache()
         self.memory_queries = list(self.prior)
-        self.document_prior: dict[str, float] = {}
-        for said in self.prior.values():
-            for d, v in said.items():
-                self.document_prior[d] = self.document_prior.get(d, 0.0) + v
+        self.document_prior = document_prior(self.prior)
         self.combiner = Combiner.load(self.folder / COMBINER_FILE) if self.meta.get("scorer") == "combiner" else None
         self.memory = FeedbackMemory.load(
             self.folder, self.prior, memory_embeddings(self.model, self.folder, self.memory_queries)
@@ -135,6 +132,22 @@ class Reranker:
         queries; None: `mix` for every query), scored by the mix."""
         other = copy.copy(self)
         other.mix, other.unfamiliar_mix, other.combiner = mix, unfamiliar, None
+        return other
+
+    def as_measured(self) -> Reranker:
+        """The same model with the feedback memory tuning and the gate measured it with, its train
+        slice's (it serves every label's): how a later gate compares it with a challenger measured
+        the same way. A version saved before the two differed is its own measure."""
+        path = self.folder / MEASURED_PRIOR_FILE
+        if not path.exists():
+            return self
+        prior: dict[str, Evidence] = json.loads(path.read_text())
+        row = {q: i for i, q in enumerate(self.memory_queries)}
+        known = all(q in row for q in prior)
+        embedded = self.memory.embeddings[[row[q] for q in prior]] if known else encode(self.model, list(prior))
+        other = copy.copy(self)
+        other.prior, other.memory_queries, other.document_prior = prior, list(prior), document_prior(prior)
+        other.memory = FeedbackMemory(list(prior), list(prior.values()), embedded, build_index(embedded))
         return other
 
     def with_combiner(self, combiner: Combiner) -> Reranker:
@@ -259,6 +272,15 @@ class Reranker:
         if mix.beta:
             scores = scores + mix.beta * np.tanh(memory_scores(f, mix.tau))
         return scores
+
+
+def document_prior(prior: Mapping[str, Evidence]) -> dict[str, float]:
+    """Each document's summed feedback over every remembered query (the combiner's click-through prior)."""
+    out: dict[str, float] = {}
+    for said in prior.values():
+        for d, v in said.items():
+            out[d] = out.get(d, 0.0) + v
+    return out
 
 
 def memory_embeddings(model: SentenceTransformer, folder: Path, queries: list[str]) -> np.ndarray:
