@@ -285,3 +285,26 @@ def test_the_familiar_mix_is_scored_on_each_remembered_query_as_its_own_paraphra
     pooled = tune_mix(reranker, tune[:1], cands, tiny_first_stage.text, 8, [None], paraphrases=True)
     assert as_asked.grid[bold] == 1.0  # its own feedback puts d7 first
     assert pooled.grid[bold] < 1.0  # as a paraphrase, the twin's d3 comes first
+
+
+def test_a_version_serves_every_labels_memory_and_a_gate_measures_it_with_its_train_slices(tiny_first_stage, tmp_path):
+    """The served memory holds the held-out slices' feedback too; `as_measured` gives back the one
+    the version was tuned and gated with, so a later gate compares like with like."""
+    from training.ranking.encoder import load_encoder
+    from training.ranking.model_files import MEASURED_PRIOR_FILE, PRIOR_FILE
+    from training.ranking.reranker import save_memory, save_model_folder
+
+    trained, held_out = "does vitamin d prevent fractures", "is coffee linked to heart attacks"
+    model = load_encoder()
+    folder = save_model_folder(model, tmp_path / "model", Mix(0.0, 1.0, 0.5), {trained: {"d7": 1.0}})
+    (folder / PRIOR_FILE).replace(folder / MEASURED_PRIOR_FILE)
+    save_memory(model, folder, {trained: {"d7": 2.0}, held_out: {"d3": 1.0}})
+    served = Reranker(folder, "1").warm(tiny_first_stage)
+    measured = served.as_measured()
+    assert served.memory_queries == [trained, held_out] and measured.memory_queries == [trained]
+    assert served.document_prior == {"d7": 2.0, "d3": 1.0} and measured.document_prior == {"d7": 1.0}
+    q = served.embed_query(held_out)
+    assert served.familiarity(q) > 0.99 and measured.familiarity(q) < 0.7  # only the served one remembers it
+    near, _ = measured.memory.nearest(served.embed_query(trained), 1)
+    assert near[0] > 0.99  # its rows are the served memory's own embeddings of the same queries
+    assert Reranker(save_model_folder(model, tmp_path / "old", Mix(0.0), {}), "0").as_measured().folder == tmp_path / "old"
