@@ -237,13 +237,13 @@ def learn(
     return Learner(mode, slices, examples, selection, fitted, folder, mixes, choice, served)
 
 
-def serve_every_label(chosen: Learner, first_stage: FirstStage, max_queries: int) -> Reranker:
+def serve_every_label(chosen: Learner, max_queries: int) -> Reranker:
     """Gives the chosen challenger's folder the memory it will serve with, every label's
     (`Slices.served_memory`), once it has been measured with the train slice's (kept beside it: a
     later gate compares it as measured, `Reranker.as_measured`); returns it as served."""
     (chosen.folder / PRIOR_FILE).replace(chosen.folder / MEASURED_PRIOR_FILE)  # what a later gate measures it with
-    save_memory(chosen.fitted.model, chosen.folder, prune(chosen.slices.served_memory(), max_queries))
-    return Reranker(chosen.folder, "challenger", MemoryEmbeddingCache()).warm(first_stage)
+    served = prune(chosen.slices.served_memory(), max_queries)
+    return chosen.reranker.with_memory(served, save_memory(chosen.fitted.model, chosen.folder, served))
 
 
 def in_corpus(df: pd.DataFrame, first_stage: FirstStage) -> pd.DataFrame:
@@ -325,7 +325,7 @@ def train_once(
         mlflow.log_metrics({f"{k}_top10_identity_share": v for k, v in slices.top_identity_share.items()})
         mlflow.set_tag("champion_at_start", incumbent.version or FIRST_STAGE)
         tracking.log_fit(chosen.fitted.stats, chosen.fitted.seconds)
-        served = serve_every_label(chosen, first_stage, cfg.memory_max_queries)
+        served = serve_every_label(chosen, cfg.memory_max_queries)
         tracking.log_tuning(chosen.mixes, len(chosen.reranker.memory), len(served.memory))
         if chosen.combiner is not None:
             tracking.log_combiner(chosen.combiner)

@@ -144,7 +144,12 @@ class Reranker:
         prior: dict[str, Evidence] = json.loads(path.read_text())
         row = {q: i for i, q in enumerate(self.memory_queries)}
         known = all(q in row for q in prior)
-        embedded = self.memory.embeddings[[row[q] for q in prior]] if known else encode(self.model, list(prior))
+        return self.with_memory(prior, self.memory.embeddings[[row[q] for q in prior]] if known else None)
+
+    def with_memory(self, prior: dict[str, Evidence], embedded: np.ndarray | None = None) -> Reranker:
+        """The same model (and mix or combiner) with another feedback memory; `embedded`: its queries
+        as this model embeds them, when already computed."""
+        embedded = embedded if embedded is not None else encode(self.model, list(prior))
         other = copy.copy(self)
         other.prior, other.memory_queries, other.document_prior = prior, list(prior), document_prior(prior)
         other.memory = FeedbackMemory(list(prior), list(prior.values()), embedded, build_index(embedded))
@@ -314,14 +319,15 @@ def save_model_folder(
     return write_meta(folder, mix, extra)
 
 
-def save_memory(model: SentenceTransformer, folder: Path, prior: Mapping[str, Evidence]) -> None:
-    """A version's feedback memory: what was said per query, those queries as the version embeds them,
-    and their ANN index (replacing any the folder held)."""
+def save_memory(model: SentenceTransformer, folder: Path, prior: Mapping[str, Evidence]) -> np.ndarray:
+    """A version's feedback memory: what was said per query, those queries as the version embeds them
+    (returned), and their ANN index (replacing any the folder held)."""
     prior = dict(prior)
     (folder / PRIOR_FILE).write_text(json.dumps(prior))
     embedded = encode(model, list(prior))
     np.save(folder / MEMORY_FILE, embedded)
     faiss.write_index(build_index(embedded), str(folder / INDEX_FILE))
+    return embedded
 
 
 def mix_from(values: Mapping[str, Any]) -> Mix:
